@@ -1,0 +1,53 @@
+"""apersist: an asyncio-native persistence runtime for Python stream processors.
+
+Record a pipeline's inputs and state to a filesystem, S3 or Azure, and resume after a
+restart exactly where it left off. Everything public is importable from here.
+"""
+
+from __future__ import annotations
+
+from ._cache import cached
+from ._config import (
+    AwsS3Settings,
+    Backend,
+    Config,
+    PersistenceMode,
+    SnapshotAccess,
+)
+from ._errors import (
+    BackendError,
+    CorruptDataError,
+    FencedError,
+    IncompatibleFormatError,
+    PersistenceError,
+)
+from ._format import FORMAT_MAJOR, FORMAT_MINOR
+from ._run import Run, run
+from ._scheduler import CommitInfo
+from ._stream import Event, Stream
+from ._table import Table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "AwsS3Settings",
+    "Backend",
+    "BackendError",
+    "CommitInfo",
+    "Config",
+    "CorruptDataError",
+    "Event",
+    "FencedError",
+    "IncompatibleFormatError",
+    "PersistenceError",
+    "PersistenceMode",
+    "Run",
+    "SnapshotAccess",
+    "Stream",
+    "Table",
+    "__version__",
+    "cached",
+    "run",
+]

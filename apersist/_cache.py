@@ -1,0 +1,172 @@
+"""``@cached``: persistent memoization of sync and async functions, with single-flight."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar, overload
+
+import anyio
+import orjson
+
+from . import _format as fmt
+from ._scheduler import Scheduler
+from ._store import Store
+from ._values import check_name, dumps_value
+
+__all__ = ["UdfCache", "cached", "current_cache"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_LOG = "udf"  # the one cache log of a writer
+
+#: The cache of the run whose block the current task is in (None outside any run).
+current_cache: ContextVar[UdfCache | None] = ContextVar("apersist_cache", default=None)
+
+
+class _Flight:
+    """One in-progress computation that concurrent equal calls wait for."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class UdfCache:
+    """A run's cache entries: entry key -> stored result (JSON bytes)."""
+
+    def __init__(self, entries: dict[str, bytes], scheduler: Scheduler | None) -> None:
+        self._entries = entries
+        self._scheduler = scheduler
+        self._buffer = scheduler.buffer(fmt.KIND_CACHE, _LOG) if scheduler is not None else None
+        self.flights: dict[str, _Flight] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    async def open(cls, store: Store, *, load: bool, upto_seq: int,
+                   scheduler: Scheduler | None) -> UdfCache:
+        entries: dict[str, bytes] = {}
+        if load:
+            for seg in store.segments(fmt.KIND_CACHE, _LOG):
+                if seg.seq <= upto_seq:
+                    view = await store.read_segment(seg.ref)
+                    for value, _off, _t in view.records():
+                        key, result = orjson.loads(value)
+                        entries[key] = orjson.dumps(result)
+        return cls(entries, scheduler)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> bytes | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, result: bytes) -> None:
+        self._entries[key] = result
+        buf = self._buffer
+        if buf is None or self._scheduler is None:
+            return
+        data = b"[%s,%s]" % (orjson.dumps(key), result)
+        nbytes = fmt.append_record(buf.body, data, b"", 0)
+        buf.count += 1
+        self._scheduler.note_appended(buf, nbytes)
+
+
+def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    try:
+        raw = orjson.dumps([args, kwargs], option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise TypeError(f"cannot cache a call of {name}: its arguments are not "
+                        f"JSON-serializable: {exc}") from None
+    digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+    return f"{name}@{version}:{digest}"
+
+
+@overload
+def cached(fn: _F, /) -> _F: ...
+@overload
+def cached(*, name: str | None = None, version: int = 1) -> Callable[[_F], _F]: ...
+
+
+def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> Any:
+    """Persist a function's results by its arguments, across runs.
+
+    Use as ``@cached`` or ``@cached(name="geocode", version=2)`` on a sync or an async
+    function (a sync function stays sync). Inside a run whose mode persists the cache, a
+    call whose arguments were seen before (in this run or an earlier one) returns the
+    stored result without calling the function; concurrent equal calls of an async
+    function call it once. Changing ``version`` invalidates older entries. Outside a run
+    the function is just called. Arguments and results must be JSON-serializable
+    (``TypeError`` otherwise).
+    """
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version must be an int: got={type(version).__name__}")
+    if name is not None:
+        check_name(name, "cached function")
+
+    def decorate(func: _F) -> _F:
+        if not callable(func):
+            raise TypeError(f"@cached needs a function: got={type(func).__name__}")
+        key_name = name or f"{func.__module__}.{func.__qualname__}"
+        where = f"the result of cached function {key_name}"
+
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                cache = current_cache.get()
+                if cache is None:
+                    return await func(*args, **kwargs)
+                key = _entry_key(key_name, version, args, kwargs)
+                while True:
+                    stored = cache.get(key)
+                    if stored is not None:
+                        cache.hits += 1
+                        return orjson.loads(stored)
+                    flight = cache.flights.get(key)
+                    if flight is None:
+                        break
+                    await flight.done.wait()  # someone else is computing it
+                    if isinstance(flight.error, Exception):
+                        raise flight.error
+                    # Its caller was cancelled: look again, and compute it here if needed.
+                flight = cache.flights[key] = _Flight()
+                cache.misses += 1
+                try:
+                    result = await func(*args, **kwargs)
+                    cache.put(key, dumps_value(result, where))
+                    return result
+                except BaseException as exc:
+                    flight.error = exc
+                    raise
+                finally:
+                    del cache.flights[key]
+                    flight.done.set()
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+            cache = current_cache.get()
+            if cache is None:
+                return func(*args, **kwargs)
+            key = _entry_key(key_name, version, args, kwargs)
+            stored = cache.get(key)
+            if stored is not None:
+                cache.hits += 1
+                return orjson.loads(stored)
+            cache.misses += 1
+            result = func(*args, **kwargs)
+            cache.put(key, dumps_value(result, where))
+            return result
+
+        return sync_wrapper  # type: ignore[return-value]
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

@@ -1,0 +1,53 @@
+"""Small structured-concurrency helpers shared by the store and the scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import anyio
+
+_T = TypeVar("_T")
+
+__all__ = ["gather_bounded", "unwrap_group"]
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The single leaf of nested one-member exception groups, else ``exc`` itself.
+
+    Task groups wrap every failure in an ``ExceptionGroup``; apersist promises plain
+    exceptions (a ``FencedError`` is never wrapped), so one-member groups are peeled.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def gather_bounded(calls: Sequence[Callable[[], Awaitable[_T]]], limit: int) -> list[_T]:
+    """Run ``calls`` concurrently, at most ``limit`` at once; return their results in order.
+
+    The first failure cancels the rest and is raised as itself (not as a group).
+    """
+    if len(calls) == 1:
+        return [await calls[0]()]
+    results: list[_T | None] = [None] * len(calls)
+    limiter = anyio.CapacityLimiter(max(1, limit))
+
+    async def one(index: int) -> None:
+        async with limiter:
+            results[index] = await calls[index]()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for index in range(len(calls)):
+                tg.start_soon(one, index)
+    except BaseExceptionGroup as group:
+        failures = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
+        raise (failures[0] if failures else unwrap_group(group)) from None
+    return results  # type: ignore[return-value]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]

@@ -1,0 +1,353 @@
+"""Configuration with the shape of ``pathway.persistence``: backends, modes and ``Config``.
+
+All validation happens here, at construction: an invalid setting raises ``ValueError`` (or
+``TypeError`` for a value of the wrong type) from the call that was given it, never later.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "AwsS3Settings",
+    "AzureBackend",
+    "Backend",
+    "Config",
+    "FilesystemBackend",
+    "MemoryBackend",
+    "PersistenceMode",
+    "S3Backend",
+    "SnapshotAccess",
+]
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class PersistenceMode(enum.Enum):
+    """What a run persists and how it replays it."""
+
+    #: Sources, tables and the UDF cache are recorded and replayed.
+    PERSISTING = "persisting"
+    #: Only ``@apersist.cached`` results are persisted; sources and tables pass through.
+    UDF_CACHING = "udf_caching"
+    #: Like ``PERSISTING``, replaying recorded events as fast as possible.
+    SPEEDRUN_REPLAY = "speedrun_replay"
+    #: Like ``PERSISTING``, replaying recorded events with the gaps they were recorded with.
+    REALTIME_REPLAY = "realtime_replay"
+
+
+class SnapshotAccess(enum.Enum):
+    """Which way a run may use the stored state."""
+
+    #: Replay what is stored, then record.
+    FULL = "full"
+    #: Start a new history: replay nothing; the first commit supersedes everything stored.
+    RECORD = "record"
+    #: Replay what is stored and write nothing (a read-only run).
+    REPLAY = "replay"
+    #: Read and write offsets only: no replay, no tables, no cache.
+    OFFSETS_ONLY = "offsets_only"
+
+
+def _coerce_enum(cls: type[_E], value: object, what: str) -> _E:
+    """Accept a member of ``cls`` or its name/value as a string; anything else is a ValueError."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.lower() in (member.name.lower(), str(member.value)):
+                return member
+    choices = ", ".join(m.name for m in cls)
+    raise ValueError(f"unknown {what}: value={value!r} choices={choices}")
+
+
+def _require_text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str: got={type(value).__name__}")
+    if not value or value.strip() != value:
+        raise ValueError(f"{what} must be non-empty without surrounding spaces: value={value!r}")
+    return value
+
+
+def _optional_text(value: object, what: str) -> str | None:
+    return None if value is None else _require_text(value, what)
+
+
+def _require_url(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    text = _require_text(value, what)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL: value={text!r}")
+    return text.rstrip("/")
+
+
+def _normalize_root(root_path: object) -> str:
+    """Return ``root_path`` as ``a/b/c`` (no leading or trailing slash); refuse ``.``/``..``."""
+    if not isinstance(root_path, str):
+        raise TypeError(f"root_path must be a str: got={type(root_path).__name__}")
+    parts = [p for p in root_path.split("/") if p]
+    for part in parts:
+        if part in (".", "..") or "\\" in part or any(ord(c) < 32 for c in part):
+            raise ValueError(f"root_path must not contain '.', '..' or control parts: "
+                             f"root_path={root_path!r}")
+    return "/".join(parts)
+
+
+# AWS naming rules (the strictest common denominator of S3-compatible servers).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+# Azure container naming rules.
+_CONTAINER_RE = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}")
+_ACCOUNT_RE = re.compile(r"[a-z0-9]{3,24}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AwsS3Settings:
+    """Where and how to reach an S3 bucket (AWS or any S3-compatible endpoint).
+
+    With ``access_key`` and ``secret_access_key`` absent, credentials come from the standard
+    AWS chain (environment variables, shared profile).
+    """
+
+    bucket_name: str
+    access_key: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    with_path_style: bool = False
+    region: str | None = None
+    endpoint: str | None = None
+    session_token: str | None = field(default=None, repr=False)
+
+    def __init__(
+        self,
+        bucket_name: str,
+        *,
+        access_key: str | None = None,
+        secret_access_key: str | None = None,
+        with_path_style: bool = False,
+        region: str | None = None,
+        endpoint: str | None = None,
+        session_token: str | None = None,
+    ) -> None:
+        bucket = _require_text(bucket_name, "bucket_name")
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise ValueError(f"bucket_name is not a valid S3 bucket name: bucket_name={bucket!r}")
+        access = _optional_text(access_key, "access_key")
+        secret = _optional_text(secret_access_key, "secret_access_key")
+        if (access is None) != (secret is None):
+            raise ValueError("access_key and secret_access_key must be given together")
+        token = _optional_text(session_token, "session_token")
+        if token is not None and access is None:
+            raise ValueError("session_token needs access_key and secret_access_key")
+        if not isinstance(with_path_style, bool):
+            raise TypeError(f"with_path_style must be a bool: got={type(with_path_style).__name__}")
+        setter = object.__setattr__
+        setter(self, "bucket_name", bucket)
+        setter(self, "access_key", access)
+        setter(self, "secret_access_key", secret)
+        setter(self, "with_path_style", with_path_style)
+        setter(self, "region", _optional_text(region, "region"))
+        setter(self, "endpoint", _require_url(endpoint, "endpoint"))
+        setter(self, "session_token", token)
+
+
+class Backend:
+    """Where a run's store lives. Build one with the ``Backend.*`` constructors."""
+
+    __slots__ = ()
+    kind: ClassVar[str]
+
+    @staticmethod
+    def filesystem(path: str | os.PathLike[str]) -> FilesystemBackend:
+        """A directory on a local filesystem (created on first use)."""
+        return FilesystemBackend(path)
+
+    @staticmethod
+    def s3(root_path: str, bucket_settings: AwsS3Settings) -> S3Backend:
+        """A prefix ``root_path`` inside an S3 bucket."""
+        return S3Backend(root_path, bucket_settings)
+
+    @staticmethod
+    def azure(
+        root_path: str, account: str, password: str, container: str, *, endpoint: str | None = None
+    ) -> AzureBackend:
+        """A prefix ``root_path`` inside an Azure Blob Storage container.
+
+        ``endpoint=None`` means ``https://{account}.blob.core.windows.net``; pass a URL such as
+        ``http://127.0.0.1:10000/devstoreaccount1`` for Azurite or a sovereign cloud.
+        """
+        return AzureBackend(root_path, account, password, container, endpoint=endpoint)
+
+    @staticmethod
+    def memory() -> MemoryBackend:
+        """An in-process store, shared by every run that is given this same object."""
+        return MemoryBackend()
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class FilesystemBackend(Backend):
+    """A store in a local directory."""
+
+    kind: ClassVar[str] = "filesystem"
+    path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"path must be a str or os.PathLike: got={type(path).__name__}")
+        text = os.fspath(path)
+        if not isinstance(text, str) or not text or "\0" in text:
+            raise ValueError(f"path must be a non-empty filesystem path: path={path!r}")
+        # Resolved now, so a later chdir cannot move the store.
+        object.__setattr__(self, "path", Path(text).expanduser().absolute())
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class S3Backend(Backend):
+    """A store under a prefix of an S3 bucket."""
+
+    kind: ClassVar[str] = "s3"
+    root_path: str
+    bucket_settings: AwsS3Settings
+
+    def __init__(self, root_path: str, bucket_settings: AwsS3Settings) -> None:
+        if not isinstance(bucket_settings, AwsS3Settings):
+            raise TypeError("bucket_settings must be an apersist.AwsS3Settings: "
+                            f"got={type(bucket_settings).__name__}")
+        object.__setattr__(self, "root_path", _normalize_root(root_path))
+        object.__setattr__(self, "bucket_settings", bucket_settings)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class AzureBackend(Backend):
+    """A store under a prefix of an Azure Blob Storage container."""
+
+    kind: ClassVar[str] = "azure"
+    root_path: str
+    account: str
+    password: str = field(repr=False)
+    container: str
+    endpoint: str
+
+    def __init__(
+        self, root_path: str, account: str, password: str, container: str,
+        *, endpoint: str | None = None,
+    ) -> None:
+        account = _require_text(account, "account")
+        if not _ACCOUNT_RE.fullmatch(account):
+            raise ValueError(f"account is not a valid Azure storage account name: account={account!r}")
+        container = _require_text(container, "container")
+        if not _CONTAINER_RE.fullmatch(container):
+            raise ValueError(f"container is not a valid Azure container name: container={container!r}")
+        setter = object.__setattr__
+        setter(self, "root_path", _normalize_root(root_path))
+        setter(self, "account", account)
+        setter(self, "password", _require_text(password, "password"))
+        setter(self, "container", container)
+        url = _require_url(endpoint, "endpoint")
+        setter(self, "endpoint", url or f"https://{account}.blob.core.windows.net")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class MemoryBackend(Backend):
+    """An in-process store. Runs given the same object share its objects; equality is identity."""
+
+    kind: ClassVar[str] = "memory"
+    objects: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+
+_DEFAULT_MAX_PENDING_BYTES = 64 << 20
+_DEFAULT_MAX_SEGMENT_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Config:
+    """Everything a run needs to know: where to persist and how.
+
+    The arguments are exposed as read-only attributes of the same names. Besides the
+    ``pathway.persistence`` arguments there are three tuning knobs: ``max_pending_bytes``
+    (uncommitted bytes past which ``record()`` waits for a commit), ``max_segment_bytes``
+    (the size at which a stream's batch is cut into a new segment) and
+    ``upload_concurrency`` (segments uploaded at once by one commit).
+    """
+
+    backend: Backend
+    snapshot_interval_ms: int
+    snapshot_access: SnapshotAccess
+    persistence_mode: PersistenceMode
+    continue_after_replay: bool
+    max_pending_bytes: int
+    max_segment_bytes: int
+    upload_concurrency: int
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        snapshot_interval_ms: int = 0,
+        snapshot_access: SnapshotAccess | str = SnapshotAccess.FULL,
+        persistence_mode: PersistenceMode | str = PersistenceMode.PERSISTING,
+        continue_after_replay: bool = True,
+        max_pending_bytes: int = _DEFAULT_MAX_PENDING_BYTES,
+        max_segment_bytes: int = _DEFAULT_MAX_SEGMENT_BYTES,
+        upload_concurrency: int = 16,
+    ) -> None:
+        if not isinstance(backend, Backend) or type(backend) is Backend:
+            raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
+                            f"got={type(backend).__name__}")
+        if not isinstance(continue_after_replay, bool):
+            raise TypeError("continue_after_replay must be a bool: "
+                            f"got={type(continue_after_replay).__name__}")
+        setter = object.__setattr__
+        setter(self, "backend", backend)
+        setter(self, "snapshot_interval_ms",
+               _non_negative_int(snapshot_interval_ms, "snapshot_interval_ms", minimum=0))
+        setter(self, "snapshot_access",
+               _coerce_enum(SnapshotAccess, snapshot_access, "snapshot_access"))
+        setter(self, "persistence_mode",
+               _coerce_enum(PersistenceMode, persistence_mode, "persistence_mode"))
+        setter(self, "continue_after_replay", continue_after_replay)
+        setter(self, "max_pending_bytes",
+               _non_negative_int(max_pending_bytes, "max_pending_bytes", minimum=1 << 10))
+        setter(self, "max_segment_bytes",
+               _non_negative_int(max_segment_bytes, "max_segment_bytes", minimum=1 << 10))
+        setter(self, "upload_concurrency",
+               _non_negative_int(upload_concurrency, "upload_concurrency", minimum=1))
+
+    @classmethod
+    def simple_config(
+        cls,
+        backend: Backend,
+        snapshot_interval_ms: int = 0,
+        snapshot_access: SnapshotAccess | str = SnapshotAccess.FULL,
+        persistence_mode: PersistenceMode | str = PersistenceMode.PERSISTING,
+        continue_after_replay: bool = True,
+    ) -> Config:
+        """Deprecated: the same as ``Config(...)``, kept for ``pathway.persistence`` users."""
+        warnings.warn(
+            "Config.simple_config is deprecated; call apersist.Config(backend, ...) instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return cls(
+            backend,
+            snapshot_interval_ms=snapshot_interval_ms,
+            snapshot_access=snapshot_access,
+            persistence_mode=persistence_mode,
+            continue_after_replay=continue_after_replay,
+        )
+
+
+def _non_negative_int(value: object, what: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int: got={type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}: {what}={value}")
+    return value

@@ -1,0 +1,94 @@
+"""The storage driver protocol: the handful of verbs every backend implements.
+
+Keys are ``/``-separated paths relative to the store's root. Every driver maps its
+library's errors to these in one place: ``ObjectExistsError`` and ``ObjectNotFoundError``
+are answers, anything else that fails is a ``BackendError`` with the cause chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .._errors import BackendError
+
+__all__ = [
+    "Driver",
+    "ObjectExistsError",
+    "ObjectInfo",
+    "ObjectNotFoundError",
+    "check_key",
+    "check_range",
+    "slice_range",
+]
+
+
+class ObjectExistsError(BackendError):
+    """``put(..., if_absent=True)`` found the key already present; nothing was written."""
+
+
+class ObjectNotFoundError(BackendError):
+    """``get`` asked for a key that does not exist."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object."""
+
+    key: str
+    size: int
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """An object store reduced to the verbs apersist needs.
+
+    ``put`` is atomic: a reader sees the whole object or nothing. With ``if_absent=True`` it
+    is a create-if-absent that raises ``ObjectExistsError`` when the key exists, and exactly
+    one of several racing creators wins; this is what makes commits atomic and fencing work.
+    """
+
+    name: str
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key`` durably; returns once it would survive a crash."""
+        ...
+
+    async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        """Return the object's bytes, or ``[start, end)`` of them; ``ObjectNotFoundError`` if absent."""
+        ...
+
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix``, in key order."""
+        ...
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Delete ``keys``; keys that do not exist are ignored."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the driver's resources. Safe to call twice."""
+        ...
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the root or collide with a driver's temporary files."""
+    if (not key or key.startswith("/") or key.endswith("/") or "\\" in key
+            or any(part in ("", ".", "..") or part.startswith(".tmp-") for part in key.split("/"))):
+        raise ValueError(f"invalid object key: key={key!r}")
+    return key
+
+
+def check_range(start: int | None, end: int | None) -> None:
+    """Refuse byte ranges the protocol does not define (negative or reversed)."""
+    if (start is not None and start < 0) or (end is not None and end < (start or 0)):
+        raise ValueError(f"invalid byte range: start={start} end={end}")
+
+
+def slice_range(data: bytes, start: int | None, end: int | None) -> bytes:
+    """``data[start:end]`` with the driver protocol's range rules."""
+    check_range(start, end)
+    if start is None and end is None:
+        return data
+    return data[start or 0:end]

@@ -1,0 +1,49 @@
+"""The in-memory driver: a dict shared by every run given the same ``Backend.memory()``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from .base import ObjectExistsError, ObjectInfo, ObjectNotFoundError, check_key, slice_range
+
+__all__ = ["MemoryDriver"]
+
+
+class MemoryDriver:
+    """Objects in a plain dict. Every verb is atomic: none of them awaits mid-way."""
+
+    name = "memory"
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self._objects = objects
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        check_key(key)
+        if if_absent and key in self._objects:
+            raise ObjectExistsError(f"object already exists: key={key}")
+        self._objects[key] = bytes(data)
+
+    async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        check_key(key)
+        try:
+            data = self._objects[key]
+        except KeyError:
+            raise ObjectNotFoundError(f"object not found: key={key}") from None
+        return slice_range(data, start, end)
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        # A snapshot of the matching keys: later puts do not disturb a listing in progress.
+        keys = sorted(k for k in self._objects if k.startswith(prefix))
+        for key in keys:
+            data = self._objects.get(key)
+            if data is not None:
+                yield ObjectInfo(key, len(data))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._objects.pop(check_key(key), None)
+
+    async def aclose(self) -> None:
+        return None
+
+

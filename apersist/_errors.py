@@ -1,0 +1,43 @@
+"""The apersist exception tree.
+
+Every error that apersist raises on purpose derives from :class:`PersistenceError`, except
+the ``TypeError`` and ``ValueError`` raised for bad arguments at the call that was given
+them. Messages say what happened first, then the facts as ``key=value``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CorruptDataError",
+    "FencedError",
+    "IncompatibleFormatError",
+    "PersistenceError",
+]
+
+
+class PersistenceError(Exception):
+    """Base class of every apersist failure."""
+
+
+class CorruptDataError(PersistenceError):
+    """A stored object failed a checksum, length, magic or reference check.
+
+    The message names the object and the byte offset. Corrupt data is never replayed and
+    never silently skipped.
+    """
+
+
+class IncompatibleFormatError(PersistenceError):
+    """The store was written by a newer, incompatible format version."""
+
+
+class FencedError(PersistenceError):
+    """Another writer took over this store; this run may no longer commit."""
+
+
+class BackendError(PersistenceError):
+    """The storage backend failed (after retries, where they apply).
+
+    The original error is chained as ``__cause__``.
+    """

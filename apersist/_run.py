@@ -1,0 +1,203 @@
+"""``run()`` and ``Run``: a run's lifecycle, its task group, commits and statistics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+
+from ._cache import UdfCache, current_cache
+from ._concurrency import unwrap_group
+from ._config import Config
+from ._drivers import open_driver
+from ._errors import PersistenceError
+from ._policy import Policy
+from ._scheduler import CommitInfo, Scheduler
+from ._store import Store
+from ._stream import Event, Stream
+from ._table import Table, load_table_state
+from ._values import check_name
+
+__all__ = ["Run", "run"]
+
+logger = logging.getLogger("apersist")
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Run:
+    """A persistent run, made by ``async with apersist.run(config) as run``."""
+
+    def __init__(self, config: Config, *, store: Store, scheduler: Scheduler | None,
+                 policy: Policy, cache: UdfCache, opened_seq: int,
+                 clock_ms: Callable[[], int]) -> None:
+        self._config = config
+        self._store = store
+        self._scheduler = scheduler
+        self._policy = policy
+        self._cache = cache
+        self._opened_seq = opened_seq
+        self._clock_ms = clock_ms
+        self._streams: dict[str, Stream] = {}
+        self._tables: dict[str, Table] = {}
+        self._table_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return (f"<apersist.Run backend={self._config.backend.kind} "
+                f"seq={self._store.last_seq} epoch={self._store.epoch}>")
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def continue_after_replay(self) -> bool:
+        return self._config.continue_after_replay
+
+    @property
+    def stats(self) -> Mapping[str, int | float]:
+        """Counters: deltas recorded, bytes written, commits, pending deltas, uploads in
+        flight, last commit latency, cache hits and misses. A read-only snapshot."""
+        if self._scheduler is not None:
+            counters = self._scheduler.stats()
+        else:
+            counters = {"deltas_recorded": 0, "deltas_committed": 0, "pending_deltas": 0,
+                        "pending_bytes": 0, "bytes_written": 0, "commits": 0,
+                        "uploads_in_flight": 0, "last_commit_latency_ms": 0.0,
+                        "last_seq": self._store.last_seq}
+        counters["cache_hits"] = self._cache.hits
+        counters["cache_misses"] = self._cache.misses
+        return MappingProxyType(counters)
+
+    async def commit(self) -> CommitInfo:
+        """Commit everything recorded so far and return once it is durable.
+
+        With nothing pending, or under ``SnapshotAccess.REPLAY``, writes nothing and returns
+        the last seq with ``deltas=0, bytes=0``. Raises ``FencedError`` if a newer writer
+        owns the store, and ``BackendError`` if storage failed; both end the run's writing.
+        """
+        if self._scheduler is None:
+            return CommitInfo(self._store.last_seq, 0, 0)
+        return await self._scheduler.commit()
+
+    async def compact(self) -> None:
+        """Fold every open table's deltas into a snapshot now, in one commit."""
+        if self._scheduler is None or not self._policy.tables_persist:
+            return
+        for table in self._tables.values():
+            table.request_compaction()
+        if self._tables:
+            self._scheduler.request_commit()
+            await self._scheduler.commit()
+
+    def stream(self, name: str) -> Stream:
+        """The stream called ``name`` (the same object on every call)."""
+        stream = self._streams.get(name)
+        if stream is None:
+            check_name(name, "stream")
+            stream = self._streams[name] = Stream(
+                name, store=self._store, scheduler=self._scheduler, policy=self._policy,
+                opened_seq=self._opened_seq, clock_ms=self._clock_ms)
+        return stream
+
+    def source(self, name: str, reader: Callable[[Any], Any]) -> AsyncIterator[Event]:
+        """Replay the stream's committed events, then read and record live ones.
+
+        ``reader(offset)`` is called with the stream's last committed offset (``None`` under
+        ``UDF_CACHING``) and returns an async iterable of values or ``(value, offset)``
+        pairs. With ``continue_after_replay=False`` the iteration ends after the replay.
+        """
+        if not callable(reader):
+            raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+        return self.stream(name)._source(reader, self._config.continue_after_replay)
+
+    async def table(self, name: str) -> Table:
+        """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
+        table = self._tables.get(name)
+        if table is not None:
+            return table
+        check_name(name, "table")
+        async with self._table_lock:
+            table = self._tables.get(name)
+            if table is None:
+                state: dict[str, Any] = {}
+                deltas = 0
+                if self._policy.tables_load:
+                    state, deltas = await load_table_state(self._store, name, self._opened_seq)
+                persist = self._scheduler if self._policy.tables_persist else None
+                table = self._tables[name] = Table(name, state, scheduler=persist,
+                                                   deltas_since_snapshot=deltas)
+        return table
+
+
+@asynccontextmanager
+async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> AsyncIterator[Run]:
+    """Open a persistent run over ``config``'s store.
+
+    Entering loads the last committed state, takes the writer role (an older writer on the
+    same root is fenced) and starts the snapshot scheduler. Leaving normally or by an
+    exception commits everything recorded and awaits every upload; leaving by cancellation
+    commits nothing more (sources resume from the last committed offset).
+    ``clock_ms`` (milliseconds since the epoch) is injectable for tests.
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
+    clock = clock_ms or _wall_clock_ms
+    policy = Policy.of(config)
+    driver = open_driver(config.backend)
+    try:
+        store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency)
+        opened = time.perf_counter()
+        await store.load()
+        if policy.writer:
+            await store.acquire_writer()
+        scheduler = None
+        if policy.writer:
+            scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
+                                  max_pending_bytes=config.max_pending_bytes,
+                                  max_segment_bytes=config.max_segment_bytes, clock_ms=clock)
+            if policy.reset:
+                scheduler.request_reset()
+        opened_seq = store.last_seq
+        cache = await UdfCache.open(store, load=policy.cache_load, upto_seq=opened_seq,
+                                    scheduler=scheduler if policy.cache_persist else None)
+        the_run = Run(config, store=store, scheduler=scheduler, policy=policy, cache=cache,
+                      opened_seq=opened_seq, clock_ms=clock)
+        logger.info("run opened: backend=%s seq=%d epoch=%s commits=%d open_ms=%.1f",
+                    config.backend.kind, store.last_seq, store.epoch, store.live_commits,
+                    (time.perf_counter() - opened) * 1000)
+        token = current_cache.set(cache if policy.cache_use else None)
+        try:
+            async with anyio.create_task_group() as tg:
+                if scheduler is not None:
+                    tg.start_soon(scheduler.run, name="apersist-scheduler")
+                try:
+                    yield the_run
+                except Exception:
+                    # Leaving by an exception still commits what was recorded; the
+                    # user's exception stays the one raised.
+                    if scheduler is not None:
+                        try:
+                            await scheduler.commit()
+                        except PersistenceError as exc:
+                            logger.error("final commit failed while leaving by an "
+                                         "exception: %s", exc)
+                    raise
+                else:
+                    await the_run.commit()
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        finally:
+            current_cache.reset(token)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await driver.aclose()

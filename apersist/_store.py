@@ -1,0 +1,299 @@
+"""The durable log over a driver: epochs, commits and segment reads.
+
+The state of a store is its highest contiguous commit. A commit names the segments it adds
+and every stream's offset, and is written with create-if-absent under the next number, so
+of two writers racing for one number exactly one wins. Taking the writer role writes a new
+epoch record and then a *fence* commit under the next number: from then on an older
+writer's next commit meets a number that is taken, reads it, sees a newer epoch, and stops
+with ``FencedError`` without landing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+
+from . import _format as fmt
+from ._concurrency import gather_bounded
+from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
+from ._errors import CorruptDataError, FencedError
+
+__all__ = ["LoggedSegment", "SegmentBlob", "Store"]
+
+logger = logging.getLogger("apersist")
+
+# Segments larger than this are checked (CRC over the body) in a worker thread, so that
+# the event loop never stalls on a big checksum.
+_THREAD_CHECK_BYTES = 256 << 10
+_READ_CONCURRENCY = 16
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedSegment:
+    """A segment as the store knows it: its reference and the commit that named it."""
+
+    seq: int
+    ref: fmt.SegmentRef
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentBlob:
+    """A segment ready to upload: its reference and its bytes."""
+
+    ref: fmt.SegmentRef
+    data: bytes
+
+
+@dataclass(slots=True)
+class _State:
+    last_seq: int = 0
+    last_epoch: int = 0  # the epoch of the newest commit
+    offsets: dict[str, bytes] = field(default_factory=dict)
+    logs: dict[tuple[str, str], list[LoggedSegment]] = field(
+        default_factory=lambda: defaultdict(list))
+    commits: int = 0  # live commits (since the last reset)
+
+
+class Store:
+    """One writer's log in a store root, over a driver it does not own."""
+
+    def __init__(self, driver: Driver, *, writer: str = "0",
+                 clock_ms: Callable[[], int], upload_concurrency: int = 16) -> None:
+        self._driver = driver
+        self._writer = writer
+        self._clock_ms = clock_ms
+        self._upload_concurrency = upload_concurrency
+        self._state = _State()
+        self._epoch: int | None = None  # ours, once we hold the writer role
+        self._segment_number = 0
+        self._fenced: FencedError | None = None
+
+    # ------------------------------------------------------------------ reading state
+    @property
+    def driver(self) -> Driver:
+        return self._driver
+
+    @property
+    def last_seq(self) -> int:
+        return self._state.last_seq
+
+    @property
+    def epoch(self) -> int | None:
+        """Our writer epoch, or None for a read-only store."""
+        return self._epoch
+
+    @property
+    def offsets(self) -> Mapping[str, bytes]:
+        """Every stream's offset (JSON bytes) in the latest commit."""
+        return self._state.offsets
+
+    @property
+    def live_commits(self) -> int:
+        return self._state.commits
+
+    def segments(self, kind: str, name: str) -> list[LoggedSegment]:
+        """The committed segments of one log, in commit order (a copy)."""
+        return list(self._state.logs.get((kind, name), ()))
+
+    def log_names(self, kind: str) -> list[str]:
+        return sorted(name for (k, name), segs in self._state.logs.items() if k == kind and segs)
+
+    async def load(self) -> None:
+        """Read the commit log and check that every named segment is present and sized right.
+
+        Raises ``CorruptDataError`` for a damaged commit record, a gap in the numbering
+        followed by later commits, or a commit naming a missing or mis-sized segment.
+        """
+        prefix = fmt.commits_prefix(self._writer)
+        numbered: dict[int, str] = {}
+        async for info in self._driver.list(prefix):
+            seq = fmt.number_in_key(info.key, prefix)
+            if seq is not None:
+                numbered[seq] = info.key
+        seqs = sorted(numbered)
+        for expected, seq in enumerate(seqs, start=1):
+            if seq != expected:
+                raise CorruptDataError(
+                    f"commit record missing while later commits exist: "
+                    f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
+        keys = [numbered[s] for s in seqs]
+        records = await gather_bounded([self._reader(key) for key in keys], _READ_CONCURRENCY)
+        state = _State()
+        for key, seq, record in zip(keys, seqs, records, strict=True):
+            if record.seq != seq or record.writer != self._writer:
+                raise CorruptDataError(f"commit record names another position: key={key} offset=0 "
+                                       f"seq={record.seq} writer={record.writer}")
+            if record.epoch < state.last_epoch:
+                raise CorruptDataError(f"commit record has an older epoch than its predecessor: "
+                                       f"key={key} offset=0 epoch={record.epoch} "
+                                       f"previous={state.last_epoch}")
+            if record.reset:
+                state.logs.clear()
+                state.commits = 0
+            for ref in record.segments:
+                state.logs[(ref.kind, ref.name)].append(LoggedSegment(seq, ref))
+            state.offsets = dict(record.offsets)
+            state.last_seq, state.last_epoch = seq, record.epoch
+            state.commits += 1
+        await self._check_segments_exist(state, records)
+        self._state = state
+        logger.debug("store loaded: writer=%s commits=%d last_seq=%d",
+                     self._writer, state.commits, state.last_seq)
+
+    def _reader(self, key: str) -> Callable[[], Awaitable[fmt.CommitRecord]]:
+        async def read() -> fmt.CommitRecord:
+            try:
+                data = await self._driver.get(key)
+            except ObjectNotFoundError:
+                raise CorruptDataError(f"commit record vanished while opening: key={key} "
+                                       "offset=0") from None
+            return fmt.CommitRecord.decode(key, data)
+        return read
+
+    async def _check_segments_exist(self, state: _State,
+                                    records: Sequence[fmt.CommitRecord]) -> None:
+        named = {seg.ref.key: (seg, rec_key)
+                 for segs in state.logs.values() for seg in segs
+                 for rec_key in [fmt.commit_key(self._writer, seg.seq)]}
+        if not named:
+            return
+        sizes = {info.key: info.size
+                 async for info in self._driver.list(fmt.segments_prefix(self._writer))}
+        for key, (seg, commit) in named.items():
+            size = sizes.get(key)
+            if size is None:
+                raise CorruptDataError(f"commit names a missing segment: key={key} offset=0 "
+                                       f"commit={commit}")
+            if size != seg.ref.size:
+                raise CorruptDataError(f"segment size differs from its commit: key={key} "
+                                       f"offset={min(size, seg.ref.size)} size={size} "
+                                       f"expected={seg.ref.size} commit={commit}")
+
+    async def read_segment(self, ref: fmt.SegmentRef) -> fmt.SegmentView:
+        """Fetch and check one committed segment. Damage raises ``CorruptDataError``."""
+        try:
+            data = await self._driver.get(ref.key)
+        except ObjectNotFoundError:
+            raise CorruptDataError(f"commit names a missing segment: key={ref.key} "
+                                   "offset=0") from None
+        if len(data) > _THREAD_CHECK_BYTES:
+            return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
+        return fmt.SegmentView(ref, data)
+
+    # ------------------------------------------------------------------ writing
+    async def acquire_writer(self) -> None:
+        """Take the writer role: a new epoch record, then a fence commit.
+
+        Afterwards any older writer's next commit fails with ``FencedError``. If another
+        writer commits while we take over, the log is reloaded and the fence retried.
+        """
+        prefix = fmt.epochs_prefix(self._writer)
+        epoch = max([n async for n in self._numbers(prefix)], default=0) + 1
+        epoch = max(epoch, self._state.last_epoch + 1)
+        token = uuid.uuid4().hex
+        while True:
+            record = fmt.EpochRecord(self._writer, epoch, self._clock_ms(), token)
+            try:
+                await self._put_created(fmt.epoch_key(self._writer, epoch), record.encode())
+                break
+            except ObjectExistsError:
+                epoch += 1  # another writer took this number a moment ago
+        self._epoch = epoch
+        self._segment_number = 0
+        while True:
+            try:
+                await self.commit([], dict(self._state.offsets), reset=False)
+                break
+            except FencedError:
+                # Someone committed under the number we wanted: an older writer finishing
+                # its last commit (reload and fence again) or a newer one (we lost).
+                self._fenced = None
+                await self.load()
+                if self._state.last_epoch > epoch:
+                    raise FencedError(f"a newer writer took over while this one was starting: "
+                                      f"epoch={epoch} current={self._state.last_epoch}") from None
+        logger.info("writer role taken: writer=%s epoch=%d seq=%d",
+                    self._writer, epoch, self._state.last_seq)
+
+    async def _numbers(self, prefix: str) -> AsyncIterator[int]:
+        async for info in self._driver.list(prefix):
+            number = fmt.number_in_key(info.key, prefix)
+            if number is not None:
+                yield number
+
+    async def _put_created(self, key: str, data: bytes) -> None:
+        """Create-if-absent that settles an ambiguous retry by reading the object back."""
+        try:
+            await self._driver.put(key, data, if_absent=True)
+        except ObjectExistsError:
+            try:
+                existing = await self._driver.get(key)
+            except ObjectNotFoundError:
+                raise  # it existed a moment ago and is gone: let the caller decide
+            if existing != data:
+                raise
+            # Our own earlier attempt landed: the bytes (with a unique token) are ours.
+
+    def new_segment_key(self) -> str:
+        assert self._epoch is not None, "segments are written only by the writer"
+        self._segment_number += 1
+        return fmt.segment_key(self._writer, self._epoch, self._segment_number)
+
+    async def commit(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
+                     reset: bool) -> int:
+        """Upload ``blobs`` concurrently, then write the commit record that names them.
+
+        Returns the commit's number once it is durable. Raises ``FencedError`` if a newer
+        writer owns the store (nothing of this commit is visible then); after that every
+        later call raises it too.
+        """
+        if self._fenced is not None:
+            raise self._fenced
+        if self._epoch is None:
+            raise RuntimeError("commit on a store that does not hold the writer role")
+        # Upload before commit: a commit never names a missing segment.
+        if blobs:
+            await gather_bounded(
+                [self._uploader(blob) for blob in blobs], self._upload_concurrency)
+        seq = self._state.last_seq + 1
+        record = fmt.CommitRecord(
+            writer=self._writer, seq=seq, epoch=self._epoch, time_ms=self._clock_ms(),
+            token=uuid.uuid4().hex, reset=reset, segments=tuple(b.ref for b in blobs),
+            offsets=offsets)
+        key = fmt.commit_key(self._writer, seq)
+        try:
+            await self._put_created(key, record.encode())
+        except ObjectExistsError:
+            theirs = await self._epoch_of(key)
+            self._fenced = FencedError(
+                f"a newer writer owns this store: epoch={self._epoch} current={theirs} "
+                f"commit={key}")
+            logger.warning("%s", self._fenced)
+            raise self._fenced from None
+        state = self._state
+        if reset:
+            state.logs.clear()
+            state.commits = 0
+        for blob in blobs:
+            state.logs[(blob.ref.kind, blob.ref.name)].append(LoggedSegment(seq, blob.ref))
+        state.offsets = offsets
+        state.last_seq, state.last_epoch = seq, self._epoch
+        state.commits += 1
+        return seq
+
+    def _uploader(self, blob: SegmentBlob) -> Callable[[], Awaitable[None]]:
+        async def upload() -> None:
+            await self._driver.put(blob.ref.key, blob.data)
+        return upload
+
+    async def _epoch_of(self, key: str) -> int | str:
+        try:
+            return fmt.CommitRecord.decode(key, await self._driver.get(key)).epoch
+        except Exception as exc:  # the fence stands either way; this only enriches the message
+            return f"unreadable ({type(exc).__name__})"

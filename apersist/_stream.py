@@ -1,0 +1,168 @@
+"""Streams, their events, and ``source()``: replay what was committed, then go live."""
+
+from __future__ import annotations
+
+import inspect
+import time
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any, NamedTuple
+
+import anyio
+import anyio.lowlevel
+import orjson
+
+from . import _format as fmt
+from ._policy import Policy
+from ._scheduler import Scheduler
+from ._store import Store
+from ._values import dumps_value
+
+__all__ = ["Event", "Stream"]
+
+_loads = orjson.loads
+_crc32 = zlib.crc32
+_pack_head = fmt.RECORD_HEAD.pack
+_pack_crc = fmt.U32.pack
+_OVERHEAD = fmt.RECORD_OVERHEAD
+# Replay hands control back to the event loop this often, so a consumer that never awaits
+# cannot starve the scheduler and other tasks.
+_CHECKPOINT_EVERY = 1024
+
+
+class Event(NamedTuple):
+    """One event of a stream: recorded now (``replayed=False``) or replayed from the store."""
+
+    value: Any
+    offset: Any
+    time_ms: int
+    replayed: bool
+
+
+class Stream:
+    """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
+
+    __slots__ = ("_buffer", "_clock_ms", "_opened_seq", "_policy", "_scheduler", "_store",
+                 "_where", "name")
+
+    def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
+                 policy: Policy, opened_seq: int, clock_ms: Callable[[], int]) -> None:
+        self.name = name
+        self._store = store
+        self._scheduler = scheduler
+        self._policy = policy
+        self._opened_seq = opened_seq
+        self._clock_ms = clock_ms
+        self._where = f"stream {name!r}"
+        self._buffer = (scheduler.buffer(fmt.KIND_EVENTS, name)
+                        if scheduler is not None and policy.record_events else None)
+
+    def __repr__(self) -> str:
+        return f"<apersist.Stream name={self.name!r} offset={self.offset!r}>"
+
+    @property
+    def offset(self) -> Any:
+        """The offset in the latest durable commit (this run's included), or None."""
+        policy = self._policy
+        if not policy.offsets_load and (self._store.last_seq <= self._opened_seq):
+            return None  # a new history: stored offsets belong to the superseded one
+        if not (policy.offsets_load or policy.offsets_persist):
+            return None
+        raw = self._store.offsets.get(self.name)
+        return None if raw is None else _loads(raw)
+
+    async def record(self, value: Any, *, offset: Any = None) -> None:
+        """Record ``value`` (and the source ``offset`` it was read at) for the next commit.
+
+        The value is serialized now: a value orjson cannot serialize raises ``TypeError``
+        naming this stream. Waits only when uncommitted bytes pass the back-pressure bound.
+        Durable once a later commit completes (``await run.commit()`` forces one).
+        """
+        self._append(value, offset)
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.over_limit:
+            await scheduler.wait_capacity()
+
+    def _append(self, value: Any, offset: Any) -> int:
+        """Serialize and buffer one event; return its ``time_ms``."""
+        data = dumps_value(value, self._where)
+        off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
+        time_ms: int = self._clock_ms()
+        buf = self._buffer
+        if buf is None:
+            if off and self._scheduler is not None and self._policy.offsets_persist:
+                self._scheduler.set_offset(self.name, off)  # OFFSETS_ONLY
+            return time_ms
+        # append_record, inlined: this is the hot path of record().
+        head = _pack_head(len(data), len(off), time_ms)
+        crc = _crc32(data, _crc32(head))
+        body = buf.body
+        body += head
+        body += data
+        if off:
+            crc = _crc32(off, crc)
+            body += off
+            buf.offset = off
+        body += _pack_crc(crc)
+        buf.count += 1
+        self._scheduler.note_appended(  # type: ignore[union-attr]
+            buf, _OVERHEAD + len(data) + len(off))
+        return time_ms
+
+    async def replay(self) -> AsyncIterator[Event]:
+        """Yield the events committed before this run opened, in record order.
+
+        The same on every call. Streams segment by segment: memory is bounded by one
+        segment, not by the history. A damaged segment raises ``CorruptDataError`` before
+        any of its events is yielded. Under ``REALTIME_REPLAY`` the recorded gaps are kept.
+        """
+        if not self._policy.replay:
+            return
+        segments = [s.ref for s in self._store.segments(fmt.KIND_EVENTS, self.name)
+                    if s.seq <= self._opened_seq]
+        realtime = self._policy.realtime
+        first_ms: int | None = None
+        started = 0.0
+        count = 0
+        for ref in segments:
+            view = await self._store.read_segment(ref)
+            for value, off, time_ms in view.records():
+                if realtime:
+                    if first_ms is None:
+                        first_ms, started = time_ms, time.monotonic()
+                    delay = (time_ms - first_ms) / 1000 - (time.monotonic() - started)
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                yield Event(_loads(value), None if off is None else _loads(off), time_ms, True)
+                count += 1
+                if count % _CHECKPOINT_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()
+
+    async def _source(self, reader: Callable[[Any], Any],
+                      continue_after_replay: bool) -> AsyncIterator[Event]:
+        async for event in self.replay():
+            yield event
+        if not continue_after_replay:
+            return
+        live = reader(self.offset)
+        if inspect.isawaitable(live):
+            live = await live
+        if not isinstance(live, AsyncIterable):
+            raise TypeError(f"the reader of {self._where} must return an async iterable: "
+                            f"got={type(live).__name__}")
+        iterator = aiter(live)
+        try:
+            async for item in iterator:
+                if isinstance(item, tuple) and len(item) == 2:
+                    value, offset = item
+                else:
+                    value, offset = item, None
+                time_ms = self._append(value, offset)
+                scheduler = self._scheduler
+                if scheduler is not None and scheduler.over_limit:
+                    await scheduler.wait_capacity()
+                yield Event(value, offset, time_ms, False)
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

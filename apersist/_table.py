@@ -1,0 +1,131 @@
+"""Persistent tables: a ``MutableMapping[str, JSON]`` whose changes are recorded as deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import orjson
+
+from . import _format as fmt
+from ._scheduler import LogBuffer, Scheduler
+from ._store import Store
+from ._values import dumps_value
+
+__all__ = ["Table", "load_table_state"]
+
+# Fold deltas into a snapshot on its own once they outnumber the state this much.
+_AUTO_COMPACT_MIN_DELTAS = 4096
+_AUTO_COMPACT_RATIO = 2
+
+
+async def load_table_state(store: Store, name: str, upto_seq: int) -> tuple[dict[str, Any], int]:
+    """Rebuild a table: its newest snapshot plus the deltas committed after it.
+
+    Returns the state and the number of deltas replayed on top of the snapshot, so the
+    time to open is bounded by the state size once compaction has run.
+    """
+    snapshots = [s for s in store.segments(fmt.KIND_TABLE_SNAPSHOT, name) if s.seq <= upto_seq]
+    state: dict[str, Any] = {}
+    since = 0
+    if snapshots:
+        # A snapshot may span several segments of one commit.
+        last_seq = snapshots[-1].seq
+        for seg in (s for s in snapshots if s.seq == last_seq):
+            view = await store.read_segment(seg.ref)
+            for value, _off, _t in view.records():
+                key, item = orjson.loads(value)
+                state[key] = item
+        since = last_seq
+    for seg in store.segments(fmt.KIND_TABLE, name):
+        if since < seg.seq <= upto_seq:
+            view = await store.read_segment(seg.ref)
+            for value, _off, _t in view.records():
+                delta = orjson.loads(value)
+                if len(delta) == 2:
+                    state[delta[0]] = delta[1]
+                else:
+                    state.pop(delta[0], None)
+    deltas = sum(seg.ref.records for seg in store.segments(fmt.KIND_TABLE, name)
+                 if since < seg.seq <= upto_seq)
+    return state, deltas
+
+
+class Table(MutableMapping[str, Any]):
+    """A persistent ``str -> JSON`` mapping. Get one with ``await run.table(name)``.
+
+    Setting a key records an upsert delta and deleting one records a delete delta; both are
+    committed with the run's next commit. Values are serialized when set (``TypeError``
+    naming the table if they cannot be). Mutating a value in place records nothing: assign
+    it again.
+    """
+
+    def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
+                 deltas_since_snapshot: int = 0) -> None:
+        self.name = name
+        self._state = state
+        self._scheduler = scheduler
+        self._where = f"table {name!r}"
+        self._buffer: LogBuffer | None = None
+        self._deltas = deltas_since_snapshot
+        self._compact_requested = False
+        if scheduler is not None:
+            self._buffer = scheduler.buffer(fmt.KIND_TABLE, name)
+            scheduler.register_snapshot(name, self._snapshot)
+
+    def __repr__(self) -> str:
+        return f"<apersist.Table name={self.name!r} len={len(self._state)}>"
+
+    def __getitem__(self, key: str) -> Any:
+        return self._state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+        if self._buffer is not None:
+            data = dumps_value([key, value], self._where)
+            self._append(data)
+        self._state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._state:
+            raise KeyError(key)
+        if self._buffer is not None:
+            self._append(orjson.dumps([key]))
+        del self._state[key]
+
+    def _append(self, data: bytes) -> None:
+        buf = self._buffer
+        assert buf is not None
+        assert self._scheduler is not None
+        nbytes = fmt.append_record(buf.body, data, b"", 0)
+        buf.count += 1
+        self._deltas += 1
+        self._scheduler.note_appended(buf, nbytes)
+
+    def request_compaction(self) -> None:
+        """Fold this table's deltas into a snapshot in the next commit."""
+        self._compact_requested = True
+
+    def _snapshot(self) -> tuple[bytearray, int] | None:
+        """Called by the scheduler while cutting a commit; no await between cut and this."""
+        wants = self._compact_requested or (
+            self._deltas >= _AUTO_COMPACT_MIN_DELTAS
+            and self._deltas > _AUTO_COMPACT_RATIO * len(self._state))
+        if not wants or (self._deltas == 0 and not self._compact_requested):
+            return None
+        self._compact_requested = False
+        self._deltas = 0
+        body = bytearray()
+        for key, value in self._state.items():
+            fmt.append_record(body, orjson.dumps([key, value]), b"", 0)
+        return body, len(self._state)
