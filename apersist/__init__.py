@@ -6,6 +6,8 @@ restart exactly where it left off. Everything public is importable from here.
 
 from __future__ import annotations
 
+import logging
+
 from ._cache import cached
 from ._config import (
     AwsS3Settings,
@@ -28,6 +30,9 @@ from ._stream import Event, Stream
 from ._table import Table
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where the lines go.
+logging.getLogger("apersist").addHandler(logging.NullHandler())
 
 __all__ = [
     "FORMAT_MAJOR",
