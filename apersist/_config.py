@@ -85,8 +85,14 @@ def _require_url(value: object, what: str) -> str | None:
     if value is None:
         return None
     text = _require_text(value, what)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(text)
+        # ``.port`` raises ValueError for a malformed or out-of-range port: refuse it here,
+        # not at the first request.
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
         raise ValueError(f"{what} must be an http(s) URL: value={text!r}")
     return text.rstrip("/")
 

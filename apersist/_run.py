@@ -174,28 +174,41 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                     config.backend.kind, store.last_seq, store.epoch, store.live_commits,
                     (time.perf_counter() - opened) * 1000)
         token = current_cache.set(cache if policy.cache_use else None)
+        raised: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 if scheduler is not None:
                     tg.start_soon(scheduler.run, name="apersist-scheduler")
                 try:
                     yield the_run
-                except Exception:
+                except Exception as body_exc:
                     # Leaving by an exception still commits what was recorded; the
                     # user's exception stays the one raised.
+                    raised = body_exc
                     if scheduler is not None:
                         try:
-                            await scheduler.commit()
+                            await scheduler.commit(final=True)
                         except PersistenceError as exc:
                             logger.error("final commit failed while leaving by an "
                                          "exception: %s", exc)
                     raise
                 else:
-                    await the_run.commit()
+                    if scheduler is not None:
+                        await scheduler.commit(final=True)
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise unwrap_group(group) from None
+            # The task group wraps the body's own exception: hand back that very object
+            # (even when it is itself a group), with its cause and context as they were.
+            if raised is not None and group.exceptions == (raised,):
+                leaf = raised
+            else:
+                leaf = unwrap_group(group)
+            context, suppress = leaf.__context__, leaf.__suppress_context__
+            try:
+                raise leaf from leaf.__cause__
+            finally:
+                leaf.__context__, leaf.__suppress_context__ = context, suppress
         finally:
             current_cache.reset(token)
     finally:

@@ -85,6 +85,10 @@ class Scheduler:
         self._snapshot_sources: dict[str, SnapshotSource] = {}
         self._reset_pending = False
         self._forced = False
+        self._holds: dict[int, int] = {}  # task id -> live source events it is processing
+        self._holds_changed = anyio.Event()
+        self._cut_barrier: anyio.Event | None = None
+        self._parked: set[int] = set()  # tasks waiting in wait_capacity
         self._lock = anyio.Lock()
         self._pending_event = anyio.Event()
         self._done_event = anyio.Event()
@@ -148,12 +152,22 @@ class Scheduler:
         return self.pending_bytes + self.inflight_bytes > self._max_pending
 
     async def wait_capacity(self) -> None:
-        """Back-pressure: wait until uncommitted bytes fall under the bound."""
-        while self.over_limit:
-            self.check_failure()
-            done = self._done_event
-            self._urgent.set()
-            await done.wait()
+        """Back-pressure: wait until uncommitted bytes fall under the bound.
+
+        A task that holds a live source event while it waits is not waited for by the cut
+        (that would deadlock): its event may then be committed before all of its state.
+        """
+        task = anyio.get_current_task().id
+        self._parked.add(task)
+        self._holds_changed.set()
+        try:
+            while self.over_limit:
+                self.check_failure()
+                done = self._done_event
+                self._urgent.set()
+                await done.wait()
+        finally:
+            self._parked.discard(task)
         self.check_failure()
 
     def check_failure(self) -> None:
@@ -179,8 +193,12 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------------ committing side
-    async def commit(self) -> CommitInfo:
-        """Make everything appended before this call durable; return the commit that did."""
+    async def commit(self, *, final: bool = False) -> CommitInfo:
+        """Make everything appended before this call durable; return the commit that did.
+
+        The cut waits for live source events that other tasks are still processing (see
+        ``hold``); ``final=True`` (the run is ending) cuts without waiting.
+        """
         self.check_failure()
         target = self.appended
         if target <= self.durable and not (self._reset_pending or self._forced):
@@ -189,10 +207,59 @@ class Scheduler:
             self.check_failure()
             if target <= self.durable and not (self._reset_pending or self._forced):
                 return self._last  # a concurrent commit already covered us
-            return await self._commit_locked()
+            ignore = None if final else anyio.get_current_task().id
+            return await self._commit_locked(ignore_holds_of=ignore, drain=not final)
 
-    async def _commit_locked(self) -> CommitInfo:
+    # ------------------------------------------------------------------ source barrier
+    # A live source event is recorded before the consumer sees it, and the consumer then
+    # updates tables. If a commit were cut in between, a crash could leave the event
+    # committed without the state it produced (the restart would not re-deliver it). So a
+    # source *holds* each live event until its consumer asks for the next one, and a cut
+    # waits until no other task holds one; while it waits, sources take no new events.
+    def hold(self, task: int) -> None:
+        self._holds[task] = self._holds.get(task, 0) + 1
+
+    def release(self, task: int) -> None:
+        left = self._holds[task] - 1
+        if left:
+            self._holds[task] = left
+        else:
+            del self._holds[task]
+        self._holds_changed.set()
+
+    async def wait_cut(self) -> None:
+        """Sources call this before taking a new event: a waiting cut goes first."""
+        while self._cut_barrier is not None:
+            await self._cut_barrier.wait()
+
+    def _blocking_holds(self, ignore: int | None) -> bool:
+        return any(task != ignore and task not in self._parked for task in self._holds)
+
+    async def _drain_holds(self, ignore: int | None) -> None:
+        if not self._blocking_holds(ignore):
+            return
+        self._cut_barrier = anyio.Event()
+        while self._blocking_holds(ignore):
+            self._holds_changed = anyio.Event()
+            await self._holds_changed.wait()
+
+    def _lift_barrier(self) -> None:
+        barrier, self._cut_barrier = self._cut_barrier, None
+        if barrier is not None:
+            barrier.set()
+
+    async def _commit_locked(self, *, ignore_holds_of: int | None = None,
+                             drain: bool = True) -> CommitInfo:
         started = time.perf_counter()
+        try:
+            if drain:
+                await self._drain_holds(ignore_holds_of)
+            return await self._cut_and_commit(started)
+        finally:
+            self._lift_barrier()
+
+    async def _cut_and_commit(self, started: float) -> CommitInfo:
+        # From here to the shielded section nothing awaits: the cut is one instant.
         target = self.appended
         batches: list[tuple[LogBuffer, bytearray, int]] = []
         reset, self._reset_pending = self._reset_pending, False
@@ -218,6 +285,7 @@ class Scheduler:
         self.pending_bytes = 0
         self.inflight_bytes += moved
         self._pending_event = anyio.Event()
+        self._lift_barrier()
         deltas = target - self.durable
         # Shielded: the batches have left the buffers, so abandoning this commit half-way
         # would drop recorded data while the run goes on. A commit is finished, or it fails.

@@ -94,6 +94,11 @@ class Store:
         return self._state.offsets
 
     @property
+    def last_epoch_of_log(self) -> int:
+        """The epoch of the newest commit: every writer with an older epoch is fenced."""
+        return self._state.last_epoch
+
+    @property
     def live_commits(self) -> int:
         return self._state.commits
 

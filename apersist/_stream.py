@@ -157,11 +157,22 @@ class Stream:
                     value, offset = item
                 else:
                     value, offset = item, None
-                time_ms = self._append(value, offset)
                 scheduler = self._scheduler
-                if scheduler is not None and scheduler.over_limit:
+                if scheduler is None:
+                    yield Event(value, offset, self._append(value, offset), False)
+                    continue
+                await scheduler.wait_cut()
+                time_ms = self._append(value, offset)
+                if scheduler.over_limit:
                     await scheduler.wait_capacity()
-                yield Event(value, offset, time_ms, False)
+                # Held until the consumer asks for the next event: a commit then holds the
+                # event together with the state the consumer derived from it.
+                task = anyio.get_current_task().id
+                scheduler.hold(task)
+                try:
+                    yield Event(value, offset, time_ms, False)
+                finally:
+                    scheduler.release(task)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:

@@ -166,8 +166,8 @@ class FilesystemDriver:
             try:
                 path.unlink()
                 parents.add(path.parent)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # absent, also when a parent "directory" is an object: nothing to delete
         for parent in parents:
             _fsync_dir(parent)
 

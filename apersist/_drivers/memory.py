@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from .base import ObjectExistsError, ObjectInfo, ObjectNotFoundError, check_key, slice_range
+from .base import ObjectExistsError, ObjectInfo, ObjectNotFoundError, check_key, check_range, slice_range
 
 __all__ = ["MemoryDriver"]
 
@@ -25,6 +25,7 @@ class MemoryDriver:
 
     async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         check_key(key)
+        check_range(start, end)  # arguments first: a bad range is a ValueError even for a missing key
         try:
             data = self._objects[key]
         except KeyError:
@@ -40,8 +41,9 @@ class MemoryDriver:
                 yield ObjectInfo(key, len(data))
 
     async def delete(self, keys: Sequence[str]) -> None:
-        for key in keys:
-            self._objects.pop(check_key(key), None)
+        # Every key is checked before any is deleted: a bad argument has no partial effect.
+        for key in [check_key(k) for k in keys]:
+            self._objects.pop(key, None)
 
     async def aclose(self) -> None:
         return None
