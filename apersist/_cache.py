@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar, overload
@@ -41,6 +43,10 @@ class UdfCache:
     """A run's cache entries: entry key -> stored result (JSON bytes)."""
 
     def __init__(self, entries: dict[str, bytes], scheduler: Scheduler | None) -> None:
+        # Sync cached functions may run in worker threads (anyio.to_thread and the like);
+        # their new entries are handed to the loop's thread, which owns the buffers.
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._entries = entries
         self._scheduler = scheduler
         self._buffer = scheduler.buffer(fmt.KIND_CACHE, _LOG) if scheduler is not None else None
@@ -68,6 +74,9 @@ class UdfCache:
         return self._entries.get(key)
 
     def put(self, key: str, result: bytes) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self.put, key, result)
+            return
         self._entries[key] = result
         buf = self._buffer
         if buf is None or self._scheduler is None:

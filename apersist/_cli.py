@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ def backend_from_root(root: str) -> Backend:
             raise ValueError("az:// roots need AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY")
         return Backend.azure(prefix, account, key, container,
                              endpoint=os.environ.get("AZURE_STORAGE_ENDPOINT"))
+    if not os.path.isdir(root):
+        raise ValueError(f"no store directory at this path: root={root}")
     return Backend.filesystem(root)
 
 
@@ -110,10 +113,11 @@ async def _compact(root: str) -> int:
     return 0
 
 
-async def _gc(root: str, dry_run: bool) -> int:
+async def _gc(root: str, dry_run: bool, grace_s: float) -> int:
     driver = open_driver(backend_from_root(root))
     try:
-        garbage = await find_garbage(driver)
+        garbage = await find_garbage(driver, grace_ms=int(grace_s * 1000),
+                                     now_ms=time.time_ns() // 1_000_000)
         for key in garbage:
             print(("would delete " if dry_run else "delete ") + key)
         if garbage and not dry_run:
@@ -142,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="delete segments no live commit names and no writer can commit")
     p.add_argument("root")
     p.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+    p.add_argument("--grace-seconds", type=float, default=3600.0,
+                   help="leave garbage younger than this for readers that opened before "
+                        "it became garbage (default 3600)")
     p = sub.add_parser("demo", help="word counts persisted on the filesystem, killed with "
                                     "SIGKILL part-way, restarted, checked")
     p.add_argument("--events", type=int, default=200_000, help="events in the input stream")
@@ -163,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compact":
             return asyncio.run(_compact(args.root))
         if args.command == "gc":
-            return asyncio.run(_gc(args.root, args.dry_run))
+            return asyncio.run(_gc(args.root, args.dry_run, args.grace_seconds))
         from ._demo import run_demo  # the demo pulls in subprocess handling; load it lazily
 
         return run_demo(events=args.events, store=args.store, seed=args.seed)

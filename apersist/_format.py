@@ -305,15 +305,18 @@ class SegmentView:
         magic, major, minor, meta_len = _HEAD.unpack_from(data, 0)
         if magic != SEGMENT_MAGIC:
             raise CorruptDataError(f"segment magic is wrong: key={key} offset=0")
-        if major > FORMAT_MAJOR:
-            raise IncompatibleFormatError(f"segment was written by a newer apersist format: "
-                                          f"key={key} format={major}.{minor}")
         head_end = _HEAD.size + meta_len
         if head_end + U32.size + _TRAILER.size > len(data):
             raise CorruptDataError(f"segment header length is damaged: key={key} offset=12")
         (head_crc,) = U32.unpack_from(data, head_end)
         if zlib.crc32(memoryview(data)[:head_end]) != head_crc:
             raise CorruptDataError(f"segment header checksum mismatch: key={key} offset={head_end}")
+        # The version is trusted only once the header checksum holds, so a damaged version field
+        # is corruption, not a "newer format". The header frame (magic, version, meta_len, meta,
+        # crc) is therefore the same in every major version.
+        if major > FORMAT_MAJOR:
+            raise IncompatibleFormatError(f"segment was written by a newer apersist format: "
+                                          f"key={key} format={major}.{minor}")
         meta = orjson.loads(data[_HEAD.size:head_end])
         self.meta = SegmentMeta(meta.get("key"), meta.get("kind"), meta.get("name"))
         if self.meta != SegmentMeta(key, ref.kind, ref.name):

@@ -90,22 +90,38 @@ async def verify(driver: Driver) -> list[str]:
     return problems
 
 
-async def find_garbage(driver: Driver) -> list[str]:
-    """Segments that no live commit names and that no live writer can still commit.
+async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[str]:
+    """Segments that no live commit names, that no writer can still commit, past a grace period.
 
     A segment of an epoch older than the newest commit's epoch belongs to a writer that is
     fenced (its next commit can only fail), so if no live commit names it, none ever will.
     Segments of the current epoch are left alone: they may be uploads of a commit in flight.
+    The grace period protects readers that opened the store before it changed: a segment
+    counts only once the takeover that fenced its writer (and the newest reset, if any) is
+    ``grace_ms`` old.
     """
-    store = Store(driver, clock_ms=lambda: 0)
+    store = Store(driver, clock_ms=lambda: now_ms)
     await store.load()
     named = {seg.ref.key for kind in fmt.KINDS for name in store.log_names(kind)
              for seg in store.segments(kind, name)}
-    current = f"{store.last_epoch_of_log:020d}-"
+    reset = store.reset_time_ms
+    if reset is not None and reset > now_ms - grace_ms:
+        return []  # a reader may still be reading the history the reset superseded
+    epoch_prefix = fmt.epochs_prefix("0")
+    started: dict[int, int] = {}
+    async for info in driver.list(epoch_prefix):
+        number = fmt.number_in_key(info.key, epoch_prefix)
+        if number is not None:
+            started[number] = fmt.EpochRecord.decode(info.key, await driver.get(info.key)).time_ms
+    current = store.last_epoch_of_log
     garbage = []
     prefix = fmt.segments_prefix("0")
     async for info in driver.list(prefix):
-        rest = info.key[len(prefix):]
-        if info.key not in named and rest < current:
+        epoch_text = info.key[len(prefix):].partition("-")[0]
+        if info.key in named or not epoch_text.isdigit():
+            continue
+        epoch = int(epoch_text)
+        takeovers = [t for e, t in started.items() if epoch < e <= current]
+        if epoch < current and takeovers and min(takeovers) <= now_ms - grace_ms:
             garbage.append(info.key)
     return garbage

@@ -15,7 +15,7 @@ from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config
 from ._drivers import open_driver
-from ._errors import PersistenceError
+from ._errors import FencedError, PersistenceError
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._store import Store
@@ -55,10 +55,12 @@ class Run:
 
     @property
     def config(self) -> Config:
+        """The configuration this run was opened with."""
         return self._config
 
     @property
     def continue_after_replay(self) -> bool:
+        """Whether ``source()`` goes on to the live reader after the replay (from the config)."""
         return self._config.continue_after_replay
 
     @property
@@ -183,11 +185,14 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                     yield the_run
                 except Exception as body_exc:
                     # Leaving by an exception still commits what was recorded; the
-                    # user's exception stays the one raised.
+                    # user's exception stays the one raised, except that a fenced run
+                    # always says so (with the user's exception as its context).
                     raised = body_exc
                     if scheduler is not None:
                         try:
                             await scheduler.commit(final=True)
+                        except FencedError:
+                            raise
                         except PersistenceError as exc:
                             logger.error("final commit failed while leaving by an "
                                          "exception: %s", exc)
@@ -196,12 +201,14 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                     if scheduler is not None:
                         await scheduler.commit(final=True)
                 finally:
+                    if scheduler is not None:
+                        scheduler.close()
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The task group wraps the body's own exception: hand back that very object
             # (even when it is itself a group), with its cause and context as they were.
             if raised is not None and group.exceptions == (raised,):
-                leaf = raised
+                leaf: BaseException = raised
             else:
                 leaf = unwrap_group(group)
             context, suppress = leaf.__context__, leaf.__suppress_context__

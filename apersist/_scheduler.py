@@ -18,18 +18,21 @@ import anyio
 import anyio.to_thread
 
 from . import _format as fmt
-from ._errors import PersistenceError
+from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
 __all__ = ["CommitInfo", "LogBuffer", "Scheduler", "SnapshotSource"]
 
-#: Returns a table's whole state as (framed body, record count) when it wants compacting.
-SnapshotSource = Callable[[], "tuple[bytearray, int] | None"]
+#: Returns a table's whole state as segment bodies [(framed body, record count)] when it
+#: wants compacting, else None.
+SnapshotSource = Callable[[], "list[tuple[bytearray, int]] | None"]
 
 logger = logging.getLogger("apersist")
 
 # Segments at least this big are assembled (join + body CRC) in a worker thread.
 _THREAD_BUILD_BYTES = 1 << 20
+# How long a commit waits for loop bodies to finish the live events they hold.
+_HOLD_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,16 @@ class Scheduler:
         self._holds_changed = anyio.Event()
         self._cut_barrier: anyio.Event | None = None
         self._parked: set[int] = set()  # tasks waiting in wait_capacity
+        self.hold_timeout = _HOLD_TIMEOUT_S
         self._lock = anyio.Lock()
         self._pending_event = anyio.Event()
         self._done_event = anyio.Event()
         self._urgent = anyio.Event()
+        # A failed commit ends the run's writing; _unusable is what record() raises: that
+        # failure, or an error saying the run has ended.
         self._failure: PersistenceError | None = None
+        self._unusable: Exception | None = None
+        self._closed = False
         self._last = CommitInfo(store.last_seq, 0, 0)
         # Counters: deltas appended ever, deltas durable; bytes pending and in flight.
         self.appended = 0
@@ -115,8 +123,8 @@ class Scheduler:
 
     def note_appended(self, buf: LogBuffer, nbytes: int) -> None:
         """Account for one record framed onto ``buf.body`` (``nbytes`` long)."""
-        if self._failure is not None:
-            raise self._failure
+        if self._unusable is not None:
+            raise self._unusable
         self.appended += 1
         self.pending_bytes += nbytes
         if len(buf.body) >= self.max_segment_bytes:
@@ -126,8 +134,8 @@ class Scheduler:
 
     def set_offset(self, stream: str, offset: bytes) -> None:
         """Record an offset with no data (``SnapshotAccess.OFFSETS_ONLY``)."""
-        if self._failure is not None:
-            raise self._failure
+        if self._unusable is not None:
+            raise self._unusable
         self._offset_updates[stream] = offset
         self.appended += 1
         if not self._pending_event.is_set():
@@ -174,6 +182,13 @@ class Scheduler:
         if self._failure is not None:
             raise self._failure
 
+    def close(self) -> None:
+        """The run has ended: recording now raises instead of buffering data no one commits."""
+        self._closed = True
+        if self._unusable is None:
+            self._unusable = RuntimeError("the run has ended: record inside the "
+                                          "`async with apersist.run(...)` block")
+
     @property
     def has_pending(self) -> bool:
         return self.appended > self.durable or self._reset_pending or self._forced
@@ -203,12 +218,24 @@ class Scheduler:
         target = self.appended
         if target <= self.durable and not (self._reset_pending or self._forced):
             return CommitInfo(self._last.seq, 0, 0)
-        async with self._lock:
+        # Parked while it waits for the lock: a cut in progress may be waiting for this
+        # task's held source event, which it cannot release from here (a deadlock). It
+        # asked for a commit now, so a cut now is what it wants.
+        task = anyio.get_current_task().id
+        self._parked.add(task)
+        self._holds_changed.set()
+        try:
+            await self._lock.acquire()
+        finally:
+            self._parked.discard(task)
+        try:
             self.check_failure()
             if target <= self.durable and not (self._reset_pending or self._forced):
                 return self._last  # a concurrent commit already covered us
-            ignore = None if final else anyio.get_current_task().id
+            ignore = None if final else task
             return await self._commit_locked(ignore_holds_of=ignore, drain=not final)
+        finally:
+            self._lock.release()
 
     # ------------------------------------------------------------------ source barrier
     # A live source event is recorded before the consumer sees it, and the consumer then
@@ -229,8 +256,19 @@ class Scheduler:
 
     async def wait_cut(self) -> None:
         """Sources call this before taking a new event: a waiting cut goes first."""
-        while self._cut_barrier is not None:
-            await self._cut_barrier.wait()
+        if self._cut_barrier is None:
+            return
+        # Parked while it waits: asking for a new event means this task is done with the
+        # events it still holds (say, of another source it reads in turn), and the cut may
+        # be waiting for exactly those holds (a deadlock otherwise).
+        task = anyio.get_current_task().id
+        self._parked.add(task)
+        self._holds_changed.set()
+        try:
+            while self._cut_barrier is not None:
+                await self._cut_barrier.wait()
+        finally:
+            self._parked.discard(task)
 
     def _blocking_holds(self, ignore: int | None) -> bool:
         return any(task != ignore and task not in self._parked for task in self._holds)
@@ -239,9 +277,18 @@ class Scheduler:
         if not self._blocking_holds(ignore):
             return
         self._cut_barrier = anyio.Event()
-        while self._blocking_holds(ignore):
-            self._holds_changed = anyio.Event()
-            await self._holds_changed.wait()
+        # Bounded: a loop body that waits, through other tasks, on something that needs
+        # this commit would otherwise deadlock the run.
+        with anyio.move_on_after(self.hold_timeout) as scope:
+            while self._blocking_holds(ignore):
+                self._holds_changed = anyio.Event()
+                await self._holds_changed.wait()
+        if scope.cancelled_caught:
+            logger.warning(
+                "committing while live source events are still being processed: their "
+                "state may be committed only in part; finish each event's work before "
+                "taking the next one: waited_s=%s holders=%d", self.hold_timeout,
+                sum(1 for t in self._holds if t != ignore and t not in self._parked))
 
     def _lift_barrier(self) -> None:
         barrier, self._cut_barrier = self._cut_barrier, None
@@ -280,7 +327,8 @@ class Scheduler:
                 # The snapshot covers every delta of this table so far: drop them.
                 batches = [b for b in batches
                            if not (b[0].kind == fmt.KIND_TABLE and b[0].name == table)]
-                batches.append((LogBuffer(fmt.KIND_TABLE_SNAPSHOT, table), *snapshot))
+                holder = LogBuffer(fmt.KIND_TABLE_SNAPSHOT, table)
+                batches.extend((holder, body, count) for body, count in snapshot)
         moved = self.pending_bytes
         self.pending_bytes = 0
         self.inflight_bytes += moved
@@ -325,8 +373,9 @@ class Scheduler:
     def _fail(self, exc: PersistenceError) -> None:
         """A failed commit ends the run's writing: its outcome may be unknown."""
         if self._failure is None:
-            self._failure = exc
-            logger.error("commit failed; this run can no longer persist: %s", exc)
+            self._failure = self._unusable = exc
+            level = logging.WARNING if isinstance(exc, FencedError) else logging.ERROR
+            logger.log(level, "commit failed; this run can no longer persist: %s", exc)
         done, self._done_event = self._done_event, anyio.Event()
         done.set()
 
@@ -340,6 +389,8 @@ class Scheduler:
                     with anyio.move_on_after(self._interval):
                         await self._urgent.wait()
                     self._urgent = anyio.Event()
+                if self._closed:
+                    return  # the run's own final commit takes it from here
                 if self.has_pending:
                     await self.commit()
         except PersistenceError:

@@ -58,6 +58,7 @@ class _State:
     logs: dict[tuple[str, str], list[LoggedSegment]] = field(
         default_factory=lambda: defaultdict(list))
     commits: int = 0  # live commits (since the last reset)
+    reset_time_ms: int | None = None  # when the newest reset commit was written
 
 
 class Store:
@@ -97,6 +98,11 @@ class Store:
     def last_epoch_of_log(self) -> int:
         """The epoch of the newest commit: every writer with an older epoch is fenced."""
         return self._state.last_epoch
+
+    @property
+    def reset_time_ms(self) -> int | None:
+        """When the newest reset commit (a new history) was written, if there is one."""
+        return self._state.reset_time_ms
 
     @property
     def live_commits(self) -> int:
@@ -141,6 +147,7 @@ class Store:
             if record.reset:
                 state.logs.clear()
                 state.commits = 0
+                state.reset_time_ms = record.time_ms
             for ref in record.segments:
                 state.logs[(ref.kind, ref.name)].append(LoggedSegment(seq, ref))
             state.offsets = dict(record.offsets)
@@ -285,6 +292,7 @@ class Store:
         if reset:
             state.logs.clear()
             state.commits = 0
+            state.reset_time_ms = record.time_ms
         for blob in blobs:
             state.logs[(blob.ref.kind, blob.ref.name)].append(LoggedSegment(seq, blob.ref))
         state.offsets = offsets

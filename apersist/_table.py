@@ -69,6 +69,7 @@ class Table(MutableMapping[str, Any]):
         self._buffer: LogBuffer | None = None
         self._deltas = deltas_since_snapshot
         self._compact_requested = False
+        self._segment_bytes = scheduler.max_segment_bytes if scheduler is not None else 0
         if scheduler is not None:
             self._buffer = scheduler.buffer(fmt.KIND_TABLE, name)
             scheduler.register_snapshot(name, self._snapshot)
@@ -116,7 +117,7 @@ class Table(MutableMapping[str, Any]):
         """Fold this table's deltas into a snapshot in the next commit."""
         self._compact_requested = True
 
-    def _snapshot(self) -> tuple[bytearray, int] | None:
+    def _snapshot(self) -> list[tuple[bytearray, int]] | None:
         """Called by the scheduler while cutting a commit; no await between cut and this."""
         wants = self._compact_requested or (
             self._deltas >= _AUTO_COMPACT_MIN_DELTAS
@@ -125,7 +126,15 @@ class Table(MutableMapping[str, Any]):
             return None
         self._compact_requested = False
         self._deltas = 0
-        body = bytearray()
+        # Cut into segments of the usual size, so a big table is no bigger a segment.
+        bodies: list[tuple[bytearray, int]] = []
+        body, count = bytearray(), 0
         for key, value in self._state.items():
             fmt.append_record(body, orjson.dumps([key, value]), b"", 0)
-        return body, len(self._state)
+            count += 1
+            if len(body) >= self._segment_bytes:
+                bodies.append((body, count))
+                body, count = bytearray(), 0
+        if count or not bodies:
+            bodies.append((body, count))  # an empty table is an empty snapshot segment
+        return bodies

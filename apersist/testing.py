@@ -293,6 +293,14 @@ async def list_prefix(driver: Driver) -> None:
 
 
 @_check
+async def list_stays_inside_the_store(driver: Driver) -> None:
+    """Prefixes that point outside the root (``../``, ``/``) list nothing: keys never escape."""
+    await driver.put("inside/key", b"x")
+    for prefix in ["../", "..", "../inside", "/", "/inside", "./", "./inside", "inside/../", "inside/./"]:
+        _expect_equal(await _listing(driver, prefix), [], f"list prefix={prefix!r}")
+
+
+@_check
 async def list_key_order(driver: Driver) -> None:
     """Listing is in key (code point) order across nested names, not directory by directory."""
     # "d/a-b" and "d/a.x" sort before "d/a/b/c" ("-" and "." < "/"), "d/a0" after it.

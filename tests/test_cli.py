@@ -98,13 +98,16 @@ def test_gc_deletes_only_unreferenced_segments_of_fenced_epochs(
     orphan = segments / f"{1:020d}-{999:020d}.seg"
     orphan.write_bytes(b"junk")
     # Epoch 1 is still the newest commit's epoch: its orphan may be a commit in flight.
-    assert main(["gc", str(store), "--dry-run"]) == 0
+    assert main(["gc", str(store), "--dry-run", "--grace-seconds", "0"]) == 0
     assert "0 unreferenced" in capsys.readouterr().out
     asyncio.run(_fill(store))  # a new writer (epoch 2) takes over: epoch 1 is fenced
+    # Within the grace period readers that opened before the takeover are protected.
     assert main(["gc", str(store), "--dry-run"]) == 0
+    assert "0 unreferenced" in capsys.readouterr().out
+    assert main(["gc", str(store), "--dry-run", "--grace-seconds", "0"]) == 0
     assert orphan.name in capsys.readouterr().out
     assert orphan.exists()
-    assert main(["gc", str(store)]) == 0
+    assert main(["gc", str(store), "--grace-seconds", "0"]) == 0
     assert not orphan.exists()
     assert main(["verify", str(store)]) == 0
 
@@ -112,10 +115,12 @@ def test_gc_deletes_only_unreferenced_segments_of_fenced_epochs(
 def test_bad_root_gives_an_error_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "s3://"]) == 2
     assert "ValueError" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "no-such-store")]) == 2
+    assert "no store directory" in capsys.readouterr().err
 
 
-def test_backend_from_root() -> None:
-    assert isinstance(backend_from_root("/tmp/x"), type(apersist.Backend.filesystem("/tmp/x")))
+def test_backend_from_root(tmp_path: Path) -> None:
+    assert backend_from_root(str(tmp_path)) == apersist.Backend.filesystem(tmp_path)
     s3 = backend_from_root("s3://my-bucket/some/prefix")
     assert s3.kind == "s3"
 

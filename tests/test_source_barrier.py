@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 import apersist
 from apersist._config import MemoryBackend
@@ -36,7 +37,7 @@ async def test_every_commit_holds_events_with_their_table_updates() -> None:
         # that instant would leave behind.
         while not done.is_set():
             snapshots.append(dict(backend.objects))
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
@@ -44,9 +45,9 @@ async def test_every_commit_holds_events_with_their_table_updates() -> None:
             sums = await run.table("sums")
             async for event in run.source("numbers", lambda off: _numbers(off, 400)):
                 # Give the group-commit scheduler every chance to cut mid-event.
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 sums["count"] = sums.get("count", 0) + 1
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 sums["total"] = sums.get("total", 0) + event.value
         done.set()
 
@@ -91,7 +92,7 @@ async def test_two_concurrent_sources_both_finish_and_commit() -> None:
 
         async def consume(name: str) -> None:
             async for event in run.source(name, lambda off: _numbers(off, 200)):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 sums[name] = event.value
 
         with anyio.fail_after(20):
@@ -101,3 +102,4 @@ async def test_two_concurrent_sources_both_finish_and_commit() -> None:
     async with apersist.run(apersist.Config(backend)) as run:
         assert dict(await run.table("sums")) == {"a": 199, "b": 199}
         assert run.stream("a").offset == 199
+

@@ -138,6 +138,8 @@ class FilesystemDriver:
 
     def _list_sync(self, prefix: str) -> builtins.list[ObjectInfo]:
         base = prefix.rpartition("/")[0]
+        if ".." in base.split("/"):
+            return []  # no valid key has a ".." part; walking there would list files outside the root
         top = self._root / base if base else self._root
         found: builtins.list[ObjectInfo] = []
         for dirpath, _dirs, files in os.walk(top):
