@@ -157,7 +157,8 @@ def run_demo(*, events: int = 200_000, store: str | None = None, seed: int = 7) 
     print("   top words: " + ", ".join(f"{w}={n}" for w, n in result["top"]))
     if result["result"] == digest(expected) and result["words"] == sum(expected.values()):
         print("OK: the killed-and-restarted run gives exactly the uninterrupted result")
-        print(f"   look inside the store with: apersist inspect {root}")
+        cli = Path(sys.executable).with_name("apersist")
+        print(f"   look inside the store with: {cli if cli.exists() else 'apersist'} inspect {root}")
         return 0
     print("MISMATCH: the restarted run differs from the uninterrupted result", file=sys.stderr)
     return 1
