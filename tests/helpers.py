@@ -1,0 +1,156 @@
+"""Shared helpers of the end-to-end tests: a counting (and gating) driver wrapper, a fake
+clock, bounded polling and small readers of what a store holds."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import apersist
+import apersist._run
+from apersist._config import FilesystemBackend, MemoryBackend
+from apersist._drivers import Driver, ObjectInfo
+
+VERBS = ("put", "get", "list", "delete")
+
+
+class CountingDriver:
+    """Wraps a real driver: counts every verb and can hold segment uploads at a gate."""
+
+    def __init__(self, inner: Driver) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.calls: Counter[str] = Counter()
+        self.keys: list[tuple[str, str]] = []
+        # While set to an unset Event, segment puts wait for it (see ``hold_segment_puts``).
+        self.gate: anyio.Event | None = None
+        self.held = 0
+
+    @property
+    def requests(self) -> int:
+        """Backend requests so far (put, get, list, delete)."""
+        return sum(self.calls[v] for v in VERBS)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.keys.clear()
+
+    def hold_segment_puts(self) -> anyio.Event:
+        """From now on, segment uploads wait until the returned event is set."""
+        self.gate = anyio.Event()
+        return self.gate
+
+    def gets_of_segments(self) -> int:
+        return sum(1 for verb, key in self.keys if verb == "get" and key.endswith(".seg"))
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self.calls["put"] += 1
+        self.keys.append(("put", key))
+        gate = self.gate
+        if gate is not None and key.endswith(".seg"):
+            self.held += 1
+            await gate.wait()
+        await self.inner.put(key, data, if_absent=if_absent)
+
+    async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        self.calls["get"] += 1
+        self.keys.append(("get", key))
+        return await self.inner.get(key, start=start, end=end)
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        self.calls["list"] += 1
+        self.keys.append(("list", prefix))
+        async for info in self.inner.list(prefix):
+            yield info
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        self.calls["delete"] += 1
+        self.keys.extend(("delete", k) for k in keys)
+        await self.inner.delete(keys)
+
+    async def aclose(self) -> None:
+        self.calls["aclose"] += 1
+        await self.inner.aclose()
+
+
+def install_counting(monkeypatch: pytest.MonkeyPatch) -> list[CountingDriver]:
+    """Make every run opened from now on use a ``CountingDriver``; returns them, in order."""
+    made: list[CountingDriver] = []
+    real = apersist._run.open_driver
+
+    def open_counting(backend: apersist.Backend) -> CountingDriver:
+        driver = CountingDriver(real(backend))
+        made.append(driver)
+        return driver
+
+    monkeypatch.setattr(apersist._run, "open_driver", open_counting)
+    return made
+
+
+class FakeClock:
+    """An injectable ``clock_ms``: returns ``now`` until a test moves it."""
+
+    def __init__(self, now: int = 1_700_000_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def config(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
+    return apersist.Config(backend, **kwargs)
+
+
+async def wait_until(predicate: Callable[[], bool], *, limit_s: float = 5.0,
+                     what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail after ``limit_s`` seconds."""
+    with anyio.move_on_after(limit_s):
+        while True:
+            if predicate():
+                return
+            await anyio.sleep(0.005)  # polling: the conditions have no event to wait on
+    raise AssertionError(f"timed out after {limit_s}s waiting for {what}")
+
+
+async def replayed(backend: apersist.Backend, stream: str, **kwargs: Any) -> list[apersist.Event]:
+    """Every committed event of ``stream``, read by a read-only run (it writes nothing)."""
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY, **kwargs)
+    async with apersist.run(cfg) as run:
+        return [e async for e in run.stream(stream).replay()]
+
+
+async def values(backend: apersist.Backend, stream: str) -> list[Any]:
+    return [e.value for e in await replayed(backend, stream)]
+
+
+async def table_state(backend: apersist.Backend, name: str) -> dict[str, Any]:
+    """A table's committed state, read by a read-only run."""
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(cfg) as run:
+        return dict(await run.table(name))
+
+
+def stored_objects(backend: apersist.Backend) -> dict[str, bytes]:
+    """Every object the store holds, key -> bytes (a copy)."""
+    if isinstance(backend, MemoryBackend):
+        return dict(backend.objects)
+    assert isinstance(backend, FilesystemBackend)
+    root: Path = backend.path
+    found: dict[str, bytes] = {}
+    if not root.exists():
+        return found
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+def segment_keys(backend: apersist.Backend) -> list[str]:
+    return sorted(k for k in stored_objects(backend) if k.endswith(".seg"))
