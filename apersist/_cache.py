@@ -59,12 +59,11 @@ class UdfCache:
                    scheduler: Scheduler | None) -> UdfCache:
         entries: dict[str, bytes] = {}
         if load:
-            for seg in store.segments(fmt.KIND_CACHE, _LOG):
-                if seg.seq <= upto_seq:
-                    view = await store.read_segment(seg.ref)
-                    for value, _off, _t in view.records():
-                        key, result = orjson.loads(value)
-                        entries[key] = orjson.dumps(result)
+            refs = [s.ref for s in store.segments(fmt.KIND_CACHE, _LOG) if s.seq <= upto_seq]
+            async for view in store.read_segments(refs):
+                for value, _off, _t in view.records():
+                    key, result = orjson.loads(value)
+                    entries[key] = orjson.dumps(result)
         return cls(entries, scheduler)
 
     def __len__(self) -> int:

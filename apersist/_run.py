@@ -158,10 +158,9 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency)
         opened = time.perf_counter()
         await store.load()
-        if policy.writer:
-            await store.acquire_writer()
         scheduler = None
         if policy.writer:
+            await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
                                   max_segment_bytes=config.max_segment_bytes, clock_ms=clock)

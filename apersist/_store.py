@@ -10,6 +10,7 @@ with ``FencedError`` without landing anything.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections import defaultdict
@@ -32,6 +33,8 @@ logger = logging.getLogger("apersist")
 # the event loop never stalls on a big checksum.
 _THREAD_CHECK_BYTES = 256 << 10
 _READ_CONCURRENCY = 16
+# Segments read ahead together by read_segments() hold at most this many bytes.
+_WINDOW_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +200,27 @@ class Store:
         if len(data) > _THREAD_CHECK_BYTES:
             return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
         return fmt.SegmentView(ref, data)
+
+    async def read_segments(self, refs: Sequence[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
+        """Yield the checked segments ``refs`` in order, fetching a window of them at once.
+
+        Small segments cost a round trip (or a thread hop) each, so they are read
+        concurrently, a window at a time; a window holds at most ``_WINDOW_BYTES`` (or one
+        segment, if that is bigger), so memory stays bounded however long the history.
+        """
+        index = 0
+        while index < len(refs):
+            window = [refs[index]]
+            size = refs[index].size
+            while (index + len(window) < len(refs) and len(window) < _READ_CONCURRENCY
+                   and size + refs[index + len(window)].size <= _WINDOW_BYTES):
+                size += refs[index + len(window)].size
+                window.append(refs[index + len(window)])
+            index += len(window)
+            views = await gather_bounded(
+                [functools.partial(self.read_segment, ref) for ref in window], _READ_CONCURRENCY)
+            for view in views:
+                yield view
 
     # ------------------------------------------------------------------ writing
     async def acquire_writer(self) -> None:

@@ -112,9 +112,10 @@ class Stream:
     async def replay(self) -> AsyncIterator[Event]:
         """Yield the events committed before this run opened, in record order.
 
-        The same on every call. Streams segment by segment: memory is bounded by one
-        segment, not by the history. A damaged segment raises ``CorruptDataError`` before
-        any of its events is yielded. Under ``REALTIME_REPLAY`` the recorded gaps are kept.
+        The same on every call. Streams a window of segments at a time: memory is
+        bounded by the window (8 MiB or one segment), not by the history. A damaged
+        segment raises ``CorruptDataError`` before any of its events is yielded. Under
+        ``REALTIME_REPLAY`` the recorded gaps are kept.
         """
         if not self._policy.replay:
             return
@@ -124,8 +125,7 @@ class Stream:
         first_ms: int | None = None
         started = 0.0
         count = 0
-        for ref in segments:
-            view = await self._store.read_segment(ref)
+        async for view in self._store.read_segments(segments):
             for value, off, time_ms in view.records():
                 if realtime:
                     if first_ms is None:

@@ -31,24 +31,20 @@ async def load_table_state(store: Store, name: str, upto_seq: int) -> tuple[dict
     if snapshots:
         # A snapshot may span several segments of one commit.
         last_seq = snapshots[-1].seq
-        for seg in (s for s in snapshots if s.seq == last_seq):
-            view = await store.read_segment(seg.ref)
+        async for view in store.read_segments([s.ref for s in snapshots if s.seq == last_seq]):
             for value, _off, _t in view.records():
                 key, item = orjson.loads(value)
                 state[key] = item
         since = last_seq
-    for seg in store.segments(fmt.KIND_TABLE, name):
-        if since < seg.seq <= upto_seq:
-            view = await store.read_segment(seg.ref)
-            for value, _off, _t in view.records():
-                delta = orjson.loads(value)
-                if len(delta) == 2:
-                    state[delta[0]] = delta[1]
-                else:
-                    state.pop(delta[0], None)
-    deltas = sum(seg.ref.records for seg in store.segments(fmt.KIND_TABLE, name)
-                 if since < seg.seq <= upto_seq)
-    return state, deltas
+    deltas = [s.ref for s in store.segments(fmt.KIND_TABLE, name) if since < s.seq <= upto_seq]
+    async for view in store.read_segments(deltas):
+        for value, _off, _t in view.records():
+            delta = orjson.loads(value)
+            if len(delta) == 2:
+                state[delta[0]] = delta[1]
+            else:
+                state.pop(delta[0], None)
+    return state, sum(ref.records for ref in deltas)
 
 
 class Table(MutableMapping[str, Any]):

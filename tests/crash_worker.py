@@ -1,0 +1,134 @@
+"""The process that ``test_crash.py`` kills with SIGKILL: records to several streams until killed.
+
+Run as ``python crash_worker.py ROOT --seed N [options]``. It opens a run on the filesystem
+store at ROOT, replays every stream and checks what it finds (event ``i`` of stream ``k``
+is ``{"s": k, "i": i}`` at offset ``i``; ``stream.offset`` is the last one; the ``counts``
+table holds each stream's event count), then continues every sequence where the last
+commit left it, like a source resuming from its committed offset. In a loop it records a
+batch of random size across the streams, updating the table with each event, and commits.
+
+Protocol on stdout, one JSON document per line, each flushed:
+
+- ``{"ev": "ready", "n": [...]}``: the store is open and checked; ``n`` are the counts found.
+- ``{"ev": "commit", "n": [...]}``: a commit of everything up to these counts starts.
+- ``{"ev": "ack", "seq": S, "n": [...]}``: that commit returned: these counts are durable.
+- ``{"ev": "done", "n": [...]}``: ``--max-events`` reached; the run was left normally.
+
+A failed check exits with status 3 and a message on stderr. ``APERSIST_CRASH_MAX_BATCH``
+in the environment overrides ``--max-batch`` (large batches make long commits, so more
+kills land in the middle of one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import apersist
+
+EXIT_CHECK_FAILED = 3
+
+
+class CheckFailed(Exception):
+    """What the worker found in the store on start is not what the protocol promises."""
+
+
+def stream_name(k: int) -> str:
+    return f"s{k}"
+
+
+def emit(doc: dict[str, Any]) -> None:
+    # One write per line: the parent may see the output cut only between lines.
+    sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
+    sys.stdout.buffer.flush()
+
+
+async def check_stream(run: apersist.Run, counts: apersist.Table, k: int) -> int:
+    """Replay stream ``k``; check every event, the offset and the table; return the count."""
+    stream = run.stream(stream_name(k))
+    n = 0
+    async for event in stream.replay():
+        want = {"s": k, "i": n}
+        if event.value != want or event.offset != n or not event.replayed:
+            raise CheckFailed(f"stream {stream.name}: event #{n} is wrong: expected value={want} "
+                              f"offset={n}, got value={event.value} offset={event.offset} "
+                              f"replayed={event.replayed}")
+        n += 1
+    last = n - 1 if n else None
+    if stream.offset != last:
+        raise CheckFailed(f"stream {stream.name}: offset={stream.offset!r} but the last "
+                          f"replayed offset is {last!r} (n={n})")
+    in_table = counts.get(stream.name, 0)
+    if in_table != n:
+        raise CheckFailed(f"stream {stream.name}: table counts={in_table!r} but {n} events "
+                          f"were replayed")
+    return n
+
+
+async def main(args: argparse.Namespace) -> None:
+    rng = random.Random(args.seed)
+    max_batch = int(os.environ.get("APERSIST_CRASH_MAX_BATCH", args.max_batch))
+    config = apersist.Config(apersist.Backend.filesystem(args.root),
+                             snapshot_interval_ms=args.interval_ms,
+                             max_segment_bytes=args.segment_bytes,
+                             max_pending_bytes=args.pending_bytes)
+    async with apersist.run(config) as run:
+        counts = await run.table("counts")
+        streams = [run.stream(stream_name(k)) for k in range(args.streams)]
+        n = [await check_stream(run, counts, k) for k in range(args.streams)]
+        emit({"ev": "ready", "n": n})
+        recorded = 0
+        while recorded < args.max_events:
+            # Mostly small batches, sometimes a large one: a long commit to be killed in.
+            size = rng.randint(1, max_batch) if rng.random() < 0.2 else rng.randint(1, 64)
+            for _ in range(size):
+                k = rng.randrange(args.streams)
+                i = n[k]
+                # Table first, then record: record() appends before it can await, so no
+                # commit can be cut between the two and the table always matches the events.
+                counts[streams[k].name] = i + 1
+                await streams[k].record({"s": k, "i": i}, offset=i)
+                n[k] = i + 1
+                if rng.random() < 0.02:
+                    # Let the snapshot scheduler run mid-batch: background commits.
+                    await asyncio.sleep(0)
+            recorded += size
+            if rng.random() < 0.05:
+                await run.compact()
+            emit({"ev": "commit", "n": n})
+            info = await run.commit()
+            emit({"ev": "ack", "seq": info.seq, "n": n})
+            if rng.random() < 0.5:
+                # A source waiting for input; also keeps the commits per kill (and so the
+                # history every later check replays) from growing too fast.
+                await asyncio.sleep(rng.uniform(0, 0.01))
+    emit({"ev": "done", "n": n})
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--streams", type=int, default=3)
+    parser.add_argument("--interval-ms", type=int, default=0)
+    parser.add_argument("--segment-bytes", type=int, default=1 << 10)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--pending-bytes", type=int, default=64 << 20,
+                        help="back-pressure bound: record() waits for a commit past it")
+    parser.add_argument("--max-events", type=int, default=1 << 62)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main(parse_args(sys.argv[1:])))
+    except CheckFailed as exc:
+        print(f"crash_worker: check failed: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CHECK_FAILED)
