@@ -14,6 +14,7 @@ from ._config import (
     Backend,
     Config,
     PersistenceMode,
+    RetryPolicy,
     SnapshotAccess,
 )
 from ._errors import (
@@ -48,6 +49,7 @@ __all__ = [
     "IncompatibleFormatError",
     "PersistenceError",
     "PersistenceMode",
+    "RetryPolicy",
     "Run",
     "SnapshotAccess",
     "Stream",

@@ -23,6 +23,7 @@ __all__ = [
     "FilesystemBackend",
     "MemoryBackend",
     "PersistenceMode",
+    "RetryPolicy",
     "S3Backend",
     "SnapshotAccess",
 ]
@@ -271,6 +272,43 @@ class MemoryBackend(Backend):
 
 _DEFAULT_MAX_PENDING_BYTES = 64 << 20
 _DEFAULT_MAX_SEGMENT_BYTES = 8 << 20
+_DEFAULT_MULTIPART_BYTES = 16 << 20
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class RetryPolicy:
+    """How object-store requests are retried after transient failures.
+
+    Throttling (S3 ``SlowDown``, Azure 503), other 5xx answers, timeouts and connection
+    resets are retried with exponential backoff and full jitter: attempt ``n`` waits a
+    random time in ``[0, min(max_backoff_s, initial_backoff_s * 2**n))``. Retrying stops
+    after ``max_attempts`` attempts or ``total_timeout_s`` seconds, whichever comes first;
+    then the request fails with ``BackendError`` (the last error chained). Each attempt
+    is also bounded by ``attempt_timeout_s``.
+    """
+
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    total_timeout_s: float
+    attempt_timeout_s: float
+
+    def __init__(self, *, max_attempts: int = 8, initial_backoff_s: float = 0.05,
+                 max_backoff_s: float = 5.0, total_timeout_s: float = 120.0,
+                 attempt_timeout_s: float = 60.0) -> None:
+        setter = object.__setattr__
+        setter(self, "max_attempts", _non_negative_int(max_attempts, "max_attempts", minimum=1))
+        for name, value in (("initial_backoff_s", initial_backoff_s),
+                            ("max_backoff_s", max_backoff_s),
+                            ("total_timeout_s", total_timeout_s),
+                            ("attempt_timeout_s", attempt_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number: got={type(value).__name__}")
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0: {name}={value}")
+            setter(self, name, float(value))
+        if self.attempt_timeout_s == 0 or self.total_timeout_s == 0:
+            raise ValueError("attempt_timeout_s and total_timeout_s must be > 0")
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -278,10 +316,12 @@ class Config:
     """Everything a run needs to know: where to persist and how.
 
     The arguments are exposed as read-only attributes of the same names. Besides the
-    ``pathway.persistence`` arguments there are three tuning knobs: ``max_pending_bytes``
+    ``pathway.persistence`` arguments there are tuning knobs: ``max_pending_bytes``
     (uncommitted bytes past which ``record()`` waits for a commit), ``max_segment_bytes``
-    (the size at which a stream's batch is cut into a new segment) and
-    ``upload_concurrency`` (segments uploaded at once by one commit).
+    (the size at which a stream's batch is cut into a new segment),
+    ``upload_concurrency`` (segments uploaded at once by one commit), ``retry`` (how
+    object-store requests are retried) and ``multipart_bytes`` (objects at least this big
+    are uploaded in parts: S3 multipart, Azure staged blocks).
     """
 
     backend: Backend
@@ -292,6 +332,8 @@ class Config:
     max_pending_bytes: int
     max_segment_bytes: int
     upload_concurrency: int
+    retry: RetryPolicy
+    multipart_bytes: int
 
     def __init__(
         self,
@@ -304,6 +346,8 @@ class Config:
         max_pending_bytes: int = _DEFAULT_MAX_PENDING_BYTES,
         max_segment_bytes: int = _DEFAULT_MAX_SEGMENT_BYTES,
         upload_concurrency: int = 16,
+        retry: RetryPolicy | None = None,
+        multipart_bytes: int = _DEFAULT_MULTIPART_BYTES,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -326,6 +370,12 @@ class Config:
                _non_negative_int(max_segment_bytes, "max_segment_bytes", minimum=1 << 10))
         setter(self, "upload_concurrency",
                _non_negative_int(upload_concurrency, "upload_concurrency", minimum=1))
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be an apersist.RetryPolicy: got={type(retry).__name__}")
+        setter(self, "retry", retry or RetryPolicy())
+        # S3 parts must be at least 5 MiB (except the last one).
+        setter(self, "multipart_bytes",
+               _non_negative_int(multipart_bytes, "multipart_bytes", minimum=5 << 20))
 
     @classmethod
     def simple_config(

@@ -153,7 +153,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
         raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
     clock = clock_ms or _wall_clock_ms
     policy = Policy.of(config)
-    driver = open_driver(config.backend)
+    driver = open_driver(config.backend, config)
     try:
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency)
         opened = time.perf_counter()

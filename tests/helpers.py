@@ -84,8 +84,8 @@ def install_counting(monkeypatch: pytest.MonkeyPatch) -> list[CountingDriver]:
     made: list[CountingDriver] = []
     real = apersist._run.open_driver
 
-    def open_counting(backend: apersist.Backend) -> CountingDriver:
-        driver = CountingDriver(real(backend))
+    def open_counting(backend: apersist.Backend, config: apersist.Config | None = None) -> CountingDriver:
+        driver = CountingDriver(real(backend, config))
         made.append(driver)
         return driver
 

@@ -18,10 +18,19 @@ __all__ = [
     "ObjectExistsError",
     "ObjectInfo",
     "ObjectNotFoundError",
+    "TransientBackendError",
     "check_key",
     "check_range",
     "slice_range",
 ]
+
+
+class TransientBackendError(BackendError):
+    """A failure worth retrying: throttling, a 5xx answer, a timeout, a dropped connection.
+
+    Drivers raise it; the retry layer retries it and, when retries run out, raises a plain
+    ``BackendError`` with it chained. Every other ``BackendError`` is permanent.
+    """
 
 
 class ObjectExistsError(BackendError):

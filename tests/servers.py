@@ -1,0 +1,105 @@
+"""Real protocol servers for the S3 and Azure tests: moto_server and Azurite on 127.0.0.1.
+
+Started once per test session on free loopback ports (or reused when the environment
+already names them: ``APERSIST_S3_ENDPOINT``, ``APERSIST_AZURE_ENDPOINT``). A server that
+cannot start fails the session with the reason and its log tail: backend tests never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public, documented by Microsoft).
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
+               "K1SZFPTOtr/KBHBeksoGMGw==")
+S3_KEY_ID = "testing"
+S3_SECRET = "testing"
+S3_REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _serve(name: str, argv: Sequence[str], log_path: Path, timeout: float = 60.0) -> Iterator[int]:
+    """Run ``argv`` (``{port}`` -> a free port) until the port accepts; yield the port."""
+    failures = []
+    for _attempt in range(3):
+        port = _free_port()
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen([a.replace("{port}", str(port)) for a in argv],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            failures.append(f"exit={proc.poll()}")
+            _stop(proc)
+            continue
+        try:
+            yield port
+        finally:
+            _stop(proc)
+        return
+    tail = log_path.read_bytes()[-3000:].decode(errors="replace") if log_path.exists() else ""
+    raise RuntimeError(f"{name} did not start ({', '.join(failures)}); log tail:\n{tail}")
+
+
+@contextmanager
+def s3_server(log_dir: Path) -> Iterator[str]:
+    """An S3 endpoint URL: $APERSIST_S3_ENDPOINT, or a moto_server started here."""
+    if url := os.environ.get("APERSIST_S3_ENDPOINT"):
+        yield url
+        return
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    if not Path(exe).exists():
+        raise RuntimeError("moto_server is missing: pip install 'apersist[test]' (moto[server])")
+    with _serve("moto_server", [exe, "-H", "127.0.0.1", "-p", "{port}"],
+                log_dir / "moto.log") as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def azure_server(log_dir: Path) -> Iterator[str]:
+    """An Azure blob endpoint URL (with the account): $APERSIST_AZURE_ENDPOINT, or Azurite."""
+    if url := os.environ.get("APERSIST_AZURE_ENDPOINT"):
+        yield url
+        return
+    exe = os.environ.get("AZURITE_BIN") or str(ROOT / ".cache/infra/node_modules/.bin/azurite-blob")
+    if not Path(exe).exists():
+        found = shutil.which("azurite-blob")
+        if not found:
+            raise RuntimeError("azurite-blob is missing: run `bash .ci/test` (it installs "
+                               "azurite@3.37.0 into .cache/infra) or set AZURITE_BIN")
+        exe = found
+    argv = [exe, "--silent", "--disableTelemetry", "--skipApiVersionCheck",
+            "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", "{port}"]
+    with _serve("azurite", argv, log_dir / "azurite.log") as port:
+        yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
