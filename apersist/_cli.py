@@ -31,9 +31,10 @@ def backend_from_root(root: str) -> Backend:
     """
     if root.startswith("s3://"):
         bucket, _, prefix = root[5:].partition("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
         settings = AwsS3Settings(
             bucket, region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
-            endpoint=os.environ.get("AWS_ENDPOINT_URL"))
+            endpoint=endpoint, with_path_style=endpoint is not None)
         return Backend.s3(prefix, settings)
     if root.startswith("az://"):
         container, _, prefix = root[5:].partition("/")

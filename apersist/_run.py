@@ -15,6 +15,7 @@ from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config
 from ._drivers import open_driver
+from ._drivers.verify import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
@@ -160,6 +161,10 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
         await store.load()
         scheduler = None
         if policy.writer:
+            if getattr(driver, "verify_conditional_writes", False):
+                # Once, before writing anything: a store that lets two creators win would
+                # break commits and fencing silently.
+                await verify_create_if_absent(driver)
             await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,

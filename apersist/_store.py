@@ -305,13 +305,18 @@ class Store:
         key = fmt.commit_key(self._writer, seq)
         try:
             await self._put_created(key, record.encode())
+            taken = False
         except ObjectExistsError:
+            taken = True
+        if taken:
+            # Raised outside the handler: the internal "exists" answer is no context a user
+            # needs, while an exception the user's block is leaving by is.
             theirs = await self._epoch_of(key)
             self._fenced = FencedError(
                 f"a newer writer owns this store: epoch={self._epoch} current={theirs} "
                 f"commit={key}")
             logger.warning("%s", self._fenced)
-            raise self._fenced from None
+            raise self._fenced
         state = self._state
         if reset:
             state.logs.clear()

@@ -10,11 +10,13 @@ each test gets its own fresh prefix in one session bucket/container.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from servers import (
@@ -32,12 +34,19 @@ import apersist
 # No client may ever probe a cloud metadata address from the tests.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
-BACKEND_KINDS = ["memory", "filesystem"]
+BACKEND_KINDS = ["memory", "filesystem", "s3", "azure"]
 TEST_BUCKET = "apersist-tests"
 TEST_CONTAINER = "apersist-tests"
 
 
 # ----------------------------------------------------------------------------- servers
+def _run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``fn()`` to completion on a fresh loop in a thread: the fixtures that call this
+    may be set up from inside a running test's loop (``request.getfixturevalue``)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, fn()).result()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with s3_server(tmp_path_factory.getbasetemp()) as url:
@@ -57,7 +66,7 @@ def s3_bucket(s3_endpoint: str) -> str:
             with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 await client.create_bucket(Bucket=TEST_BUCKET)
 
-    asyncio.run(create())
+    _run_async(create)
     return TEST_BUCKET
 
 
@@ -80,7 +89,7 @@ def azure_container(azure_endpoint: str) -> str:
             with contextlib.suppress(ResourceExistsError):
                 await service.create_container(TEST_CONTAINER)
 
-    asyncio.run(create())
+    _run_async(create)
     return TEST_CONTAINER
 
 

@@ -26,10 +26,10 @@ import asyncio
 import os
 import random
 import sys
-from pathlib import Path
 from typing import Any
 
 import orjson
+from servers import backend_from_spec
 
 import apersist
 
@@ -75,7 +75,10 @@ async def check_stream(run: apersist.Run, counts: apersist.Table, k: int) -> int
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     max_batch = int(os.environ.get("APERSIST_CRASH_MAX_BATCH", args.max_batch))
-    config = apersist.Config(apersist.Backend.filesystem(args.root),
+    # The store: a JSON backend spec (see servers.backend_spec) or a filesystem path.
+    backend = (backend_from_spec(args.root) if args.root.startswith("{")
+               else apersist.Backend.filesystem(args.root))
+    config = apersist.Config(backend,  # type: ignore[arg-type]
                              snapshot_interval_ms=args.interval_ms,
                              max_segment_bytes=args.segment_bytes,
                              max_pending_bytes=args.pending_bytes)
@@ -114,7 +117,7 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
-    parser.add_argument("root", type=Path)
+    parser.add_argument("root", help="a filesystem path or a JSON backend spec")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--interval-ms", type=int, default=0)

@@ -3,10 +3,8 @@ clock, bounded polling and small readers of what a store holds."""
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,8 +12,7 @@ import pytest
 
 import apersist
 import apersist._run
-from apersist._config import FilesystemBackend, MemoryBackend
-from apersist._drivers import Driver, ObjectInfo
+from apersist._drivers import Driver, ObjectInfo, open_driver
 
 VERBS = ("put", "get", "list", "delete")
 
@@ -136,21 +133,14 @@ async def table_state(backend: apersist.Backend, name: str) -> dict[str, Any]:
         return dict(await run.table(name))
 
 
-def stored_objects(backend: apersist.Backend) -> dict[str, bytes]:
-    """Every object the store holds, key -> bytes (a copy)."""
-    if isinstance(backend, MemoryBackend):
-        return dict(backend.objects)
-    assert isinstance(backend, FilesystemBackend)
-    root: Path = backend.path
-    found: dict[str, bytes] = {}
-    if not root.exists():
-        return found
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            found[path.relative_to(root).as_posix()] = path.read_bytes()
-    return found
+async def stored_objects(backend: apersist.Backend) -> dict[str, bytes]:
+    """Every object the store holds, key -> bytes, read through the backend's own driver."""
+    driver = open_driver(backend)
+    try:
+        return {info.key: await driver.get(info.key) async for info in driver.list("")}
+    finally:
+        await driver.aclose()
 
 
-def segment_keys(backend: apersist.Backend) -> list[str]:
-    return sorted(k for k in stored_objects(backend) if k.endswith(".seg"))
+async def segment_keys(backend: apersist.Backend) -> list[str]:
+    return sorted(k for k in await stored_objects(backend) if k.endswith(".seg"))

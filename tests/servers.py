@@ -78,8 +78,10 @@ def s3_server(log_dir: Path) -> Iterator[str]:
     if url := os.environ.get("APERSIST_S3_ENDPOINT"):
         yield url
         return
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    if not Path(exe).exists():
+    # The one installed beside this Python (the project's venv) first, then PATH.
+    beside = Path(sys.executable).with_name("moto_server")
+    exe = str(beside) if beside.exists() else (shutil.which("moto_server") or "")
+    if not exe:
         raise RuntimeError("moto_server is missing: pip install 'apersist[test]' (moto[server])")
     with _serve("moto_server", [exe, "-H", "127.0.0.1", "-p", "{port}"],
                 log_dir / "moto.log") as port:
@@ -103,3 +105,42 @@ def azure_server(log_dir: Path) -> Iterator[str]:
             "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", "{port}"]
     with _serve("azurite", argv, log_dir / "azurite.log") as port:
         yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+
+
+def backend_spec(backend: object) -> str:
+    """A JSON description of a durable test backend, to rebuild it in a subprocess."""
+    import orjson
+
+    from apersist._config import AzureBackend, FilesystemBackend, S3Backend
+
+    if isinstance(backend, FilesystemBackend):
+        return orjson.dumps({"kind": "filesystem", "path": str(backend.path)}).decode()
+    if isinstance(backend, S3Backend):
+        s = backend.bucket_settings
+        return orjson.dumps({"kind": "s3", "root": backend.root_path, "bucket": s.bucket_name,
+                             "endpoint": s.endpoint}).decode()
+    if isinstance(backend, AzureBackend):
+        return orjson.dumps({"kind": "azure", "root": backend.root_path,
+                             "container": backend.container,
+                             "endpoint": backend.endpoint}).decode()
+    raise TypeError(f"no subprocess spec for {backend!r} (memory stores live in one process)")
+
+
+def backend_from_spec(text: str) -> object:
+    """The inverse of ``backend_spec``."""
+    import orjson
+
+    import apersist
+
+    spec = orjson.loads(text)
+    if spec["kind"] == "filesystem":
+        return apersist.Backend.filesystem(spec["path"])
+    if spec["kind"] == "s3":
+        settings = apersist.AwsS3Settings(
+            spec["bucket"], access_key=S3_KEY_ID, secret_access_key=S3_SECRET,
+            with_path_style=True, region=S3_REGION, endpoint=spec["endpoint"])
+        return apersist.Backend.s3(spec["root"], settings)
+    if spec["kind"] == "azure":
+        return apersist.Backend.azure(spec["root"], AZURITE_ACCOUNT, AZURITE_KEY,
+                                      spec["container"], endpoint=spec["endpoint"])
+    raise ValueError(f"unknown backend spec: {text}")

@@ -1,7 +1,8 @@
 """kill -9: a writer killed at any moment leaves a store that opens and holds whole commits.
 
 ``crash_worker.py`` records to several streams (and a table of per-stream counts) on a
-filesystem store and prints a line after every commit it got back. The test starts it,
+store (the filesystem, S3 on moto_server, Azure on Azurite: the same test for each) and
+prints a line after every commit it got back. The test starts it,
 SIGKILLs it after a random short time, then opens the same store in-process and checks
 that every stream replays 0..n-1 exactly once, in order; that n covers every acknowledged
 event; that ``stream.offset`` is the last replayed offset; and that the table matches the
@@ -10,7 +11,7 @@ events. It repeats kill and check on the same store, varying ``snapshot_interval
 (back-pressure cuts commits mid-batch) and batch sizes (large ones make long commits to
 be killed in); some kills are timed from spawn, to land while the store is being opened.
 
-Size: ``APERSIST_CRASH_KILLS`` (default 20). Reproduce a run's choices with
+Size: ``APERSIST_CRASH_KILLS`` (default 20 per backend). Reproduce a run's choices with
 ``APERSIST_CRASH_SEED`` (printed at the start; kill timing still varies).
 """
 
@@ -29,10 +30,14 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import make_backend
+from servers import backend_spec
 
 import apersist
 
 WORKER = Path(__file__).with_name("crash_worker.py")
+# The durable backends: the worker is another process, so memory stores cannot take part.
+CRASH_KINDS = ["filesystem", "s3", "azure"]
 STREAMS = 3
 KILLS = int(os.environ.get("APERSIST_CRASH_KILLS", "20"))
 # Long enough for a slow CI machine to import and open the store; a hang fails the test.
@@ -122,12 +127,12 @@ async def run_and_kill(kill: Kill) -> None:
             kill.returncode = await proc.wait()
 
 
-async def verify(root: Path, kill: Kill, floor: list[int], ctx: str) -> list[int]:
+async def verify(backend: apersist.Backend, kill: Kill, floor: list[int], ctx: str) -> list[int]:
     """Open the store in-process and check every invariant; return each stream's count.
 
     ``floor[k]`` is the least count stream k must have: acknowledged or seen committed.
     """
-    config = apersist.Config(apersist.Backend.filesystem(root))
+    config = apersist.Config(backend)
     try:
         async with apersist.run(config) as run:
             counts = await run.table("counts")
@@ -169,11 +174,15 @@ async def verify(root: Path, kill: Kill, floor: list[int], ctx: str) -> list[int
 
 
 @pytest.mark.slow
-async def test_kill_minus_nine_keeps_every_acknowledged_commit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", CRASH_KINDS)
+async def test_kill_minus_nine_keeps_every_acknowledged_commit(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     seed = int(os.environ.get("APERSIST_CRASH_SEED", random.SystemRandom().getrandbits(32)))
-    print(f"crash test: seed={seed} kills={KILLS} (APERSIST_CRASH_SEED={seed} to reproduce)")
+    print(f"crash test ({kind}): seed={seed} kills={KILLS} "
+          f"(APERSIST_CRASH_SEED={seed} to reproduce)")
     rng = random.Random(seed)
-    root = tmp_path / "store"
+    backend = make_backend(kind, tmp_path, request)
+    root = backend_spec(backend)
     committed = [0] * STREAMS  # what the last check found: a floor for every later one
     verified_events = mid_commit = before_ready = 0
     started = time.perf_counter()
@@ -185,14 +194,14 @@ async def test_kill_minus_nine_keeps_every_acknowledged_commit(tmp_path: Path) -
         # A small bound makes record() wait for commits cut in the middle of a batch.
         pending_bytes = rng.choice((64 << 20, 64 << 20, 32 << 10))
         kill = Kill(number, worker_seed, [
-            str(root), "--seed", str(worker_seed), "--streams", str(STREAMS),
+            root, "--seed", str(worker_seed), "--streams", str(STREAMS),
             "--interval-ms", str(interval_ms), "--segment-bytes", str(segment_bytes),
             "--max-batch", str(max_batch), "--pending-bytes", str(pending_bytes)])
         # Mostly timed from the ready line (kills while recording and committing); some from
         # spawn, to land while the worker opens the store and takes the writer role.
         kill.from_ready = rng.random() < 0.8
         kill.delay_s = rng.uniform(0.02, 0.3) if kill.from_ready else rng.uniform(0.15, 0.6)
-        ctx = f"seed={seed} kill #{number}/{KILLS}"
+        ctx = f"{kind}: seed={seed} kill #{number}/{KILLS}"
 
         try:
             await run_and_kill(kill)
@@ -210,12 +219,12 @@ async def test_kill_minus_nine_keeps_every_acknowledged_commit(tmp_path: Path) -
         ack = kill.last("ack")
         floor = [max(a, b) for a, b in zip(committed, ack["n"] if ack else committed,
                                            strict=True)]
-        committed = await verify(root, kill, floor, ctx)
+        committed = await verify(backend, kill, floor, ctx)
         verified_events += sum(committed)
         mid_commit += kill.mid_commit
         before_ready += ready is None
     elapsed = time.perf_counter() - started
-    print(f"crash test: seed={seed} kills={KILLS} killed_mid_commit={mid_commit} "
+    print(f"crash test ({kind}): seed={seed} kills={KILLS} killed_mid_commit={mid_commit} "
           f"killed_before_ready={before_ready} events_verified={verified_events} "
           f"final_counts={committed} elapsed_s={elapsed:.1f}")
     assert sum(committed) > 0, f"seed={seed}: no kill left any committed event to check"

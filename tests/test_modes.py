@@ -180,7 +180,7 @@ async def test_replay_access_replays_and_writes_nothing_at_all(
         backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     probe = Probe()
     last_seq = await seed(backend, probe)
-    before = stored_objects(backend)
+    before = await stored_objects(backend)
     drivers = install_counting(monkeypatch)
     cfg = apersist.Config(backend, snapshot_access=Access.REPLAY, snapshot_interval_ms=0)
     async with apersist.run(cfg) as run:
@@ -205,14 +205,14 @@ async def test_replay_access_replays_and_writes_nothing_at_all(
     (driver,) = drivers
     assert driver.calls["put"] == 0
     assert driver.calls["delete"] == 0
-    assert stored_objects(backend) == before  # byte for byte, and no epoch written
+    assert await stored_objects(backend) == before  # byte for byte, and no epoch written
 
 
 async def test_replay_access_on_an_empty_store_writes_nothing(backend: apersist.Backend) -> None:
     async with apersist.run(apersist.Config(backend, snapshot_access=Access.REPLAY)) as run:
         await run.stream("s").record(1)
         assert await run.commit() == apersist.CommitInfo(0, 0, 0)
-    assert stored_objects(backend) == {}
+    assert await stored_objects(backend) == {}
 
 
 async def test_replay_access_does_not_fence_the_writer(backend: apersist.Backend) -> None:

@@ -166,7 +166,7 @@ async def test_many_events_across_many_segments_replay_completely_in_order(
             await stream.record({"i": i, "pad": "x" * (i % 17)}, offset=i)
             if i % 1_500 == 0:
                 await run.commit()
-    assert len(segment_keys(backend)) > 50
+    assert len(await segment_keys(backend)) > 50
     async with apersist.run(apersist.Config(backend, max_segment_bytes=1024)) as run:
         stream = run.stream("big")
         events = [e async for e in stream.replay()]

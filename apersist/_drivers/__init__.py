@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .._config import AzureBackend, Backend, Config, FilesystemBackend, MemoryBackend, S3Backend
-from .._errors import BackendError
 from .base import Driver, ObjectExistsError, ObjectInfo, ObjectNotFoundError, TransientBackendError
 from .filesystem import FilesystemDriver
 from .memory import MemoryDriver
@@ -30,8 +29,20 @@ def open_driver(backend: Backend, config: Config | None = None) -> Driver:
         return MemoryDriver(backend.objects)
     if isinstance(backend, FilesystemBackend):
         return FilesystemDriver(backend.path)
-    if isinstance(backend, S3Backend | AzureBackend):
-        # The object-store drivers are being built (issue 3); until then say so plainly.
-        raise BackendError(f"the {backend.kind} driver is not available in this version of "
-                           "apersist: use Backend.filesystem or Backend.memory")
+    config = config or Config(backend)
+    # Imported here: the object-store clients are heavy, and only their users pay for them.
+    if isinstance(backend, S3Backend):
+        from .retry import RetryingDriver
+        from .s3 import S3Driver
+
+        return RetryingDriver(S3Driver(backend, multipart_bytes=config.multipart_bytes,
+                                       max_connections=config.upload_concurrency),
+                              config.retry)
+    if isinstance(backend, AzureBackend):
+        from .azure import AzureDriver
+        from .retry import RetryingDriver
+
+        return RetryingDriver(AzureDriver(backend, multipart_bytes=config.multipart_bytes,
+                                          max_connections=config.upload_concurrency),
+                              config.retry)
     raise TypeError(f"unknown backend type: {type(backend).__name__}")
