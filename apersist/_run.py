@@ -49,6 +49,8 @@ class Run:
         self._streams: dict[str, Stream] = {}
         self._tables: dict[str, Table] = {}
         self._table_lock = anyio.Lock()
+        # Starts background work (replay read-ahead) in the run's task group; set on entry.
+        self._spawn: Callable[..., object] | None = None
 
     def __repr__(self) -> str:
         return (f"<apersist.Run backend={self._config.backend.kind} "
@@ -107,7 +109,7 @@ class Run:
             check_name(name, "stream")
             stream = self._streams[name] = Stream(
                 name, store=self._store, scheduler=self._scheduler, policy=self._policy,
-                opened_seq=self._opened_seq, clock_ms=self._clock_ms)
+                opened_seq=self._opened_seq, clock_ms=self._clock_ms, spawn=self._spawn)
         return stream
 
     def source(self, name: str, reader: Callable[[Any], Any]) -> AsyncIterator[Event]:
@@ -183,6 +185,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
         raised: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
+                the_run._spawn = tg.start_soon
                 if scheduler is not None:
                     tg.start_soon(scheduler.run, name="apersist-scheduler")
                 try:

@@ -10,6 +10,7 @@ with ``FencedError`` without landing anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
 
 from . import _format as fmt
 from ._concurrency import gather_bounded
@@ -201,12 +203,14 @@ class Store:
             return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
         return fmt.SegmentView(ref, data)
 
-    async def read_segments(self, refs: Sequence[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
-        """Yield the checked segments ``refs`` in order, fetching a window of them at once.
+    async def read_windows(self, refs: Sequence[fmt.SegmentRef]
+                           ) -> AsyncIterator[list[fmt.SegmentView]]:
+        """Yield the checked segments ``refs`` in order, a window of them at a time.
 
-        Small segments cost a round trip (or a thread hop) each, so they are read
-        concurrently, a window at a time; a window holds at most ``_WINDOW_BYTES`` (or one
-        segment, if that is bigger), so memory stays bounded however long the history.
+        Small segments cost a round trip (or a thread hop) each, so a window's segments
+        are read concurrently; a window holds at most 16 segments and ``_WINDOW_BYTES``
+        (or one segment, if that is bigger), so memory stays bounded however long the
+        history.
         """
         index = 0
         while index < len(refs):
@@ -217,10 +221,33 @@ class Store:
                 size += refs[index + len(window)].size
                 window.append(refs[index + len(window)])
             index += len(window)
-            views = await gather_bounded(
+            yield await gather_bounded(
                 [functools.partial(self.read_segment, ref) for ref in window], _READ_CONCURRENCY)
+
+    async def read_segments(self, refs: Sequence[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
+        """Yield the checked segments ``refs`` in order (see ``read_windows``)."""
+        async for views in self.read_windows(refs):
             for view in views:
                 yield view
+
+    async def feed_windows(self, refs: Sequence[fmt.SegmentRef],
+                           send: MemoryObjectSendStream[list[fmt.SegmentView] | Exception]) -> None:
+        """Read ``refs`` window by window into ``send``, then close it: replay's read-ahead.
+
+        Runs as a task of the run while the consumer works through earlier windows, so
+        the next window's requests overlap with consuming the current one. ``send`` holds
+        one window, so at most three are in memory: consumed, waiting, being read. A read
+        error is handed to the consumer as an item; a consumer that went away ends this.
+        """
+        async with send:
+            try:
+                async for views in self.read_windows(refs):
+                    await send.send(views)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            except Exception as exc:
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(exc)
 
     # ------------------------------------------------------------------ writing
     async def acquire_writer(self) -> None:
@@ -267,11 +294,13 @@ class Store:
         """Create-if-absent that settles an ambiguous retry by reading the object back."""
         try:
             await self._driver.put(key, data, if_absent=True)
-        except ObjectExistsError:
+        except ObjectExistsError as exists:
             try:
                 existing = await self._driver.get(key)
             except ObjectNotFoundError:
-                raise  # it existed a moment ago and is gone: let the caller decide
+                # It existed a moment ago and is gone (deleted by hand?): the number was
+                # taken, which is the answer that counts; never treat it as ours.
+                raise exists from None
             if existing != data:
                 raise
             # Our own earlier attempt landed: the bytes (with a unique token) are ours.

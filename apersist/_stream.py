@@ -47,12 +47,14 @@ _new_event = tuple.__new__
 class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
-    __slots__ = ("_buffer", "_clock_ms", "_opened_seq", "_policy", "_scheduler", "_store",
-                 "_where", "name")
+    __slots__ = ("_buffer", "_clock_ms", "_opened_seq", "_policy", "_scheduler", "_spawn",
+                 "_store", "_where", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
-                 policy: Policy, opened_seq: int, clock_ms: Callable[[], int]) -> None:
+                 policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
+                 spawn: Callable[..., object] | None = None) -> None:
         self.name = name
+        self._spawn = spawn  # starts a task in the run's task group (replay read-ahead)
         self._store = store
         self._scheduler = scheduler
         self._policy = policy
@@ -130,7 +132,7 @@ class Stream:
         first_ms: int | None = None
         started = 0.0
         count = 0
-        async for view in self._store.read_segments(segments):
+        async for view in self._read_ahead(segments):
             for value, off, time_ms in view.records():
                 if realtime:
                     if first_ms is None:
@@ -143,6 +145,22 @@ class Stream:
                 count += 1
                 if count % _CHECKPOINT_EVERY == 0:
                     await anyio.lowlevel.checkpoint()
+
+    async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
+        """The segments ``refs``, read a window ahead by a task of the run (if it has one)."""
+        if self._spawn is None or len(refs) <= 1:
+            async for view in self._store.read_segments(refs):
+                yield view
+            return
+        send, receive = anyio.create_memory_object_stream[
+            "list[fmt.SegmentView] | Exception"](max_buffer_size=1)
+        self._spawn(self._store.feed_windows, refs, send)
+        async with receive:
+            async for item in receive:
+                if isinstance(item, Exception):
+                    raise item
+                for view in item:
+                    yield view
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event]:

@@ -396,3 +396,22 @@ async def test_ranged_get_is_passed_on() -> None:
     await inner.store.put("k", b"0123456789")
     driver = retrying(inner, time)
     assert await driver.get("k", start=2, end=5) == b"234"
+
+
+async def test_a_long_listing_that_keeps_progressing_never_times_out() -> None:
+    """The retry budget counts from the last key that arrived, not from the start."""
+    import anyio
+
+    from apersist import RetryPolicy
+    from apersist._drivers.memory import MemoryDriver
+    from apersist._drivers.retry import RetryingDriver
+
+    inner = MemoryDriver({})
+    for i in range(6):
+        await inner.put(f"k/{i}", b"x")
+    driver = RetryingDriver(inner, RetryPolicy(total_timeout_s=0.05, attempt_timeout_s=0.05))
+    keys = []
+    async for info in driver.list("k/"):
+        keys.append(info.key)
+        await anyio.sleep(0.03)  # the caller is slow: 6 x 30 ms is well past 50 ms
+    assert keys == [f"k/{i}" for i in range(6)]

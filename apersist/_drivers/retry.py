@@ -175,7 +175,12 @@ class RetryingDriver:
         return await self._retry("get", key, lambda: self.inner.get(key, start=start, end=end))
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        """Every object under ``prefix`` in key order; a retry resumes after the last key yielded."""
+        """Every object under ``prefix`` in key order; a retry resumes after the last key yielded.
+
+        The retry budget (attempts and total time) counts from the last key that arrived,
+        not from the start: a long listing that keeps making progress never times out, and
+        the caller's own time between keys is not charged to it.
+        """
         started = self._clock()
         deadline = started + self.policy.total_timeout_s
         last: str | None = None
@@ -197,6 +202,10 @@ class RetryingDriver:
                         continue  # yielded by an earlier attempt
                     last = info.key
                     yield info
+                    # Progress: the budget starts again for what is left of the listing.
+                    started = self._clock()
+                    deadline = started + self.policy.total_timeout_s
+                    attempt = 1
             finally:
                 # Closed before any backoff: a broken listing holds no connection while we wait.
                 aclose = getattr(listing, "aclose", None)
