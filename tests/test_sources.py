@@ -265,10 +265,12 @@ async def test_one_task_reading_two_sources_in_turn_does_not_deadlock(
             for _ in range(20):
                 event = await anext(left)
                 table["left"] = event.offset
-                await anyio.sleep(0.001)  # lets the scheduler start a cut
+                # Lets the scheduler start a cut, and (20 ms) lets a commit finish even on
+                # an object store, where one takes tens of milliseconds.
+                await anyio.sleep(0.02)
                 event = await anext(right)
                 table["right"] = event.offset
-                await anyio.sleep(0.001)
+                await anyio.sleep(0.02)
         assert run.stats["commits"] > 1
     cfg = apersist.Config(backend, continue_after_replay=False)
     async with apersist.run(cfg) as run:
