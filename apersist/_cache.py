@@ -55,7 +55,7 @@ class UdfCache:
         self.misses = 0
 
     @classmethod
-    async def open(cls, store: Store, *, load: bool, upto_seq: int,
+    async def from_store(cls, store: Store, *, load: bool, upto_seq: int,
                    scheduler: Scheduler | None) -> UdfCache:
         entries: dict[str, bytes] = {}
         if load:

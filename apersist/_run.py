@@ -174,7 +174,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
             if policy.reset:
                 scheduler.request_reset()
         opened_seq = store.last_seq
-        cache = await UdfCache.open(store, load=policy.cache_load, upto_seq=opened_seq,
+        cache = await UdfCache.from_store(store, load=policy.cache_load, upto_seq=opened_seq,
                                     scheduler=scheduler if policy.cache_persist else None)
         the_run = Run(config, store=store, scheduler=scheduler, policy=policy, cache=cache,
                       opened_seq=opened_seq, clock_ms=clock)
