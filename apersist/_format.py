@@ -334,33 +334,28 @@ class SegmentView:
                                    f"offset={trailer_at} records={count} expected={ref.records}")
         self.count = count
         if zlib.crc32(memoryview(data)[self._body_start:self._body_end]) != body_crc:
-            # Find the first damaged record, so the error names its byte offset.
-            for _ in self._records(check=True):
-                pass
+            self._raise_at_first_damaged_record()
             raise CorruptDataError(f"segment body checksum mismatch: key={key} "
                                    f"offset={self._body_start}")
 
-    def _records(self, *, check: bool) -> Iterator[tuple[int, int, int, int, int]]:
-        """Yield (value_start, value_end, offset_end, time_ms, record_start) for each record."""
+    def _raise_at_first_damaged_record(self) -> None:
+        """Walk the records checking each CRC; raise naming the first damaged one's offset."""
         data, pos, end, key = self._data, self._body_start, self._body_end, self.key
         unpack, head_size = RECORD_HEAD.unpack_from, RECORD_HEAD.size
         seen = 0
         while pos < end:
             if pos + RECORD_OVERHEAD > end:
                 raise CorruptDataError(f"segment record header is truncated: key={key} offset={pos}")
-            vlen, olen, time_ms = unpack(data, pos)
+            vlen, olen, _time_ms = unpack(data, pos)
             vstart = pos + head_size
-            vend = vstart + vlen
-            oend = vend + olen
+            oend = vstart + vlen + olen
             if oend + 4 > end:
                 raise CorruptDataError(f"segment record length is damaged: key={key} offset={pos}")
-            if check:
-                view = memoryview(data)
-                crc = zlib.crc32(view[vstart:oend], zlib.crc32(view[pos:vstart]))
-                if crc != U32.unpack_from(data, oend)[0]:
-                    raise CorruptDataError(f"segment record checksum mismatch: key={key} "
-                                           f"offset={pos}")
-            yield vstart, vend, oend, time_ms, pos
+            view = memoryview(data)
+            crc = zlib.crc32(view[vstart:oend], zlib.crc32(view[pos:vstart]))
+            if crc != U32.unpack_from(data, oend)[0]:
+                raise CorruptDataError(f"segment record checksum mismatch: key={key} "
+                                       f"offset={pos}")
             pos = oend + 4
             seen += 1
         if seen != self.count:

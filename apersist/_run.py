@@ -170,7 +170,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
             await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
-                                  max_segment_bytes=config.max_segment_bytes, clock_ms=clock)
+                                  max_segment_bytes=config.max_segment_bytes)
             if policy.reset:
                 scheduler.request_reset()
         opened_seq = store.last_seq

@@ -9,9 +9,10 @@ With ``snapshot_interval_ms == 0`` it commits as soon as the previous commit has
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -77,12 +78,11 @@ class Scheduler:
     """Owns the run's uncommitted data and every commit of it."""
 
     def __init__(self, store: Store, *, interval_ms: int, max_pending_bytes: int,
-                 max_segment_bytes: int, clock_ms: Callable[[], int]) -> None:
+                 max_segment_bytes: int) -> None:
         self._store = store
         self._interval = interval_ms / 1000
         self._max_pending = max_pending_bytes
         self.max_segment_bytes = max_segment_bytes
-        self._clock_ms = clock_ms
         self._buffers: dict[tuple[str, str], LogBuffer] = {}
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
         self._snapshot_sources: dict[str, SnapshotSource] = {}
@@ -91,7 +91,7 @@ class Scheduler:
         self._holds: dict[int, int] = {}  # task id -> live source events it is processing
         self._holds_changed = anyio.Event()
         self._cut_barrier: anyio.Event | None = None
-        self._parked: set[int] = set()  # tasks waiting in wait_capacity
+        self._parked: set[int] = set()  # tasks waiting on the scheduler (see below)
         self.hold_timeout = _HOLD_TIMEOUT_S
         self._lock = anyio.Lock()
         self._pending_event = anyio.Event()
@@ -165,17 +165,12 @@ class Scheduler:
         A task that holds a live source event while it waits is not waited for by the cut
         (that would deadlock): its event may then be committed before all of its state.
         """
-        task = anyio.get_current_task().id
-        self._parked.add(task)
-        self._holds_changed.set()
-        try:
+        with self._parked_while_waiting():
             while self.over_limit:
                 self.check_failure()
                 done = self._done_event
                 self._urgent.set()
                 await done.wait()
-        finally:
-            self._parked.discard(task)
         self.check_failure()
 
     def check_failure(self) -> None:
@@ -221,13 +216,8 @@ class Scheduler:
         # Parked while it waits for the lock: a cut in progress may be waiting for this
         # task's held source event, which it cannot release from here (a deadlock). It
         # asked for a commit now, so a cut now is what it wants.
-        task = anyio.get_current_task().id
-        self._parked.add(task)
-        self._holds_changed.set()
-        try:
+        with self._parked_while_waiting() as task:
             await self._lock.acquire()
-        finally:
-            self._parked.discard(task)
         try:
             self.check_failure()
             if target <= self.durable and not (self._reset_pending or self._forced):
@@ -261,12 +251,22 @@ class Scheduler:
         # Parked while it waits: asking for a new event means this task is done with the
         # events it still holds (say, of another source it reads in turn), and the cut may
         # be waiting for exactly those holds (a deadlock otherwise).
+        with self._parked_while_waiting():
+            while self._cut_barrier is not None:
+                await self._cut_barrier.wait()
+
+    @contextlib.contextmanager
+    def _parked_while_waiting(self) -> Iterator[int]:
+        """While the current task waits on the scheduler, a cut does not wait for its holds.
+
+        A task waiting for a commit, for capacity or for a cut cannot also finish the
+        source events it holds; waiting for them would deadlock. Yields the task's id.
+        """
         task = anyio.get_current_task().id
         self._parked.add(task)
         self._holds_changed.set()
         try:
-            while self._cut_barrier is not None:
-                await self._cut_barrier.wait()
+            yield task
         finally:
             self._parked.discard(task)
 
