@@ -11,7 +11,9 @@
 - **FaultyDriver.** A driver wrapper that injects faults (lost responses, timeouts,
   throttling, permanent errors, latency, torn writes) at random but reproducibly from a
   seed, or on demand, and records each one, so every layer above the drivers can be
-  tested against failure.
+  tested against failure. It also *crashes* at named steps of a commit
+  (:data:`CRASH_POINTS`): the process is killed there, or, in-process, the storage freezes
+  as a kill would leave it.
 
 This module does not import pytest: it is importable wherever apersist is installed.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import builtins
 import fnmatch
+import os
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -33,12 +37,14 @@ from ._drivers.base import Driver, ObjectExistsError, ObjectInfo, ObjectNotFound
 from ._errors import BackendError
 
 __all__ = [
+    "CRASH_POINTS",
     "DRIVER_CHECKS",
     "FAULT_KINDS",
     "DriverCheck",
     "DriverConformance",
     "FakeClock",
     "FaultyDriver",
+    "SimulatedCrash",
     "check_driver",
 ]
 
@@ -545,6 +551,43 @@ FAULT_KINDS: Final = ("lost_response", "timeout", "throttle", "permanent", "late
 
 _VERBS: Final = ("put", "get", "list", "delete")
 
+#: Every named step at which :class:`FaultyDriver` can crash (see :meth:`FaultyDriver.crash_at`).
+#: The driver tells the steps apart by the kind of object a ``put`` writes:
+#:
+#: - ``after_segment_put``: a segment upload has landed.
+#: - ``mid_commit``: the commit's segments are partly uploaded: a segment upload is about to
+#:   start after another has landed since the last commit record, or one has landed while
+#:   another is still in flight.
+#: - ``torn_segment``: a prefix of a segment lands under its key (as on a store without
+#:   atomic puts), then the crash.
+#: - ``before_commit_put`` / ``after_commit_put``: around the write of a commit record
+#:   (``after``: durable, but the writer never hears so).
+#: - ``before_epoch_put`` / ``after_epoch_put``: around the epoch record of a writer taking
+#:   over the store.
+CRASH_POINTS: Final = ("after_segment_put", "mid_commit", "torn_segment", "before_commit_put",
+                       "after_commit_put", "before_epoch_put", "after_epoch_put")
+
+
+class SimulatedCrash(BackendError):
+    """Raised by every call of a :class:`FaultyDriver` that has crashed in-process.
+
+    Nothing is done by such a call: the storage stays exactly as the crash left it, as if
+    the process had been killed at that instant.
+    """
+
+
+def _object_kind(key: str) -> str:
+    """``segment``, ``commit``, ``epoch`` or ``other``: which object a key names."""
+    for kind in ("segment", "commit", "epoch"):
+        if f"/{kind}s/" in key:
+            return kind
+    return "other"
+
+
+def _kill_this_process(point: str) -> None:
+    # SIGKILL, not exit(): no cleanup, no flush, no finally block runs: a real kill -9.
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 @dataclass(slots=True)
 class _PlannedFault:
@@ -603,6 +646,13 @@ class FaultyDriver:
         self._max_latency_s = float(max_latency_s)
         self._rng = random.Random(seed)
         self._planned: builtins.list[_PlannedFault] = []
+        self._crash_point: str | None = None
+        self._crash_countdown = 0
+        self._on_crash: Callable[[str], object] = _kill_this_process
+        self._segments_landed = 0  # since the last commit record
+        self._segments_in_flight = 0
+        #: The crash point this driver crashed at, once it has (in-process crashes only).
+        self.crashed: str | None = None
 
     def __repr__(self) -> str:
         return f"FaultyDriver({self.inner!r}, faults={len(self.faults)})"
@@ -634,6 +684,52 @@ class FaultyDriver:
     def clear_planned(self) -> None:
         """Forget every fault planned with :meth:`fail_next` that has not happened yet."""
         self._planned.clear()
+
+    # ---------------------------------------------------------------- crashing
+    def crash_at(self, point: str, *, nth: int = 1,
+                 on_crash: Callable[[str], object] | None = None) -> None:
+        """Crash the ``nth`` time the step ``point`` (one of :data:`CRASH_POINTS`) is reached.
+
+        By default the crash kills this process with SIGKILL, at that instant. Pass
+        ``on_crash`` to be called instead (with the point's name); the driver then
+        :meth:`freeze`-s, so the call that crashed and every later one raise
+        :class:`SimulatedCrash` and change nothing. Counting starts now; a later call
+        replaces the plan. Raises ``ValueError`` for an unknown point or a bad ``nth``.
+        """
+        if point not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point: point={point!r} known={list(CRASH_POINTS)}")
+        if isinstance(nth, bool) or not isinstance(nth, int) or nth < 1:
+            raise ValueError(f"nth must be a positive int: nth={nth!r}")
+        self._crash_point = point
+        self._crash_countdown = nth
+        self._on_crash = _kill_this_process if on_crash is None else on_crash
+
+    def freeze(self, point: str = "now") -> None:
+        """Crash in-process now: every later call raises :class:`SimulatedCrash`, doing nothing."""
+        if self.crashed is None:
+            self.crashed = point
+
+    def _check_alive(self, op: str, key: str) -> None:
+        if self.crashed is not None:
+            raise SimulatedCrash(f"injected: the process crashed: op={op} key={key} "
+                                 f"point={self.crashed} driver={self.name}")
+
+    def _due(self, point: str) -> bool:
+        """Count one arrival at ``point``: true if the planned crash is due here, now."""
+        if self._crash_point != point:
+            return False
+        self._crash_countdown -= 1
+        return self._crash_countdown == 0
+
+    def _crash(self, point: str, key: str) -> None:
+        self._crash_point = None
+        self._on_crash(point)  # by default never returns
+        self.freeze(point)
+        self._check_alive("put", key)
+
+    def _at(self, point: str, key: str) -> None:
+        if self._due(point):
+            self._crash(point, key)
 
     # ---------------------------------------------------------------- deciding
     def _decide(self, op: str, keys: Sequence[str], *, tearable: bool = False) -> str | None:
@@ -691,7 +787,36 @@ class FaultyDriver:
 
     # ---------------------------------------------------------------- verbs
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """The inner ``put``, unless a fault strikes."""
+        """The inner ``put``, unless a fault or a planned crash strikes."""
+        self._check_alive("put", key)
+        obj = _object_kind(key)
+        if obj == "segment":
+            if self._segments_landed:
+                self._at("mid_commit", key)  # some of this commit's segments landed, not this
+            if self._due("torn_segment"):
+                await self.inner.put(key, bytes(data[:len(data) // 2]))
+                self._crash("torn_segment", key)
+            self._segments_in_flight += 1
+            try:
+                await self._put(key, data, if_absent=if_absent)
+            finally:
+                self._segments_in_flight -= 1
+            self._check_alive("put", key)  # crashed while this call was in flight
+            self._segments_landed += 1
+            if self._segments_in_flight:
+                self._at("mid_commit", key)  # this one landed, others of the commit have not
+            self._at("after_segment_put", key)
+            return
+        if obj in ("commit", "epoch"):
+            self._at(f"before_{obj}_put", key)
+        await self._put(key, data, if_absent=if_absent)
+        self._check_alive("put", key)
+        if obj == "commit":
+            self._segments_landed = 0
+        if obj in ("commit", "epoch"):
+            self._at(f"after_{obj}_put", key)
+
+    async def _put(self, key: str, data: bytes, *, if_absent: bool) -> None:
         kind = self._decide("put", [key], tearable=not if_absent)
         latency = self._latency(kind)
         if kind == "torn_write":
@@ -703,6 +828,7 @@ class FaultyDriver:
 
     async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         """The inner ``get``, unless a fault strikes."""
+        self._check_alive("get", key)
         kind = self._decide("get", [key])
         latency = self._latency(kind)
         data: bytes = await self._apply("get", key, kind,
@@ -711,6 +837,7 @@ class FaultyDriver:
 
     def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         """The inner ``list``, unless a fault strikes (decided now, at the call)."""
+        self._check_alive("list", prefix)
         kind = self._decide("list", [prefix])
         latency = self._latency(kind)
         cut = self._rng.random() if kind == "lost_response" else 1.0
@@ -734,6 +861,7 @@ class FaultyDriver:
 
     async def delete(self, keys: Sequence[str]) -> None:
         """The inner ``delete``, unless a fault strikes."""
+        self._check_alive("delete", ",".join(keys))
         kind = self._decide("delete", list(keys))
         latency = self._latency(kind)
         await self._apply("delete", ",".join(keys), kind, lambda: self.inner.delete(keys), latency)
