@@ -41,6 +41,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _raise_unless_absent(exc: OSError) -> None:
+    """``os.walk`` error handler: a directory that is absent holds no objects; anything
+    else (permission denied, an I/O error) fails the listing.
+
+    ``os.walk`` ignores every error by default, which made a root the process may not read
+    list as empty: a read-only run then replayed nothing, silently.
+    """
+    if not isinstance(exc, FileNotFoundError | NotADirectoryError):
+        raise exc
+
+
 class FilesystemDriver:
     """Objects as files under ``root``; keys map to relative paths."""
 
@@ -51,15 +62,21 @@ class FilesystemDriver:
         self._limiter = anyio.CapacityLimiter(_THREADS)
         self._known_dirs: set[Path] = set()
 
-    async def _call(self, what: str, key: str, fn: Callable[[], _T]) -> _T:
+    async def _call(self, what: str, key: str, fn: Callable[[], _T], *, label: str = "key") -> _T:
+        """Run ``fn`` in a worker thread; the one place where an ``OSError`` becomes a
+        ``BackendError`` (disk full, permission denied, read-only filesystem, ...)."""
         try:
             return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except (ObjectExistsError, ObjectNotFoundError, ValueError):
             raise
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            raise BackendError(f"filesystem {what} failed: key={key} root={self._root} "
-                               f"errno={code} reason={exc.strerror}") from exc
+            reason = (exc.strerror or type(exc).__name__).lower()
+            # The path the kernel refused (a directory, a temporary file) locates a
+            # permission problem better than the key alone.
+            path = f" path={exc.filename}" if exc.filename is not None else ""
+            raise BackendError(f"filesystem {what} failed: {reason}: {label}={key} errno={code}"
+                               f"{path} root={self._root}") from exc
 
     # ---------------------------------------------------------------- directories
     def _ensure_dir(self, directory: Path) -> None:
@@ -111,7 +128,11 @@ class FilesystemDriver:
             published = True
         finally:
             if if_absent or not published:
-                with contextlib.suppress(FileNotFoundError):
+                # A failed put (disk full, say) must leave no temporary file behind, and a
+                # failure to remove it must not hide why the put failed (or, after a
+                # successful link, turn a durable create into a reported failure): a
+                # leftover temporary file is never listed or read, only wasted space.
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
         # The directory entry is what makes the new name durable.
         _fsync_dir(parent)
@@ -132,7 +153,7 @@ class FilesystemDriver:
             raise ObjectNotFoundError(f"object not found: key={key}") from None
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        infos = await self._call("list", prefix, lambda: self._list_sync(prefix))
+        infos = await self._call("list", prefix, lambda: self._list_sync(prefix), label="prefix")
         for info in infos:
             yield info
 
@@ -142,7 +163,7 @@ class FilesystemDriver:
             return []  # no valid key has a ".." part; walking there would list files outside the root
         top = self._root / base if base else self._root
         found: builtins.list[ObjectInfo] = []
-        for dirpath, _dirs, files in os.walk(top):
+        for dirpath, _dirs, files in os.walk(top, onerror=_raise_unless_absent):
             rel = os.path.relpath(dirpath, self._root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for name in files:
