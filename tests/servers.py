@@ -7,6 +7,7 @@ cannot start fails the session with the reason and its log tail: backend tests n
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -78,12 +79,11 @@ def s3_server(log_dir: Path) -> Iterator[str]:
     if url := os.environ.get("APERSIST_S3_ENDPOINT"):
         yield url
         return
-    # The one installed beside this Python (the project's venv) first, then PATH.
-    beside = Path(sys.executable).with_name("moto_server")
-    exe = str(beside) if beside.exists() else (shutil.which("moto_server") or "")
-    if not exe:
-        raise RuntimeError("moto_server is missing: pip install 'apersist[test]' (moto[server])")
-    with _serve("moto_server", [exe, "-H", "127.0.0.1", "-p", "{port}"],
+    # moto (the `test` extra) served by moto_atomic.py: moto with atomic create-if-absent.
+    if importlib.util.find_spec("moto") is None:
+        raise RuntimeError("moto is missing: pip install 'apersist[test]' (moto[server])")
+    with _serve("moto_server", [sys.executable, str(Path(__file__).with_name("moto_atomic.py")),
+                                "-H", "127.0.0.1", "-p", "{port}"],
                 log_dir / "moto.log") as port:
         yield f"http://127.0.0.1:{port}"
 
