@@ -124,7 +124,8 @@ class Store:
         """Read the commit log and check that every named segment is present and sized right.
 
         Raises ``CorruptDataError`` for a damaged commit record, a gap in the numbering
-        followed by later commits, or a commit naming a missing or mis-sized segment.
+        followed by later commits, a commit naming a missing or mis-sized segment, or a live
+        commit whose epoch record is missing or damaged.
         """
         prefix = fmt.commits_prefix(self._writer)
         numbered: dict[int, str] = {}
@@ -141,7 +142,8 @@ class Store:
         keys = [numbered[s] for s in seqs]
         records = await gather_bounded([self._reader(key) for key in keys], _READ_CONCURRENCY)
         state = _State()
-        for key, seq, record in zip(keys, seqs, records, strict=True):
+        live_from = 0  # index of the first live commit (the newest reset, else the first)
+        for index, (key, seq, record) in enumerate(zip(keys, seqs, records, strict=True)):
             if record.seq != seq or record.writer != self._writer:
                 raise CorruptDataError(f"commit record names another position: key={key} offset=0 "
                                        f"seq={record.seq} writer={record.writer}")
@@ -150,6 +152,7 @@ class Store:
                                        f"key={key} offset=0 epoch={record.epoch} "
                                        f"previous={state.last_epoch}")
             if record.reset:
+                live_from = index
                 state.logs.clear()
                 state.commits = 0
                 state.reset_time_ms = record.time_ms
@@ -159,6 +162,7 @@ class Store:
             state.last_seq, state.last_epoch = seq, record.epoch
             state.commits += 1
         await self._check_segments_exist(state, records)
+        await self._check_epochs(keys[live_from:], records[live_from:])
         self._state = state
         logger.debug("store loaded: writer=%s commits=%d last_seq=%d",
                      self._writer, state.commits, state.last_seq)
@@ -191,6 +195,39 @@ class Store:
                 raise CorruptDataError(f"segment size differs from its commit: key={key} "
                                        f"offset={min(size, seg.ref.size)} size={size} "
                                        f"expected={seg.ref.size} commit={commit}")
+
+    async def _check_epochs(self, keys: Sequence[str], records: Sequence[fmt.CommitRecord]) -> None:
+        """Check the epoch record of every epoch that a live commit names: one GET each.
+
+        A writer creates its epoch record before its first commit, so a live commit's epoch
+        always has one. A missing, damaged or misplaced record is lost or damaged data (the
+        proof of the writer role those commits stand on), never a store that is merely older.
+        """
+        first_commit: dict[int, str] = {}
+        for key, record in zip(keys, records, strict=True):
+            first_commit.setdefault(record.epoch, key)
+        await gather_bounded(
+            [functools.partial(self.read_epoch, epoch, commit=commit)
+             for epoch, commit in first_commit.items()], _READ_CONCURRENCY)
+
+    async def read_epoch(self, epoch: int, *, commit: str | None = None) -> fmt.EpochRecord:
+        """Fetch and check one epoch record: it decodes and names this writer and ``epoch``.
+
+        Raises ``CorruptDataError`` (naming the record's key and an offset) if it is missing,
+        damaged, or another record's bytes; ``commit`` names the commit that needs it.
+        """
+        key = fmt.epoch_key(self._writer, epoch)
+        needed_by = "" if commit is None else f" commit={commit}"
+        try:
+            data = await self._driver.get(key)
+        except ObjectNotFoundError:
+            raise CorruptDataError(f"epoch record missing: key={key} offset=0{needed_by}") from None
+        record = fmt.EpochRecord.decode(key, data)
+        # Another epoch's (valid) bytes copied here would otherwise pass every checksum.
+        if record.writer != self._writer or record.epoch != epoch:
+            raise CorruptDataError(f"epoch record names another position: key={key} offset=0 "
+                                   f"writer={record.writer} epoch={record.epoch}{needed_by}")
+        return record
 
     async def read_segment(self, ref: fmt.SegmentRef) -> fmt.SegmentView:
         """Fetch and check one committed segment. Damage raises ``CorruptDataError``."""
