@@ -17,7 +17,7 @@ import orjson
 from . import _format as fmt
 from ._scheduler import Scheduler
 from ._store import Store
-from ._values import check_name, dumps_value
+from ._values import check_name, dumps_sorted, dumps_value
 
 __all__ = ["UdfCache", "cached", "current_cache"]
 
@@ -87,11 +87,8 @@ class UdfCache:
 
 
 def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    try:
-        raw = orjson.dumps([args, kwargs], option=orjson.OPT_SORT_KEYS)
-    except TypeError as exc:
-        raise TypeError(f"cannot cache a call of {name}: its arguments are not "
-                        f"JSON-serializable: {exc}") from None
+    # NaN and infinities are refused: written as null, f(nan) would share f(None)'s entry.
+    raw = dumps_sorted([args, kwargs], f"the arguments of a call of {name}")
     digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
     return f"{name}@{version}:{digest}"
 

@@ -70,16 +70,27 @@ def _coerce_enum(cls: type[_E], value: object, what: str) -> _E:
     raise ValueError(f"unknown {what}: value={value!r} choices={choices}")
 
 
-def _require_text(value: object, what: str) -> str:
+def _require_text(value: object, what: str, *, secret: bool = False) -> str:
+    """``value`` as a non-empty str without surrounding spaces, or an error naming ``what``.
+
+    With ``secret`` the message gives the length instead of the value: a credential must
+    never appear in a message (it ends up in logs and tracebacks).
+    """
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str: got={type(value).__name__}")
+    shown = f"size={len(value)}" if secret else f"value={value!r}"
     if not value or value.strip() != value:
-        raise ValueError(f"{what} must be non-empty without surrounding spaces: value={value!r}")
+        raise ValueError(f"{what} must be non-empty without surrounding spaces: {shown}")
+    try:
+        # A lone surrogate cannot be encoded: refused here rather than at the first request.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid unicode (no lone surrogates): {shown}") from None
     return value
 
 
-def _optional_text(value: object, what: str) -> str | None:
-    return None if value is None else _require_text(value, what)
+def _optional_text(value: object, what: str, *, secret: bool = False) -> str | None:
+    return None if value is None else _require_text(value, what, secret=secret)
 
 
 def _require_url(value: object, what: str) -> str | None:
@@ -107,8 +118,21 @@ def _normalize_root(root_path: object) -> str:
         if part in (".", "..") or "\\" in part or any(ord(c) < 32 for c in part):
             raise ValueError(f"root_path must not contain '.', '..' or control parts: "
                              f"root_path={root_path!r}")
-    return "/".join(parts)
+    root = "/".join(parts)
+    try:
+        root.encode("utf-8")  # a key with a lone surrogate could not be sent
+    except UnicodeEncodeError:
+        raise ValueError(f"root_path must be valid unicode (no lone surrogates): "
+                         f"root_path={root_path!r}") from None
+    if len(root.encode("utf-8")) > _MAX_ROOT_BYTES:
+        raise ValueError(f"root_path is too long: size={len(root.encode('utf-8'))} "
+                         f"limit={_MAX_ROOT_BYTES}")
+    return root
 
+
+# S3 keys and Azure blob names are at most 1024 bytes. The keys under a root take 64 now;
+# this leaves room for longer writer ids and key kinds without a format break.
+_MAX_ROOT_BYTES = 512
 
 # AWS naming rules (the strictest common denominator of S3-compatible servers).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
@@ -148,10 +172,10 @@ class AwsS3Settings:
         if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
             raise ValueError(f"bucket_name is not a valid S3 bucket name: bucket_name={bucket!r}")
         access = _optional_text(access_key, "access_key")
-        secret = _optional_text(secret_access_key, "secret_access_key")
+        secret = _optional_text(secret_access_key, "secret_access_key", secret=True)
         if (access is None) != (secret is None):
             raise ValueError("access_key and secret_access_key must be given together")
-        token = _optional_text(session_token, "session_token")
+        token = _optional_text(session_token, "session_token", secret=True)
         if token is not None and access is None:
             raise ValueError("session_token needs access_key and secret_access_key")
         if not isinstance(with_path_style, bool):
@@ -256,7 +280,7 @@ class AzureBackend(Backend):
         setter = object.__setattr__
         setter(self, "root_path", _normalize_root(root_path))
         setter(self, "account", account)
-        setter(self, "password", _require_text(password, "password"))
+        setter(self, "password", _require_text(password, "password", secret=True))
         setter(self, "container", container)
         url = _require_url(endpoint, "endpoint")
         setter(self, "endpoint", url or f"https://{account}.blob.core.windows.net")

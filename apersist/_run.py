@@ -104,7 +104,8 @@ class Run:
 
     def stream(self, name: str) -> Stream:
         """The stream called ``name`` (the same object on every call)."""
-        stream = self._streams.get(name)
+        # Looked up only once it is a str: check_name gives anything else its ValueError.
+        stream = self._streams.get(name) if type(name) is str else None
         if stream is None:
             check_name(name, "stream")
             stream = self._streams[name] = Stream(
@@ -125,7 +126,7 @@ class Run:
 
     async def table(self, name: str) -> Table:
         """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
-        table = self._tables.get(name)
+        table = self._tables.get(name) if type(name) is str else None
         if table is not None:
             return table
         check_name(name, "table")

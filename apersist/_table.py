@@ -52,8 +52,8 @@ class Table(MutableMapping[str, Any]):
 
     Setting a key records an upsert delta and deleting one records a delete delta; both are
     committed with the run's next commit. Values are serialized when set (``TypeError``
-    naming the table if they cannot be). Mutating a value in place records nothing: assign
-    it again.
+    naming the table if they cannot be). Mutating a value in place records nothing, and
+    compaction does not pick it up either: assign it again.
     """
 
     def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
@@ -66,7 +66,14 @@ class Table(MutableMapping[str, Any]):
         self._deltas = deltas_since_snapshot
         self._compact_requested = False
         self._segment_bytes = scheduler.max_segment_bytes if scheduler is not None else 0
+        # The record each key was last set with (``[key, value]`` as JSON). A snapshot writes
+        # these bytes, not the live objects: a value mutated in place after it was set (say,
+        # into something orjson refuses) can then neither fail the commit that compacts
+        # (losing the other logs' batches it has already cut) nor persist a state that no
+        # delta recorded. Loaded values came from JSON, so re-encoding them cannot fail.
+        self._records: dict[str, bytes] = {}
         if scheduler is not None:
+            self._records = {key: orjson.dumps([key, value]) for key, value in state.items()}
             self._buffer = scheduler.buffer(fmt.KIND_TABLE, name)
             scheduler.register_snapshot(name, self._snapshot)
 
@@ -88,9 +95,12 @@ class Table(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+        # Checked in every mode, so a value is refused the same way whether or not this
+        # run persists tables.
+        data = dumps_value([key, value], self._where)
         if self._buffer is not None:
-            data = dumps_value([key, value], self._where)
             self._append(data)
+            self._records[key] = data
         self._state[key] = value
 
     def __delitem__(self, key: str) -> None:
@@ -98,6 +108,7 @@ class Table(MutableMapping[str, Any]):
             raise KeyError(key)
         if self._buffer is not None:
             self._append(orjson.dumps([key]))
+            self._records.pop(key, None)
         del self._state[key]
 
     def _append(self, data: bytes) -> None:
@@ -125,8 +136,8 @@ class Table(MutableMapping[str, Any]):
         # Cut into segments of the usual size, so a big table is no bigger a segment.
         bodies: list[tuple[bytearray, int]] = []
         body, count = bytearray(), 0
-        for key, value in self._state.items():
-            fmt.append_record(body, orjson.dumps([key, value]), b"", 0)
+        for record in self._records.values():
+            fmt.append_record(body, record, b"", 0)
             count += 1
             if len(body) >= self._segment_bytes:
                 bodies.append((body, count))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -9,9 +11,11 @@ import orjson
 
 from ._format import NAME_RE
 
-__all__ = ["check_name", "dumps_value"]
+__all__ = ["check_name", "dumps_sorted", "dumps_value"]
 
 _dumps = orjson.dumps
+# A record frames its value and offset with u32 lengths (docs/format.md, "Records").
+MAX_JSON_BYTES = 2**32 - 1
 
 
 def check_name(name: object, what: str) -> str:
@@ -37,14 +41,48 @@ def dumps_value(value: Any, where: str) -> bytes:
     if data.find(b"null") != -1 and _has_nonfinite(value):
         raise TypeError(f"cannot serialize value for {where}: NaN and infinity do not "
                         "round-trip through JSON")
+    if len(data) > MAX_JSON_BYTES:
+        # A ValueError, not a TypeError: the type is fine, the size is not storable.
+        raise ValueError(f"value is too large to store for {where}: "
+                         f"size={len(data)} limit={MAX_JSON_BYTES}")
+    return data
+
+
+def dumps_sorted(value: Any, where: str) -> bytes:
+    """Serialize ``value`` with sorted keys (a stable cache key), or raise ``TypeError``.
+
+    As ``dumps_value``, NaN and infinities are refused: written as ``null`` they would make
+    ``f(nan)`` and ``f(None)`` the same key.
+    """
+    try:
+        data = _dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise TypeError(f"cannot serialize {where}: {exc}") from None
+    if data.find(b"null") != -1 and _has_nonfinite(value):
+        raise TypeError(f"cannot serialize {where}: NaN and infinity do not round-trip "
+                        "through JSON")
     return data
 
 
 def _has_nonfinite(value: Any) -> bool:
+    """Whether orjson would write a NaN or an infinity in ``value`` as ``null``.
+
+    Walks every container orjson serializes natively. orjson has already refused
+    anything deeper than its recursion limit, so this recursion is bounded too.
+    """
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, dict):
         return any(_has_nonfinite(v) for v in value.values())
     if isinstance(value, list | tuple):
         return any(_has_nonfinite(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return _has_nonfinite(value.value)  # orjson writes an enum as its value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # orjson writes an instance's __dict__ (extra attributes included), or its slots,
+        # leaving out names that start with "_" (which may even point back to the instance).
+        attrs = getattr(value, "__dict__", None)
+        names = attrs if attrs is not None else [f.name for f in dataclasses.fields(value)]
+        return any(_has_nonfinite(getattr(value, name, None))
+                   for name in names if not name.startswith("_"))
     return False

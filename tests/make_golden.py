@@ -1,0 +1,188 @@
+"""Write the golden store of the current format version: ``tests/golden/format-X.Y/``.
+
+Run once per released format version and check the result in; never regenerate a released
+one (``tests/test_golden.py`` reads it with every later version)::
+
+    python tests/make_golden.py            # writes tests/golden/format-1.0/
+    python tests/make_golden.py --out DIR  # anywhere else (DIR must not exist)
+
+The store is written on the filesystem backend by two runs (two writer epochs). It holds
+streams with offsets (unicode and nested values among them), a table with a compaction
+snapshot and deltas after it, a commit that cuts one stream into several segments, and a
+cached result: every log kind of the format. ``expected.json`` next to ``store/`` lists
+what a reader must get back: each stream's events (value, offset, time_ms) and final
+offset, each table's state and the cached results.
+
+The output is byte-for-byte reproducible: the clock is injected and the random tokens of
+the commit and epoch records come from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import apersist
+
+HERE = Path(__file__).resolve().parent
+QUIET = 3_600_000  # commit only when told to: the commits are part of the golden bytes
+T0 = 1_700_000_000_000
+
+# Values chosen to exercise the JSON codec: unicode beyond the BMP, escapes, big and
+# negative integers, floats, nesting, empty containers.
+ORDERS_RUN1: list[tuple[Any, Any]] = [
+    ({"id": 1, "item": "café ☕", "qty": 2}, 1),
+    ({"id": 2, "item": "🍣 sushi", "tags": ["raw", "fish"], "price": 12.5}, 2),
+    ("plain text", None),
+    ({"id": 3, "nested": {"a": [1, [2, [3, {"b": None}]]], "e": {}, "l": []}}, {"file": "ö.csv", "line": 3}),
+]
+ORDERS_RUN2: list[tuple[Any, Any]] = [
+    ({"id": 4, "big": 2**64 - 1, "neg": -(2**63), "f": -0.0, "tiny": 5e-324}, {"file": "ö.csv", "line": 4}),
+    (["line\nbreak", "tab\t", "quote\"", "back\\slash", "\u2028", "\x00"], None),
+    (True, [5, "五"]),
+]
+CLICKS = [None, False, 0, 1.5, "", [], {}]
+BULK_COUNT = 24  # records of ~120 bytes with max_segment_bytes=1024: 3 segments in one commit
+TABLE_RUN1_BEFORE = {"alice": 1, "bob": {"n": [1, 2]}, "carol": "ĉ", "dave": None}
+TABLE_RUN1_AFTER = {"erin": 5, "alice": 2}  # deltas after the snapshot
+TABLE_RUN2 = {"frank": [1.25, "x"], "bob": {"n": [3]}}
+CACHE_ARGS = [3, "ß", [1, 2]]
+
+
+def square(x: Any) -> Any:
+    return {"arg": x, "sq": x * x if isinstance(x, int) else None}
+
+
+class Clock:
+    """The injected clock: a fixed time the script moves on explicitly."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def seeded_uuid4(rng: random.Random) -> uuid.UUID:
+    return uuid.UUID(int=rng.getrandbits(128), version=4)
+
+
+async def write_store(root: Path) -> dict[str, Any]:
+    """Write the store under ``root``; return what a reader must get back."""
+    clock = Clock()
+    backend = apersist.Backend.filesystem(root)
+    cached_square = apersist.cached(name="golden.square", version=1)(square)
+    events: dict[str, list[list[Any]]] = {"orders": [], "clicks": [], "bulk": []}
+    offsets: dict[str, Any] = {}
+
+    async def record(stream: apersist.Stream, value: Any, offset: Any) -> None:
+        clock.now += 1_000
+        await stream.record(value, offset=offset)
+        events[stream.name].append([value, offset, clock.now])
+        if offset is not None:
+            offsets[stream.name] = offset
+
+    config = apersist.Config(backend, snapshot_interval_ms=QUIET, max_segment_bytes=1024)
+    # Run 1 (epoch 1): events, a table compacted into a snapshot then changed, a cache entry.
+    async with apersist.run(config, clock_ms=clock) as run:
+        orders, clicks = run.stream("orders"), run.stream("clicks")
+        for value, offset in ORDERS_RUN1:
+            await record(orders, value, offset)
+        for value in CLICKS:
+            await record(clicks, value, None)
+        table = await run.table("counts")
+        for key, value in TABLE_RUN1_BEFORE.items():
+            table[key] = value
+        del table["dave"]
+        for arg in CACHE_ARGS:
+            cached_square(arg)
+        clock.now += 1_000
+        await run.commit()
+        clock.now += 1_000
+        await run.compact()  # a commit with only the table snapshot
+        for key, value in TABLE_RUN1_AFTER.items():
+            table[key] = value
+        clock.now += 1_000
+    # Run 2 (epoch 2): more events, one commit cut into several segments, more deltas.
+    async with apersist.run(config, clock_ms=clock) as run:
+        orders, bulk = run.stream("orders"), run.stream("bulk")
+        for value, offset in ORDERS_RUN2:
+            await record(orders, value, offset)
+        for i in range(BULK_COUNT):
+            await record(bulk, {"i": i, "pad": "ü" * 40, "sq": i * i}, i)
+        table = await run.table("counts")
+        for key, value in TABLE_RUN2.items():
+            table[key] = value
+        del table["carol"]
+        clock.now += 1_000
+    state = {**TABLE_RUN1_BEFORE, **TABLE_RUN1_AFTER, **TABLE_RUN2}
+    del state["dave"], state["carol"]
+    return {
+        "format": [apersist.FORMAT_MAJOR, apersist.FORMAT_MINOR],
+        "streams": {name: {"events": evs, "offset": offsets.get(name)}
+                    for name, evs in events.items()},
+        "tables": {"counts": state},
+        "cache": {"name": "golden.square", "version": 1,
+                  "calls": [[arg, square(arg)] for arg in CACHE_ARGS]},
+    }
+
+
+async def replay_all(root: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """Read the store back the way a user would, in the shape of ``expected.json``."""
+    cfg = apersist.Config(apersist.Backend.filesystem(root),
+                          snapshot_access=apersist.SnapshotAccess.REPLAY)
+    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
+    async with apersist.run(cfg) as run:
+        for name in expected["streams"]:
+            stream = run.stream(name)
+            got["streams"][name] = {
+                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
+                "offset": stream.offset}
+        for name in expected["tables"]:
+            got["tables"][name] = dict(await run.table(name))
+    got["cache"] = expected["cache"]
+    return got
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    version = f"{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR}"
+    parser.add_argument("--out", type=Path, default=HERE / "golden" / f"format-{version}")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    if out.exists():
+        print(f"refusing to overwrite a golden store: path={out}", file=sys.stderr)
+        return 1
+    rng = random.Random(20260101)
+    real_uuid4 = uuid.uuid4
+    uuid.uuid4 = lambda: seeded_uuid4(rng)  # the records' tokens, made reproducible
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "store"
+            expected = asyncio.run(write_store(root))
+            # What was written must read back as what was meant, before it is kept.
+            got = asyncio.run(replay_all(root, expected))
+            if orjson.dumps(got) != orjson.dumps(expected):
+                print("the store does not read back as written", file=sys.stderr)
+                return 1
+            out.mkdir(parents=True)
+            shutil.copytree(root, out / "store")
+    finally:
+        uuid.uuid4 = real_uuid4
+    (out / "expected.json").write_bytes(orjson.dumps(expected, option=orjson.OPT_INDENT_2) + b"\n")
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"golden store written: path={out} bytes={total}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Format stability: the golden store of every released format version still reads.
+
+``tests/golden/format-X.Y/`` holds a small store written by format version X.Y (made once
+by ``tests/make_golden.py``, never regenerated) and ``expected.json``, what it must read
+back as. Every later version must replay each golden store to exactly those events,
+offsets, table states and cached results, on every backend, and go on writing to it; a
+copy whose version is bumped to a newer major must be refused with
+``IncompatibleFormatError``, and one bumped to a newer minor must still be read (see
+"Compatibility" in docs/format.md). The golden files are uploaded to a fresh store first:
+no run ever writes into ``tests/``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from conftest import make_backend
+
+import apersist
+from apersist._drivers import open_driver
+from apersist._inspect import verify
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+VERSIONS = sorted(p.name for p in GOLDEN.glob("format-*"))
+CURRENT = f"format-{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR}"
+QUIET = 3_600_000
+
+_HEAD = struct.Struct("<8sHHI")
+
+
+def golden_objects(version: str) -> dict[str, bytes]:
+    store = GOLDEN / version / "store"
+    return {p.relative_to(store).as_posix(): p.read_bytes()
+            for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def golden_expected(version: str) -> dict[str, Any]:
+    expected: dict[str, Any] = orjson.loads((GOLDEN / version / "expected.json").read_bytes())
+    return expected
+
+
+async def upload(backend: apersist.Backend, objects: dict[str, bytes]) -> None:
+    driver = open_driver(backend)
+    try:
+        for key, data in objects.items():
+            await driver.put(key, data)
+    finally:
+        await driver.aclose()
+
+
+async def stored(backend: apersist.Backend) -> dict[str, bytes]:
+    driver = open_driver(backend)
+    try:
+        return {info.key: await driver.get(info.key) async for info in driver.list("")}
+    finally:
+        await driver.aclose()
+
+
+async def problems(backend: apersist.Backend) -> list[str]:
+    driver = open_driver(backend)
+    try:
+        return await verify(driver)
+    finally:
+        await driver.aclose()
+
+
+def cached_function(expected: dict[str, Any]) -> Callable[[Any], Any]:
+    """The golden store's cached function, which must never run: its results are stored."""
+    cache = expected["cache"]
+
+    def fail(x: Any) -> Any:
+        raise AssertionError(f"cached result not found in the golden store: arg={x!r}")
+
+    return apersist.cached(name=cache["name"], version=cache["version"])(fail)  # type: ignore[no-any-return]
+
+
+async def read_everything(backend: apersist.Backend, expected: dict[str, Any],
+                          *, access: apersist.SnapshotAccess = apersist.SnapshotAccess.REPLAY,
+                          ) -> dict[str, Any]:
+    """What a run reads from the store, in the shape of ``expected.json``."""
+    cfg = apersist.Config(backend, snapshot_access=access, snapshot_interval_ms=QUIET)
+    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
+    async with apersist.run(cfg) as run:
+        for name in expected["streams"]:
+            stream = run.stream(name)
+            got["streams"][name] = {
+                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
+                "offset": stream.offset}
+        for name in expected["tables"]:
+            got["tables"][name] = dict(await run.table(name))
+        square = cached_function(expected)
+        calls = [[arg, square(arg)] for arg, _result in expected["cache"]["calls"]]
+        got["cache"] = {**expected["cache"], "calls": calls}
+    return got
+
+
+def assert_exactly(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    # Compared as orjson bytes: types count (1 vs 1.0 vs true, -0.0 vs 0.0), and so does
+    # the order of events and of keys.
+    if orjson.dumps(got) != orjson.dumps(expected):
+        assert got == expected  # shows the difference
+        raise AssertionError(f"same values, different types or order: got={got} "
+                             f"expected={expected}")
+
+
+# --------------------------------------------------------------------------- the store itself
+def test_there_is_a_golden_store_for_the_current_format_version() -> None:
+    assert CURRENT in VERSIONS, "run tests/make_golden.py and check the store in"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_store_is_small_and_covers_the_format(version: str) -> None:
+    objects = golden_objects(version)
+    assert sum(len(d) for d in objects.values()) < 100_000
+    commits = [orjson.loads(d[len(b'{"body":'):d.rfind(b',"crc32":')])
+               for k, d in objects.items() if "/commits/" in k]
+    kinds = {ref["kind"] for c in commits for ref in c["segments"]}
+    assert kinds == {"events", "table", "table-snapshot", "cache"}
+    assert len({c["epoch"] for c in commits}) >= 2
+    per_log = [sum(1 for r in c["segments"] if (r["kind"], r["name"]) == (ref["kind"], ref["name"]))
+               for c in commits for ref in c["segments"]]
+    assert max(per_log) >= 2, "no commit cuts one log into several segments"
+
+
+def _without_token(key: str, data: bytes) -> bytes:
+    if not key.endswith(".json") or "/writers/" not in f"/{key}":
+        return data
+    body = orjson.loads(_body(data))
+    body.pop("token")
+    return orjson.dumps(body)
+
+
+def test_this_writer_still_writes_the_current_golden_store(tmp_path: Path) -> None:
+    """make_golden.py run now writes the current format's golden store again: the same
+    keys, the same segment bytes, the same records up to their random tokens. Bytes that
+    change without a new format version fail here."""
+    import make_golden
+
+    assert make_golden.main(["--out", str(tmp_path / "out")]) == 0
+    made = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
+            for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    kept = {p.relative_to(GOLDEN / CURRENT).as_posix(): p.read_bytes()
+            for p in (GOLDEN / CURRENT).rglob("*") if p.is_file()}
+    assert sorted(made) == sorted(kept)
+    for key, data in kept.items():
+        assert _without_token(key, made[key]) == _without_token(key, data), key
+
+
+# --------------------------------------------------------------------------- every backend
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_golden_store_replays_exactly(backend: apersist.Backend, version: str) -> None:
+    objects, expected = golden_objects(version), golden_expected(version)
+    await upload(backend, objects)
+    assert await problems(backend) == []
+    assert_exactly(await read_everything(backend, expected), expected)
+    assert await stored(backend) == objects  # a read-only run writes nothing
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_golden_store_takes_new_commits_and_keeps_its_history(
+        backend: apersist.Backend, version: str) -> None:
+    objects, expected = golden_objects(version), golden_expected(version)
+    await upload(backend, objects)
+    assert_exactly(await read_everything(backend, expected, access=apersist.SnapshotAccess.FULL),
+                   expected)
+    clock_ms = 1_800_000_000_000
+    async with apersist.run(apersist.Config(backend), clock_ms=lambda: clock_ms) as run:
+        await run.stream("orders").record({"new": "ü"}, offset={"new": 1})
+        table = await run.table("counts")
+        table["new-key"] = [1, 2]
+        await run.commit()
+        await run.compact()
+    after = await stored(backend)
+    assert all(after[key] == data for key, data in objects.items())  # nothing rewritten
+    assert len(after) > len(objects)
+    want = orjson.loads(orjson.dumps(expected))
+    want["streams"]["orders"]["events"].append([{"new": "ü"}, {"new": 1}, clock_ms])
+    want["streams"]["orders"]["offset"] = {"new": 1}
+    want["tables"]["counts"]["new-key"] = [1, 2]
+    assert_exactly(await read_everything(backend, want), want)
+    assert await problems(backend) == []
+
+
+# --------------------------------------------------------------------------- newer versions
+def _checked_json(body: bytes) -> bytes:
+    return b'{"body":%s,"crc32":%d}' % (body, zlib.crc32(body))
+
+
+def _body(data: bytes) -> bytes:
+    return data[len(b'{"body":'):data.rfind(b',"crc32":')]
+
+
+def bump_record(data: bytes, major: int, minor: int) -> bytes:
+    """A commit or epoch record with only its version (and so its CRC) changed."""
+    body = _body(data)
+    assert body.count(b'"format":[1,0]') == 1
+    return _checked_json(body.replace(b'"format":[1,0]', b'"format":[%d,%d]' % (major, minor)))
+
+
+def bump_segment(data: bytes, major: int, minor: int) -> bytes:
+    magic, _major, _minor, meta_len = _HEAD.unpack_from(data, 0)
+    head = _HEAD.pack(magic, major, minor, meta_len) + data[_HEAD.size:_HEAD.size + meta_len]
+    bumped = head + struct.pack("<I", zlib.crc32(head)) + data[len(head) + 4:]
+    # Only the version and the header CRC differ: the damage checks must all still pass.
+    changed = [i for i, (a, b) in enumerate(zip(data, bumped, strict=True)) if a != b]
+    crc_at = _HEAD.size + meta_len
+    assert changed
+    assert all(8 <= i < 12 or crc_at <= i < crc_at + 4 for i in changed)
+    return bumped
+
+
+def commit_keys(objects: dict[str, bytes]) -> list[str]:
+    return sorted(k for k in objects if re.search(r"/commits/\d{20}\.json$", k))
+
+
+def epoch_keys(objects: dict[str, bytes]) -> list[str]:
+    return sorted(k for k in objects if re.search(r"/epochs/\d{20}\.json$", k))
+
+
+def segment_of_kind(objects: dict[str, bytes], kind: str) -> str:
+    """The newest segment of ``kind``: it is live (older table deltas are superseded by the
+    snapshot, so a reader rightly never opens them)."""
+    keys = [ref["key"] for key in commit_keys(objects)
+            for ref in orjson.loads(_body(objects[key]))["segments"] if ref["kind"] == kind]
+    assert keys, f"the golden store has no segment of kind {kind}"
+    return str(keys[-1])
+
+
+SEGMENT_KINDS = ["events", "table", "table-snapshot", "cache"]
+FAST_KINDS = ["memory", "filesystem"]
+
+
+@pytest.mark.parametrize("kind", FAST_KINDS)
+@pytest.mark.parametrize("where", ["first-commit", "last-commit", "epoch",
+                                   *(f"segment:{k}" for k in SEGMENT_KINDS)])
+async def test_a_newer_major_version_is_refused(
+        kind: str, where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    objects, expected = golden_objects(CURRENT), golden_expected(CURRENT)
+    if where.startswith("segment:"):
+        key = segment_of_kind(objects, where.partition(":")[2])
+        objects[key] = bump_segment(objects[key], apersist.FORMAT_MAJOR + 1, 0)
+    else:
+        commits = commit_keys(objects)
+        key = {"first-commit": commits[0], "last-commit": commits[-1],
+               "epoch": epoch_keys(objects)[-1]}[where]
+        objects[key] = bump_record(objects[key], apersist.FORMAT_MAJOR + 1, 0)
+    backend = make_backend(kind, tmp_path, request)
+    await upload(backend, objects)
+    with pytest.raises(apersist.IncompatibleFormatError, match=re.escape(key)):
+        await read_everything(backend, expected)
+    if not where.startswith("segment:"):
+        # A writer refuses at open, before it writes anything: the newer store is unharmed.
+        with pytest.raises(apersist.IncompatibleFormatError, match=re.escape(key)):
+            async with apersist.run(apersist.Config(backend)):
+                pass
+        assert await stored(backend) == objects
+
+
+def rewrite_record(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    body = orjson.loads(_body(data))
+    edit(body)
+    return _checked_json(orjson.dumps(body))
+
+
+def segment_with_minor(data: bytes, minor: int) -> bytes:
+    """The segment as a newer minor version could write it: its meta has an extra field."""
+    magic, major, _minor, meta_len = _HEAD.unpack_from(data, 0)
+    meta = orjson.loads(data[_HEAD.size:_HEAD.size + meta_len])
+    meta["added_in_minor"] = [1, "x"]
+    raw = orjson.dumps(meta)
+    head = _HEAD.pack(magic, major, minor, len(raw)) + raw
+    # Body and trailer stay as they are: their checks cover only the body.
+    return head + struct.pack("<I", zlib.crc32(head)) + data[_HEAD.size + meta_len + 4:]
+
+
+@pytest.mark.parametrize("kind", FAST_KINDS)
+async def test_a_newer_minor_version_is_read_and_written_to(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    objects, expected = golden_objects(CURRENT), golden_expected(CURRENT)
+    minor = apersist.FORMAT_MINOR + 1
+    for key in [k for k in objects if k.endswith(".seg")]:
+        objects[key] = segment_with_minor(objects[key], minor)
+
+    def newer(body: dict[str, Any]) -> None:
+        body["format"] = [apersist.FORMAT_MAJOR, minor]
+        body["added_in_minor"] = {"x": [1, 2]}  # a field this version does not know
+        for ref in body.get("segments", []):
+            ref["size"] = len(objects[ref["key"]])
+            ref["added_in_minor"] = True
+
+    for key in commit_keys(objects) + epoch_keys(objects):
+        objects[key] = rewrite_record(objects[key], newer)
+    backend = make_backend(kind, tmp_path, request)
+    await upload(backend, objects)
+    assert await problems(backend) == []
+    assert_exactly(await read_everything(backend, expected), expected)
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("clicks").record("from an older minor")
+    after = await stored(backend)
+    assert all(after[key] == data for key, data in objects.items())  # nothing rewritten
+    want = orjson.loads(orjson.dumps(expected))
+    events = [e[:2] for e in (await read_everything(backend, want))["streams"]["clicks"]["events"]]
+    assert events == [e[:2] for e in want["streams"]["clicks"]["events"]] + [
+        ["from an older minor", None]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_golden_store_is_not_newer_than_this_reader(version: str) -> None:
+    major, minor = golden_expected(version)["format"]
+    assert version == f"format-{major}.{minor}"
+    assert major <= apersist.FORMAT_MAJOR
