@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log="$VENV/pip-install.log"
   echo "installing apersist and its test tools into $VENV (log: $log)..."
   if ! { "$PY" -m pip install --disable-pip-version-check --upgrade pip &&
-         "$PY" -m pip install --disable-pip-version-check -e ".[test]"; } >"$log" 2>&1; then
+         "$PY" -m pip install --disable-pip-version-check -e ".[test,bench]"; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "pip install failed; the whole log is in $log" >&2
     exit 1

@@ -1,0 +1,1 @@
+"""apersist's benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""
