@@ -143,29 +143,34 @@ class Store:
         records = await gather_bounded([self._reader(key) for key in keys], _READ_CONCURRENCY)
         state = _State()
         live_from = 0  # index of the first live commit (the newest reset, else the first)
-        for index, (key, seq, record) in enumerate(zip(keys, seqs, records, strict=True)):
-            if record.seq != seq or record.writer != self._writer:
-                raise CorruptDataError(f"commit record names another position: key={key} offset=0 "
-                                       f"seq={record.seq} writer={record.writer}")
-            if record.epoch < state.last_epoch:
-                raise CorruptDataError(f"commit record has an older epoch than its predecessor: "
-                                       f"key={key} offset=0 epoch={record.epoch} "
-                                       f"previous={state.last_epoch}")
+        for index, (key, record) in enumerate(zip(keys, records, strict=True)):
+            self._apply(state, key, record)
             if record.reset:
                 live_from = index
-                state.logs.clear()
-                state.commits = 0
-                state.reset_time_ms = record.time_ms
-            for ref in record.segments:
-                state.logs[(ref.kind, ref.name)].append(LoggedSegment(seq, ref))
-            state.offsets = dict(record.offsets)
-            state.last_seq, state.last_epoch = seq, record.epoch
-            state.commits += 1
         await self._check_segments_exist(state, records)
         await self._check_epochs(keys[live_from:], records[live_from:])
         self._state = state
         logger.debug("store loaded: writer=%s commits=%d last_seq=%d",
                      self._writer, state.commits, state.last_seq)
+
+    def _apply(self, state: _State, key: str, record: fmt.CommitRecord) -> None:
+        """Add the commit ``record`` (read from ``key``) to ``state``, the next in the log."""
+        if record.seq != state.last_seq + 1 or record.writer != self._writer:
+            raise CorruptDataError(f"commit record names another position: key={key} offset=0 "
+                                   f"seq={record.seq} writer={record.writer}")
+        if record.epoch < state.last_epoch:
+            raise CorruptDataError(f"commit record has an older epoch than its predecessor: "
+                                   f"key={key} offset=0 epoch={record.epoch} "
+                                   f"previous={state.last_epoch}")
+        if record.reset:
+            state.logs.clear()
+            state.commits = 0
+            state.reset_time_ms = record.time_ms
+        for ref in record.segments:
+            state.logs[(ref.kind, ref.name)].append(LoggedSegment(record.seq, ref))
+        state.offsets = dict(record.offsets)
+        state.last_seq, state.last_epoch = record.seq, record.epoch
+        state.commits += 1
 
     def _reader(self, key: str) -> Callable[[], Awaitable[fmt.CommitRecord]]:
         async def read() -> fmt.CommitRecord:
@@ -306,18 +311,26 @@ class Store:
                 epoch += 1  # another writer took this number a moment ago
         self._epoch = epoch
         self._segment_number = 0
+        raced = False
         while True:
-            try:
-                await self.commit([], dict(self._state.offsets), reset=False)
+            fence = self._next_record([], dict(self._state.offsets), reset=False)
+            key = fmt.commit_key(self._writer, fence.seq)
+            if await self._publish(key, fence):
+                self._apply(self._state, key, fence)
                 break
-            except FencedError:
-                # Someone committed under the number we wanted: an older writer finishing
-                # its last commit (reload and fence again) or a newer one (we lost).
-                self._fenced = None
-                await self.load()
-                if self._state.last_epoch > epoch:
-                    raise FencedError(f"a newer writer took over while this one was starting: "
-                                      f"epoch={epoch} current={self._state.last_epoch}") from None
+            # Someone committed under the number we wanted: an older writer still committing
+            # (catch up with its commits, one read each, and fence the next number: a full
+            # reload per lost race would let a busy older writer win every race) or a newer
+            # writer (we lost).
+            raced = True
+            await self._catch_up()
+            if self._state.last_epoch > epoch:
+                raise FencedError(f"a newer writer took over while this one was starting: "
+                                  f"epoch={epoch} current={self._state.last_epoch}")
+        if raced:
+            # The commits caught up with were read one by one, their segments unchecked: check
+            # the whole log once, now that no older writer can add to it.
+            await self.load()
         logger.info("writer role taken: writer=%s epoch=%d seq=%d",
                     self._writer, epoch, self._state.last_seq)
 
@@ -363,37 +376,43 @@ class Store:
         if blobs:
             await gather_bounded(
                 [self._uploader(blob) for blob in blobs], self._upload_concurrency)
-        seq = self._state.last_seq + 1
-        record = fmt.CommitRecord(
-            writer=self._writer, seq=seq, epoch=self._epoch, time_ms=self._clock_ms(),
-            token=uuid.uuid4().hex, reset=reset, segments=tuple(b.ref for b in blobs),
-            offsets=offsets)
-        key = fmt.commit_key(self._writer, seq)
-        try:
-            await self._put_created(key, record.encode())
-            taken = False
-        except ObjectExistsError:
-            taken = True
-        if taken:
-            # Raised outside the handler: the internal "exists" answer is no context a user
-            # needs, while an exception the user's block is leaving by is.
+        record = self._next_record(blobs, offsets, reset=reset)
+        key = fmt.commit_key(self._writer, record.seq)
+        if not await self._publish(key, record):
             theirs = await self._epoch_of(key)
             self._fenced = FencedError(
                 f"a newer writer owns this store: epoch={self._epoch} current={theirs} "
                 f"commit={key}")
             logger.warning("%s", self._fenced)
             raise self._fenced
-        state = self._state
-        if reset:
-            state.logs.clear()
-            state.commits = 0
-            state.reset_time_ms = record.time_ms
-        for blob in blobs:
-            state.logs[(blob.ref.kind, blob.ref.name)].append(LoggedSegment(seq, blob.ref))
-        state.offsets = offsets
-        state.last_seq, state.last_epoch = seq, self._epoch
-        state.commits += 1
-        return seq
+        self._apply(self._state, key, record)
+        return record.seq
+
+    def _next_record(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
+                     reset: bool) -> fmt.CommitRecord:
+        assert self._epoch is not None, "commits are written only by the writer"
+        return fmt.CommitRecord(
+            writer=self._writer, seq=self._state.last_seq + 1, epoch=self._epoch,
+            time_ms=self._clock_ms(), token=uuid.uuid4().hex, reset=reset,
+            segments=tuple(b.ref for b in blobs), offsets=offsets)
+
+    async def _publish(self, key: str, record: fmt.CommitRecord) -> bool:
+        """Write the commit record under its number: false if that number is taken."""
+        try:
+            await self._put_created(key, record.encode())
+        except ObjectExistsError:
+            return False
+        return True
+
+    async def _catch_up(self) -> None:
+        """Apply the commits written after our state was read, until the next number is free."""
+        while True:
+            key = fmt.commit_key(self._writer, self._state.last_seq + 1)
+            try:
+                data = await self._driver.get(key)
+            except ObjectNotFoundError:
+                return
+            self._apply(self._state, key, fmt.CommitRecord.decode(key, data))
 
     def _uploader(self, blob: SegmentBlob) -> Callable[[], Awaitable[None]]:
         async def upload() -> None:

@@ -238,3 +238,40 @@ async def test_runs_entering_at_once_leave_one_consistent_history(
     assert not set(committed) & set(fenced)
     history = [v for v, _ in await values_and_offsets(backend, "s")]
     assert sorted(history) == sorted(committed)
+
+
+async def test_a_takeover_completes_while_the_older_writer_commits_nonstop(
+        backend: apersist.Backend) -> None:
+    # The newer writer's fence races every commit of the older one. Re-reading the whole
+    # log after each lost race (the old way) lost every race to a busy older writer, and
+    # the takeover never finished; catching up one commit at a time wins within a few.
+    config = apersist.Config(backend, snapshot_interval_ms=QUIET)
+    taken: list[int] = []
+    acknowledged: list[int] = list(range(30))
+    with pytest.raises(apersist.FencedError):  # noqa: PT012 (leaving the fenced run raises it)
+        async with apersist.run(config) as older:
+            stream = older.stream("s")
+            for i in range(30):  # a history, so that re-reading it takes a while
+                await stream.record(i, offset=i)
+                await older.commit()
+            fenced = anyio.Event()
+
+            async def commit_nonstop() -> None:
+                i = 30
+                try:
+                    while True:
+                        await stream.record(i, offset=i)
+                        await older.commit()
+                        acknowledged.append(i)
+                        i += 1
+                except apersist.FencedError:
+                    fenced.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(commit_nonstop)
+                await anyio.sleep(0.05)  # the older writer is mid-stream
+                with anyio.fail_after(60):
+                    async with apersist.run(config) as newer:
+                        taken.extend([e.value async for e in newer.stream("s").replay()])
+                        await fenced.wait()  # its next commit meets our fence
+    assert taken == acknowledged  # every acknowledged commit, and nothing fenced
