@@ -505,7 +505,8 @@ async def test_a_fenced_writer_lands_nothing_after_the_takeover(
         # outlive the test, and a reaped one's stderr is complete.
         for writer in campaign.writers:
             await writer.kill()
-    figures = {"backend": kind, "seed": seed, "result": "failed" if failure else "passed",
+    figures = {"campaign": "zombie", "backend": kind, "seed": seed,
+               "result": "failed" if failure else "passed",
                "rounds": ROUNDS, "fenced": campaign.figures["fenced"],
                "fenced_at_commit": campaign.figures["fenced_at_commit"],
                "fenced_at_record": campaign.figures["fenced_at_record"],
