@@ -13,6 +13,12 @@ Protocol on stdout, one JSON document per line, each flushed:
 - ``{"ev": "commit", "n": [...]}``: a commit of everything up to these counts starts.
 - ``{"ev": "ack", "seq": S, "n": [...]}``: that commit returned: these counts are durable.
 - ``{"ev": "done", "n": [...]}``: ``--max-events`` reached; the run was left normally.
+- ``{"ev": "crash", "point": P}``: with ``--crash-point``, the worker reached the step P and
+  SIGKILLs itself right after this line.
+
+With ``--crash-point P --crash-nth N`` every run goes through ``FaultyDriver(real driver)``,
+which kills this process with SIGKILL the Nth time it reaches the step P of
+``apersist.testing.CRASH_POINTS``: nothing after that step happens, as with a real kill -9.
 
 A failed check exits with status 3 and a message on stderr. ``APERSIST_CRASH_MAX_BATCH``
 in the environment overrides ``--max-batch`` (large batches make long commits, so more
@@ -25,6 +31,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import sys
 from typing import Any
 
@@ -32,6 +39,9 @@ import orjson
 from servers import backend_from_spec
 
 import apersist
+import apersist._run
+from apersist._drivers import Driver
+from apersist.testing import CRASH_POINTS, FaultyDriver
 
 EXIT_CHECK_FAILED = 3
 
@@ -48,6 +58,26 @@ def emit(doc: dict[str, Any]) -> None:
     # One write per line: the parent may see the output cut only between lines.
     sys.stdout.buffer.write(orjson.dumps(doc) + b"\n")
     sys.stdout.buffer.flush()
+
+
+def crash_now(point: str) -> None:
+    """Say which step was reached, then die as kill -9 does: no cleanup, no final commit."""
+    emit({"ev": "crash", "point": point})
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_crash(point: str, nth: int) -> None:
+    """Make every run opened from now on crash this process at ``point``, the nth time."""
+    real = apersist._run.open_driver
+
+    def open_crashing(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
+        # Around the whole real driver (retries included): the crash comes at a step of
+        # the commit protocol, whatever the driver did beneath to get there.
+        faulty = FaultyDriver(real(backend, config))
+        faulty.crash_at(point, nth=nth, on_crash=crash_now)
+        return faulty
+
+    apersist._run.open_driver = open_crashing
 
 
 async def check_stream(run: apersist.Run, counts: apersist.Table, k: int) -> int:
@@ -126,12 +156,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pending-bytes", type=int, default=64 << 20,
                         help="back-pressure bound: record() waits for a commit past it")
     parser.add_argument("--max-events", type=int, default=1 << 62)
-    return parser.parse_args(argv)
+    parser.add_argument("--crash-point", choices=CRASH_POINTS,
+                        help="SIGKILL this process when the driver reaches this step")
+    parser.add_argument("--crash-nth", type=int, default=1,
+                        help="crash the nth time the step is reached (counted from the start)")
+    args = parser.parse_args(argv)
+    if args.crash_nth < 1:
+        parser.error(f"--crash-nth must be at least 1: got={args.crash_nth}")
+    return args
 
 
 if __name__ == "__main__":
+    arguments = parse_args(sys.argv[1:])
+    if arguments.crash_point is not None:
+        install_crash(arguments.crash_point, arguments.crash_nth)
     try:
-        asyncio.run(main(parse_args(sys.argv[1:])))
+        asyncio.run(main(arguments))
     except CheckFailed as exc:
         print(f"crash_worker: check failed: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_CHECK_FAILED)
