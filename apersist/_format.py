@@ -133,7 +133,7 @@ def _field(key: str, body: Mapping[str, Any], name: str, kind: type | tuple[type
     value = body.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise CorruptDataError(f"record field is missing or has the wrong type: key={key} "
-                               f"field={name}")
+                               f"offset=0 field={name}")
     return value
 
 
@@ -213,7 +213,7 @@ class CommitRecord:
         refs = []
         for item in _field(key, body, "segments", list):
             if not isinstance(item, dict):
-                raise CorruptDataError(f"commit names a malformed segment: key={key}")
+                raise CorruptDataError(f"commit names a malformed segment: key={key} offset=0")
             ref = SegmentRef(_field(key, item, "key", str), _field(key, item, "kind", str),
                              _field(key, item, "name", str), _field(key, item, "records", int),
                              _field(key, item, "size", int))
@@ -381,5 +381,46 @@ class SegmentView:
                 pos = vend
                 yield data[vstart:vend], None, time_ms
             pos += 4
+        if pos != end:
+            raise CorruptDataError(f"segment records overrun the body: key={self.key} offset={end}")
+
+    def columns(self, limit: int) -> Iterator[tuple[list[bytes], list[bytes | None] | None,
+                                                     list[int]]]:
+        """The records in chunks of up to ``limit``: (values, offsets, times) as parallel lists.
+
+        ``offsets`` is None for a chunk with no offset at all. The same walk as ``records()``,
+        for a caller that decodes a chunk at a time (replay) rather than a record at a time.
+        """
+        data, pos, end = self._data, self._body_start, self._body_end
+        unpack, head_size = RECORD_HEAD.unpack_from, RECORD_HEAD.size
+        left = self.count  # checked against the commit and the trailer
+        while left:
+            size = min(limit, left)
+            left -= size
+            values: list[bytes] = []
+            times: list[int] = []
+            offsets: list[bytes | None] | None = None
+            add_value, add_time = values.append, times.append
+            try:
+                for index in range(size):
+                    vlen, olen, time_ms = unpack(data, pos)
+                    pos += head_size
+                    add_value(data[pos:pos + vlen])
+                    add_time(time_ms)
+                    pos += vlen
+                    if olen:
+                        if offsets is None:
+                            offsets = [None] * index
+                        offsets.append(data[pos:pos + olen])
+                        pos += olen
+                    elif offsets is not None:
+                        offsets.append(None)
+                    pos += 4
+            except struct.error:  # framing that runs off the end of the object
+                raise CorruptDataError(f"segment records overrun the body: key={self.key} "
+                                       f"offset={end}") from None
+            if pos > end:  # a count that the framing does not bear out: never hand it out
+                break
+            yield values, offsets, times
         if pos != end:
             raise CorruptDataError(f"segment records overrun the body: key={self.key} offset={end}")

@@ -67,6 +67,26 @@ class LogBuffer:
             self.sealed.append((self.body, self.count))
             self.body, self.count = bytearray(), 0
 
+    def extend(self, framed: bytearray, count: int, limit: int) -> None:
+        """Append ``count`` framed records, sealing at ``limit`` bytes as single appends do."""
+        if len(self.body) + len(framed) < limit:
+            self.body += framed
+            self.count += count
+            return
+        # A big batch: cut it at record boundaries, so that no segment grows past one record
+        # beyond the limit (walking the lengths costs little next to framing them).
+        unpack, overhead = fmt.RECORD_HEAD.unpack_from, fmt.RECORD_OVERHEAD
+        start = pos = 0
+        while pos < len(framed):
+            vlen, olen, _time_ms = unpack(framed, pos)
+            pos += overhead + vlen + olen
+            self.count += 1
+            if len(self.body) + pos - start >= limit:
+                self.body += framed[start:pos]
+                self.seal()
+                start = pos
+        self.body += framed[start:]
+
     def take(self) -> list[tuple[bytearray, int]]:
         """Remove and return every batch (body, record count), oldest first."""
         self.seal()
@@ -121,16 +141,21 @@ class Scheduler:
             buf = self._buffers[key] = LogBuffer(kind, name)
         return buf
 
-    def note_appended(self, buf: LogBuffer, nbytes: int) -> None:
-        """Account for one record framed onto ``buf.body`` (``nbytes`` long)."""
+    def note_appended(self, buf: LogBuffer, nbytes: int, count: int = 1) -> bool:
+        """Account for ``count`` records framed onto ``buf.body`` (``nbytes`` long).
+
+        Returns whether uncommitted bytes are now over the back-pressure bound (then the
+        caller should ``await wait_capacity()``).
+        """
         if self._unusable is not None:
             raise self._unusable
-        self.appended += 1
-        self.pending_bytes += nbytes
+        self.appended += count
+        pending = self.pending_bytes = self.pending_bytes + nbytes
         if len(buf.body) >= self.max_segment_bytes:
             buf.seal()
         if not self._pending_event.is_set():
             self._pending_event.set()
+        return pending + self.inflight_bytes > self._max_pending
 
     def set_offset(self, stream: str, offset: bytes) -> None:
         """Record an offset with no data (``SnapshotAccess.OFFSETS_ONLY``)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import time
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import anyio
@@ -21,6 +22,7 @@ from ._values import dumps_value
 __all__ = ["Event", "Stream"]
 
 _loads = orjson.loads
+_dumps = orjson.dumps
 _crc32 = zlib.crc32
 _pack_head = fmt.RECORD_HEAD.pack
 _pack_crc = fmt.U32.pack
@@ -28,6 +30,10 @@ _OVERHEAD = fmt.RECORD_OVERHEAD
 # Replay hands control back to the event loop this often, so a consumer that never awaits
 # cannot starve the scheduler and other tasks.
 _CHECKPOINT_EVERY = 1024
+
+
+def _loads_offset(raw: bytes | None) -> Any:
+    return None if raw is None else _loads(raw)
 
 
 class Event(NamedTuple):
@@ -42,6 +48,39 @@ class Event(NamedTuple):
 # Event(...) runs a generated __new__ in Python; tuple.__new__ is half the cost (replay's
 # hot path builds one per event).
 _new_event = tuple.__new__
+
+
+def _frame_batch(values: list[Any] | tuple[Any, ...], offsets: list[bytes] | None,
+                 time_ms: int) -> bytearray:
+    """Serialize and frame ``values`` (with ``offsets``, b"" for none) as records.
+
+    The loop of ``record()`` without its per-call costs. Each value's JSON is copied out at
+    once: holding thousands of orjson results costs several times their serialization (each
+    starts as a 4 KiB allocation). A value that orjson refuses, or that holds NaN or
+    infinity, raises a ``TypeError``, one of 4 GiB or more a ``struct.error``; the caller
+    then checks the values one by one to name the culprit.
+    """
+    framed = bytearray()
+    if offsets is None:  # the common case, in a loop of its own
+        for value in values:
+            data = _dumps(value)
+            if data.find(b"null") != -1:
+                dumps_value(value, "a batch")  # refuses NaN and infinity
+            head = _pack_head(len(data), 0, time_ms)
+            framed += head
+            framed += data
+            framed += _pack_crc(_crc32(data, _crc32(head)))
+        return framed
+    for value, off in zip(values, offsets, strict=True):
+        data = _dumps(value)
+        if data.find(b"null") != -1:
+            dumps_value(value, "a batch")
+        head = _pack_head(len(data), len(off), time_ms)
+        framed += head
+        framed += data
+        framed += off
+        framed += _pack_crc(_crc32(off, _crc32(data, _crc32(head))))
+    return framed
 
 
 class Stream:
@@ -85,9 +124,64 @@ class Stream:
         naming this stream. Waits only when uncommitted bytes pass the back-pressure bound.
         Durable once a later commit completes (``await run.commit()`` forces one).
         """
-        self._append(value, offset)
-        scheduler = self._scheduler
-        if scheduler is not None and scheduler.over_limit:
+        buf, scheduler = self._buffer, self._scheduler
+        if buf is None or scheduler is None or offset is not None:
+            self._append(value, offset)
+            if scheduler is not None and scheduler.over_limit:
+                await scheduler.wait_capacity()
+            return
+        # The hot path: _append for an event without an offset, inlined.
+        data = dumps_value(value, self._where)
+        head = _pack_head(len(data), 0, self._clock_ms())
+        body = buf.body
+        body += head
+        body += data
+        body += _pack_crc(_crc32(data, _crc32(head)))
+        buf.count += 1
+        if scheduler.note_appended(buf, _OVERHEAD + len(data)):
+            await scheduler.wait_capacity()
+
+    async def record_many(self, values: Iterable[Any], *,
+                          offsets: Iterable[Any] | None = None) -> None:
+        """Record each of ``values`` in order, as that many ``record()`` calls would.
+
+        All or nothing: every value and offset is serialized first, and one that cannot be
+        raises ``TypeError`` (or ``ValueError``, like ``record()``) naming this stream and
+        its index, with nothing of the batch recorded. ``offsets``, if given, has one item
+        per value (``None``: no offset) or raises ``ValueError``; the last one that is not
+        ``None`` becomes the stream's offset. The events share one ``time_ms`` and land in
+        the same commit. Waits only when uncommitted bytes pass the back-pressure bound.
+        """
+        values = values if isinstance(values, list | tuple) else list(values)
+        offs = None if offsets is None else [
+            b"" if offset is None
+            else dumps_value(offset, f"the offset of {self._where} (batch index {index})")
+            for index, offset in enumerate(offsets)]
+        if offs is not None and len(offs) != len(values):
+            raise ValueError(f"record_many needs one offset per value: stream={self.name} "
+                             f"values={len(values)} offsets={len(offs)}")
+        buf, scheduler = self._buffer, self._scheduler
+        if buf is None or scheduler is None:
+            for index, value in enumerate(values):
+                dumps_value(value, f"{self._where} (batch index {index})")
+            last = next((off for off in reversed(offs or ()) if off), b"")
+            if last and scheduler is not None and self._policy.offsets_persist:
+                scheduler.set_offset(self.name, last)  # OFFSETS_ONLY
+            return
+        if not values:
+            return
+        try:
+            framed = _frame_batch(values, offs, self._clock_ms())
+        except Exception:
+            # Find the culprit with the checks record() makes, to raise its error.
+            for index, value in enumerate(values):
+                dumps_value(value, f"{self._where} (batch index {index})")
+            raise
+        buf.extend(framed, len(values), scheduler.max_segment_bytes)
+        newest = next((off for off in reversed(offs or ()) if off), None)
+        if newest is not None:
+            buf.offset = newest
+        if scheduler.note_appended(buf, len(framed), len(values)):
             await scheduler.wait_capacity()
 
     def _append(self, value: Any, offset: Any) -> int:
@@ -131,20 +225,26 @@ class Stream:
         realtime = self._policy.realtime
         first_ms: int | None = None
         started = 0.0
-        count = 0
         async for view in self._read_ahead(segments):
-            for value, off, time_ms in view.records():
-                if realtime:
-                    if first_ms is None:
-                        first_ms, started = time_ms, time.monotonic()
-                    delay = (time_ms - first_ms) / 1000 - (time.monotonic() - started)
-                    if delay > 0:
-                        await anyio.sleep(delay)
-                yield _new_event(Event, (_loads(value), None if off is None else _loads(off),
-                                         time_ms, True))
-                count += 1
-                if count % _CHECKPOINT_EVERY == 0:
-                    await anyio.lowlevel.checkpoint()
+            for values, offsets, times in view.columns(_CHECKPOINT_EVERY):
+                # A chunk at a time: its values are parsed and its events built by C loops
+                # (map, zip), leaving the loop below one yield per event.
+                events = map(_new_event, repeat(Event), zip(
+                    map(_loads, values),
+                    repeat(None) if offsets is None else map(_loads_offset, offsets),
+                    times, repeat(True)))
+                if not realtime:
+                    for event in events:
+                        yield event
+                else:
+                    for event in events:
+                        if first_ms is None:
+                            first_ms, started = event.time_ms, time.monotonic()
+                        delay = (event.time_ms - first_ms) / 1000 - (time.monotonic() - started)
+                        if delay > 0:
+                            await anyio.sleep(delay)
+                        yield event
+                await anyio.lowlevel.checkpoint()
 
     async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
         """The segments ``refs``, read a window ahead by a task of the run (if it has one)."""
