@@ -139,10 +139,35 @@ def batches(values: Values, size: int) -> list[Values]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
+class BatchLog:
+    """A baseline log: ``open``, ``append_batch`` (durable on return) and ``close``."""
+
+    async def open(self) -> Any:
+        raise NotImplementedError
+
+    async def append_batch(self, batch: Values) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def record(self, values: Values, batch: int) -> float:
+        """Seconds to write ``values`` in batches of ``batch``, each made durable."""
+        parts = batches(values, batch)
+        await self.open()
+        try:
+            start = time.perf_counter()
+            for part in parts:
+                await self.append_batch(part)
+            return time.perf_counter() - start
+        finally:
+            await self.close()
+
+
 # --------------------------------------------------------------------------- aiofiles
 
 
-class JsonlLog:
+class JsonlLog(BatchLog):
     """A hand-written durable log: JSON lines through aiofiles, fsync per batch."""
 
     name = "aiofiles JSON-lines log"
@@ -170,18 +195,6 @@ class JsonlLog:
             await file.flush()
         await asyncio.to_thread(os.fsync, file.fileno())
 
-    async def record(self, values: Values, batch: int) -> float:
-        """Seconds to append ``values`` in batches of ``batch``, each made durable."""
-        parts = batches(values, batch)
-        await self.open()
-        try:
-            start = time.perf_counter()
-            for part in parts:
-                await self.append_batch(part)
-            return time.perf_counter() - start
-        finally:
-            await self.close()
-
     async def replay(self, expected: int) -> float:
         """Seconds to read every line back and ``orjson.loads`` it; checks the count."""
         loads = orjson.loads
@@ -207,7 +220,7 @@ class JsonlLog:
 # --------------------------------------------------------------------------- aiosqlite
 
 
-class SqliteLog:
+class SqliteLog(BatchLog):
     """An event table in SQLite (WAL, synchronous=FULL) through aiosqlite, commit per batch."""
 
     name = "aiosqlite WAL"
@@ -244,18 +257,6 @@ class SqliteLog:
         async with self._lock:
             await self.db.executemany("INSERT INTO events (value) VALUES (?)", rows)
             await self.db.commit()
-
-    async def record(self, values: Values, batch: int) -> float:
-        """Seconds to insert ``values`` in batches of ``batch``, committing each."""
-        parts = batches(values, batch)
-        await self.open()
-        try:
-            start = time.perf_counter()
-            for part in parts:
-                await self.append_batch(part)
-            return time.perf_counter() - start
-        finally:
-            await self.close()
 
     async def replay(self, expected: int) -> float:
         """Seconds to select every event in order and ``orjson.loads`` it; checks the count."""
