@@ -571,8 +571,10 @@ CRASH_POINTS: Final = ("after_segment_put", "mid_commit", "torn_segment", "befor
 class SimulatedCrash(BackendError):
     """Raised by every call of a :class:`FaultyDriver` that has crashed in-process.
 
-    Nothing is done by such a call: the storage stays exactly as the crash left it, as if
-    the process had been killed at that instant.
+    A call made after the crash does nothing: the storage stays as the crash left it, as if
+    the process had been killed at that instant. A call already in flight when the crash
+    happened may still land (and then raises this), like a request that a server had
+    received before the process died.
     """
 
 
