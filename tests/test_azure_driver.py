@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from azure.storage.blob import BlobBlock, BlockState
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
+from helpers import check_round_trip
 from servers import AZURITE_ACCOUNT, AZURITE_KEY
 
 import apersist
@@ -543,21 +544,7 @@ async def test_run_round_trip_on_azurite(azure_endpoint: str, azure_container: s
     assert isinstance(driver.inner, AzureDriver)
     await driver.aclose()
 
-    async with apersist.run(apersist.Config(backend)) as run:
-        stream = run.stream("orders")
-        for i in range(100):
-            await stream.record({"n": i}, offset=i)
-        table = await run.table("counts")
-        table["alice"] = 3
-        info = await run.commit()
-        assert info.deltas > 0
-        await stream.record({"n": 100}, offset=100)
-    async with apersist.run(apersist.Config(backend)) as run:
-        events = [e async for e in run.stream("orders").replay()]
-        assert [e.value for e in events] == [{"n": i} for i in range(101)]
-        assert all(e.replayed for e in events)
-        assert run.stream("orders").offset == 100
-        assert dict(await run.table("counts")) == {"alice": 3}
+    await check_round_trip(backend)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -24,6 +24,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 from conftest import s3_settings
+from helpers import check_round_trip
 from servers import S3_KEY_ID, S3_REGION, S3_SECRET
 
 import apersist
@@ -587,18 +588,4 @@ def test_crc32_matches_botocore() -> None:
 
 async def test_run_round_trip_on_s3(s3_endpoint: str, s3_bucket: str) -> None:
     backend = apersist.Backend.s3(_root(), s3_settings(s3_endpoint, s3_bucket))
-    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=60_000)) as run:
-        stream = run.stream("orders")
-        for i in range(100):
-            await stream.record({"n": i}, offset=i)
-        table = await run.table("counts")
-        table["alice"] = 3
-        info = await run.commit()
-        assert info.deltas > 0
-        await stream.record({"n": 100}, offset=100)
-    async with apersist.run(apersist.Config(backend)) as run:
-        events = [event async for event in run.stream("orders").replay()]
-        assert [e.value for e in events] == [{"n": i} for i in range(101)]
-        assert all(e.replayed for e in events)
-        assert run.stream("orders").offset == 100
-        assert dict(await run.table("counts")) == {"alice": 3}
+    await check_round_trip(backend, snapshot_interval_ms=60_000)
