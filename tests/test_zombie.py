@@ -24,8 +24,9 @@ Size: ``APERSIST_ZOMBIE_ROUNDS`` (default: each kind of round once, 5 per backen
 ``APERSIST_ZOMBIE_VARIANTS`` (comma-separated) limits the kinds of round. The order of
 round kinds and the timings come from ``APERSIST_ZOMBIE_SEED`` (printed at the start).
 If ``APERSIST_ZOMBIE_REPORT`` names a file, one JSON line of figures is appended to it per
-backend. ``APERSIST_ZOMBIE_LOG=info`` makes the writers log apersist's messages (takeovers,
-fences) to their stderr, shown when a round fails.
+backend. The writers log apersist's messages at ``APERSIST_ZOMBIE_LOG`` (default ``info``:
+takeovers, fences, retries) to their stderr, shown when a round fails; a writer that hangs
+is asked for its stacks first.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class Writer:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, str(WORKER), *self.args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "APERSIST_ZOMBIE_LOG": os.environ.get("APERSIST_ZOMBIE_LOG", "info")})
         assert self.proc.stdout is not None
         assert self.proc.stderr is not None
         self._tasks = [asyncio.create_task(self._read_lines(self.proc.stdout)),
@@ -226,6 +228,13 @@ class Writer:
             await self.reap()
         for task in self._tasks:
             task.cancel()
+
+    async def dump_stacks(self) -> None:
+        """Ask a hanging writer where it is (tasks and threads, on its stderr)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.signal(signal.SIGHUP)
+            self.signal(signal.SIGQUIT)
+        await asyncio.sleep(1.0)  # the dump reaches the stderr reader
 
     def describe(self) -> str:
         tail = "\n".join(orjson.dumps(line).decode()[:300] for line in self.lines[-4:])
@@ -379,6 +388,7 @@ async def fence_round(campaign: Campaign, number: int, variant: str, old: Writer
     try:
         await start_writer(new)
     except TimeoutError:
+        await new.dump_stacks()
         campaign.fail(ctx, f"the new writer did not take over within {READY_TIMEOUT_S:.0f} s: "
                            f"acks_by_old_meanwhile={len(old.events('ack')) - acks_before} "
                            f"old_last_seq={(old.last('ack') or {}).get('seq')}", new, old)

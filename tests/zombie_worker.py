@@ -11,7 +11,9 @@ leaving the block raise ``FencedError`` too, and exits.
 
 Signals from the parent: SIGUSR1 arms a self-stop at ``--pause-at`` inside the next commit
 (the worker prints a ``paused`` line, then sends itself SIGSTOP; the parent wakes it with
-SIGCONT); SIGUSR2 ends the loop, and the run is left normally.
+SIGCONT); SIGUSR2 ends the loop, and the run is left normally. SIGHUP prints the stack of every
+asyncio task to stderr and SIGQUIT every thread's Python stack (the parent sends both to a
+writer that hangs, before it kills it).
 
 Protocol on stdout, one JSON document per line, each flushed:
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import random
@@ -162,6 +165,27 @@ async def after_fence(run: apersist.Run, stream: apersist.Stream, writer: str,
                               f"offset={stream.offset!r} durable_before={durable}")
 
 
+def dump_tasks() -> None:
+    """Where every task waits, awaited call by awaited call: for a writer that hangs (SIGHUP).
+
+    ``Task.print_stack`` shows only the outermost frame of a suspended coroutine, so the
+    chain of awaits is followed here."""
+    tasks = asyncio.all_tasks()
+    print(f"zombie_worker: {len(tasks)} tasks", file=sys.stderr)
+    for task in tasks:
+        print(f"task {task.get_name()}:", file=sys.stderr)
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame")
+                          if getattr(awaited, a, None) is not None), None)
+            if frame is not None:
+                print(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}",
+                      file=sys.stderr)
+            awaited = next((getattr(awaited, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                            if getattr(awaited, a, None) is not None), None)
+    sys.stderr.flush()
+
+
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     writer: str = args.writer
@@ -185,6 +209,7 @@ async def main(args: argparse.Namespace) -> None:
 
     loop.add_signal_handler(signal.SIGUSR1, arm)
     loop.add_signal_handler(signal.SIGUSR2, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, dump_tasks)
 
     config = apersist.Config(backend,  # type: ignore[arg-type]
                              snapshot_interval_ms=args.interval_ms,
@@ -266,6 +291,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
+    # A loop stuck without awaiting cannot run the SIGHUP handler; this one runs in C.
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     if level := os.environ.get("APERSIST_ZOMBIE_LOG"):
         # Diagnosis: apersist's own log (takeovers, store loads, fences) on stderr.
         logging.basicConfig(level=level.upper(), stream=sys.stderr,
