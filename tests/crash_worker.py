@@ -36,7 +36,7 @@ import sys
 from typing import Any
 
 import orjson
-from servers import backend_from_spec
+from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
 import apersist._run
@@ -111,7 +111,8 @@ async def main(args: argparse.Namespace) -> None:
     config = apersist.Config(backend,  # type: ignore[arg-type]
                              snapshot_interval_ms=args.interval_ms,
                              max_segment_bytes=args.segment_bytes,
-                             max_pending_bytes=args.pending_bytes)
+                             max_pending_bytes=args.pending_bytes,
+                             retry=apersist.RetryPolicy(attempt_timeout_s=WORKER_ATTEMPT_TIMEOUT_S))
     async with apersist.run(config) as run:
         counts = await run.table("counts")
         streams = [run.stream(stream_name(k)) for k in range(args.streams)]

@@ -20,6 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE_ACCOUNT = "devstoreaccount1"
+# The worker processes of the campaigns abandon a request the server leaves unanswered after
+# this long and retry it (the default, 60 s, equals a campaign's whole wait for a worker to
+# open a store). In one CI run a new zombie writer on Azurite printed nothing for a minute,
+# a stalled request the likely cause: a run recovers from that by retrying, and so must the
+# campaigns, whose subject is apersist, not the server's stalls.
+WORKER_ATTEMPT_TIMEOUT_S = 10.0
 # Azurite's well-known development key (public, documented by Microsoft).
 AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
                "K1SZFPTOtr/KBHBeksoGMGw==")

@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
-from servers import backend_from_spec
+from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
 import apersist._run
@@ -60,12 +60,6 @@ TABLE = "counts"
 # Only explicit commits: every ack line then marks exactly what is durable. (A run with
 # ``--interval-ms 0`` commits in the background as well.)
 QUIET_MS = 600_000
-# A request the server never answers is abandoned and retried after this long (the default,
-# 60 s, equals the parent's whole wait for a takeover). In one CI run a new writer on Azurite
-# printed nothing for a minute, a stalled request the likely cause (its stacks are now dumped
-# when that happens): a run recovers from a stalled request by retrying it, and so must this
-# campaign, whose subject is fencing, not the server's stalls.
-ATTEMPT_TIMEOUT_S = 10.0
 PAUSE_POINTS = ("before_segment_put", "before_commit_put", "after_commit_put")
 
 
@@ -220,7 +214,7 @@ async def main(args: argparse.Namespace) -> None:
     config = apersist.Config(backend,  # type: ignore[arg-type]
                              snapshot_interval_ms=args.interval_ms,
                              max_segment_bytes=args.segment_bytes,
-                             retry=apersist.RetryPolicy(attempt_timeout_s=ATTEMPT_TIMEOUT_S))
+                             retry=apersist.RetryPolicy(attempt_timeout_s=WORKER_ATTEMPT_TIMEOUT_S))
     n = acked = 0
     fenced_seen = False
     # A failed check is kept, not raised inside the block: leaving a fenced run raises
