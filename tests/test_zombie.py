@@ -65,8 +65,10 @@ ROUNDS = int(os.environ.get("APERSIST_ZOMBIE_ROUNDS", str(len(VARIANTS))))
 STREAM = "z"
 TABLE = "counts"
 # Long enough for a loaded machine to start Python, open the store and replay it; a hang
-# fails the test instead of blocking it.
-READY_TIMEOUT_S = 60.0
+# fails the test instead of blocking it. Opening reads every commit record, so it takes
+# longer as the history grows: 25 rounds on Azurite make ~2,500 commits, which a new writer
+# on a loaded machine read for over a minute while the older one kept committing.
+READY_TIMEOUT_S = 180.0
 LINE_TIMEOUT_S = 60.0
 EXIT_TIMEOUT_S = 30.0
 STDERR_KEEP = 20_000

@@ -295,9 +295,12 @@ if __name__ == "__main__":
     # A loop stuck without awaiting cannot run the SIGHUP handler; this one runs in C.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
     if level := os.environ.get("APERSIST_ZOMBIE_LOG"):
-        # Diagnosis: apersist's own log (takeovers, store loads, fences) on stderr.
-        logging.basicConfig(level=level.upper(), stream=sys.stderr,
+        # Diagnosis: apersist's own log (takeovers, store loads, fences, retries) on stderr.
+        # Only apersist's: at info the Azure SDK logs every request with its headers, which
+        # slows a writer down several times over.
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format="%(relativeCreated)8.0f %(name)s %(message)s")
+        logging.getLogger("apersist").setLevel(level.upper())
     try:
         asyncio.run(main(parse_args(sys.argv[1:])))
     except CheckFailed as exc:
