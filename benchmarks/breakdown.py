@@ -1,0 +1,231 @@
+"""Where the time of ``record()`` and ``replay()`` goes, step by step, next to the floor.
+
+``python -m benchmarks.breakdown [--events N] [--repeats R] [--out FILE]`` times, per event,
+each step that apersist's record and replay paths take, by itself and over the same small
+dicts as the suite, and the two whole paths. The steps call apersist's own code where it
+has one (the framing of ``record_many``, the segment check and walk of replay), so the
+table follows the code as it changes.
+
+Every figure is event-loop thread CPU time (``time.thread_time``), the least of
+``--repeats`` runs: a busy neighbour on the machine moves it far less than wall time. It
+is a profile, not a race: the suite (``python -m benchmarks``) remains the measure of
+speed; this explains its record and replay ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import apersist
+from apersist import _format as fmt
+from apersist._stream import Event, _frame_batch  # the framing record_many runs
+from benchmarks.common import make_values
+
+BATCH = 1024
+
+
+def per_event_us(step: Callable[[], object], events: int, repeats: int) -> float:
+    """The least thread CPU time of ``repeats`` calls of ``step``, in µs per event."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.thread_time()
+        step()
+        best = min(best, time.thread_time() - started)
+    return best / events * 1e6
+
+
+def per_event_us_async(step: Callable[[], Any], events: int, repeats: int) -> float:
+    """``per_event_us`` for a coroutine function, each run on a fresh event loop."""
+    best = float("inf")
+    for _ in range(repeats):
+        async def timed() -> float:
+            started = time.thread_time()
+            await step()
+            return time.thread_time() - started
+        best = min(best, asyncio.run(timed()))
+    return best / events * 1e6
+
+
+class Noop:
+    async def record(self, value: object) -> None:
+        """The cost of ``await obj.method(value)`` itself."""
+
+
+def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
+    n = len(values)
+    dumps = orjson.dumps
+    kept: list[list[bytes]] = []
+
+    def floor() -> None:
+        out: list[bytes] = []
+        append = out.append
+        for value in values:
+            append(dumps(value))
+        kept[:] = [out]  # kept until the next run, as the suite's floor keeps its dumps
+
+    def dumps_alone() -> None:
+        for value in values:
+            dumps(value)
+
+    def framing() -> None:
+        for first in range(0, n, BATCH):
+            _frame_batch(values[first:first + BATCH], None, 0)
+
+    def clock() -> None:
+        now = time.time_ns
+        for _ in range(n):
+            now() // 1_000_000
+
+    async def awaiting() -> None:
+        record = Noop().record
+        for value in values:
+            await record(value)
+
+    async def apersist_record(many: bool) -> float:
+        """Thread CPU seconds of the recording loop alone (not the open or final commit)."""
+        with tempfile.TemporaryDirectory() as root:
+            config = apersist.Config(apersist.Backend.filesystem(root))
+            async with apersist.run(config) as run:
+                stream = run.stream("bench")
+                started = time.thread_time()
+                if many:
+                    for first in range(0, n, BATCH):
+                        await stream.record_many(values[first:first + BATCH])
+                else:
+                    record = stream.record
+                    for value in values:
+                        await record(value)
+                return time.thread_time() - started
+
+    async def timed_record(many: bool) -> float:
+        return min([await apersist_record(many) for _ in range(repeats)]) / n * 1e6
+
+    return [
+        ("floor: `orjson.dumps` + `list.append`", per_event_us(floor, n, repeats)),
+        ("`orjson.dumps` alone", per_event_us(dumps_alone, n, repeats)),
+        ("`await` of an empty async method", per_event_us_async(awaiting, n, repeats)),
+        ("framing: NaN probe, head, 2 CRC-32s, 3 appends (`record_many`'s loop minus dumps)",
+         per_event_us(framing, n, repeats) - per_event_us(dumps_alone, n, repeats)),
+        ("one wall-clock reading (`time.time_ns() // 10**6`)", per_event_us(clock, n, repeats)),
+        ("**apersist `record()`**, whole (open and final commit excluded)",
+         asyncio.run(timed_record(False))),
+        ("**apersist `record_many()`**, batches of 1,024, whole",
+         asyncio.run(timed_record(True))),
+    ]
+
+
+def replay_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
+    n = len(values)
+    dumped = [orjson.dumps(value) for value in values]
+    segments: list[tuple[fmt.SegmentRef, bytes]] = []
+    for number, first in enumerate(range(0, n, BATCH)):
+        chunk = values[first:first + BATCH]
+        key = fmt.segment_key("0", 1, number + 1)
+        data = fmt.encode_segment(fmt.SegmentMeta(key, fmt.KIND_EVENTS, "bench"),
+                                  _frame_batch(chunk, None, 0), len(chunk))
+        segments.append((fmt.SegmentRef(key, fmt.KIND_EVENTS, "bench", len(chunk), len(data)),
+                         data))
+    loads = orjson.loads
+
+    def floor() -> None:
+        for raw in dumped:
+            loads(raw)
+
+    def check() -> None:
+        for ref, data in segments:
+            fmt.SegmentView(ref, data)
+
+    views = [fmt.SegmentView(ref, data) for ref, data in segments]
+
+    def walk() -> None:
+        for view in views:
+            for _ in view.columns(BATCH):
+                pass
+
+    columns = [chunk for view in views for chunk in view.columns(BATCH)]
+
+    def build() -> None:
+        # replay()'s C loops: parse each value, make each Event (loads included).
+        for values_, _offsets, times in columns:
+            for _ in map(tuple.__new__, repeat(Event),
+                         zip(map(loads, values_), repeat(None), times, repeat(True))):
+                pass
+
+    async def yielding() -> None:
+        async def generator() -> Any:
+            for raw in dumped:
+                yield raw
+        async for _ in generator():
+            pass
+
+    async def apersist_replay(root: str) -> None:
+        config = apersist.Config(apersist.Backend.filesystem(root))
+        async with apersist.run(config) as run:
+            async for _ in run.stream("bench").replay():
+                pass
+
+    async def fill(root: str) -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            stream = run.stream("bench")
+            for first in range(0, n, BATCH):
+                await stream.record_many(values[first:first + BATCH])
+
+    with tempfile.TemporaryDirectory() as root:
+        asyncio.run(fill(root))
+        whole = per_event_us_async(lambda: apersist_replay(root), n, repeats)
+    return [
+        ("floor: `orjson.loads` over each event's JSON", per_event_us(floor, n, repeats)),
+        ("segment checks on read (header, trailer, body CRC-32)", per_event_us(check, n, repeats)),
+        ("walking the frames into columns (`SegmentView.columns`)",
+         per_event_us(walk, n, repeats)),
+        ("parsing and building each `Event` (`orjson.loads` included)",
+         per_event_us(build, n, repeats)),
+        ("one `async for` step of an async generator",
+         per_event_us_async(yielding, n, repeats)),
+        ("**apersist `replay()`**, whole, loop thread (open included; reads run in threads)",
+         whole),
+    ]
+
+
+def render(events: int, repeats: int, record: list[tuple[str, float]],
+           replay: list[tuple[str, float]]) -> str:
+    lines = [f"Per event, µs of event-loop thread CPU, least of {repeats} runs over {events:,} "
+             f"small dicts (`python -m benchmarks.breakdown --events {events}`). The target "
+             f"\"≥ 0.5x the floor\" allows twice the floor's time per event.", ""]
+    for title, rows in (("record", record), ("replay", replay)):
+        floor = rows[0][1]
+        lines += [f"| {title}: step | µs per event | times the floor's time |", "| --- | ---: | ---: |"]
+        lines += [f"| {label} | {us:.3f} | {us / floor:.2f} |" for label, us in rows]
+        lines += [f"| target budget (twice the floor) | {2 * floor:.3f} | 2.00 |", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args(argv)
+    values = make_values(args.events)
+    gc.freeze()  # the inputs are not garbage: keep the collector off them, as the suite does
+    table = render(args.events, args.repeats, record_rows(values, args.repeats),
+                   replay_rows(values, args.repeats))
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
