@@ -372,6 +372,9 @@ async def fence_round(campaign: Campaign, number: int, variant: str, old: Writer
     """One takeover of ``old`` by ``new`` in the way ``variant`` names; check both."""
     ctx = f"round #{number}/{ROUNDS} variant={variant} old={old.name} new={new.name}"
     marks = [("start", time.perf_counter())]
+    # A burst of commits from the old writer: between rounds it commits slowly, so that the
+    # history (which every takeover reads) grows with the rounds, not with the machine's load.
+    old.signal(signal.SIGWINCH)
     await old.wait_acks(1)
     marks.append(("old_acked", time.perf_counter()))
     if variant == "sigstop":

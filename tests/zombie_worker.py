@@ -11,7 +11,10 @@ leaving the block raise ``FencedError`` too, and exits.
 
 Signals from the parent: SIGUSR1 arms a self-stop at ``--pause-at`` inside the next commit
 (the worker prints a ``paused`` line, then sends itself SIGSTOP; the parent wakes it with
-SIGCONT); SIGUSR2 ends the loop, and the run is left normally. SIGHUP prints the stack of every
+SIGCONT); SIGUSR2 ends the loop, and the run is left normally. The worker commits every
+``--pace-ms`` at most for its first ``--burst-s`` seconds, then every ``--idle-pace-ms``;
+SIGWINCH starts another burst (the parent sends it when a round begins, so that a takeover
+meets a busy writer while the history stays bounded on a slow machine). SIGHUP prints the stack of every
 asyncio task to stderr and SIGQUIT every thread's Python stack (the parent sends both to a
 writer that hangs, before it kills it).
 
@@ -208,6 +211,13 @@ async def main(args: argparse.Namespace) -> None:
             driver.armed = True
 
     loop.add_signal_handler(signal.SIGUSR1, arm)
+    burst_until = loop.time() + args.burst_s
+
+    def burst() -> None:
+        nonlocal burst_until
+        burst_until = loop.time() + args.burst_s
+
+    loop.add_signal_handler(signal.SIGWINCH, burst)
     loop.add_signal_handler(signal.SIGUSR2, stop.set)
     loop.add_signal_handler(signal.SIGHUP, dump_tasks)
 
@@ -258,7 +268,8 @@ async def main(args: argparse.Namespace) -> None:
                                           f"offset={stream.offset!r}")
                     emit({"ev": "ack", "seq": info.seq, "n": n, "durable": durable})
                     # A writer between inputs; also bounds the history later rounds replay.
-                    await asyncio.sleep(rng.uniform(args.pace_ms / 4, args.pace_ms) / 1000)
+                    pace_ms = args.pace_ms if loop.time() < burst_until else args.idle_pace_ms
+                    await asyncio.sleep(rng.uniform(pace_ms / 4, pace_ms) / 1000)
             except CheckFailed as exc:
                 failure = exc
     except apersist.FencedError as exc:
@@ -285,7 +296,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--segment-bytes", type=int, default=4 << 10)
     parser.add_argument("--max-batch", type=int, default=20)
     parser.add_argument("--pace-ms", type=float, default=20.0,
-                        help="the longest pause between commits")
+                        help="the longest pause between commits during a burst")
+    parser.add_argument("--burst-s", type=float, default=10.0,
+                        help="seconds at --pace-ms after starting and after each SIGWINCH")
+    parser.add_argument("--idle-pace-ms", type=float, default=500.0,
+                        help="the longest pause between commits outside a burst")
     parser.add_argument("--pause-at", choices=PAUSE_POINTS,
                         help="where SIGUSR1 makes the next commit stop this process")
     return parser.parse_args(argv)
