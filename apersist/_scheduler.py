@@ -115,6 +115,9 @@ class Scheduler:
         self.hold_timeout = _HOLD_TIMEOUT_S
         self._lock = anyio.Lock()
         self._pending_event = anyio.Event()
+        # True once note_appended has set _pending_event since the last cut: it then skips
+        # the set (is_set() through anyio costs two Python calls on every record).
+        self._pending_signalled = False
         self._done_event = anyio.Event()
         self._urgent = anyio.Event()
         # A failed commit ends the run's writing; _unusable is what record() raises: that
@@ -153,7 +156,8 @@ class Scheduler:
         pending = self.pending_bytes = self.pending_bytes + nbytes
         if len(buf.body) >= self.max_segment_bytes:
             buf.seal()
-        if not self._pending_event.is_set():
+        if not self._pending_signalled:
+            self._pending_signalled = True
             self._pending_event.set()
         return pending + self.inflight_bytes > self._max_pending
 
@@ -358,6 +362,7 @@ class Scheduler:
         self.pending_bytes = 0
         self.inflight_bytes += moved
         self._pending_event = anyio.Event()
+        self._pending_signalled = False
         self._lift_barrier()
         deltas = target - self.durable
         # Shielded: the batches have left the buffers, so abandoning this commit half-way
