@@ -5,12 +5,15 @@ steps that its threaded server lets two requests interleave: both creates of one
 succeed. Real S3 never does that, and apersist's commits and fencing stand on it (a run
 checks it at open and refuses a store that lets both win). This serves moto's own
 application with every request carrying ``If-None-Match`` taken under one lock, so such
-creates run one at a time; every other request stays concurrent.
+creates run one at a time; every other request stays concurrent. A request's body is read
+in full before it takes the lock: a client frozen in the middle of sending one (the zombie
+campaign stops writers with SIGSTOP at random instants) must not hold every other create.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,9 +38,31 @@ class AtomicConditionalWrites:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if "HTTP_IF_NONE_MATCH" not in environ:
             return self._app(environ, start_response)
+        body = _read_body(environ)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        # werkzeug has already undone a chunked transfer: the body is now a plain one.
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        environ["wsgi.input_terminated"] = False
         with self._lock:
             # The whole response is produced under the lock: check and store included.
             return list(self._app(environ, start_response))
+
+
+def _read_body(environ: dict[str, Any]) -> bytes:
+    """The whole request body: ``CONTENT_LENGTH`` bytes, or up to the end of a chunked one."""
+    stream = environ["wsgi.input"]
+    if environ.get("wsgi.input_terminated"):
+        return bytes(stream.read())
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    chunks: list[bytes] = []
+    while length > 0:
+        chunk = stream.read(min(length, 1 << 20))
+        if not chunk:
+            break  # the client went away: moto sees the short body, as it would have
+        chunks.append(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
 
 
 def main() -> None:

@@ -1,0 +1,56 @@
+"""The test S3 server (``moto_atomic.py``): conditional creates are atomic, and a client that
+stalls half-way through sending one does not hold up anyone else's.
+
+The zombie campaign freezes writers with SIGSTOP at random instants, some in the middle of
+a create-if-absent request: the server used to take its lock before reading the body, and
+every other create then waited for the frozen writer, which deadlocked the takeover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import TEST_BUCKET, s3_settings
+
+import apersist
+from apersist._drivers import ObjectExistsError, open_driver
+
+
+async def test_a_stalled_conditional_put_does_not_hold_other_creates(
+        s3_endpoint: str, s3_bucket: str) -> None:
+    url = urlsplit(s3_endpoint)
+    assert url.hostname is not None
+    assert url.port is not None
+    stalled_key = f"t/{uuid.uuid4().hex}/stalled"
+    # Headers and the start of a body, then silence, as a client stopped by SIGSTOP.
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write((f"PUT /{s3_bucket}/{stalled_key} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                  f"If-None-Match: *\r\nContent-Length: 100\r\n\r\n").encode() + b"x" * 10)
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the server has the headers and is waiting for the rest
+    try:
+        root = f"t/{uuid.uuid4().hex}"
+        backend = apersist.Backend.s3(root, s3_settings(s3_endpoint, TEST_BUCKET))
+        driver = open_driver(backend)
+        try:
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                await driver.put("a", b"1", if_absent=True)
+                with pytest.raises(ObjectExistsError):
+                    await driver.put("a", b"2", if_absent=True)
+            assert time.monotonic() - started < 10
+            assert await driver.get("a") == b"1"
+        finally:
+            await driver.aclose()
+        # The stalled client finishes: its request is served, not lost.
+        writer.write(b"x" * 90)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+    finally:
+        writer.close()
