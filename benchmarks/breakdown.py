@@ -111,12 +111,13 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
     async def timed_record(many: bool) -> float:
         return min([await apersist_record(many) for _ in range(repeats)]) / n * 1e6
 
+    dumps_us = per_event_us(dumps_alone, n, repeats)
     return [
         ("floor: `orjson.dumps` + `list.append`", per_event_us(floor, n, repeats)),
-        ("`orjson.dumps` alone", per_event_us(dumps_alone, n, repeats)),
+        ("`orjson.dumps` alone", dumps_us),
         ("`await` of an empty async method", per_event_us_async(awaiting, n, repeats)),
         ("framing: NaN probe, head, 2 CRC-32s, 3 appends (`record_many`'s loop minus dumps)",
-         per_event_us(framing, n, repeats) - per_event_us(dumps_alone, n, repeats)),
+         per_event_us(framing, n, repeats) - dumps_us),
         ("one wall-clock reading (`time.time_ns() // 10**6`)", per_event_us(clock, n, repeats)),
         ("**apersist `record()`**, whole (open and final commit excluded)",
          asyncio.run(timed_record(False))),
