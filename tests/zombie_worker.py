@@ -14,9 +14,9 @@ Signals from the parent: SIGUSR1 arms a self-stop at ``--pause-at`` inside the n
 SIGCONT); SIGUSR2 ends the loop, and the run is left normally. The worker commits every
 ``--pace-ms`` at most for its first ``--burst-s`` seconds, then every ``--idle-pace-ms``;
 SIGWINCH starts another burst (the parent sends it when a round begins, so that a takeover
-meets a busy writer while the history stays bounded on a slow machine). SIGHUP prints the stack of every
-asyncio task to stderr and SIGQUIT every thread's Python stack (the parent sends both to a
-writer that hangs, before it kills it).
+meets a busy writer while the history stays bounded on a slow machine). SIGHUP prints the
+stack of every asyncio task to stderr and SIGQUIT every thread's Python stack (the parent
+sends both to a writer that hangs, before it kills it).
 
 Protocol on stdout, one JSON document per line, each flushed:
 
@@ -179,14 +179,19 @@ def dump_tasks() -> None:
         print(f"task {task.get_name()}:", file=sys.stderr)
         awaited: Any = task.get_coro()
         while awaited is not None:
-            frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame")
-                          if getattr(awaited, a, None) is not None), None)
+            frame = _first_attr(awaited, ("cr_frame", "gi_frame", "ag_frame"))
             if frame is not None:
                 print(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}",
                       file=sys.stderr)
-            awaited = next((getattr(awaited, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
-                            if getattr(awaited, a, None) is not None), None)
+            awaited = _first_attr(awaited, ("cr_await", "gi_yieldfrom", "ag_await"))
     sys.stderr.flush()
+
+
+def _first_attr(obj: object, names: Sequence[str]) -> Any:
+    """The first of ``names`` that ``obj`` has and is not None (a coroutine, a generator
+    and an async generator name the same things differently), else None."""
+    return next((value for name in names if (value := getattr(obj, name, None)) is not None),
+                None)
 
 
 async def main(args: argparse.Namespace) -> None:
