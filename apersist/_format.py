@@ -27,7 +27,7 @@ __all__ = [
     "SegmentRef",
 ]
 
-FORMAT_MAJOR: Final = 1
+FORMAT_MAJOR: Final = 2
 FORMAT_MINOR: Final = 0
 
 # The log kinds a segment can hold.
@@ -233,21 +233,35 @@ class CommitRecord:
 # segment := header body trailer
 # header  := MAGIC(8) major:u16 minor:u16 meta_len:u32 meta(JSON) header_crc:u32
 # body    := record*
-# record  := value_len:u32 offset_len:u32 time_ms:i64 value offset crc:u32
-#            (crc covers the 16 header bytes, value and offset; offset_len 0 means no offset)
+# record  := value_len:u32 offset_len:u32 count:u32 time_ms:i64 value offset crc:u32
+#            (crc covers the 20 head bytes, value and offset; offset_len 0 means no offset)
 # trailer := count:u64 body_len:u64 body_crc:u32 trailer_crc:u32 END_MAGIC(4)
+#
+# A record holds ``count`` entries that share its time_ms. With count 1, value is the entry
+# and offset its offset. With more (event logs only: a batch), value is a JSON array of the
+# entries' values and offset is empty (none has an offset) or a JSON array of as many
+# offsets, null for none. One dumps, one CRC and one loads per batch instead of per event
+# is what makes record_many() and replay cheap. Format 1 records had no count (always 1).
 SEGMENT_MAGIC: Final = b"\x89APSEG\r\n"
 SEGMENT_END: Final = b"APSE"
 _HEAD: Final = struct.Struct("<8sHHI")
 U32: Final = struct.Struct("<I")
-RECORD_HEAD: Final = struct.Struct("<IIq")
+RECORD_HEAD: Final = struct.Struct("<IIIq")
+RECORD_HEAD_V1: Final = struct.Struct("<IIq")  # format 1: value_len offset_len time_ms
 _TRAILER: Final = struct.Struct("<QQII4s")
 RECORD_OVERHEAD: Final = RECORD_HEAD.size + U32.size
+# Every record's value and offset fit a u32 length.
+MAX_RECORD_JSON: Final = 2**32 - 1
+_NULL: Final = b"null"
 
 
-def append_record(body: bytearray, value: bytes, offset: bytes, time_ms: int) -> int:
-    """Frame one record onto ``body``; return the bytes added. ``offset=b""`` means none."""
-    head = RECORD_HEAD.pack(len(value), len(offset), time_ms)
+def append_record(body: bytearray, value: bytes, offset: bytes, time_ms: int, count: int = 1) -> int:
+    """Frame one record onto ``body``; return the bytes added. ``offset=b""`` means none.
+
+    With ``count`` above 1, ``value`` (and ``offset``, unless empty) must be JSON arrays of
+    that many items (see ``join_batch``).
+    """
+    head = RECORD_HEAD.pack(len(value), len(offset), count, time_ms)
     crc = zlib.crc32(value, zlib.crc32(head))
     body += head
     body += value
@@ -256,6 +270,20 @@ def append_record(body: bytearray, value: bytes, offset: bytes, time_ms: int) ->
         body += offset
     body += U32.pack(crc)
     return RECORD_OVERHEAD + len(value) + len(offset)
+
+
+def join_batch(values: list[bytes], offsets: list[bytes] | None) -> tuple[bytes, bytes]:
+    """The value and offset fields of a batch record of ``values`` (JSON each).
+
+    ``offsets`` has one item per value, ``b""`` for none, or is None when none has one. A
+    batch of one is framed as a single entry, exactly as ``record()`` frames one.
+    """
+    if len(values) == 1:
+        return values[0], (offsets[0] if offsets else b"")
+    value = b"[%s]" % b",".join(values)
+    if offsets is None:
+        return value, b""
+    return value, b"[%s]" % b",".join([off or _NULL for off in offsets])
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +318,7 @@ class SegmentView:
     corrupted segment is refused before a single record is handed out.
     """
 
-    __slots__ = ("_body_end", "_body_start", "_data", "count", "key", "meta")
+    __slots__ = ("_body_end", "_body_start", "_data", "_head", "count", "key", "major", "meta")
 
     def __init__(self, ref: SegmentRef, data: bytes) -> None:
         key = ref.key
@@ -317,6 +345,8 @@ class SegmentView:
         if major > FORMAT_MAJOR:
             raise IncompatibleFormatError(f"segment was written by a newer apersist format: "
                                           f"key={key} format={major}.{minor}")
+        self.major = major
+        self._head = RECORD_HEAD_V1 if major == 1 else RECORD_HEAD
         meta = orjson.loads(data[_HEAD.size:head_end])
         self.meta = SegmentMeta(meta.get("key"), meta.get("kind"), meta.get("name"))
         if self.meta != SegmentMeta(key, ref.kind, ref.name):
@@ -341,12 +371,14 @@ class SegmentView:
     def _raise_at_first_damaged_record(self) -> None:
         """Walk the records checking each CRC; raise naming the first damaged one's offset."""
         data, pos, end, key = self._data, self._body_start, self._body_end, self.key
-        unpack, head_size = RECORD_HEAD.unpack_from, RECORD_HEAD.size
+        head = self._head
+        unpack, head_size, overhead = head.unpack_from, head.size, head.size + U32.size
         seen = 0
         while pos < end:
-            if pos + RECORD_OVERHEAD > end:
+            if pos + overhead > end:
                 raise CorruptDataError(f"segment record header is truncated: key={key} offset={pos}")
-            vlen, olen, _time_ms = unpack(data, pos)
+            fields = unpack(data, pos)
+            vlen, olen = fields[0], fields[1]
             vstart = pos + head_size
             oend = vstart + vlen + olen
             if oend + 4 > end:
@@ -357,70 +389,99 @@ class SegmentView:
                 raise CorruptDataError(f"segment record checksum mismatch: key={key} "
                                        f"offset={pos}")
             pos = oend + 4
-            seen += 1
+            seen += 1 if self.major == 1 else fields[2]
         if seen != self.count:
             raise CorruptDataError(f"segment record count differs from its trailer: key={key} "
                                    f"offset={pos} records={seen} expected={self.count}")
 
-    def records(self) -> Iterator[tuple[bytes, bytes | None, int]]:
-        """Yield (value JSON, offset JSON or None, time_ms) for each record, in order.
+    def frames(self) -> Iterator[tuple[bytes, bytes | None, int, int, int]]:
+        """Yield (value JSON, offset JSON or None, time_ms, count, position) for each record.
 
         The body checksum already held (see ``__init__``), so the framing is the writer's:
-        this loop only walks it. It is the hot path of replay.
+        this loop only walks it, checking that the counts add up to the trailer's.
         """
-        data, pos, end = self._data, self._body_start, self._body_end
-        unpack, head_size = RECORD_HEAD.unpack_from, RECORD_HEAD.size
-        while pos < end:
-            vlen, olen, time_ms = unpack(data, pos)
-            vstart = pos + head_size
-            vend = vstart + vlen
-            if olen:
-                pos = vend + olen
-                yield data[vstart:vend], data[vend:pos], time_ms
-            else:
-                pos = vend
-                yield data[vstart:vend], None, time_ms
-            pos += 4
-        if pos != end:
-            raise CorruptDataError(f"segment records overrun the body: key={self.key} offset={end}")
-
-    def columns(self, limit: int) -> Iterator[tuple[list[bytes], list[bytes | None] | None,
-                                                     list[int]]]:
-        """The records in chunks of up to ``limit``: (values, offsets, times) as parallel lists.
-
-        ``offsets`` is None for a chunk with no offset at all. The same walk as ``records()``,
-        for a caller that decodes a chunk at a time (replay) rather than a record at a time.
-        """
-        data, pos, end = self._data, self._body_start, self._body_end
-        unpack, head_size = RECORD_HEAD.unpack_from, RECORD_HEAD.size
-        left = self.count  # checked against the commit and the trailer
-        while left:
-            size = min(limit, left)
-            left -= size
-            values: list[bytes] = []
-            times: list[int] = []
-            offsets: list[bytes | None] | None = None
-            add_value, add_time = values.append, times.append
-            try:
-                for index in range(size):
+        data, pos, end, key = self._data, self._body_start, self._body_end, self.key
+        unpack, head_size = self._head.unpack_from, self._head.size
+        v1 = self.major == 1
+        left = self.count
+        try:
+            while pos < end:
+                if v1:
                     vlen, olen, time_ms = unpack(data, pos)
-                    pos += head_size
-                    add_value(data[pos:pos + vlen])
-                    add_time(time_ms)
-                    pos += vlen
-                    if olen:
-                        if offsets is None:
-                            offsets = [None] * index
-                        offsets.append(data[pos:pos + olen])
-                        pos += olen
-                    elif offsets is not None:
-                        offsets.append(None)
-                    pos += 4
-            except struct.error:  # framing that runs off the end of the object
-                raise CorruptDataError(f"segment records overrun the body: key={self.key} "
-                                       f"offset={end}") from None
-            if pos > end:  # a count that the framing does not bear out: never hand it out
-                break
-            yield values, offsets, times
+                    count = 1
+                else:
+                    vlen, olen, count, time_ms = unpack(data, pos)
+                vstart = pos + head_size
+                vend = vstart + vlen
+                pos = vend + olen + 4
+                left -= count
+                if pos > end:
+                    break
+                if count < 1 or left < 0:
+                    raise CorruptDataError(f"segment record count is damaged: key={key} "
+                                           f"offset={vstart - head_size} count={count}")
+                yield (data[vstart:vend], (data[vend:vend + olen] if olen else None), time_ms,
+                       count, vstart - head_size)
+        except struct.error:  # framing that runs off the end of the object
+            pass
         if pos != end:
-            raise CorruptDataError(f"segment records overrun the body: key={self.key} offset={end}")
+            raise CorruptDataError(f"segment records overrun the body: key={key} offset={end}")
+        if left:
+            raise CorruptDataError(f"segment record count differs from its trailer: key={key} "
+                                   f"offset={end} records={self.count - left} expected={self.count}")
+
+    def records(self) -> Iterator[tuple[bytes, bytes | None, int]]:
+        """Yield (value JSON, offset JSON or None, time_ms) for each record of a log whose
+        records hold one entry each (tables, the cache): a batch there is corruption."""
+        for value, offset, time_ms, count, at in self.frames():
+            if count != 1:
+                raise CorruptDataError(f"segment record holds a batch in a {self.meta.kind} log: "
+                                       f"key={self.key} offset={at} count={count}")
+            yield value, offset, time_ms
+
+    def event_chunks(self, limit: int) -> Iterator[tuple[list[Any], list[Any] | None, list[int]]]:
+        """The entries, decoded, in chunks: (values, offsets, times) as parallel lists.
+
+        ``offsets`` is None for a chunk with no offset at all. A batch record is one chunk
+        (one ``loads`` of its array); runs of single-entry records are gathered into chunks
+        of up to ``limit``. This is the hot path of replay.
+        """
+        loads, key = orjson.loads, self.key
+        values: list[bytes] = []
+        offsets: list[bytes | None] | None = None
+        times: list[int] = []
+        for value, offset, time_ms, count, at in self.frames():
+            if count == 1:
+                if offset is not None and offsets is None:
+                    offsets = [None] * len(values)
+                values.append(value)
+                times.append(time_ms)
+                if offsets is not None:
+                    offsets.append(offset)
+                if len(values) < limit:
+                    continue
+                yield _decode_singles(values, offsets, times)
+                values, offsets, times = [], None, []
+                continue
+            if values:
+                yield _decode_singles(values, offsets, times)
+                values, offsets, times = [], None, []
+            try:
+                items = loads(value)
+                offs = None if offset is None else loads(offset)
+            except orjson.JSONDecodeError:
+                items = offs = None
+            if (not isinstance(items, list) or len(items) != count
+                    or not (offset is None or (isinstance(offs, list) and len(offs) == count))):
+                raise CorruptDataError(f"segment batch record does not hold its count: key={key} "
+                                       f"offset={at} count={count}")
+            yield items, offs, [time_ms] * count
+        if values:
+            yield _decode_singles(values, offsets, times)
+
+
+def _decode_singles(values: list[bytes], offsets: list[bytes | None] | None,
+                    times: list[int]) -> tuple[list[Any], list[Any] | None, list[int]]:
+    loads = orjson.loads
+    decoded = None if offsets is None else [None if o is None else loads(o) for o in offsets]
+    return list(map(loads, values)), decoded, times

@@ -48,44 +48,59 @@ class CommitInfo:
 class LogBuffer:
     """The uncommitted records of one log (a stream, a table, the cache).
 
-    ``body`` holds framed records, ready to become a segment body as it is. When it passes
-    the segment size it is sealed, so one segment stays bounded.
+    ``body`` holds framed records, ready to become a segment body as it is. Events recorded
+    one at a time first gather in an *open batch* (``open_values``: their JSON, and
+    ``open_offsets`` once one of them has an offset), framed as one batch record when the
+    clock's millisecond changes and when the body is sealed: events of one millisecond
+    share a ``time_ms`` anyway, so the bytes are those of ``record_many``, and one record per batch
+    makes recording and replay several times cheaper than one per event. When the body
+    passes the segment size it is sealed, so one segment stays bounded.
     """
 
-    __slots__ = ("body", "count", "kind", "name", "offset", "sealed")
+    __slots__ = ("body", "count", "kind", "name", "offset", "open_ms", "open_offsets",
+                 "open_values", "sealed", "size")
 
     def __init__(self, kind: str, name: str) -> None:
         self.kind = kind
         self.name = name
         self.body = bytearray()
-        self.count = 0
+        self.count = 0  # entries framed in body
+        self.size = 0  # bytes of body and the open batch, for sealing
         self.offset: bytes | None = None  # the newest offset recorded (JSON), if any
         self.sealed: list[tuple[bytearray, int]] = []
+        self.open_values: list[bytes] = []
+        self.open_offsets: list[bytes] | None = None  # b"" for an event without one
+        self.open_ms: int | None = None
+
+    def open_batch(self, time_ms: int) -> None:
+        """Frame the open batch and start a new one at ``time_ms``."""
+        self.frame_open()
+        self.open_ms = time_ms
+        self.open_offsets = None
+
+    def frame_open(self) -> None:
+        """Frame the open batch's events as one record (each alone if they cannot be one)."""
+        values = self.open_values
+        if not values:
+            return
+        offsets, time_ms = self.open_offsets, self.open_ms or 0
+        value, offset = fmt.join_batch(values, offsets)
+        if max(len(value), len(offset)) <= fmt.MAX_RECORD_JSON:
+            fmt.append_record(self.body, value, offset, time_ms, len(values))
+        else:  # a few huge values: a u32 length holds each, not all of them at once
+            for index, data in enumerate(values):
+                fmt.append_record(self.body, data, offsets[index] if offsets else b"", time_ms)
+        self.count += len(values)
+        self.open_values = []
+        if offsets is not None:
+            self.open_offsets = []
 
     def seal(self) -> None:
+        self.frame_open()
         if self.count:
             self.sealed.append((self.body, self.count))
             self.body, self.count = bytearray(), 0
-
-    def extend(self, framed: bytearray, count: int, limit: int) -> None:
-        """Append ``count`` framed records, sealing at ``limit`` bytes as single appends do."""
-        if len(self.body) + len(framed) < limit:
-            self.body += framed
-            self.count += count
-            return
-        # A big batch: cut it at record boundaries, so that no segment grows past one record
-        # beyond the limit (walking the lengths costs little next to framing them).
-        unpack, overhead = fmt.RECORD_HEAD.unpack_from, fmt.RECORD_OVERHEAD
-        start = pos = 0
-        while pos < len(framed):
-            vlen, olen, _time_ms = unpack(framed, pos)
-            pos += overhead + vlen + olen
-            self.count += 1
-            if len(self.body) + pos - start >= limit:
-                self.body += framed[start:pos]
-                self.seal()
-                start = pos
-        self.body += framed[start:]
+        self.size = len(self.body)
 
     def take(self) -> list[tuple[bytearray, int]]:
         """Remove and return every batch (body, record count), oldest first."""
@@ -145,7 +160,7 @@ class Scheduler:
         return buf
 
     def note_appended(self, buf: LogBuffer, nbytes: int, count: int = 1) -> bool:
-        """Account for ``count`` records framed onto ``buf.body`` (``nbytes`` long).
+        """Account for ``count`` entries added to ``buf`` (``nbytes`` long), framed or open.
 
         Returns whether uncommitted bytes are now over the back-pressure bound (then the
         caller should ``await wait_capacity()``).
@@ -154,7 +169,8 @@ class Scheduler:
             raise self._unusable
         self.appended += count
         pending = self.pending_bytes = self.pending_bytes + nbytes
-        if len(buf.body) >= self.max_segment_bytes:
+        size = buf.size = buf.size + nbytes
+        if size >= self.max_segment_bytes:
             buf.seal()
         if not self._pending_signalled:
             self._pending_signalled = True

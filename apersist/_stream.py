@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -17,23 +16,18 @@ from . import _format as fmt
 from ._policy import Policy
 from ._scheduler import Scheduler
 from ._store import Store
-from ._values import dumps_value
+from ._values import _has_nonfinite, dumps_value
 
 __all__ = ["Event", "Stream"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
-_crc32 = zlib.crc32
-_pack_head = fmt.RECORD_HEAD.pack
-_pack_crc = fmt.U32.pack
-_OVERHEAD = fmt.RECORD_OVERHEAD
+# record_many frames its values this many to a batch record at most, and fewer where their
+# JSON would pass a quarter of the segment size (a record is never split across segments).
+_BATCH_ENTRIES = 4096
 # Replay hands control back to the event loop this often, so a consumer that never awaits
 # cannot starve the scheduler and other tasks.
 _CHECKPOINT_EVERY = 1024
-
-
-def _loads_offset(raw: bytes | None) -> Any:
-    return None if raw is None else _loads(raw)
 
 
 class Event(NamedTuple):
@@ -50,37 +44,38 @@ class Event(NamedTuple):
 _new_event = tuple.__new__
 
 
-def _frame_batch(values: list[Any] | tuple[Any, ...], offsets: list[bytes] | None,
-                 time_ms: int) -> bytearray:
-    """Serialize and frame ``values`` (with ``offsets``, b"" for none) as records.
+def _encode_batch(values: Sequence[Any], offsets: list[bytes] | None, limit: int,
+                  where: str, first: int = 0) -> list[tuple[bytes, bytes, int]]:
+    """Serialize ``values`` into batch records (value, offset, count) of at most ``limit`` bytes.
 
-    The loop of ``record()`` without its per-call costs. Each value's JSON is copied out at
-    once: holding thousands of orjson results costs several times their serialization (each
-    starts as a 4 KiB allocation). A value that orjson refuses, or that holds NaN or
-    infinity, raises a ``TypeError``, one of 4 GiB or more a ``struct.error``; the caller
-    then checks the values one by one to name the culprit.
+    One ``orjson.dumps`` of a list writes exactly the JSON array of its items' JSON, so a
+    batch costs one C call instead of one per value. A value that orjson refuses or that
+    holds NaN or infinity raises, naming its index (``first`` + its position), as
+    ``record()`` would.
     """
-    framed = bytearray()
-    if offsets is None:  # the common case, in a loop of its own
-        for value in values:
-            data = _dumps(value)
-            if data.find(b"null") != -1:
-                dumps_value(value, "a batch")  # refuses NaN and infinity
-            head = _pack_head(len(data), 0, time_ms)
-            framed += head
-            framed += data
-            framed += _pack_crc(_crc32(data, _crc32(head)))
-        return framed
-    for value, off in zip(values, offsets, strict=True):
-        data = _dumps(value)
-        if data.find(b"null") != -1:
-            dumps_value(value, "a batch")
-        head = _pack_head(len(data), len(off), time_ms)
-        framed += head
-        framed += data
-        framed += off
-        framed += _pack_crc(_crc32(off, _crc32(data, _crc32(head))))
-    return framed
+    try:
+        data = _dumps(values)
+        bad = data.find(b"null") != -1 and _has_nonfinite(values)
+    except TypeError:  # refused somewhere in the batch (or too deep once inside a list)
+        bad = True
+    if bad or len(data) > fmt.MAX_RECORD_JSON:
+        # Find the culprit with the checks record() makes, to raise its error; if every
+        # value passes alone, only the batch was refused: frame them one by one.
+        singles = [dumps_value(value, f"{where} (batch index {first + index})")
+                   for index, value in enumerate(values)]
+        return [(value, offsets[index] if offsets else b"", 1)
+                for index, value in enumerate(singles)]
+    if len(data) > limit and len(values) > 1:
+        half = len(values) // 2
+        return [*_encode_batch(values[:half], offsets and offsets[:half], limit, where, first),
+                *_encode_batch(values[half:], offsets and offsets[half:], limit, where,
+                               first + half)]
+    if len(values) == 1:
+        return [(data[1:-1], offsets[0] if offsets else b"", 1)]
+    offset = b""
+    if offsets is not None and any(offsets):
+        offset = b"[%s]" % b",".join([off or b"null" for off in offsets])
+    return [(data, offset, len(values))]
 
 
 class Stream:
@@ -132,13 +127,13 @@ class Stream:
             return
         # The hot path: _append for an event without an offset, inlined.
         data = dumps_value(value, self._where)
-        head = _pack_head(len(data), 0, self._clock_ms())
-        body = buf.body
-        body += head
-        body += data
-        body += _pack_crc(_crc32(data, _crc32(head)))
-        buf.count += 1
-        if scheduler.note_appended(buf, _OVERHEAD + len(data)):
+        now = self._clock_ms()
+        if now != buf.open_ms:
+            buf.open_batch(now)
+        buf.open_values.append(data)
+        if buf.open_offsets is not None:
+            buf.open_offsets.append(b"")
+        if scheduler.note_appended(buf, len(data) + 1):
             await scheduler.wait_capacity()
 
     async def record_many(self, values: Iterable[Any], *,
@@ -170,18 +165,26 @@ class Stream:
             return
         if not values:
             return
-        try:
-            framed = _frame_batch(values, offs, self._clock_ms())
-        except Exception:
-            # Find the culprit with the checks record() makes, to raise its error.
-            for index, value in enumerate(values):
-                dumps_value(value, f"{self._where} (batch index {index})")
-            raise
-        buf.extend(framed, len(values), scheduler.max_segment_bytes)
+        # A batch record takes at most a quarter of a segment, so that a segment passes the
+        # segment size by a quarter at most (or by one value bigger than that).
+        limit = max(scheduler.max_segment_bytes // 4, 1)
+        records = [record
+                   for first in range(0, len(values), _BATCH_ENTRIES)
+                   for record in _encode_batch(
+                       values[first:first + _BATCH_ENTRIES],
+                       offs and offs[first:first + _BATCH_ENTRIES], limit, self._where, first)]
+        # Nothing is buffered before every value has been serialized: all or nothing.
+        time_ms = self._clock_ms()
+        buf.frame_open()  # events recorded before this batch come first
+        over = False
+        for value, offset, count in records:
+            nbytes = fmt.append_record(buf.body, value, offset, time_ms, count)
+            buf.count += count
+            over = scheduler.note_appended(buf, nbytes, count)  # seals at the segment size
         newest = next((off for off in reversed(offs or ()) if off), None)
         if newest is not None:
             buf.offset = newest
-        if scheduler.note_appended(buf, len(framed), len(values)):
+        if over:
             await scheduler.wait_capacity()
 
     def _append(self, value: Any, offset: Any) -> int:
@@ -194,20 +197,17 @@ class Stream:
             if off and self._scheduler is not None and self._policy.offsets_persist:
                 self._scheduler.set_offset(self.name, off)  # OFFSETS_ONLY
             return time_ms
-        # append_record, inlined: this is the hot path of record().
-        head = _pack_head(len(data), len(off), time_ms)
-        crc = _crc32(data, _crc32(head))
-        body = buf.body
-        body += head
-        body += data
+        if time_ms != buf.open_ms:
+            buf.open_batch(time_ms)
+        if off and buf.open_offsets is None:
+            buf.open_offsets = [b""] * len(buf.open_values)
+        buf.open_values.append(data)
+        if buf.open_offsets is not None:
+            buf.open_offsets.append(off)
         if off:
-            crc = _crc32(off, crc)
-            body += off
             buf.offset = off
-        body += _pack_crc(crc)
-        buf.count += 1
         self._scheduler.note_appended(  # type: ignore[union-attr]
-            buf, _OVERHEAD + len(data) + len(off))
+            buf, len(data) + len(off) + 2)
         return time_ms
 
     async def replay(self) -> AsyncIterator[Event]:
@@ -226,13 +226,11 @@ class Stream:
         first_ms: int | None = None
         started = 0.0
         async for view in self._read_ahead(segments):
-            for values, offsets, times in view.columns(_CHECKPOINT_EVERY):
-                # A chunk at a time: its values are parsed and its events built by C loops
-                # (map, zip), leaving the loop below one yield per event.
+            for values, offsets, times in view.event_chunks(_CHECKPOINT_EVERY):
+                # A chunk at a time (a batch record, or up to 1,024 single ones): its events
+                # are built by C loops (map, zip), leaving the loop below one yield per event.
                 events = map(_new_event, repeat(Event), zip(
-                    map(_loads, values),
-                    repeat(None) if offsets is None else map(_loads_offset, offsets),
-                    times, repeat(True)))
+                    values, repeat(None) if offsets is None else offsets, times, repeat(True)))
                 if not realtime:
                     for event in events:
                         yield event

@@ -29,7 +29,7 @@ import orjson
 
 import apersist
 from apersist import _format as fmt
-from apersist._stream import Event, _frame_batch  # the framing record_many runs
+from apersist._stream import Event, _encode_batch  # the serialization record_many runs
 from benchmarks.common import make_values
 
 BATCH = 1024
@@ -79,8 +79,11 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
             dumps(value)
 
     def framing() -> None:
+        body = bytearray()
         for first in range(0, n, BATCH):
-            _frame_batch(values[first:first + BATCH], None, 0)
+            for value, offset, count in _encode_batch(values[first:first + BATCH], None,
+                                                      1 << 30, "bench"):
+                fmt.append_record(body, value, offset, 0, count)
 
     def clock() -> None:
         now = time.time_ns
@@ -116,8 +119,9 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
         ("floor: `orjson.dumps` + `list.append`", per_event_us(floor, n, repeats)),
         ("`orjson.dumps` alone", dumps_us),
         ("`await` of an empty async method", per_event_us_async(awaiting, n, repeats)),
-        ("framing: NaN probe, head, 2 CRC-32s, 3 appends (`record_many`'s loop minus dumps)",
-         per_event_us(framing, n, repeats) - dumps_us),
+        ("`record_many`'s serialization and framing: one `dumps` of each batch of 1,024, "
+         "NaN probe, one head and CRC-32 (`_encode_batch`, `append_record`)",
+         per_event_us(framing, n, repeats)),
         ("one wall-clock reading (`time.time_ns() // 10**6`)", per_event_us(clock, n, repeats)),
         ("**apersist `record()`**, whole (open and final commit excluded)",
          asyncio.run(timed_record(False))),
@@ -133,8 +137,11 @@ def replay_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
     for number, first in enumerate(range(0, n, BATCH)):
         chunk = values[first:first + BATCH]
         key = fmt.segment_key("0", 1, number + 1)
-        data = fmt.encode_segment(fmt.SegmentMeta(key, fmt.KIND_EVENTS, "bench"),
-                                  _frame_batch(chunk, None, 0), len(chunk))
+        body = bytearray()
+        value, offset = fmt.join_batch([orjson.dumps(v) for v in chunk], None)
+        fmt.append_record(body, value, offset, 0, len(chunk))  # one batch record, as written
+        data = fmt.encode_segment(fmt.SegmentMeta(key, fmt.KIND_EVENTS, "bench"), body,
+                                  len(chunk))
         segments.append((fmt.SegmentRef(key, fmt.KIND_EVENTS, "bench", len(chunk), len(data)),
                          data))
     loads = orjson.loads
@@ -151,16 +158,21 @@ def replay_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
 
     def walk() -> None:
         for view in views:
-            for _ in view.columns(BATCH):
+            for _ in view.frames():
                 pass
 
-    columns = [chunk for view in views for chunk in view.columns(BATCH)]
+    def decode() -> None:
+        for view in views:
+            for _ in view.event_chunks(BATCH):
+                pass
+
+    columns = [chunk for view in views for chunk in view.event_chunks(BATCH)]
 
     def build() -> None:
-        # replay()'s C loops: parse each value, make each Event (loads included).
+        # replay()'s C loop: make each Event from the decoded columns.
         for values_, _offsets, times in columns:
             for _ in map(tuple.__new__, repeat(Event),
-                         zip(map(loads, values_), repeat(None), times, repeat(True))):
+                         zip(values_, repeat(None), times, repeat(True))):
                 pass
 
     async def yielding() -> None:
@@ -188,10 +200,10 @@ def replay_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
     return [
         ("floor: `orjson.loads` over each event's JSON", per_event_us(floor, n, repeats)),
         ("segment checks on read (header, trailer, body CRC-32)", per_event_us(check, n, repeats)),
-        ("walking the frames into columns (`SegmentView.columns`)",
-         per_event_us(walk, n, repeats)),
-        ("parsing and building each `Event` (`orjson.loads` included)",
-         per_event_us(build, n, repeats)),
+        ("walking the records (`SegmentView.frames`)", per_event_us(walk, n, repeats)),
+        ("walking and decoding them (`SegmentView.event_chunks`: one `orjson.loads` per batch)",
+         per_event_us(decode, n, repeats)),
+        ("building each `Event` from the decoded columns", per_event_us(build, n, repeats)),
         ("one `async for` step of an async generator",
          per_event_us_async(yielding, n, repeats)),
         ("**apersist `replay()`**, whole, loop thread (open included; reads run in threads)",

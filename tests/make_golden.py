@@ -3,13 +3,15 @@
 Run once per released format version and check the result in; never regenerate a released
 one (``tests/test_golden.py`` reads it with every later version)::
 
-    python tests/make_golden.py            # writes tests/golden/format-1.0/
+    python tests/make_golden.py            # writes tests/golden/format-X.Y/ (the current)
     python tests/make_golden.py --out DIR  # anywhere else (DIR must not exist)
 
 The store is written on the filesystem backend by two runs (two writer epochs). It holds
 streams with offsets (unicode and nested values among them), a table with a compaction
 snapshot and deltas after it, a commit that cuts one stream into several segments, and a
-cached result: every log kind of the format. ``expected.json`` next to ``store/`` lists
+cached result: every log kind of the format. From format 2.0 on it also holds batch
+records: a ``record_many`` batch with and without offsets, and ``record()`` calls of one
+millisecond, which share one record. ``expected.json`` next to ``store/`` lists
 what a reader must get back: each stream's events (value, offset, time_ms) and final
 offset, each table's state and the cached results.
 
@@ -56,6 +58,10 @@ TABLE_RUN1_BEFORE = {"alice": 1, "bob": {"n": [1, 2]}, "carol": "ĉ", "dave": No
 TABLE_RUN1_AFTER = {"erin": 5, "alice": 2}  # deltas after the snapshot
 TABLE_RUN2 = {"frank": [1.25, "x"], "bob": {"n": [3]}}
 CACHE_ARGS = [3, "ß", [1, 2]]
+# Format 2.0: batch records (several events in one record).
+BATCH_VALUES: list[Any] = [{"b": 1}, "two", None, [3, {"x": None}], 5.5]
+BATCH_OFFSETS: list[Any] = [10, None, {"pos": 12}, None, 14]
+BURST = [{"burst": i, "s": "ë" * i} for i in range(6)]  # record() calls in one millisecond
 
 
 def square(x: Any) -> Any:
@@ -81,7 +87,8 @@ async def write_store(root: Path) -> dict[str, Any]:
     clock = Clock()
     backend = apersist.Backend.filesystem(root)
     cached_square = apersist.cached(name="golden.square", version=1)(square)
-    events: dict[str, list[list[Any]]] = {"orders": [], "clicks": [], "bulk": []}
+    events: dict[str, list[list[Any]]] = {"orders": [], "clicks": [], "bulk": [],
+                                          "batch": [], "burst": []}
     offsets: dict[str, Any] = {}
 
     async def record(stream: apersist.Stream, value: Any, offset: Any) -> None:
@@ -119,6 +126,18 @@ async def write_store(root: Path) -> dict[str, Any]:
             await record(orders, value, offset)
         for i in range(BULK_COUNT):
             await record(bulk, {"i": i, "pad": "ü" * 40, "sq": i * i}, i)
+        clock.now += 1_000
+        batch = run.stream("batch")
+        await batch.record_many(BATCH_VALUES, offsets=BATCH_OFFSETS)
+        events["batch"] += [[v, o, clock.now] for v, o in zip(BATCH_VALUES, BATCH_OFFSETS, strict=True)]
+        await batch.record_many(BATCH_VALUES[:2])  # a batch without offsets
+        events["batch"] += [[v, None, clock.now] for v in BATCH_VALUES[:2]]
+        offsets["batch"] = BATCH_OFFSETS[-1]
+        clock.now += 1_000
+        burst = run.stream("burst")
+        for value in BURST:
+            await burst.record(value)
+            events["burst"].append([value, None, clock.now])
         table = await run.table("counts")
         for key, value in TABLE_RUN2.items():
             table[key] = value

@@ -51,7 +51,7 @@ T0, T1, T2, T3 = (1_700_000_000_000 + n * 1_000_000 for n in range(4))
 MAX_SEGMENT_BYTES = 1024
 CASE_TIMEOUT_S = 30.0
 CACHE_ARGS = range(8)
-STREAMS = ("a", "b", "c")
+STREAMS = ("a", "b", "c", "d")
 TABLE = "t"
 
 # What the replay may do when an object is damaged, decided from the commit records.
@@ -167,6 +167,14 @@ async def build_store(backend: apersist.Backend, driver: Driver) -> tuple[State,
         expected.offsets["c"] = 19
         table["k05"] = expected.table["k05"] = {"v": "five"}
         await run.commit()
+        # Two segments of one size (batch records of as many equal-length values): replacing
+        # one by the other passes the size check, so only the header's own key can catch it.
+        d = run.stream("d")
+        for letter in "de":
+            batch = [letter * 10] * 3
+            await d.record_many(batch)
+            expected.events["d"] += [(value, None, T2) for value in batch]
+            await run.commit()
         table["k06"] = expected.table["k06"] = 6.5
         await run.compact()  # the second snapshot supersedes the first
         before_last = copy.deepcopy(expected)

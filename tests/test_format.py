@@ -456,3 +456,111 @@ def test_prefixes_nest() -> None:
         assert prefix.endswith("/")
     # One writer's prefix is not a string prefix of another's ("1/" vs "10/").
     assert not fmt.writer_prefix("10").startswith(fmt.writer_prefix("1"))
+
+
+# --------------------------------------------------------------------------- batch records (format 2.0)
+
+
+def make_batch_segment(batches: list[tuple[list[bytes], list[bytes] | None, int]], *,
+                       kind: str = fmt.KIND_EVENTS) -> tuple[fmt.SegmentRef, bytes]:
+    """A segment of batch records framed as the writer frames them (``join_batch``)."""
+    key = fmt.segment_key("0", 1, 1)
+    body = bytearray()
+    for values, offsets, t in batches:
+        value, offset = fmt.join_batch(values, offsets)
+        fmt.append_record(body, value, offset, t, len(values))
+    count = sum(len(values) for values, _, _ in batches)
+    data = fmt.encode_segment(fmt.SegmentMeta(key, kind, "orders"), body, count)
+    return fmt.SegmentRef(key, kind, "orders", count, len(data)), data
+
+
+def decoded_events(ref: fmt.SegmentRef, data: bytes, limit: int = 1024) -> list[tuple[Any, Any, int]]:
+    out: list[tuple[Any, Any, int]] = []
+    for values, offsets, times in fmt.SegmentView(ref, data).event_chunks(limit):
+        assert len(values) == len(times)
+        assert offsets is None or len(offsets) == len(values)
+        out += zip(values, offsets or [None] * len(values), times, strict=True)
+    return out
+
+
+batches = st.lists(st.tuples(
+    st.lists(st.tuples(json_values, st.none() | json_values.filter(lambda v: v is not None)),
+             min_size=1, max_size=6),
+    time_ms), max_size=6)
+
+
+@SETTINGS
+@given(groups=batches, limit=st.integers(1, 8))
+def test_batch_records_round_trip(groups: list[tuple[list[tuple[Any, Any]], int]], limit: int) -> None:
+    """Any mix of single and batch records, with and without offsets, replays as written."""
+    framed = []
+    for items, t in groups:
+        offsets = [b"" if o is None else orjson.dumps(o) for _, o in items]
+        framed.append(([orjson.dumps(v) for v, _ in items], offsets if any(offsets) else None, t))
+    ref, data = make_batch_segment(framed)
+    expected = [(orjson.loads(orjson.dumps(v)), orjson.loads(orjson.dumps(o)), t)
+                for items, t in groups for v, o in items]
+    assert decoded_events(ref, data, limit) == expected
+    assert sum(f[3] for f in fmt.SegmentView(ref, data).frames()) == len(expected)
+
+
+def test_a_batch_is_one_record_holding_json_arrays() -> None:
+    ref, data = make_batch_segment([([b'{"a":1}', b'"x"', b"[2]"], [b"7", b"", b'{"p":1}'], 42)])
+    (value, offset, t, count, _at), = fmt.SegmentView(ref, data).frames()
+    assert (value, offset, t, count) == (b'[{"a":1},"x",[2]]', b'[7,null,{"p":1}]', 42, 3)
+    assert decoded_events(ref, data) == [({"a": 1}, 7, 42), ("x", None, 42), ([2], {"p": 1}, 42)]
+
+
+def test_a_batch_of_one_is_a_single_record() -> None:
+    assert fmt.join_batch([b'{"a":1}'], [b"5"]) == (b'{"a":1}', b"5")
+    assert fmt.join_batch([b'{"a":1}'], None) == (b'{"a":1}', b"")
+    assert fmt.join_batch([b"1", b"2"], None) == (b"[1,2]", b"")
+
+
+def _segment_with_records(recs: list[tuple[bytes, bytes, int, int]], count: int,
+                          kind: str = fmt.KIND_EVENTS) -> tuple[fmt.SegmentRef, bytes]:
+    """Records framed with any counts (valid CRCs), under a trailer that says ``count``."""
+    key = fmt.segment_key("0", 1, 1)
+    body = bytearray()
+    for value, offset, t, n in recs:
+        fmt.append_record(body, value, offset, t, n)
+    data = fmt.encode_segment(fmt.SegmentMeta(key, kind, "orders"), body, count)
+    return fmt.SegmentRef(key, kind, "orders", count, len(data)), data
+
+
+@pytest.mark.parametrize(("recs", "count"), [
+    ([(b"[1,2,3]", b"", 0, 2)], 2),             # the array holds 3 items, the record says 2
+    ([(b"[1,2]", b"[1]", 0, 2)], 2),            # offsets of another length
+    ([(b'{"a":1}', b"", 0, 2)], 2),             # a batch whose value is no array
+    ([(b"1", b"", 0, 0)], 0),                   # a record of no entry
+    ([(b"1", b"", 0, 1), (b"[1,2]", b"", 0, 2)], 2),  # counts add up past the trailer's
+    ([(b"[1,2]", b"", 0, 2)], 3),               # counts fall short of the trailer's
+])
+def test_batch_counts_that_do_not_hold_are_corrupt(recs: list[tuple[bytes, bytes, int, int]],
+                                                   count: int) -> None:
+    ref, data = _segment_with_records(recs, count)
+    expect_corrupt(ref.key, data, lambda: decoded_events(ref, data))
+
+
+def test_a_batch_in_a_table_segment_is_corrupt() -> None:
+    ref, data = _segment_with_records([(b'[["k",1],["j",2]]', b"", 0, 2)], 2, kind=fmt.KIND_TABLE)
+    with pytest.raises(CorruptDataError, match=f"holds a batch in a table log: key={ref.key}"):
+        list(fmt.SegmentView(ref, data).records())
+
+
+def test_a_format_1_segment_is_read_with_its_own_framing() -> None:
+    """Format 1.0 records have a 16-byte head and no count: one entry each."""
+    key = fmt.segment_key("0", 1, 1)
+    body = bytearray()
+    for value, offset, t in SAMPLE:
+        head = fmt.RECORD_HEAD_V1.pack(len(value), len(offset), t)
+        body += head + value + offset + fmt.U32.pack(zlib.crc32(offset, zlib.crc32(value, zlib.crc32(head))))
+    data = _reheader(fmt.encode_segment(fmt.SegmentMeta(key, fmt.KIND_EVENTS, "orders"), body,
+                                        len(SAMPLE)), 1, 0)
+    ref = fmt.SegmentRef(key, fmt.KIND_EVENTS, "orders", len(SAMPLE), len(data))
+    assert read_segment(ref, data) == [(v, o or None, t) for v, o, t in SAMPLE]
+    assert decoded_events(ref, data) == [(orjson.loads(v), orjson.loads(o) if o else None, t)
+                                         for v, o, t in SAMPLE]
+    damaged = bytearray(data)
+    damaged[len(data) - 28 - 6] ^= 0x01  # inside the last record's value
+    expect_corrupt(ref.key, data, lambda: read_segment(ref, bytes(damaged)))

@@ -200,8 +200,9 @@ def _body(data: bytes) -> bytes:
 def bump_record(data: bytes, major: int, minor: int) -> bytes:
     """A commit or epoch record with only its version (and so its CRC) changed."""
     body = _body(data)
-    assert body.count(b'"format":[1,0]') == 1
-    return _checked_json(body.replace(b'"format":[1,0]', b'"format":[%d,%d]' % (major, minor)))
+    current = b'"format":[%d,%d]' % (apersist.FORMAT_MAJOR, apersist.FORMAT_MINOR)
+    assert body.count(current) == 1
+    return _checked_json(body.replace(current, b'"format":[%d,%d]' % (major, minor)))
 
 
 def bump_segment(data: bytes, major: int, minor: int) -> bytes:
