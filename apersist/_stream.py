@@ -225,6 +225,7 @@ class Stream:
         realtime = self._policy.realtime
         first_ms: int | None = None
         started = 0.0
+        unchecked = 0  # events yielded since the last checkpoint
         async for view in self._read_ahead(segments):
             for values, offsets, times in view.event_chunks(_CHECKPOINT_EVERY):
                 # A chunk at a time (a batch record, or up to 1,024 single ones): its events
@@ -242,7 +243,12 @@ class Stream:
                         if delay > 0:
                             await anyio.sleep(delay)
                         yield event
-                await anyio.lowlevel.checkpoint()
+                # A checkpoint per 1,024 events or so, not per chunk: batches of a few events
+                # each (a slow or many-stream recording) would pay one per batch.
+                unchecked += len(values)
+                if unchecked >= _CHECKPOINT_EVERY:
+                    unchecked = 0
+                    await anyio.lowlevel.checkpoint()
 
     async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
         """The segments ``refs``, read a window ahead by a task of the run (if it has one)."""
