@@ -151,7 +151,11 @@ class FilesystemDriver:
             for target, blob in puts:
                 part, fd = self._write_tmp(target, blob)
                 written.append(fd)
-                os.replace(part, target)
+                try:
+                    os.replace(part, target)
+                except BaseException:
+                    _unlink_quietly(part)
+                    raise
             tmp, fd = self._write_tmp(path, data)
             written.append(fd)
             for fd in written:
