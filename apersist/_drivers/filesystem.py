@@ -74,9 +74,12 @@ class FilesystemDriver:
         self._limiter = anyio.CapacityLimiter(_THREADS)
         self._known_dirs: set[Path] = set()
 
-    async def _call(self, what: str, key: str, fn: Callable[[], _T], *, label: str = "key") -> _T:
+    async def _call(self, what: str, key: str | Callable[[], str], fn: Callable[[], _T], *,
+                    label: str = "key") -> _T:
         """Run ``fn`` in a worker thread; the one place where an ``OSError`` becomes a
-        ``BackendError`` (disk full, permission denied, read-only filesystem, ...)."""
+        ``BackendError`` (disk full, permission denied, read-only filesystem, ...).
+
+        ``key`` may be a function that names the key of the step that failed."""
         try:
             return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except (ObjectExistsError, ObjectNotFoundError, ValueError):
@@ -87,6 +90,8 @@ class FilesystemDriver:
             # The path the kernel refused (a directory, a temporary file) locates a
             # permission problem better than the key alone.
             path = f" path={exc.filename}" if exc.filename is not None else ""
+            if callable(key):
+                key = key()
             raise BackendError(f"filesystem {what} failed: {reason}: {label}={key} errno={code}"
                                f"{path} root={self._root}") from exc
 
@@ -132,10 +137,12 @@ class FilesystemDriver:
         """``base.put_then_create`` in one worker-thread call (see ``_commit_sync``)."""
         paths = [(self._root / check_key(k), d) for k, d in puts]
         path = self._root / check_key(key)
-        await self._call("put", key, lambda: self._commit_sync(paths, path, key, data))
+        step = [key]  # the key being written: an error names the object that failed
+        await self._call("put", lambda: step[0],
+                         lambda: self._commit_sync(paths, path, key, data, step))
 
     def _commit_sync(self, puts: builtins.list[tuple[Path, bytes]], path: Path, key: str,
-                     data: bytes) -> None:
+                     data: bytes, step: builtins.list[str]) -> None:
         """Write every object of ``puts`` and ``data``, fsync them all, then create ``path``.
 
         The objects are renamed into place *before* their fsync: that is safe because
@@ -145,29 +152,33 @@ class FilesystemDriver:
         the first fsync commits the journal holding the renames, and the directory fsyncs
         that follow find little left to do.
         """
-        written: builtins.list[int] = []
+        written: builtins.list[tuple[int, str]] = []  # open files and their keys
+        dirs: dict[Path, str] = {}  # segment directories, each with a key in it
         tmp: Path | None = None
         try:
             for target, blob in puts:
+                step[0] = dirs[target.parent] = target.relative_to(self._root).as_posix()
                 part, fd = self._write_tmp(target, blob)
-                written.append(fd)
+                written.append((fd, step[0]))
                 try:
                     os.replace(part, target)
                 except BaseException:
                     _unlink_quietly(part)
                     raise
+            step[0] = key
             tmp, fd = self._write_tmp(path, data)
-            written.append(fd)
-            for fd in written:
+            written.append((fd, key))
+            for fd, step[0] in written:
                 os.fsync(fd)
-            for parent in dict.fromkeys(target.parent for target, _ in puts):
+            for parent, step[0] in dirs.items():
                 _fsync_dir(parent)
+            step[0] = key
         except BaseException:
             if tmp is not None:
                 _unlink_quietly(tmp)  # a failed commit leaves no temporary record behind
             raise
         finally:
-            for fd in written:
+            for fd, _ in written:
                 os.close(fd)
         # Every object named by the record is durable, name and bytes: now the record.
         self._publish(tmp, path, key, True)
