@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
+from ._drivers.base import put_then_create
 from ._errors import CorruptDataError, FencedError
 
 __all__ = ["LoggedSegment", "SegmentBlob", "Store"]
@@ -340,10 +341,20 @@ class Store:
             if number is not None:
                 yield number
 
-    async def _put_created(self, key: str, data: bytes) -> None:
-        """Create-if-absent that settles an ambiguous retry by reading the object back."""
+    async def _put_created(self, key: str, data: bytes,
+                           blobs: Sequence[SegmentBlob] = ()) -> None:
+        """Create-if-absent that settles an ambiguous retry by reading the object back.
+
+        With ``blobs``, they are put first and the create never becomes durable before
+        them (``put_then_create``): upload before commit, a commit never names a segment
+        that a crash could lose.
+        """
         try:
-            await self._driver.put(key, data, if_absent=True)
+            if blobs:
+                await put_then_create(self._driver, [(b.ref.key, b.data) for b in blobs],
+                                      key, data, concurrency=self._upload_concurrency)
+            else:
+                await self._driver.put(key, data, if_absent=True)
         except ObjectExistsError as exists:
             try:
                 existing = await self._driver.get(key)
@@ -372,13 +383,9 @@ class Store:
             raise self._fenced
         if self._epoch is None:
             raise RuntimeError("commit on a store that does not hold the writer role")
-        # Upload before commit: a commit never names a missing segment.
-        if blobs:
-            await gather_bounded(
-                [self._uploader(blob) for blob in blobs], self._upload_concurrency)
         record = self._next_record(blobs, offsets, reset=reset)
         key = fmt.commit_key(self._writer, record.seq)
-        if not await self._publish(key, record):
+        if not await self._publish(key, record, blobs):
             theirs = await self._epoch_of(key)
             self._fenced = FencedError(
                 f"a newer writer owns this store: epoch={self._epoch} current={theirs} "
@@ -396,10 +403,12 @@ class Store:
             time_ms=self._clock_ms(), token=uuid.uuid4().hex, reset=reset,
             segments=tuple(b.ref for b in blobs), offsets=offsets)
 
-    async def _publish(self, key: str, record: fmt.CommitRecord) -> bool:
-        """Write the commit record under its number: false if that number is taken."""
+    async def _publish(self, key: str, record: fmt.CommitRecord,
+                       blobs: Sequence[SegmentBlob] = ()) -> bool:
+        """Upload ``blobs``, then write the commit record that names them under its number:
+        false if that number is taken."""
         try:
-            await self._put_created(key, record.encode())
+            await self._put_created(key, record.encode(), blobs)
         except ObjectExistsError:
             return False
         return True
@@ -413,11 +422,6 @@ class Store:
             except ObjectNotFoundError:
                 return
             self._apply(self._state, key, fmt.CommitRecord.decode(key, data))
-
-    def _uploader(self, blob: SegmentBlob) -> Callable[[], Awaitable[None]]:
-        async def upload() -> None:
-            await self._driver.put(blob.ref.key, blob.data)
-        return upload
 
     async def _epoch_of(self, key: str) -> int | str:
         try:

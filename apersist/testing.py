@@ -33,7 +33,14 @@ from typing import Any, Final, TypeVar
 
 import anyio
 
-from ._drivers.base import Driver, ObjectExistsError, ObjectInfo, ObjectNotFoundError, TransientBackendError
+from ._drivers.base import (
+    Driver,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    TransientBackendError,
+    put_then_create,
+)
 from ._errors import BackendError
 
 __all__ = [
@@ -234,6 +241,30 @@ async def put_is_atomic_for_readers(driver: Driver) -> None:
     torn = [_show(data) for data in seen if data not in versions]
     _expect(not torn, f"a reader saw a version that was never written: {torn[:3]}")
     _expect(await driver.get("atomic/key") in versions, "final content is one of the versions written")
+
+
+@_check
+async def put_then_create_commits(driver: Driver) -> None:
+    """``put_then_create`` (the driver's own verb, or the fallback) stores every object, then
+    creates the record; on a taken key it raises ``ObjectExistsError``, record unchanged."""
+    puts = [(f"commit/segments/{i}", _payload(100 + 1000 * i, seed=10 + i)) for i in range(3)]
+    await put_then_create(driver, puts, "commit/commits/1", b"record one", concurrency=2)
+    for key, data in puts:
+        _expect_bytes(await driver.get(key), data, f"get of a put of put_then_create key={key}")
+    _expect_bytes(await driver.get("commit/commits/1"), b"record one", "get of the created record")
+    late = [("commit/segments/3", b"orphan")]
+    await _expect_raises(ObjectExistsError,
+                         lambda: put_then_create(driver, late, "commit/commits/1", b"record two",
+                                                 concurrency=2),
+                         "put_then_create on a taken record key")
+    _expect_bytes(await driver.get("commit/commits/1"), b"record one",
+                  "record after a refused put_then_create")
+    # No puts: the create alone. Nothing else (no temporary object) is ever listed.
+    await put_then_create(driver, [], "commit/commits/2", b"", concurrency=2)
+    listed = [key for key, _ in await _listing(driver, "commit/")]
+    _expect(set(listed) <= {*(k for k, _ in puts), *(k for k, _ in late), "commit/commits/1",
+                            "commit/commits/2"}, f"list after put_then_create: {listed}")
+    _expect("commit/commits/2" in listed, f"record created with no puts is listed: {listed}")
 
 
 # --------------------------------------------------------------------------- get

@@ -7,10 +7,12 @@ are answers, anything else that fails is a ``BackendError`` with the cause chain
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from .._concurrency import gather_bounded
 from .._errors import BackendError
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "TransientBackendError",
     "check_key",
     "check_range",
+    "put_then_create",
     "slice_range",
 ]
 
@@ -56,6 +59,9 @@ class Driver(Protocol):
     ``put`` is atomic: a reader sees the whole object or nothing. With ``if_absent=True`` it
     is a create-if-absent that raises ``ObjectExistsError`` when the key exists, and exactly
     one of several racing creators wins; this is what makes commits atomic and fencing work.
+
+    A driver may also offer one optional verb, ``put_then_create(puts, key, data)``: see
+    ``put_then_create`` below, which falls back to the plain verbs for a driver without it.
     """
 
     name: str
@@ -79,6 +85,32 @@ class Driver(Protocol):
     async def aclose(self) -> None:
         """Release the driver's resources. Safe to call twice."""
         ...
+
+
+async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes]], key: str,
+                          data: bytes, *, concurrency: int) -> None:
+    """Put every ``(key, data)`` of ``puts``, then create ``key`` with ``data``: a commit.
+
+    Returns once all of them are durable. ``key`` never becomes visible, nor durable,
+    before every object of ``puts`` is durable: a commit never names a segment a crash
+    could lose. Raises ``ObjectExistsError`` if ``key`` exists (some of ``puts`` may have
+    landed then, as orphans), else what ``put`` raises. A crash before it returns may leave
+    one of ``puts`` torn under its key (never ``key``), so ``puts`` must be objects that
+    nothing names yet, as a commit's segments are.
+
+    A driver that can do better offers this as its own verb (the filesystem does all of it
+    in one worker-thread call). Otherwise, and for wrappers that retry or inject faults
+    step by step (they do not offer it: retrying the whole call after its create landed
+    would put again segments that a durable commit names), the steps are the plain verbs:
+    the puts concurrently, at most ``concurrency`` at once, then ``put(key, data,
+    if_absent=True)``.
+    """
+    own = getattr(driver, "put_then_create", None)
+    if own is not None:
+        await own(puts, key, data)
+        return
+    await gather_bounded([functools.partial(driver.put, k, d) for k, d in puts], concurrency)
+    await driver.put(key, data, if_absent=True)
 
 
 def check_key(key: str) -> str:

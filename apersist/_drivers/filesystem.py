@@ -6,6 +6,10 @@ publish of a small object costs ~0.5 ms (``shared/infra.md`` §3). Objects are w
 a temporary name in the target directory, fsynced, then published with ``os.replace``
 (overwrite) or ``os.link`` (create-if-absent: the link fails if the name exists, which makes
 exactly one racing creator win), and the directory is fsynced so the name survives a crash.
+
+A commit (``put_then_create``: the segments, then the commit record) is one hop too. Its
+fsyncs are still made one after another: on this VM's disk concurrent fsyncs do not
+overlap, and the extra hops cost more than they saved (``docs/backends.md``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _unlink_quietly(path: Path) -> None:
+    """Remove a temporary file. A failure to do so must not hide the error being handled
+    (or turn a durable create into a reported failure): a leftover temporary file is never
+    listed or read, only wasted space."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _raise_unless_absent(exc: OSError) -> None:
     """``os.walk`` error handler: a directory that is absent holds no objects; anything
     else (permission denied, an I/O error) fails the listing.
@@ -62,9 +74,12 @@ class FilesystemDriver:
         self._limiter = anyio.CapacityLimiter(_THREADS)
         self._known_dirs: set[Path] = set()
 
-    async def _call(self, what: str, key: str, fn: Callable[[], _T], *, label: str = "key") -> _T:
+    async def _call(self, what: str, key: str | Callable[[], str], fn: Callable[[], _T], *,
+                    label: str = "key") -> _T:
         """Run ``fn`` in a worker thread; the one place where an ``OSError`` becomes a
-        ``BackendError`` (disk full, permission denied, read-only filesystem, ...)."""
+        ``BackendError`` (disk full, permission denied, read-only filesystem, ...).
+
+        ``key`` may be a function that names the key of the step that failed."""
         try:
             return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except (ObjectExistsError, ObjectNotFoundError, ValueError):
@@ -75,6 +90,8 @@ class FilesystemDriver:
             # The path the kernel refused (a directory, a temporary file) locates a
             # permission problem better than the key alone.
             path = f" path={exc.filename}" if exc.filename is not None else ""
+            if callable(key):
+                key = key()
             raise BackendError(f"filesystem {what} failed: {reason}: {label}={key} errno={code}"
                                f"{path} root={self._root}") from exc
 
@@ -105,19 +122,89 @@ class FilesystemDriver:
         await self._call("put", key, lambda: self._put_sync(path, key, data, if_absent))
 
     def _put_sync(self, path: Path, key: str, data: bytes, if_absent: bool) -> None:
+        tmp, fd = self._write_tmp(path, data)
+        try:
+            os.fsync(fd)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        finally:
+            os.close(fd)
+        self._publish(tmp, path, key, if_absent)
+
+    async def put_then_create(self, puts: Sequence[tuple[str, bytes]], key: str,
+                              data: bytes) -> None:
+        """``base.put_then_create`` in one worker-thread call (see ``_commit_sync``)."""
+        paths = [(self._root / check_key(k), d) for k, d in puts]
+        path = self._root / check_key(key)
+        step = [key]  # the key being written: an error names the object that failed
+        await self._call("put", lambda: step[0],
+                         lambda: self._commit_sync(paths, path, key, data, step))
+
+    def _commit_sync(self, puts: builtins.list[tuple[Path, bytes]], path: Path, key: str,
+                     data: bytes, step: builtins.list[str]) -> None:
+        """Write every object of ``puts`` and ``data``, fsync them all, then create ``path``.
+
+        The objects are renamed into place *before* their fsync: that is safe because
+        nothing names them until the record is linked, and the link comes only after every
+        file and directory below is fsynced (a crash before then may leave an object torn
+        under its name: an orphan no commit names). It is also what makes it cheap: on ext4
+        the first fsync commits the journal holding the renames, and the directory fsyncs
+        that follow find little left to do.
+        """
+        written: builtins.list[tuple[int, str]] = []  # open files and their keys
+        dirs: dict[Path, str] = {}  # segment directories, each with a key in it
+        tmp: Path | None = None
+        try:
+            for target, blob in puts:
+                step[0] = dirs[target.parent] = target.relative_to(self._root).as_posix()
+                part, fd = self._write_tmp(target, blob)
+                written.append((fd, step[0]))
+                try:
+                    os.replace(part, target)
+                except BaseException:
+                    _unlink_quietly(part)
+                    raise
+            step[0] = key
+            tmp, fd = self._write_tmp(path, data)
+            written.append((fd, key))
+            for fd, step[0] in written:
+                os.fsync(fd)
+            for parent, step[0] in dirs.items():
+                _fsync_dir(parent)
+            step[0] = key
+        except BaseException:
+            if tmp is not None:
+                _unlink_quietly(tmp)  # a failed commit leaves no temporary record behind
+            raise
+        finally:
+            for fd, _ in written:
+                os.close(fd)
+        # Every object named by the record is durable, name and bytes: now the record.
+        self._publish(tmp, path, key, True)
+
+    def _write_tmp(self, path: Path, data: bytes) -> tuple[Path, int]:
+        """Write ``data`` to a new temporary file beside ``path``; return it and its open fd
+        (not yet fsynced). On failure nothing is left behind."""
         parent = path.parent
         self._ensure_dir(parent)
         tmp = parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)  # a failed write (disk full, say) leaves no temporary file
+            raise
+        return tmp, fd
+
+    @staticmethod
+    def _publish(tmp: Path, path: Path, key: str, if_absent: bool) -> None:
+        """Move the fsynced ``tmp`` into place as ``path`` and fsync the directory."""
         published = False
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             if if_absent:
                 try:
                     os.link(tmp, path)
@@ -128,14 +215,9 @@ class FilesystemDriver:
             published = True
         finally:
             if if_absent or not published:
-                # A failed put (disk full, say) must leave no temporary file behind, and a
-                # failure to remove it must not hide why the put failed (or, after a
-                # successful link, turn a durable create into a reported failure): a
-                # leftover temporary file is never listed or read, only wasted space.
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                _unlink_quietly(tmp)  # a failed put leaves none; a link leaves a second name
         # The directory entry is what makes the new name durable.
-        _fsync_dir(parent)
+        _fsync_dir(path.parent)
 
     async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         path = self._root / check_key(key)
