@@ -108,21 +108,45 @@ def write_fsync(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def atomic_publish(directory: Path, name: str, data: bytes) -> None:
-    """Publish ``data`` as ``directory/name`` the way the filesystem driver's put does.
+def _write(path: Path, data: bytes) -> int:
+    """Create ``path`` and write ``data``; return the open descriptor (not yet fsynced)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
 
-    A temporary file is written and fsynced, linked into place and unlinked, then the
-    directory is fsynced: the bare I/O of one create-if-absent put.
-    """
-    tmp = directory / f".tmp-{name}"
-    write_fsync(tmp, data)
-    os.link(tmp, directory / name)
-    os.unlink(tmp)
+
+def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def bare_commit(segments: Path, commits: Path, name: str, data: bytes) -> None:
+    """The bare I/O of a one-segment filesystem commit, in the driver's order.
+
+    The segment is written to a temporary name and renamed into place, the commit record
+    written to a temporary name, both fsynced, the segment directory fsynced, then the
+    record linked into place and the commit directory fsynced: one worker-thread call, as
+    ``FilesystemDriver.put_then_create`` makes it.
+    """
+    seg_tmp, rec_tmp = segments / f".tmp-{name}", commits / f".tmp-{name}"
+    fds = [_write(seg_tmp, data)]
+    try:
+        os.rename(seg_tmp, segments / name)
+        fds.append(_write(rec_tmp, data))
+        for fd in fds:
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _fsync_dir(segments)
+    os.link(rec_tmp, commits / name)
+    os.unlink(rec_tmp)
+    _fsync_dir(commits)
 
 
 async def timed_write_fsync(path: Path, data: bytes) -> float:
