@@ -50,10 +50,14 @@ class LoggedSegment:
 
 @dataclass(frozen=True, slots=True)
 class SegmentBlob:
-    """A segment ready to upload: its reference and its bytes."""
+    """A segment ready to upload: its reference and its bytes.
+
+    ``data`` is a bytearray (the commit's own buffer, built in place) only for a driver that
+    ``accepts_buffers``; nothing changes it once built.
+    """
 
     ref: fmt.SegmentRef
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(slots=True)
@@ -85,6 +89,16 @@ class Store:
     @property
     def driver(self) -> Driver:
         return self._driver
+
+    @property
+    def accepts_buffers(self) -> bool:
+        """Whether the driver takes a ``bytearray`` segment (``SegmentBlob.data``) as it is.
+
+        A driver says so with a true ``accepts_buffers`` attribute (the filesystem's commit
+        writes through a memoryview); others, wrappers included, get bytes (the Azure SDK
+        would stream a bytearray as an iterable of ints).
+        """
+        return bool(getattr(self._driver, "accepts_buffers", False))
 
     @property
     def last_seq(self) -> int:

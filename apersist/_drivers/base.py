@@ -87,7 +87,7 @@ class Driver(Protocol):
         ...
 
 
-async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes]], key: str,
+async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
                           data: bytes, *, concurrency: int) -> None:
     """Put every ``(key, data)`` of ``puts``, then create ``key`` with ``data``: a commit.
 
@@ -109,7 +109,10 @@ async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes]], key
     if own is not None:
         await own(puts, key, data)
         return
-    await gather_bounded([functools.partial(driver.put, k, d) for k, d in puts], concurrency)
+    # A bytearray reaches only drivers that take one (Store.accepts_buffers); bytes() is
+    # for any other, so that put() always gets the bytes it is typed for.
+    await gather_bounded([functools.partial(driver.put, k, d if isinstance(d, bytes) else bytes(d))
+                          for k, d in puts], concurrency)
     await driver.put(key, data, if_absent=True)
 
 

@@ -68,6 +68,9 @@ class FilesystemDriver:
     """Objects as files under ``root``; keys map to relative paths."""
 
     name = "filesystem"
+    # put_then_create() writes a bytearray through a memoryview, as it is: segments for it
+    # are built in place, with no copy that holds the GIL (Store.accepts_buffers).
+    accepts_buffers = True
 
     def __init__(self, root: Path) -> None:
         self._root = root
@@ -132,7 +135,7 @@ class FilesystemDriver:
             os.close(fd)
         self._publish(tmp, path, key, if_absent)
 
-    async def put_then_create(self, puts: Sequence[tuple[str, bytes]], key: str,
+    async def put_then_create(self, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
                               data: bytes) -> None:
         """``base.put_then_create`` in one worker-thread call (see ``_commit_sync``)."""
         paths = [(self._root / check_key(k), d) for k, d in puts]
@@ -141,7 +144,7 @@ class FilesystemDriver:
         await self._call("put", lambda: step[0],
                          lambda: self._commit_sync(paths, path, key, data, step))
 
-    def _commit_sync(self, puts: builtins.list[tuple[Path, bytes]], path: Path, key: str,
+    def _commit_sync(self, puts: builtins.list[tuple[Path, bytes | bytearray]], path: Path, key: str,
                      data: bytes, step: builtins.list[str]) -> None:
         """Write every object of ``puts`` and ``data``, fsync them all, then create ``path``.
 
@@ -183,7 +186,7 @@ class FilesystemDriver:
         # Every object named by the record is durable, name and bytes: now the record.
         self._publish(tmp, path, key, True)
 
-    def _write_tmp(self, path: Path, data: bytes) -> tuple[Path, int]:
+    def _write_tmp(self, path: Path, data: bytes | bytearray) -> tuple[Path, int]:
         """Write ``data`` to a new temporary file beside ``path``; return it and its open fd
         (not yet fsynced). On failure nothing is left behind."""
         parent = path.parent
