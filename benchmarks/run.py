@@ -130,12 +130,13 @@ def exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, exit_on_sigterm)
-    from benchmarks.suite import run_suite
+    from benchmarks.suite import judge_load, run_suite
 
     if args.from_json is not None:
         from benchmarks.common import Report
 
         report = Report.from_json(args.from_json.read_bytes())
+        judge_load(report)  # by today's rule, from the load averages the run recorded
         args.quick = bool(report.settings.get("quick"))
     else:
         started = time.perf_counter()
