@@ -280,10 +280,15 @@ def join_batch(values: list[bytes], offsets: list[bytes] | None) -> tuple[bytes,
     """
     if len(values) == 1:
         return values[0], (offsets[0] if offsets else b"")
-    value = b"[%s]" % b",".join(values)
-    if offsets is None:
-        return value, b""
-    return value, b"[%s]" % b",".join([off or _NULL for off in offsets])
+    return b"[%s]" % b",".join(values), join_offsets(offsets)
+
+
+def join_offsets(offsets: list[bytes] | None) -> bytes:
+    """A batch record's offset field: empty when no entry has one, else their JSON array
+    (``null`` for an entry without one)."""
+    if not offsets or not any(offsets):
+        return b""
+    return b"[%s]" % b",".join([off or _NULL for off in offsets])
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,18 @@ class LogBuffer:
         self.open_ms = time_ms
         self.open_offsets = None
 
+    def add(self, value: bytes, offset: bytes, time_ms: int) -> None:
+        """Add one event (its JSON; ``offset`` JSON or b"" for none) to the open batch."""
+        if time_ms != self.open_ms:
+            self.open_batch(time_ms)
+        if offset and self.open_offsets is None:
+            self.open_offsets = [b""] * len(self.open_values)
+        self.open_values.append(value)
+        if self.open_offsets is not None:
+            self.open_offsets.append(offset)
+        if offset:
+            self.offset = offset
+
     def frame_open(self) -> None:
         """Frame the open batch's events as one record (each alone if they cannot be one)."""
         values = self.open_values
@@ -410,25 +422,21 @@ class Scheduler:
     async def _build(self, kind: str, name: str, body: bytearray, count: int) -> SegmentBlob:
         key = self._store.new_segment_key()
         meta = fmt.SegmentMeta(key, kind, name)
-        if not self._store.accepts_buffers:
-            if len(body) >= _THREAD_BUILD_BYTES:
-                data = await anyio.to_thread.run_sync(fmt.encode_segment, meta, body, count)
-            else:
-                data = fmt.encode_segment(meta, body, count)
-            return SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(data)), data)
         # In place: ``body`` (this commit owns it) becomes the segment, the same bytes as
-        # encode_segment. Its b"".join copies into a fresh allocation holding the GIL on
-        # Python 3.11 (about 5 ms per 8 MiB, page faults included), which stalled the event
-        # loop as long even from a worker thread. zlib.crc32 releases the GIL, so the
-        # trailer of a big body is computed in a thread; moving the header in front is one
-        # memmove inside the buffer (about 0.4 ms per 8 MiB) and the trailer an append.
+        # encode_segment. A copy (encode_segment's join, or bytes()) holds the GIL for as
+        # long as it runs, about 5 ms per 8 MiB here, page faults included: from a worker
+        # thread it stalls the loop just as long. zlib.crc32 releases the GIL, so a big
+        # body's trailer is computed in a thread; moving the header in front is one memmove
+        # inside the buffer (about 0.4 ms per 8 MiB) and the trailer an append.
         if len(body) >= _THREAD_BUILD_BYTES:
             trailer = await anyio.to_thread.run_sync(fmt.encode_segment_trailer, count, body)
         else:
             trailer = fmt.encode_segment_trailer(count, body)
         body[:0] = fmt.encode_segment_head(meta)
         body += trailer
-        return SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(body)), body)
+        # The one copy left is for drivers that need bytes (object stores' SDKs).
+        data = body if self._store.accepts_buffers else bytes(body)
+        return SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(data)), data)
 
     def _fail(self, exc: PersistenceError) -> None:
         """A failed commit ends the run's writing: its outcome may be unknown."""

@@ -72,10 +72,7 @@ def _encode_batch(values: Sequence[Any], offsets: list[bytes] | None, limit: int
                                first + half)]
     if len(values) == 1:
         return [(data[1:-1], offsets[0] if offsets else b"", 1)]
-    offset = b""
-    if offsets is not None and any(offsets):
-        offset = b"[%s]" % b",".join([off or b"null" for off in offsets])
-    return [(data, offset, len(values))]
+    return [(data, fmt.join_offsets(offsets), len(values))]
 
 
 class Stream:
@@ -125,7 +122,7 @@ class Stream:
             if scheduler is not None and scheduler.over_limit:
                 await scheduler.wait_capacity()
             return
-        # The hot path: _append for an event without an offset, inlined.
+        # The hot path: _append and LogBuffer.add for an event without an offset, inlined.
         data = dumps_value(value, self._where)
         now = self._clock_ms()
         if now != buf.open_ms:
@@ -197,15 +194,7 @@ class Stream:
             if off and self._scheduler is not None and self._policy.offsets_persist:
                 self._scheduler.set_offset(self.name, off)  # OFFSETS_ONLY
             return time_ms
-        if time_ms != buf.open_ms:
-            buf.open_batch(time_ms)
-        if off and buf.open_offsets is None:
-            buf.open_offsets = [b""] * len(buf.open_values)
-        buf.open_values.append(data)
-        if buf.open_offsets is not None:
-            buf.open_offsets.append(off)
-        if off:
-            buf.offset = off
+        buf.add(data, off, time_ms)
         self._scheduler.note_appended(  # type: ignore[union-attr]
             buf, len(data) + len(off) + 2)
         return time_ms

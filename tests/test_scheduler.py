@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import orjson
 import pytest
 from helpers import FakeClock, install_counting, replayed, stored_objects, wait_until
 
 import apersist
+from apersist import _format as fmt
 
 QUIET = 60_000
 
@@ -210,9 +213,10 @@ async def test_concurrent_commit_callers_all_return_durable_commits(
 
 
 async def test_segments_built_in_place_are_the_bytes_built_by_join(tmp_path: Path) -> None:
-    """The filesystem gets each segment built in its own buffer (no copy holding the GIL),
-    the memory backend gets encode_segment's join: the bytes must be the same, small
-    segments (built on the loop) and big ones (their trailer CRC in a thread) alike."""
+    """Segments are built in their own buffer (no copy holding the GIL): the filesystem
+    gets the buffer, the memory backend bytes of it. Both must be exactly what
+    encode_segment's join makes, small segments (built on the loop) and big ones (their
+    trailer CRC in a thread) alike."""
     big = [{"n": i, "pad": "q" * 200} for i in range(6000)]  # past _THREAD_BUILD_BYTES
     backends = [apersist.Backend.memory(), apersist.Backend.filesystem(tmp_path / "fs")]
     for backend in backends:
@@ -227,3 +231,11 @@ async def test_segments_built_in_place_are_the_bytes_built_by_join(tmp_path: Pat
     assert max(len(memory[k]) for k in segments) > 1 << 20
     assert segments == sorted(k for k in filesystem if k.endswith(".seg"))
     assert all(memory[k] == filesystem[k] for k in segments)
+    for key in segments:
+        data = memory[key]
+        (meta_len,) = struct.unpack_from("<I", data, 12)
+        meta = orjson.loads(data[16:16 + meta_len])
+        (count,) = struct.unpack_from("<Q", data, len(data) - 28)
+        body = data[20 + meta_len:len(data) - 28]
+        assert data == fmt.encode_segment(fmt.SegmentMeta(key, meta["kind"], meta["name"]),
+                                          body, count)
