@@ -14,7 +14,7 @@ import orjson
 
 from . import _format as fmt
 from ._policy import Policy
-from ._scheduler import Scheduler
+from ._scheduler import BATCH_ENTRIES, Scheduler
 from ._store import Store
 from ._values import _has_nonfinite, dumps_value
 
@@ -22,9 +22,6 @@ __all__ = ["Event", "Stream"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
-# record_many frames its values this many to a batch record at most, and fewer where their
-# JSON would pass a quarter of the segment size (a record is never split across segments).
-_BATCH_ENTRIES = 4096
 # Replay hands control back to the event loop this often, so a consumer that never awaits
 # cannot starve the scheduler and other tasks.
 _CHECKPOINT_EVERY = 1024
@@ -127,9 +124,12 @@ class Stream:
         now = self._clock_ms()
         if now != buf.open_ms:
             buf.open_batch(now)
-        buf.open_values.append(data)
+        batch = buf.open_values
+        batch.append(data)
         if buf.open_offsets is not None:
             buf.open_offsets.append(b"")
+        if len(batch) >= BATCH_ENTRIES:
+            buf.frame_open()
         if scheduler.note_appended(buf, len(data) + 1):
             await scheduler.wait_capacity()
 
@@ -162,14 +162,15 @@ class Stream:
             return
         if not values:
             return
-        # A batch record takes at most a quarter of a segment, so that a segment passes the
-        # segment size by a quarter at most (or by one value bigger than that).
+        # A batch record holds at most BATCH_ENTRIES values and takes at most a quarter of
+        # a segment, so that a segment passes the segment size by a quarter at most (or by
+        # one value bigger than that).
         limit = max(scheduler.max_segment_bytes // 4, 1)
         records = [record
-                   for first in range(0, len(values), _BATCH_ENTRIES)
+                   for first in range(0, len(values), BATCH_ENTRIES)
                    for record in _encode_batch(
-                       values[first:first + _BATCH_ENTRIES],
-                       offs and offs[first:first + _BATCH_ENTRIES], limit, self._where, first)]
+                       values[first:first + BATCH_ENTRIES],
+                       offs and offs[first:first + BATCH_ENTRIES], limit, self._where, first)]
         # Nothing is buffered before every value has been serialized: all or nothing.
         time_ms = self._clock_ms()
         buf.frame_open()  # events recorded before this batch come first
@@ -216,9 +217,10 @@ class Stream:
         started = 0.0
         unchecked = 0  # events yielded since the last checkpoint
         async for view in self._read_ahead(segments):
-            for values, offsets, times in view.event_chunks(_CHECKPOINT_EVERY):
-                # A chunk at a time (a batch record, or up to 1,024 single ones): its events
-                # are built by C loops (map, zip), leaving the loop below one yield per event.
+            for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
+                # A chunk at a time (a batch record, or up to BATCH_ENTRIES single ones): its
+                # events are built by C loops (map, zip), leaving the loop below one yield per
+                # event. Chunks that small leave the garbage collector asleep (see BATCH_ENTRIES).
                 events = map(_new_event, repeat(Event), zip(
                     values, repeat(None) if offsets is None else offsets, times, repeat(True)))
                 if not realtime:

@@ -11,6 +11,8 @@ import pytest
 from helpers import FakeClock, replayed, stored_objects, values
 
 import apersist
+from apersist import _format as fmt
+from apersist._scheduler import BATCH_ENTRIES
 
 QUIET = 60_000
 
@@ -224,3 +226,28 @@ async def test_a_batch_writes_the_bytes_that_single_records_write(
     assert segments
     assert segments == sorted(key for key in other if key.endswith(".seg"))
     assert [one[key] for key in segments] == [other[key] for key in segments]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["record", "record_many"])
+async def test_a_batch_record_holds_at_most_batch_entries_events(
+        backend_factory: Callable[[str], apersist.Backend], many: bool) -> None:
+    """Replay decodes a batch's values together, so both writers cap a batch record at
+    BATCH_ENTRIES events, even for events of one millisecond (one time_ms)."""
+    count = 2 * BATCH_ENTRIES + 10
+    backend = backend_factory("capped")
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=QUIET),
+                            clock_ms=FakeClock(42)) as run:
+        stream = run.stream("s")
+        if many:
+            await stream.record_many(range(count))
+        else:
+            for i in range(count):
+                await stream.record(i)
+        await run.commit()
+        refs = [s.ref for s in run._store.segments(fmt.KIND_EVENTS, "s")]
+    objects = await stored_objects(backend)
+    counts = [frame[3] for ref in refs for frame in fmt.SegmentView(ref, objects[ref.key]).frames()]
+    assert counts == [BATCH_ENTRIES, BATCH_ENTRIES, 10]
+    got = await replayed(backend, "s")
+    assert [e.value for e in got] == list(range(count))
+    assert {e.time_ms for e in got} == {42}
