@@ -36,10 +36,10 @@ _THREAD_BUILD_BYTES = 1 << 20
 _HOLD_TIMEOUT_S = 5.0
 # The most events one batch record holds (record()'s open batch, record_many's batches).
 # Replay decodes a batch with one loads, so its values are alive together: 256 of them
-# stay under the collector's young-generation threshold (700 new container objects) and
-# in the CPU cache. 4,096 a batch made replay set off a young collection per batch, which
-# cost a sixth of replay in the benchmark suite; at 256 the per-record cost (head, CRC,
-# one dumps) is still well under 1% of the batch.
+# stay under the collector's young-generation threshold (700 new container objects).
+# Batches of about a thousand made replay set off a young collection per batch, a sixth
+# of its time in the benchmark suite; at 256 the per-record cost (head, CRC, one dumps)
+# is still well under 1% of the batch.
 BATCH_ENTRIES = 256
 
 

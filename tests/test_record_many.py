@@ -196,7 +196,8 @@ async def test_record_many_after_the_run_raises(backend: apersist.Backend) -> No
 
 
 async def test_long_batches_with_sparse_offsets_replay_exactly(backend: apersist.Backend) -> None:
-    """Replay walks a segment 1024 records at a time; offsets may start mid-chunk."""
+    """Replay walks a segment a chunk (a batch record) at a time; offsets may start
+    mid-chunk and mid-batch."""
     count = 3_000
     offsets = [i if i in (1_500, 2_047, 2_048, 2_999) else None for i in range(count)]
     async with apersist.run(apersist.Config(backend)) as run:
