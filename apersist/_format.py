@@ -255,7 +255,8 @@ MAX_RECORD_JSON: Final = 2**32 - 1
 _NULL: Final = b"null"
 
 
-def append_record(body: bytearray, value: bytes, offset: bytes, time_ms: int, count: int = 1) -> int:
+def append_record(body: bytearray, value: bytes | bytearray, offset: bytes | bytearray,
+                  time_ms: int, count: int = 1) -> int:
     """Frame one record onto ``body``; return the bytes added. ``offset=b""`` means none.
 
     With ``count`` above 1, ``value`` (and ``offset``, unless empty) must be JSON arrays of

@@ -20,17 +20,13 @@ from ._errors import FencedError, PersistenceError
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._store import Store
-from ._stream import Event, Stream
+from ._stream import Event, Stream, wall_clock_ms
 from ._table import Table, load_table_state
 from ._values import check_name
 
 __all__ = ["Run", "run"]
 
 logger = logging.getLogger("apersist")
-
-
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Run:
@@ -155,7 +151,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
     """
     if not isinstance(config, Config):
         raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
-    clock = clock_ms or _wall_clock_ms
+    clock = clock_ms or wall_clock_ms
     policy = Policy.of(config)
     driver = open_driver(config.backend, config)
     try:

@@ -56,69 +56,79 @@ class LogBuffer:
     """The uncommitted records of one log (a stream, a table, the cache).
 
     ``body`` holds framed records, ready to become a segment body as it is. Events recorded
-    one at a time first gather in an *open batch* (``open_values``: their JSON, and
-    ``open_offsets`` once one of them has an offset), framed as one batch record when the
-    clock's millisecond changes, when it holds ``BATCH_ENTRIES`` events and when the body
-    is sealed: events of one millisecond share a ``time_ms`` anyway, so the bytes are those
-    of ``record_many``, and one record per batch makes recording and replay several times
-    cheaper than one per event. When the body passes the segment size it is sealed, so one
-    segment stays bounded.
+    one at a time first gather in an *open batch*, framed as one batch record when the
+    clock's millisecond changes, when it holds ``BATCH_ENTRIES`` events, when it passes a
+    byte budget and at each cut: events of one millisecond share a ``time_ms`` anyway, so
+    the bytes are those of ``record_many``, and one record per batch makes recording and
+    replay several times cheaper than one per event. The scheduler accounts for an open
+    batch's events when it is framed (``Scheduler.frame``), not one by one. When the body
+    passes the segment size it is sealed, so one segment stays bounded.
+
+    The open batch is kept as the text of its record, ``[v1,v2,...,`` (and, once an event
+    has an offset, ``[o1,null,...,`` beside it), not as a list of each event's JSON: a
+    list keeps every ``orjson.dumps`` result alive until the batch is framed, and freeing
+    them in bulk made glibc hand the memory back to the system and fault it in again,
+    which cost more than everything else ``record()`` does (see docs/performance.md).
     """
 
-    __slots__ = ("body", "count", "kind", "name", "offset", "open_ms", "open_offsets",
-                 "open_values", "sealed", "size")
+    __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "name", "offset",
+                 "open_bytes", "open_count", "open_json", "open_ms", "open_offsets", "sealed",
+                 "size")
 
     def __init__(self, kind: str, name: str) -> None:
         self.kind = kind
         self.name = name
         self.body = bytearray()
         self.count = 0  # entries framed in body
-        self.size = 0  # bytes of body and the open batch, for sealing
+        self.size = 0  # bytes framed in body, for sealing
         self.offset: bytes | None = None  # the newest offset recorded (JSON), if any
         self.sealed: list[tuple[bytearray, int]] = []
-        self.open_values: list[bytes] = []
-        self.open_offsets: list[bytes] | None = None  # b"" for an event without one
+        self.open_json = bytearray(b"[")  # "[" and each open event's JSON followed by ","
+        self.open_count = 0
+        self.open_offsets: bytearray | None = None  # likewise, "null" for none; or None
         self.open_ms: int | None = None
+        self.open_bytes = 0  # JSON bytes added to the open batch by Scheduler.add_event
+        # The millisecond, in clock nanoseconds [from, until), whose events
+        # ``Stream.record`` may add to ``open_json`` directly, with no call into the
+        # scheduler (comparing nanoseconds spares it a division per event). Granted by
+        # ``Scheduler.add_event`` while the open batch has no offsets and the scheduler
+        # knows of pending data; taken back (an empty range) at each cut and when the run
+        # stops persisting, so that the next event goes through ``add_event`` again.
+        self.fast_from_ns = self.fast_until_ns = 0
 
-    def open_batch(self, time_ms: int) -> None:
-        """Frame the open batch and start a new one at ``time_ms``."""
-        self.frame_open()
-        self.open_ms = time_ms
-        self.open_offsets = None
+    def allow_fast(self, time_ms: int) -> None:
+        self.fast_from_ns = time_ms * 1_000_000
+        self.fast_until_ns = self.fast_from_ns + 1_000_000
 
-    def add(self, value: bytes, offset: bytes, time_ms: int) -> None:
-        """Add one event (its JSON; ``offset`` JSON or b"" for none) to the open batch."""
-        if time_ms != self.open_ms:
-            self.open_batch(time_ms)
-        if offset and self.open_offsets is None:
-            self.open_offsets = [b""] * len(self.open_values)
-        self.open_values.append(value)
-        if self.open_offsets is not None:
-            self.open_offsets.append(offset)
-        if offset:
-            self.offset = offset
-        if len(self.open_values) >= BATCH_ENTRIES:
-            self.frame_open()
+    def revoke_fast(self) -> None:
+        self.fast_until_ns = self.fast_from_ns
 
-    def frame_open(self) -> None:
-        """Frame the open batch's events as one record (each alone if they cannot be one)."""
-        values = self.open_values
-        if not values:
-            return
-        offsets, time_ms = self.open_offsets, self.open_ms or 0
-        value, offset = fmt.join_batch(values, offsets)
-        if max(len(value), len(offset)) <= fmt.MAX_RECORD_JSON:
-            fmt.append_record(self.body, value, offset, time_ms, len(values))
-        else:  # a few huge values: a u32 length holds each, not all of them at once
-            for index, data in enumerate(values):
-                fmt.append_record(self.body, data, offsets[index] if offsets else b"", time_ms)
-        self.count += len(values)
-        self.open_values = []
-        if offsets is not None:
-            self.open_offsets = []
+    def frame_open(self) -> tuple[int, int]:
+        """Frame the open batch's events as one record, as ``fmt.join_batch`` would.
+
+        Returns (bytes added to ``body``, events framed) for the scheduler to account.
+        """
+        count = self.open_count
+        if not count:
+            return 0, 0
+        value, offsets = self.open_json, self.open_offsets
+        if count == 1:  # a batch of one is framed as a single entry
+            value = value[1:-1]
+            offset = b"" if offsets is None or offsets == b"[null," else offsets[1:-1]
+        else:
+            value[-1] = _CLOSE  # the last "," becomes "]"
+            offset = b""
+            if offsets is not None:
+                offsets[-1] = _CLOSE
+                offset = offsets
+        nbytes = fmt.append_record(self.body, value, offset, self.open_ms or 0, count)
+        self.count += count
+        self.open_json, self.open_count, self.open_offsets = bytearray(b"["), 0, None
+        self.open_bytes = 0
+        return nbytes, count
 
     def seal(self) -> None:
-        self.frame_open()
+        """End the body as a batch of its own (the open batch, if any, stays open)."""
         if self.count:
             self.sealed.append((self.body, self.count))
             self.body, self.count = bytearray(), 0
@@ -131,6 +141,10 @@ class LogBuffer:
         return batches
 
 
+_CLOSE = ord("]")
+_COMMA = ord(",")
+
+
 class Scheduler:
     """Owns the run's uncommitted data and every commit of it."""
 
@@ -140,6 +154,12 @@ class Scheduler:
         self._interval = interval_ms / 1000
         self._max_pending = max_pending_bytes
         self.max_segment_bytes = max_segment_bytes
+        # An open batch is accounted for only when framed, so it is kept small against a
+        # segment and the back-pressure bound: add_event frames it past a quarter of
+        # either, and record()'s fast path (LogBuffer.fast_from_ns) takes only values that
+        # many of which (BATCH_ENTRIES) stay under that quarter too.
+        self._open_budget = min(max_segment_bytes, max_pending_bytes, fmt.MAX_RECORD_JSON) // 4
+        self.fast_value_bytes = self._open_budget // BATCH_ENTRIES
         self._buffers: dict[tuple[str, str], LogBuffer] = {}
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
         self._snapshot_sources: dict[str, SnapshotSource] = {}
@@ -181,14 +201,65 @@ class Scheduler:
             buf = self._buffers[key] = LogBuffer(kind, name)
         return buf
 
+    def add_event(self, buf: LogBuffer, value: bytes, offset: bytes, time_ms: int) -> bool:
+        """Add one event (its JSON; ``offset`` JSON or b"" for none) to ``buf``'s open batch.
+
+        Frames the open batch first when ``time_ms`` is another millisecond or the event
+        is big (a big event is a record of its own), and after it once it holds
+        ``BATCH_ENTRIES`` events or its byte budget. Returns whether uncommitted bytes are
+        over the back-pressure bound (then the caller should ``await wait_capacity()``).
+        """
+        if self._unusable is not None:
+            raise self._unusable
+        size = len(value) + len(offset)
+        if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
+            self.frame(buf)
+            buf.open_ms = time_ms
+        if offset and buf.open_offsets is None:
+            buf.open_offsets = bytearray(b"[" + b"null," * buf.open_count)
+        buf.open_json += value
+        buf.open_json.append(_COMMA)
+        if buf.open_offsets is not None:
+            buf.open_offsets += offset or b"null"
+            buf.open_offsets.append(_COMMA)
+        if offset:
+            buf.offset = offset
+        buf.open_count += 1
+        open_bytes = buf.open_bytes = buf.open_bytes + size
+        if (buf.open_count >= BATCH_ENTRIES or open_bytes >= self._open_budget
+                or self.pending_bytes + self.inflight_bytes + open_bytes > self._max_pending):
+            self.frame(buf)
+        if not self._pending_signalled:
+            self._pending_signalled = True
+            self._pending_event.set()
+        # Until the next cut, record() may add this millisecond's events by itself.
+        if buf.open_offsets is None:
+            buf.allow_fast(time_ms)
+        else:
+            buf.revoke_fast()
+        return self.over_limit
+
+    def frame(self, buf: LogBuffer) -> bool:
+        """Frame ``buf``'s open batch and account for it; return whether over the bound."""
+        nbytes, count = buf.frame_open()
+        return self._account(buf, nbytes, count) if count else False
+
+    def _frame_all(self) -> None:
+        for buf in self._buffers.values():
+            if buf.open_count:
+                self.frame(buf)
+
     def note_appended(self, buf: LogBuffer, nbytes: int, count: int = 1) -> bool:
-        """Account for ``count`` entries added to ``buf`` (``nbytes`` long), framed or open.
+        """Account for ``count`` entries (``nbytes`` long) framed onto ``buf.body``.
 
         Returns whether uncommitted bytes are now over the back-pressure bound (then the
         caller should ``await wait_capacity()``).
         """
         if self._unusable is not None:
             raise self._unusable
+        return self._account(buf, nbytes, count)
+
+    def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
         self.appended += count
         pending = self.pending_bytes = self.pending_bytes + nbytes
         size = buf.size = buf.size + nbytes
@@ -250,18 +321,30 @@ class Scheduler:
         if self._unusable is None:
             self._unusable = RuntimeError("the run has ended: record inside the "
                                           "`async with apersist.run(...)` block")
+        self._revoke_fast_paths()
+
+    def _revoke_fast_paths(self) -> None:
+        """Send every next record() through ``add_event``, which raises ``_unusable``."""
+        for buf in self._buffers.values():
+            buf.revoke_fast()
 
     @property
     def has_pending(self) -> bool:
-        return self.appended > self.durable or self._reset_pending or self._forced
+        return (self.appended > self.durable or self._reset_pending or self._forced
+                or any(buf.open_count for buf in self._buffers.values()))
 
     def stats(self) -> dict[str, int | float]:
         """A snapshot of the counters behind ``Run.stats``."""
+        # Open batches are not accounted yet (see Scheduler.frame): counted here as well,
+        # without framing them, so that reading the counters changes nothing.
+        open_count = sum(buf.open_count for buf in self._buffers.values())
+        open_bytes = sum(len(buf.open_json) - 1 for buf in self._buffers.values())
+        recorded = self.appended + open_count
         return {
-            "deltas_recorded": self.appended,
+            "deltas_recorded": recorded,
             "deltas_committed": self.durable,
-            "pending_deltas": self.appended - self.durable,
-            "pending_bytes": self.pending_bytes + self.inflight_bytes,
+            "pending_deltas": recorded - self.durable,
+            "pending_bytes": self.pending_bytes + self.inflight_bytes + open_bytes,
             "bytes_written": self._bytes_written,
             "commits": self._commits,
             "uploads_in_flight": self._uploads,
@@ -277,6 +360,7 @@ class Scheduler:
         ``hold``); ``final=True`` (the run is ending) cuts without waiting.
         """
         self.check_failure()
+        self._frame_all()
         target = self.appended
         if target <= self.durable and not (self._reset_pending or self._forced):
             return CommitInfo(self._last.seq, 0, 0)
@@ -374,6 +458,7 @@ class Scheduler:
 
     async def _cut_and_commit(self, started: float) -> CommitInfo:
         # From here to the shielded section nothing awaits: the cut is one instant.
+        self._frame_all()
         target = self.appended
         batches: list[tuple[LogBuffer, bytearray, int]] = []
         reset, self._reset_pending = self._reset_pending, False
@@ -384,6 +469,7 @@ class Scheduler:
             if buf.offset is not None:
                 offsets[buf.name] = buf.offset  # only event logs carry offsets
                 buf.offset = None
+            buf.revoke_fast()  # the scheduler must hear of the next event (add_event)
             for body, count in buf.take():
                 batches.append((buf, body, count))
         offsets.update(self._offset_updates)
@@ -452,6 +538,7 @@ class Scheduler:
         """A failed commit ends the run's writing: its outcome may be unknown."""
         if self._failure is None:
             self._failure = self._unusable = exc
+            self._revoke_fast_paths()
             level = logging.WARNING if isinstance(exc, FencedError) else logging.ERROR
             logger.log(level, "commit failed; this run can no longer persist: %s", exc)
         done, self._done_event = self._done_event, anyio.Event()

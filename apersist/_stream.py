@@ -16,15 +16,20 @@ from . import _format as fmt
 from ._policy import Policy
 from ._scheduler import BATCH_ENTRIES, Scheduler
 from ._store import Store
-from ._values import _has_nonfinite, dumps_value
+from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
-__all__ = ["Event", "Stream"]
+__all__ = ["Event", "Stream", "wall_clock_ms"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
 # Replay hands control back to the event loop this often, so a consumer that never awaits
 # cannot starve the scheduler and other tasks.
 _CHECKPOINT_EVERY = 1024
+
+
+def wall_clock_ms() -> int:
+    """The run's clock unless one is injected: milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
 
 
 class Event(NamedTuple):
@@ -75,8 +80,8 @@ def _encode_batch(values: Sequence[Any], offsets: list[bytes] | None, limit: int
 class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
-    __slots__ = ("_buffer", "_clock_ms", "_opened_seq", "_policy", "_scheduler", "_spawn",
-                 "_store", "_where", "name")
+    __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_opened_seq", "_policy",
+                 "_scheduler", "_spawn", "_store", "_where", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
@@ -88,9 +93,14 @@ class Stream:
         self._policy = policy
         self._opened_seq = opened_seq
         self._clock_ms = clock_ms
+        # record() reads the clock in nanoseconds: the wall clock is then time.time_ns
+        # itself, with no Python call around it (which would cost as much as the reading).
+        self._clock_ns: Callable[[], int] = (
+            time.time_ns if clock_ms is wall_clock_ms else lambda: clock_ms() * 1_000_000)
         self._where = f"stream {name!r}"
         self._buffer = (scheduler.buffer(fmt.KIND_EVENTS, name)
                         if scheduler is not None and policy.record_events else None)
+        self._fast_bytes = scheduler.fast_value_bytes if scheduler is not None else 0
 
     def __repr__(self) -> str:
         return f"<apersist.Stream name={self.name!r} offset={self.offset!r}>"
@@ -113,24 +123,35 @@ class Stream:
         naming this stream. Waits only when uncommitted bytes pass the back-pressure bound.
         Durable once a later commit completes (``await run.commit()`` forces one).
         """
-        buf, scheduler = self._buffer, self._scheduler
-        if buf is None or scheduler is None or offset is not None:
+        buf = self._buffer
+        if buf is None or offset is not None:
             self._append(value, offset)
-            if scheduler is not None and scheduler.over_limit:
+            if self._scheduler is not None and self._scheduler.over_limit:
+                await self._scheduler.wait_capacity()
+            return
+        # The hot path, for an event without an offset. Most events add their JSON to the
+        # open batch and nothing else: the scheduler allows that (LogBuffer.fast_from_ns) for
+        # the rest of a millisecond once it has seen one of its events, and accounts for
+        # them when the batch is framed. The first event of each millisecond, and any
+        # large one, takes the scheduler's own path (add_event).
+        scheduler: Scheduler = self._scheduler  # type: ignore[assignment]  # set with _buffer
+        try:
+            data = _dumps(value)
+        except TypeError as exc:
+            raise unserializable(self._where, exc) from None
+        now = self._clock_ns()
+        if not buf.fast_from_ns <= now < buf.fast_until_ns or len(data) > self._fast_bytes:
+            if scheduler.add_event(buf, checked_json(data, value, self._where), b"",
+                                   now // 1_000_000):
                 await scheduler.wait_capacity()
             return
-        # The hot path: _append and LogBuffer.add for an event without an offset, inlined.
-        data = dumps_value(value, self._where)
-        now = self._clock_ms()
-        if now != buf.open_ms:
-            buf.open_batch(now)
-        batch = buf.open_values
-        batch.append(data)
-        if buf.open_offsets is not None:
-            buf.open_offsets.append(b"")
-        if len(batch) >= BATCH_ENTRIES:
-            buf.frame_open()
-        if scheduler.note_appended(buf, len(data) + 1):
+        if data.find(b"null") != -1:
+            checked_json(data, value, self._where)  # raises for NaN or infinity
+        batch = buf.open_json
+        batch += data
+        batch.append(44)  # ","
+        count = buf.open_count = buf.open_count + 1
+        if count >= BATCH_ENTRIES and scheduler.frame(buf):
             await scheduler.wait_capacity()
 
     async def record_many(self, values: Iterable[Any], *,
@@ -173,7 +194,7 @@ class Stream:
                        offs and offs[first:first + BATCH_ENTRIES], limit, self._where, first)]
         # Nothing is buffered before every value has been serialized: all or nothing.
         time_ms = self._clock_ms()
-        buf.frame_open()  # events recorded before this batch come first
+        scheduler.frame(buf)  # events recorded before this batch come first
         over = False
         for value, offset, count in records:
             nbytes = fmt.append_record(buf.body, value, offset, time_ms, count)
@@ -195,9 +216,7 @@ class Stream:
             if off and self._scheduler is not None and self._policy.offsets_persist:
                 self._scheduler.set_offset(self.name, off)  # OFFSETS_ONLY
             return time_ms
-        buf.add(data, off, time_ms)
-        self._scheduler.note_appended(  # type: ignore[union-attr]
-            buf, len(data) + len(off) + 2)
+        self._scheduler.add_event(buf, data, off, time_ms)  # type: ignore[union-attr]
         return time_ms
 
     async def replay(self) -> AsyncIterator[Event]:

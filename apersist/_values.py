@@ -11,7 +11,7 @@ import orjson
 
 from ._format import NAME_RE
 
-__all__ = ["check_name", "dumps_sorted", "dumps_value"]
+__all__ = ["check_name", "checked_json", "dumps_sorted", "dumps_value", "unserializable"]
 
 _dumps = orjson.dumps
 # A record frames its value and offset with u32 lengths (docs/format.md, "Records").
@@ -35,7 +35,21 @@ def dumps_value(value: Any, where: str) -> bytes:
     try:
         data = _dumps(value)
     except TypeError as exc:
-        raise TypeError(f"cannot serialize value for {where}: {exc}") from None
+        raise unserializable(where, exc) from None
+    return checked_json(data, value, where)
+
+
+def unserializable(where: str, exc: TypeError) -> TypeError:
+    """The error for a value orjson refused (``exc``), naming ``where`` it was recorded."""
+    return TypeError(f"cannot serialize value for {where}: {exc}")
+
+
+def checked_json(data: bytes, value: Any, where: str) -> bytes:
+    """``data`` (``orjson.dumps(value)``), once it is known to store ``value`` exactly.
+
+    Raises ``TypeError`` if ``value`` holds NaN or an infinity (orjson writes them as
+    ``null``), ``ValueError`` if ``data`` is too long for a record.
+    """
     # find() rather than `in`: bytes.__contains__ first tries the needle as an int, which
     # costs twice as much on this hot path.
     if data.find(b"null") != -1 and _has_nonfinite(value):

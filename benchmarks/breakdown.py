@@ -29,6 +29,7 @@ import orjson
 
 import apersist
 from apersist import _format as fmt
+from apersist._scheduler import BATCH_ENTRIES
 from apersist._stream import Event, _encode_batch  # the serialization record_many runs
 from benchmarks.common import make_values
 
@@ -78,6 +79,27 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
         for value in values:
             dumps(value)
 
+    def kept_in_lists() -> None:
+        batch: list[bytes] = []
+        for value in values:
+            batch.append(dumps(value))
+            if len(batch) == BATCH_ENTRIES:
+                batch = []  # freed together, as a framed open batch was
+
+    def kept_in_bytearray() -> None:
+        batch = bytearray(b"[")
+        for value in values:
+            batch += dumps(value)
+            batch.append(44)
+            if len(batch) > 1 << 14:
+                batch = bytearray(b"[")
+
+    dumped = [dumps(value) for value in values]
+
+    def nan_probe() -> None:
+        for data in dumped:
+            data.find(b"null")
+
     def framing() -> None:
         body = bytearray()
         for first in range(0, n, BATCH):
@@ -89,6 +111,12 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
         now = time.time_ns
         for _ in range(n):
             now() // 1_000_000
+
+    def clock_window() -> None:
+        now, start = time.time_ns, time.time_ns()
+        end = start + 1_000_000
+        for _ in range(n):
+            start <= now() < end  # noqa: B015 (the comparison is what is timed)
 
     async def awaiting() -> None:
         record = Noop().record
@@ -118,11 +146,18 @@ def record_rows(values: list[Any], repeats: int) -> list[tuple[str, float]]:
     return [
         ("floor: `orjson.dumps` + `list.append`", per_event_us(floor, n, repeats)),
         ("`orjson.dumps` alone", dumps_us),
+        (f"`orjson.dumps` kept in a list, {BATCH_ENTRIES} at a time, then freed together "
+         "(the open batch as a list of each event's JSON)", per_event_us(kept_in_lists, n, repeats)),
+        ("`orjson.dumps` appended to a `bytearray` with a comma (the open batch as its "
+         "record's text)", per_event_us(kept_in_bytearray, n, repeats)),
+        ("NaN probe (`data.find(b\"null\")`)", per_event_us(nan_probe, n, repeats)),
         ("`await` of an empty async method", per_event_us_async(awaiting, n, repeats)),
         ("`record_many`'s serialization and framing: one `dumps` of each batch of 1,024, "
          "NaN probe, one head and CRC-32 (`_encode_batch`, `append_record`)",
          per_event_us(framing, n, repeats)),
         ("one wall-clock reading (`time.time_ns() // 10**6`)", per_event_us(clock, n, repeats)),
+        ("one wall-clock reading against the open millisecond (`start <= time.time_ns() < end`)",
+         per_event_us(clock_window, n, repeats)),
         ("**apersist `record()`**, whole (open and final commit excluded)",
          asyncio.run(timed_record(False))),
         ("**apersist `record_many()`**, batches of 1,024, whole",
