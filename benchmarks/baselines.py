@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,11 +71,16 @@ class RecordFloor:
     def __init__(self, values: Values) -> None:
         self.values = values
         self.dumps: list[bytes] = []
+        #: Minor page faults per value of each run, in order: whether the heap was warm.
+        self.faults_per_value: list[float] = []
 
     def run(self) -> float:
         """Seconds for one run; ``self.dumps`` then holds its serialized values."""
         self.dumps = []
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         elapsed, self.dumps = floor_record(self.values)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        self.faults_per_value.append(round(faults / max(len(self.values), 1), 3))
         return elapsed
 
 

@@ -253,6 +253,15 @@ def memory_total_gb() -> float:
     return float("nan")
 
 
+def transparent_hugepage() -> str:
+    """The kernel's THP mode (the bracketed one): it sets what a page fault costs."""
+    try:
+        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split()
+    except OSError:
+        return "unknown"
+    return next((mode.strip("[]") for mode in modes if mode.startswith("[")), "unknown")
+
+
 def machine_facts(root: Path) -> dict[str, Any]:
     import sqlite3
 
@@ -269,6 +278,7 @@ def machine_facts(root: Path) -> dict[str, Any]:
         "filesystem": filesystem_of(root),
         "gc": {"enabled": gc.isenabled(), "thresholds": list(gc.get_threshold())},
         "switch_interval_s": sys.getswitchinterval(),
+        "transparent_hugepage": transparent_hugepage(),
         "loadavg_at_start": load_average(),
     }
 
