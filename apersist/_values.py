@@ -50,9 +50,10 @@ def checked_json(data: bytes, value: Any, where: str) -> bytes:
     Raises ``TypeError`` if ``value`` holds NaN or an infinity (orjson writes them as
     ``null``), ``ValueError`` if ``data`` is too long for a record.
     """
-    # find() rather than `in`: bytes.__contains__ first tries the needle as an int, which
-    # costs twice as much on this hot path.
-    if data.find(b"null") != -1 and _has_nonfinite(value):
+    # partition() rather than `in` or find(): bytes.__contains__ first tries the needle as
+    # an int, and find() parses its arguments as a tuple; partition takes one argument and
+    # costs about half as much as find() here (CPython 3.11, benchmarks.breakdown).
+    if data.partition(b"null")[1] and _has_nonfinite(value):
         raise TypeError(f"cannot serialize value for {where}: NaN and infinity do not "
                         "round-trip through JSON")
     if len(data) > MAX_JSON_BYTES:

@@ -8,6 +8,7 @@ would take the fast path if it were allowed to.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
@@ -38,6 +39,22 @@ async def test_an_event_after_a_group_commit_in_the_same_millisecond_is_committe
         await stream.record("b")  # same millisecond, nothing else will happen
         await wait_until(lambda: run.stats["deltas_committed"] == 2, what="second commit")
         assert [e.value for e in await replayed(backend, "s")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, [math.inf], {"x": -math.inf, "y": None},
+                                 object(), {1: "int key"}, 2**64])
+async def test_bad_values_raise_on_the_fast_path_too(backend: apersist.Backend,
+                                                      bad: Any) -> None:
+    """The checks record() makes on the scheduler's path hold on the fast path as well."""
+    async with apersist.run(apersist.Config(backend), clock_ms=FakeClock()) as run:
+        stream = run.stream("s")
+        await stream.record("first")  # the fast path is open from here on
+        await stream.record({"fine": None})
+        with pytest.raises(TypeError, match="stream 's'"):
+            await stream.record(bad)
+        await stream.record("after")
+        assert run.stats["pending_deltas"] == 3
+    assert [e.value for e in await replayed(backend, "s")] == ["first", {"fine": None}, "after"]
 
 
 async def test_record_after_the_run_ended_raises_in_the_same_millisecond(
