@@ -66,9 +66,11 @@ class LogBuffer:
 
     The open batch is kept as the text of its record, ``[v1,v2,...,`` (and, once an event
     has an offset, ``[o1,null,...,`` beside it), not as a list of each event's JSON: a
-    list keeps every ``orjson.dumps`` result alive until the batch is framed, and freeing
-    them in bulk made glibc hand the memory back to the system and fault it in again,
-    which cost more than everything else ``record()`` does (see docs/performance.md).
+    list keeps every ``orjson.dumps`` result (a 4 KiB block each) alive until the batch is
+    framed, and freeing them together can make glibc hand the memory back to the system
+    and fault it in again for the next batch, which cost more than everything else
+    ``record()`` does (see docs/performance.md). A copied result is freed at once and its
+    block reused.
     """
 
     __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "name", "offset",
@@ -155,9 +157,9 @@ class Scheduler:
         self._max_pending = max_pending_bytes
         self.max_segment_bytes = max_segment_bytes
         # An open batch is accounted for only when framed, so it is kept small against a
-        # segment and the back-pressure bound: add_event frames it past a quarter of
-        # either, and record()'s fast path (LogBuffer.fast_from_ns) takes only values that
-        # many of which (BATCH_ENTRIES) stay under that quarter too.
+        # segment and the back-pressure bound: add_event frames it past a quarter of the
+        # smaller, and record()'s fast path (LogBuffer.fast_from_ns) takes only values so
+        # small that a full batch of them (BATCH_ENTRIES) stays under that quarter too.
         self._open_budget = min(max_segment_bytes, max_pending_bytes, fmt.MAX_RECORD_JSON) // 4
         self.fast_value_bytes = self._open_budget // BATCH_ENTRIES
         self._buffers: dict[tuple[str, str], LogBuffer] = {}
