@@ -52,6 +52,10 @@ class CommitInfo:
     bytes: int
 
 
+_CLOSE = ord("]")
+_COMMA = ord(",")
+
+
 class LogBuffer:
     """The uncommitted records of one log (a stream, a table, the cache).
 
@@ -89,7 +93,9 @@ class LogBuffer:
         self.open_count = 0
         self.open_offsets: bytearray | None = None  # likewise, "null" for none; or None
         self.open_ms: int | None = None
-        self.open_bytes = 0  # JSON bytes added to the open batch by Scheduler.add_event
+        # JSON bytes added to the open batch by append; record()'s inlined copy leaves them
+        # out (its values are small enough that a full batch of them stays in budget).
+        self.open_bytes = 0
         # The millisecond, in clock nanoseconds [from, until), whose events
         # ``Stream.record`` may add to ``open_json`` directly, with no call into the
         # scheduler (comparing nanoseconds spares it a division per event). Granted by
@@ -99,11 +105,31 @@ class LogBuffer:
         self.fast_from_ns = self.fast_until_ns = 0
 
     def allow_fast(self, time_ms: int) -> None:
+        """Let ``Stream.record`` append the rest of millisecond ``time_ms`` by itself."""
         self.fast_from_ns = time_ms * 1_000_000
         self.fast_until_ns = self.fast_from_ns + 1_000_000
 
     def revoke_fast(self) -> None:
+        """Send the next event through ``Scheduler.add_event``."""
         self.fast_until_ns = self.fast_from_ns
+
+    def append(self, value: bytes, offset: bytes) -> None:
+        """Add one event (its JSON; ``offset`` JSON or b"" for none) to the open batch.
+
+        Only the text: when to frame, and the accounting, are ``Scheduler.add_event``'s.
+        ``Stream.record`` inlines this for an event without an offset.
+        """
+        if offset and self.open_offsets is None:
+            self.open_offsets = bytearray(b"[" + b"null," * self.open_count)
+        self.open_json += value
+        self.open_json.append(_COMMA)
+        if self.open_offsets is not None:
+            self.open_offsets += offset or b"null"
+            self.open_offsets.append(_COMMA)
+        if offset:
+            self.offset = offset
+        self.open_count += 1
+        self.open_bytes += len(value) + len(offset)
 
     def frame_open(self) -> tuple[int, int]:
         """Frame the open batch's events as one record, as ``fmt.join_batch`` would.
@@ -141,10 +167,6 @@ class LogBuffer:
         self.seal()
         batches, self.sealed = self.sealed, []
         return batches
-
-
-_CLOSE = ord("]")
-_COMMA = ord(",")
 
 
 class Scheduler:
@@ -217,17 +239,8 @@ class Scheduler:
         if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
             self.frame(buf)
             buf.open_ms = time_ms
-        if offset and buf.open_offsets is None:
-            buf.open_offsets = bytearray(b"[" + b"null," * buf.open_count)
-        buf.open_json += value
-        buf.open_json.append(_COMMA)
-        if buf.open_offsets is not None:
-            buf.open_offsets += offset or b"null"
-            buf.open_offsets.append(_COMMA)
-        if offset:
-            buf.offset = offset
-        buf.open_count += 1
-        open_bytes = buf.open_bytes = buf.open_bytes + size
+        buf.append(value, offset)
+        open_bytes = buf.open_bytes
         if (buf.open_count >= BATCH_ENTRIES or open_bytes >= self._open_budget
                 or self.pending_bytes + self.inflight_bytes + open_bytes > self._max_pending):
             self.frame(buf)

@@ -147,7 +147,7 @@ class Stream:
             return
         if data.partition(b"null")[1]:  # partition: the cheapest substring test (see _values)
             checked_json(data, value, self._where)  # raises for NaN or infinity
-        batch = buf.open_json
+        batch = buf.open_json  # LogBuffer.append, inlined for an event without an offset
         batch += data
         batch.append(44)  # ","
         count = buf.open_count = buf.open_count + 1
