@@ -49,6 +49,7 @@ from tests.servers import (
     S3_REGION,
     S3_SECRET,
     azure_server,
+    azurite_bin,
     s3_server,
 )
 
@@ -715,9 +716,8 @@ def servers(backends: Sequence[str], log_dir: Path, report: Report) -> Iterator[
             started = time.perf_counter()
             url = stack.enter_context(azure_server(log_dir))
             unders.append(azure_under(url))
-            exe = os.environ.get("AZURITE_BIN") or str(ROOT / ".cache/infra/node_modules/.bin/azurite-blob")
-            report.machine["Azure server"] = (f"azurite {azurite_version(exe)} on node "
-                                              f"{node_version()} at {url}")
+            report.machine["Azure server"] = (f"azurite {azurite_version(azurite_bin())} on node "
+                                              f"{node_version()} at {url}, periodic GC off")
             report.notes["Azure (Azurite) server startup"] = f"{time.perf_counter() - started:.2f} s"
         report.machine["server placement"] = (
             f"client (this process) and servers share the {os.cpu_count()} cores, over loopback "

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 AZURITE_ACCOUNT = "devstoreaccount1"
 # The worker processes of the campaigns abandon a request the server leaves unanswered after
 # this long and retry it (the default, 60 s, equals a campaign's whole wait for a worker to
-# open a store). In one CI run a new zombie writer on Azurite printed nothing for a minute,
-# a stalled request the likely cause: a run recovers from that by retrying, and so must the
-# campaigns, whose subject is apersist, not the server's stalls.
+# open a store): a run recovers from a stalled request by retrying, and so must the
+# campaigns, whose subject is apersist, not the server's stalls. (Two CI runs saw a zombie
+# writer on Azurite get no answer for a minute or more: Azurite's periodic garbage
+# collection, which ``azurite_command`` now keeps from running; see azurite_no_gc.js.)
 WORKER_ATTEMPT_TIMEOUT_S = 10.0
 # Azurite's well-known development key (public, documented by Microsoft).
 AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/"
@@ -94,20 +95,42 @@ def s3_server(log_dir: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
+def azurite_bin() -> str:
+    """The ``azurite-blob`` executable: $AZURITE_BIN, the one .ci/test installs, or $PATH's."""
+    exe = os.environ.get("AZURITE_BIN") or str(ROOT / ".cache/infra/node_modules/.bin/azurite-blob")
+    if Path(exe).exists():
+        return exe
+    found = shutil.which("azurite-blob")
+    if not found:
+        raise RuntimeError("azurite-blob is missing: run `bash .ci/test` (it installs "
+                           "azurite@3.37.0 into .cache/infra) or set AZURITE_BIN")
+    return found
+
+
+def azurite_command() -> list[str]:
+    """The argv that starts Azurite's blob service without its periodic garbage collection.
+
+    ``azurite_no_gc.js`` says why: the collection's sweep is quadratic in what a suite has
+    deleted and stops the server for minutes. ``azurite-blob`` links to (or is) Azurite's
+    ``dist/src/blob/main.js``, which the wrapper starts under node.
+    """
+    main = Path(azurite_bin()).resolve()
+    if main.name != "main.js":
+        raise RuntimeError(f"{azurite_bin()} does not lead to Azurite's blob main.js (it resolves "
+                           f"to {main}): point AZURITE_BIN at node_modules/.bin/azurite-blob")
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is missing: Azurite needs Node.js on $PATH")
+    return [node, str(Path(__file__).with_name("azurite_no_gc.js")), str(main)]
+
+
 @contextmanager
 def azure_server(log_dir: Path) -> Iterator[str]:
     """An Azure blob endpoint URL (with the account): $APERSIST_AZURE_ENDPOINT, or Azurite."""
     if url := os.environ.get("APERSIST_AZURE_ENDPOINT"):
         yield url
         return
-    exe = os.environ.get("AZURITE_BIN") or str(ROOT / ".cache/infra/node_modules/.bin/azurite-blob")
-    if not Path(exe).exists():
-        found = shutil.which("azurite-blob")
-        if not found:
-            raise RuntimeError("azurite-blob is missing: run `bash .ci/test` (it installs "
-                               "azurite@3.37.0 into .cache/infra) or set AZURITE_BIN")
-        exe = found
-    argv = [exe, "--silent", "--disableTelemetry", "--skipApiVersionCheck",
+    argv = [*azurite_command(), "--silent", "--disableTelemetry", "--skipApiVersionCheck",
             "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", "{port}"]
     with _serve("azurite", argv, log_dir / "azurite.log") as port:
         yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
