@@ -1,10 +1,6 @@
-"""The test Azure server: Azurite started without its periodic garbage collection.
-
-Azurite sweeps unreferenced blob data 10 minutes after it starts and every 10 minutes after
-that, one extent at a time, and each removal re-sorts the index of all extents. Near the
-end of a CI run that froze the server for more than 84 s and failed a zombie campaign whose
-writer could not even list its store. ``azurite_no_gc.js`` postpones that collection past
-any session; this checks that it still does so with the Azurite that .ci/test installs.
+"""The test Azure server: Azurite runs without its periodic garbage collection, whose sweep
+froze the server for minutes near the end of a CI run (why: ``azurite_no_gc.js``). This
+checks that the wrapper still postpones it with the Azurite that .ci/test installs.
 """
 
 from __future__ import annotations
