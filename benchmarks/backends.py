@@ -70,7 +70,6 @@ from .common import (
     version_of,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 BUCKET = "apersist-bench"
 CONTAINER = "apersist-bench"
