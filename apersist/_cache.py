@@ -80,6 +80,7 @@ class UdfCache:
         buf = self._buffer
         if buf is None or self._scheduler is None:
             return
+        self._scheduler.check_writable()  # refused: nothing buffered
         data = b"[%s,%s]" % (orjson.dumps(key), result)
         nbytes = fmt.append_record(buf.body, data, b"", 0)
         buf.count += 1

@@ -330,6 +330,15 @@ class Scheduler:
         if self._failure is not None:
             raise self._failure
 
+    def check_writable(self) -> None:
+        """Raise what recording would raise now (the run has ended, or a commit failed).
+
+        Writers that put bytes into a ``LogBuffer`` themselves call this first, so that a
+        refused write leaves nothing buffered for a later commit to pick up.
+        """
+        if self._unusable is not None:
+            raise self._unusable
+
     def close(self) -> None:
         """The run has ended: recording now raises instead of buffering data no one commits."""
         self._closed = True

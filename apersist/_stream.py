@@ -193,6 +193,7 @@ class Stream:
                        values[first:first + BATCH_ENTRIES],
                        offs and offs[first:first + BATCH_ENTRIES], limit, self._where, first)]
         # Nothing is buffered before every value has been serialized: all or nothing.
+        scheduler.check_writable()
         time_ms = self._clock_ms()
         scheduler.frame(buf)  # events recorded before this batch come first
         over = False

@@ -115,6 +115,7 @@ class Table(MutableMapping[str, Any]):
         buf = self._buffer
         assert buf is not None
         assert self._scheduler is not None
+        self._scheduler.check_writable()  # refused: nothing buffered
         nbytes = fmt.append_record(buf.body, data, b"", 0)
         buf.count += 1
         self._deltas += 1
