@@ -17,12 +17,13 @@ from ._config import Config
 from ._drivers import open_driver
 from ._drivers.verify import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
+from ._lifecycle import Lifecycle
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._store import Store
 from ._stream import Event, Stream, wall_clock_ms
 from ._table import Table, load_table_state
-from ._values import check_name
+from ._values import check_name, checked_clock
 
 __all__ = ["Run", "run"]
 
@@ -45,6 +46,7 @@ class Run:
         self._streams: dict[str, Stream] = {}
         self._tables: dict[str, Table] = {}
         self._table_lock = anyio.Lock()
+        self._life = Lifecycle()
         # Starts background work (replay read-ahead) in the run's task group; set on entry.
         self._spawn: Callable[..., object] | None = None
 
@@ -84,12 +86,14 @@ class Run:
         the last seq with ``deltas=0, bytes=0``. Raises ``FencedError`` if a newer writer
         owns the store, and ``BackendError`` if storage failed; both end the run's writing.
         """
+        self._life.check("commit")
         if self._scheduler is None:
             return CommitInfo(self._store.last_seq, 0, 0)
         return await self._scheduler.commit()
 
     async def compact(self) -> None:
         """Fold every open table's deltas into a snapshot now, in one commit."""
+        self._life.check("compact")
         if self._scheduler is None or not self._policy.tables_persist:
             return
         for table in self._tables.values():
@@ -106,7 +110,8 @@ class Run:
             check_name(name, "stream")
             stream = self._streams[name] = Stream(
                 name, store=self._store, scheduler=self._scheduler, policy=self._policy,
-                opened_seq=self._opened_seq, clock_ms=self._clock_ms, spawn=self._spawn)
+                opened_seq=self._opened_seq, clock_ms=self._clock_ms, spawn=self._spawn,
+                life=self._life)
         return stream
 
     def source(self, name: str, reader: Callable[[Any], Any]) -> AsyncIterator[Event]:
@@ -122,6 +127,7 @@ class Run:
 
     async def table(self, name: str) -> Table:
         """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
+        self._life.check("table")
         table = self._tables.get(name) if type(name) is str else None
         if table is not None:
             return table
@@ -147,11 +153,13 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
     same root is fenced) and starts the snapshot scheduler. Leaving normally or by an
     exception commits everything recorded and awaits every upload; leaving by cancellation
     commits nothing more (sources resume from the last committed offset).
-    ``clock_ms`` (milliseconds since the epoch) is injectable for tests.
+    ``clock_ms`` (milliseconds since the epoch) is injectable for tests; each reading must
+    be an ``int`` in [0, 2**63) (``TypeError``/``ValueError`` at the call that read it,
+    before anything is written).
     """
     if not isinstance(config, Config):
         raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
-    clock = clock_ms or wall_clock_ms
+    clock = wall_clock_ms if clock_ms is None else checked_clock(clock_ms)
     policy = Policy.of(config)
     driver = open_driver(config.backend, config)
     try:
@@ -194,7 +202,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                     raised = body_exc
                     if scheduler is not None:
                         try:
-                            await scheduler.commit(final=True)
+                            await scheduler.finish(by_exception=True)
                         except FencedError:
                             raise
                         except PersistenceError as exc:
@@ -203,8 +211,9 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                     raise
                 else:
                     if scheduler is not None:
-                        await scheduler.commit(final=True)
+                        await scheduler.finish(by_exception=False)
                 finally:
+                    the_run._life.ended = True
                     if scheduler is not None:
                         scheduler.close()
                     tg.cancel_scope.cancel()

@@ -9,11 +9,13 @@ With ``snapshot_interval_ms == 0`` it commits as soon as the previous commit has
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -22,7 +24,7 @@ from . import _format as fmt
 from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
-__all__ = ["BATCH_ENTRIES", "CommitInfo", "LogBuffer", "Scheduler", "SnapshotSource"]
+__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "LogBuffer", "Scheduler", "SnapshotSource"]
 
 #: Returns a table's whole state as segment bodies [(framed body, record count)] when it
 #: wants compacting, else None.
@@ -52,6 +54,22 @@ class CommitInfo:
     bytes: int
 
 
+class Held:
+    """A live source event that its consumer is processing: serialized, not yet buffered."""
+
+    __slots__ = ("buf", "offset", "settled", "stream", "task", "time_ms", "value")
+
+    def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
+                 value: bytes, offset: bytes, time_ms: int) -> None:
+        self.task = task
+        self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
+        self.stream = stream
+        self.value = value
+        self.offset = offset
+        self.time_ms = time_ms
+        self.settled = False  # buffered or dropped; a release then does nothing
+
+
 _CLOSE = ord("]")
 _COMMA = ord(",")
 
@@ -78,8 +96,8 @@ class LogBuffer:
     """
 
     __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "name", "offset",
-                 "open_bytes", "open_count", "open_json", "open_ms", "open_offsets", "sealed",
-                 "size")
+                 "open_bytes", "open_count", "open_json", "open_ms", "open_offsets",
+                 "recorded_offset", "sealed", "size")
 
     def __init__(self, kind: str, name: str) -> None:
         self.kind = kind
@@ -87,7 +105,8 @@ class LogBuffer:
         self.body = bytearray()
         self.count = 0  # entries framed in body
         self.size = 0  # bytes framed in body, for sealing
-        self.offset: bytes | None = None  # the newest offset recorded (JSON), if any
+        self.offset: bytes | None = None  # the newest offset recorded (JSON) since the cut
+        self.recorded_offset: bytes | None = None  # the newest offset this run recorded
         self.sealed: list[tuple[bytearray, int]] = []
         self.open_json = bytearray(b"[")  # "[" and each open event's JSON followed by ","
         self.open_count = 0
@@ -127,7 +146,7 @@ class LogBuffer:
             self.open_offsets += offset or b"null"
             self.open_offsets.append(_COMMA)
         if offset:
-            self.offset = offset
+            self.offset = self.recorded_offset = offset
         self.open_count += 1
         self.open_bytes += len(value) + len(offset)
 
@@ -186,15 +205,25 @@ class Scheduler:
         self.fast_value_bytes = self._open_budget // BATCH_ENTRIES
         self._buffers: dict[tuple[str, str], LogBuffer] = {}
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
+        self.recorded_offsets: dict[str, bytes] = {}  # OFFSETS_ONLY: the newest of this run
         self._snapshot_sources: dict[str, SnapshotSource] = {}
         self._reset_pending = False
         self._forced = False
-        self._holds: dict[int, int] = {}  # task id -> live source events it is processing
+        self._held: set[Held] = set()  # live source events being processed (see hold)
         self._holds_changed = anyio.Event()
         self._cut_barrier: anyio.Event | None = None
-        self._parked: set[int] = set()  # tasks waiting on the scheduler (see below)
+        # Tasks waiting on the scheduler (see _parked_while_waiting).
+        self._parked: set[asyncio.Task[Any] | None] = set()
         self.hold_timeout = _HOLD_TIMEOUT_S
-        self._lock = anyio.Lock()
+        # Cuts are numbered: a commit() waits until the first cut taken after its call is
+        # durable. _cut_appended is ``appended`` at the newest cut.
+        self._cuts = 0
+        self._done_cuts = 0
+        self._cut_appended = 0
+        self._cut_wanted = False
+        # Set by finish(): (the task leaving the block, whether by an exception).
+        self._final: tuple[asyncio.Task[Any] | None, bool] | None = None
+        self._stopped = False  # the scheduler's task has ended: no more commits
         self._pending_event = anyio.Event()
         # True once note_appended has set _pending_event since the last cut: it then skips
         # the set (is_set() through anyio costs two Python calls on every record).
@@ -203,7 +232,7 @@ class Scheduler:
         self._urgent = anyio.Event()
         # A failed commit ends the run's writing; _unusable is what record() raises: that
         # failure, or an error saying the run has ended.
-        self._failure: PersistenceError | None = None
+        self._failure: Exception | None = None
         self._unusable: Exception | None = None
         self._closed = False
         self._last = CommitInfo(store.last_seq, 0, 0)
@@ -283,13 +312,19 @@ class Scheduler:
         if not self._pending_signalled:
             self._pending_signalled = True
             self._pending_event.set()
-        return pending + self.inflight_bytes > self._max_pending
+        if pending + self.inflight_bytes > self._max_pending:
+            # Past the bound: commit now rather than at the next interval. Writers that
+            # cannot wait (table and cache writes are synchronous) rely on this to keep
+            # memory bounded; record() also waits (wait_capacity).
+            self._urgent.set()
+            return True
+        return False
 
     def set_offset(self, stream: str, offset: bytes) -> None:
         """Record an offset with no data (``SnapshotAccess.OFFSETS_ONLY``)."""
         if self._unusable is not None:
             raise self._unusable
-        self._offset_updates[stream] = offset
+        self._offset_updates[stream] = self.recorded_offsets[stream] = offset
         self.appended += 1
         if not self._pending_event.is_set():
             self._pending_event.set()
@@ -315,12 +350,16 @@ class Scheduler:
     async def wait_capacity(self) -> None:
         """Back-pressure: wait until uncommitted bytes fall under the bound.
 
-        A task that holds a live source event while it waits is not waited for by the cut
-        (that would deadlock): its event may then be committed before all of its state.
+        What the caller recorded is buffered before it waits: cancelling the wait does not
+        take it back. A task that holds a live source event while it waits is not waited
+        for by the cut (that would deadlock): its event may then be committed before all of
+        its state.
         """
         with self._parked_while_waiting():
             while self.over_limit:
                 self.check_failure()
+                if self._stopped:
+                    raise self._ended_error()
                 done = self._done_event
                 self._urgent.set()
                 await done.wait()
@@ -377,47 +416,155 @@ class Scheduler:
         }
 
     # ------------------------------------------------------------------ committing side
-    async def commit(self, *, final: bool = False) -> CommitInfo:
-        """Make everything appended before this call durable; return the commit that did.
+    # Every commit runs in the scheduler's own task (``run``), never in a caller's: a caller
+    # asks for a cut and waits for it, so cancelling the caller (``asyncio.wait_for``, a
+    # ``TaskGroup``, ``Task.cancel()``) stops only its wait. A commit abandoned half-way in
+    # a caller's task would drop the batches it had cut, leave their bytes counted as
+    # pending, and could land its record unapplied (the next commit would then take the
+    # same number and fence its own writer); ``anyio.CancelScope(shield=True)`` does not
+    # stop asyncio's own ``Task.cancel()``, so only another task can finish the commit.
+    async def commit(self) -> CommitInfo:
+        """Make everything recorded before this call durable; return the commit that did.
 
-        The cut waits for live source events that other tasks are still processing (see
-        ``hold``); ``final=True`` (the run is ending) cuts without waiting.
+        The calling task's own held source event counts as processed (it asked for a
+        commit); other tasks' live events are waited for (see ``hold``). Cancelling the
+        caller cancels only the wait: the commit goes on, and its data stays either way.
         """
         self.check_failure()
+        if self._stopped:
+            raise self._ended_error()
+        task = asyncio.current_task()
+        self._materialize_holds_of(task)
         self._frame_all()
         target = self.appended
-        if target <= self.durable and not (self._reset_pending or self._forced):
+        forced = self._reset_pending or self._forced
+        if target <= self.durable and not forced:
             return CommitInfo(self._last.seq, 0, 0)
-        # Parked while it waits for the lock: a cut in progress may be waiting for this
-        # task's held source event, which it cannot release from here (a deadlock). It
-        # asked for a commit now, so a cut now is what it wants.
-        with self._parked_while_waiting() as task:
-            await self._lock.acquire()
-        try:
-            self.check_failure()
-            if target <= self.durable and not (self._reset_pending or self._forced):
-                return self._last  # a concurrent commit already covered us
-            ignore = None if final else task
-            return await self._commit_locked(ignore_holds_of=ignore, drain=not final)
-        finally:
-            self._lock.release()
+        # The cut in flight covers our data if it was taken after our last append.
+        want = self._cuts if (target <= self._cut_appended and not forced) else self._cuts + 1
+        with self._parked_while_waiting():
+            while self._done_cuts < want:
+                self.check_failure()
+                if self._stopped:
+                    raise self._ended_error()
+                done = self._done_event
+                if self._cuts < want:
+                    self._ask_for_cut()
+                await done.wait()
+        self.check_failure()
+        return self._last
+
+    async def finish(self, *, by_exception: bool) -> CommitInfo:
+        """The run is ending: one last cut, committed; recording is refused from that cut on.
+
+        Live source events still held are settled first: an event whose consumer finished
+        it (the block's own task, leaving normally) is committed; one whose consumer was
+        interrupted (leaving by an exception, a cancelled or failed task, another task
+        still in its loop body) is left out, so that the restart delivers it again rather
+        than skipping state that was never derived from it.
+        """
+        self._final = (asyncio.current_task(), by_exception)
+        self._ask_for_cut()
+        self._holds_changed.set()  # a cut waiting for held events stops waiting
+        while not self._stopped:
+            done = self._done_event
+            await done.wait()
+        self.check_failure()
+        return self._last
+
+    def _ask_for_cut(self) -> None:
+        self._cut_wanted = True
+        self._urgent.set()
+        self._pending_event.set()
+
+    def _ended_error(self) -> RuntimeError:
+        return RuntimeError("the run has ended: commit inside the `async with apersist.run(...)` "
+                            "block")
 
     # ------------------------------------------------------------------ source barrier
     # A live source event is recorded before the consumer sees it, and the consumer then
     # updates tables. If a commit were cut in between, a crash could leave the event
     # committed without the state it produced (the restart would not re-deliver it). So a
-    # source *holds* each live event until its consumer asks for the next one, and a cut
-    # waits until no other task holds one; while it waits, sources take no new events.
-    def hold(self, task: int) -> None:
-        self._holds[task] = self._holds.get(task, 0) + 1
+    # source *holds* each live event (serialized, not yet buffered) until its consumer asks
+    # for the next one, and a cut waits until no other task holds one; while it waits,
+    # sources take no new events. A held event is buffered when its consumer asks for the
+    # next one, calls ``commit()``, or waits on the scheduler (see ``_settle_holds``).
+    def hold(self, buf: LogBuffer | None, stream: str, value: bytes, offset: bytes,
+             time_ms: int) -> Held:
+        """Hold one live event of ``stream`` for the current task until ``release``."""
+        held = Held(asyncio.current_task(), buf, stream, value, offset, time_ms)
+        self._held.add(held)
+        return held
 
-    def release(self, task: int) -> None:
-        left = self._holds[task] - 1
-        if left:
-            self._holds[task] = left
-        else:
-            del self._holds[task]
+    def release(self, held: Held, *, finished: bool) -> bool:
+        """The consumer is done with ``held``: buffer it (``finished``) or decide by its task.
+
+        ``finished=False`` is for a source closed while its consumer held the event (a
+        ``break``, an exception, the iterator collected): the event is kept unless its
+        task was interrupted (see ``_interrupted``). Returns whether uncommitted bytes are
+        now over the back-pressure bound.
+        """
+        self._held.discard(held)
         self._holds_changed.set()
+        if held.settled:
+            return False
+        if finished or not self._interrupted(held.task):
+            return self._materialize(held)
+        held.settled = True
+        return False
+
+    @staticmethod
+    def _interrupted(task: asyncio.Task[Any] | None) -> bool:
+        """Whether ``task`` stopped (or is stopping) part-way: cancelled or failed."""
+        if task is None:
+            return False
+        if task.done():
+            # exception() marks a failed task's exception as retrieved; a failed consumer
+            # task's error is normally retrieved by its group anyway.
+            return task.cancelled() or task.exception() is not None
+        return task.cancelling() > 0
+
+    def _materialize(self, held: Held) -> bool:
+        """Buffer a held event now (it stays held if its consumer still processes it)."""
+        held.settled = True
+        if held.buf is not None:
+            return self.add_event(held.buf, held.value, held.offset, held.time_ms)
+        if held.offset:
+            self.set_offset(held.stream, held.offset)  # OFFSETS_ONLY
+        return False
+
+    def _materialize_holds_of(self, task: asyncio.Task[Any] | None) -> None:
+        for held in [h for h in self._held if h.task is task and not h.settled]:
+            self._materialize(held)
+
+    def _settle_holds(self, final: bool) -> None:
+        """At a cut: buffer or drop the held events that the cut must decide on.
+
+        A consumer task that ended drops its held event if it was interrupted, else keeps
+        it; a task waiting on the scheduler (parked) keeps it, as it cannot finish the event
+        while it waits. At the final cut every held event is decided (see ``finish``).
+        """
+        exiting, by_exception = self._final if final and self._final else (None, False)
+        for held in list(self._held):
+            task = held.task
+            if held.settled:
+                if final or (task is not None and task.done()):
+                    self._held.discard(held)
+            elif task is not None and task.done():
+                self._held.discard(held)
+                if self._interrupted(task):
+                    held.settled = True
+                else:
+                    self._materialize(held)
+            elif final:
+                self._held.discard(held)
+                keep = (task is exiting and not by_exception) or task is None
+                if keep and not self._interrupted(task):
+                    self._materialize(held)
+                else:
+                    held.settled = True
+            elif task in self._parked:
+                self._materialize(held)  # still held: its task goes on after the wait
 
     async def wait_cut(self) -> None:
         """Sources call this before taking a new event: a waiting cut goes first."""
@@ -431,59 +578,83 @@ class Scheduler:
                 await self._cut_barrier.wait()
 
     @contextlib.contextmanager
-    def _parked_while_waiting(self) -> Iterator[int]:
+    def _parked_while_waiting(self) -> Iterator[None]:
         """While the current task waits on the scheduler, a cut does not wait for its holds.
 
         A task waiting for a commit, for capacity or for a cut cannot also finish the
-        source events it holds; waiting for them would deadlock. Yields the task's id.
+        source events it holds; waiting for them would deadlock.
         """
-        task = anyio.get_current_task().id
+        task = asyncio.current_task()
         self._parked.add(task)
         self._holds_changed.set()
         try:
-            yield task
+            yield
         finally:
             self._parked.discard(task)
 
-    def _blocking_holds(self, ignore: int | None) -> bool:
-        return any(task != ignore and task not in self._parked for task in self._holds)
+    def _blockers(self) -> list[Held]:
+        """Held events whose tasks are still processing them (not waiting on us, not ended)."""
+        return [h for h in self._held
+                if not h.settled and h.task not in self._parked
+                and not (h.task is not None and h.task.done())]
 
-    async def _drain_holds(self, ignore: int | None) -> None:
-        if not self._blocking_holds(ignore):
+    async def _drain_holds(self) -> None:
+        if not self._blockers():
             return
         self._cut_barrier = anyio.Event()
         # Bounded: a loop body that waits, through other tasks, on something that needs
         # this commit would otherwise deadlock the run.
         with anyio.move_on_after(self.hold_timeout) as scope:
-            while self._blocking_holds(ignore):
+            # Not once the run is ending: the final cut decides on every held event.
+            while self._blockers() and self._final is None:
                 self._holds_changed = anyio.Event()
                 await self._holds_changed.wait()
         if scope.cancelled_caught:
             logger.warning(
-                "committing while live source events are still being processed: their "
-                "state may be committed only in part; finish each event's work before "
-                "taking the next one: waited_s=%s holders=%d", self.hold_timeout,
-                sum(1 for t in self._holds if t != ignore and t not in self._parked))
+                "committing while live source events are still being processed: each goes "
+                "into a later commit, and the state derived from it so far into this one; "
+                "finish each event's work before taking the next one: waited_s=%s "
+                "holders=%d", self.hold_timeout, len(self._blockers()))
 
     def _lift_barrier(self) -> None:
         barrier, self._cut_barrier = self._cut_barrier, None
         if barrier is not None:
             barrier.set()
 
-    async def _commit_locked(self, *, ignore_holds_of: int | None = None,
-                             drain: bool = True) -> CommitInfo:
+    async def _commit_once(self, *, final: bool) -> None:
+        """One cut and its commit, in the scheduler's task. A failure ends the run's writing."""
         started = time.perf_counter()
         try:
-            if drain:
-                await self._drain_holds(ignore_holds_of)
-            return await self._cut_and_commit(started)
+            if not final:
+                await self._drain_holds()
+            self._settle_holds(final)
+            await self._cut_and_commit(started, final=final)
+        except PersistenceError as exc:
+            self._fail(exc)
+        except Exception as exc:  # a bug or a snapshot source's error: tell every waiter
+            logger.exception("commit failed unexpectedly; this run can no longer persist")
+            self._fail(exc)
         finally:
             self._lift_barrier()
 
-    async def _cut_and_commit(self, started: float) -> CommitInfo:
+    async def _cut_and_commit(self, started: float, *, final: bool) -> None:
         # From here to the shielded section nothing awaits: the cut is one instant.
         self._frame_all()
-        target = self.appended
+        if final:
+            # Whatever is recorded from now on could not be committed: refuse it instead.
+            self._closed = True
+            if self._unusable is None:
+                self._unusable = RuntimeError("the run has ended: record inside the "
+                                              "`async with apersist.run(...)` block")
+            self._revoke_fast_paths()
+        self._cut_wanted = False
+        self._cuts += 1
+        cut = self._cuts
+        target = self._cut_appended = self.appended
+        if target <= self.durable and not (self._reset_pending or self._forced):
+            self._done_cuts = cut  # nothing to write: this cut is as durable as the last
+            self._signal_done()
+            return
         batches: list[tuple[LogBuffer, bytearray, int]] = []
         reset, self._reset_pending = self._reset_pending, False
         self._forced = False
@@ -513,31 +684,31 @@ class Scheduler:
         self._pending_signalled = False
         self._lift_barrier()
         deltas = target - self.durable
-        # Shielded: the batches have left the buffers, so abandoning this commit half-way
-        # would drop recorded data while the run goes on. A commit is finished, or it fails.
+        # Shielded, so that a run torn down by cancellation still finishes the commit in
+        # progress (docs/concepts.md): it is finished, or it fails as a whole.
         with anyio.CancelScope(shield=True):
             try:
                 blobs = [await self._build(buf.kind, buf.name, body, count)
                          for buf, body, count in batches]
                 self._uploads = len(blobs)
                 seq = await self._store.commit(blobs, offsets, reset=reset)
-            except PersistenceError as exc:
-                self._fail(exc)
-                raise
             finally:
                 self._uploads = 0
         written = sum(len(b.data) for b in blobs)
         self.inflight_bytes -= moved
         self.durable = target
+        self._done_cuts = cut
         self._last = CommitInfo(seq, deltas, written)
         self._bytes_written += written
         self._commits += 1
         self._latency_ms = (time.perf_counter() - started) * 1000
-        done, self._done_event = self._done_event, anyio.Event()
-        done.set()
+        self._signal_done()
         logger.debug("commit done: seq=%d deltas=%d bytes=%d segments=%d",
                      seq, deltas, written, len(blobs))
-        return self._last
+
+    def _signal_done(self) -> None:
+        done, self._done_event = self._done_event, anyio.Event()
+        done.set()
 
     async def _build(self, kind: str, name: str, body: bytearray, count: int) -> SegmentBlob:
         key = self._store.new_segment_key()
@@ -558,29 +729,45 @@ class Scheduler:
         data = body if self._store.accepts_buffers else bytes(body)
         return SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(data)), data)
 
-    def _fail(self, exc: PersistenceError) -> None:
+    def _fail(self, exc: Exception) -> None:
         """A failed commit ends the run's writing: its outcome may be unknown."""
         if self._failure is None:
             self._failure = self._unusable = exc
             self._revoke_fast_paths()
             level = logging.WARNING if isinstance(exc, FencedError) else logging.ERROR
             logger.log(level, "commit failed; this run can no longer persist: %s", exc)
-        done, self._done_event = self._done_event, anyio.Event()
-        done.set()
+        self._signal_done()
 
     async def run(self) -> None:
-        """The scheduler loop; runs in the run's task group until cancelled."""
+        """The scheduler loop: every commit of the run, the final one included.
+
+        Runs in the run's task group until the final commit (``finish``), a failed commit,
+        or cancellation; waiters are told in every case.
+        """
         try:
-            while True:
+            while self._final is None:
                 if self._interval == 0:
                     await self._pending_event.wait()
                 else:
                     with anyio.move_on_after(self._interval):
                         await self._urgent.wait()
                     self._urgent = anyio.Event()
-                if self._closed:
-                    return  # the run's own final commit takes it from here
-                if self.has_pending:
-                    await self.commit()
-        except PersistenceError:
-            return  # recorded by _fail; record() and commit() raise it to the user
+                if self._final is not None:
+                    break
+                if self._cut_wanted or self.has_pending:
+                    await self._commit_once(final=False)
+                    if self._failure is not None:
+                        return
+                elif self._interval == 0:
+                    # Woken with nothing to commit (a request already served): wait anew.
+                    self._pending_event = anyio.Event()
+                    self._pending_signalled = False
+            await self._commit_once(final=True)
+        finally:
+            self._stopped = True
+            self._closed = True
+            if self._unusable is None:
+                self._unusable = RuntimeError("the run has ended: record inside the "
+                                              "`async with apersist.run(...)` block")
+            self._revoke_fast_paths()
+            self._signal_done()

@@ -13,8 +13,9 @@ import anyio.lowlevel
 import orjson
 
 from . import _format as fmt
+from ._lifecycle import Lifecycle
 from ._policy import Policy
-from ._scheduler import BATCH_ENTRIES, Scheduler
+from ._scheduler import BATCH_ENTRIES, Held, Scheduler
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
@@ -80,13 +81,21 @@ def _encode_batch(values: Sequence[Any], offsets: list[bytes] | None, limit: int
 class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
-    __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_opened_seq", "_policy",
-                 "_scheduler", "_spawn", "_store", "_where", "name")
+    __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_holding", "_life",
+                 "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler", "_source_gen",
+                 "_spawn", "_store", "_where", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
-                 spawn: Callable[..., object] | None = None) -> None:
+                 spawn: Callable[..., object] | None = None,
+                 life: Lifecycle | None = None) -> None:
         self.name = name
+        self._life = life or Lifecycle()
+        # source() in this run: how many replayed events it has yielded (a later call goes
+        # on from there, never replays twice), and which call is the current one.
+        self._replayed_by_sources = 0
+        self._source_gen = 0
+        self._holding: Held | None = None  # the live event the current source holds
         self._spawn = spawn  # starts a task in the run's task group (replay read-ahead)
         self._store = store
         self._scheduler = scheduler
@@ -209,9 +218,7 @@ class Stream:
 
     def _append(self, value: Any, offset: Any) -> int:
         """Serialize and buffer one event; return its ``time_ms``."""
-        data = dumps_value(value, self._where)
-        off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
-        time_ms: int = self._clock_ms()
+        data, off, time_ms = self._encode(value, offset)
         buf = self._buffer
         if buf is None:
             if off and self._scheduler is not None and self._policy.offsets_persist:
@@ -219,6 +226,21 @@ class Stream:
             return time_ms
         self._scheduler.add_event(buf, data, off, time_ms)  # type: ignore[union-attr]
         return time_ms
+
+    def _encode(self, value: Any, offset: Any) -> tuple[bytes, bytes, int]:
+        """One event's JSON, its offset's JSON (b"" for none) and its ``time_ms``."""
+        data = dumps_value(value, self._where)
+        off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
+        return data, off, self._clock_ms()
+
+    def _recorded_offset(self) -> Any:
+        """The newest offset this run recorded for this stream, else ``offset``."""
+        raw: bytes | None = None
+        if self._buffer is not None:
+            raw = self._buffer.recorded_offset
+        elif self._scheduler is not None:
+            raw = self._scheduler.recorded_offsets.get(self.name)
+        return self.offset if raw is None else _loads(raw)
 
     async def replay(self) -> AsyncIterator[Event]:
         """Yield the events committed before this run opened, in record order.
@@ -228,6 +250,7 @@ class Stream:
         segment raises ``CorruptDataError`` before any of its events is yielded. Under
         ``REALTIME_REPLAY`` the recorded gaps are kept.
         """
+        self._life.check("replay")
         if not self._policy.replay:
             return
         segments = [s.ref for s in self._store.segments(fmt.KIND_EVENTS, self.name)
@@ -279,39 +302,70 @@ class Stream:
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event]:
+        # A later source() call of the same run (a service reconnecting after its reader
+        # failed) goes on where the earlier ones stopped: the rest of the replay, if any,
+        # then the reader from the newest offset recorded, so nothing is delivered twice.
+        self._life.check("source")
+        earlier = self._holding
+        if earlier is not None and self._scheduler is not None:
+            # The consumer of an earlier call left it (a break) holding an event: it has
+            # moved on, so that event is settled now (kept unless its task was interrupted).
+            self._holding = None
+            self._scheduler.release(earlier, finished=False)
+        self._source_gen += 1
+        generation = self._source_gen
+        skip = self._replayed_by_sources
+        seen = 0
         async for event in self.replay():
+            seen += 1
+            if seen <= skip:
+                continue
+            self._replayed_by_sources = seen
             yield event
         if not continue_after_replay:
             return
-        live = reader(self.offset)
+        live = reader(self._recorded_offset())
         if inspect.isawaitable(live):
             live = await live
         if not isinstance(live, AsyncIterable):
             raise TypeError(f"the reader of {self._where} must return an async iterable: "
                             f"got={type(live).__name__}")
         iterator = aiter(live)
+        # What this run stores of a live event: the event (and offset), the offset only
+        # (OFFSETS_ONLY), or nothing (UDF_CACHING, REPLAY access): then it just passes.
+        scheduler = self._scheduler
+        if self._buffer is None and not self._policy.offsets_persist:
+            scheduler = None
         try:
             async for item in iterator:
+                if generation != self._source_gen:
+                    raise RuntimeError(f"a newer run.source() call took over {self._where}: "
+                                       "iterate only the newest one")
                 if isinstance(item, tuple) and len(item) == 2:
                     value, offset = item
                 else:
                     value, offset = item, None
-                scheduler = self._scheduler
                 if scheduler is None:
                     yield Event(value, offset, self._append(value, offset), False)
                     continue
                 await scheduler.wait_cut()
-                time_ms = self._append(value, offset)
-                if scheduler.over_limit:
-                    await scheduler.wait_capacity()
-                # Held until the consumer asks for the next event: a commit then holds the
-                # event together with the state the consumer derived from it.
-                task = anyio.get_current_task().id
-                scheduler.hold(task)
+                data, off, time_ms = self._encode(value, offset)
+                scheduler.check_writable()
+                # Held, not yet buffered, until the consumer asks for the next event: a
+                # commit then holds the event together with the state the consumer derived
+                # from it, and a consumer interrupted part-way leaves it out of the final
+                # commit (see Scheduler.finish).
+                held = self._holding = scheduler.hold(self._buffer, self.name, data, off,
+                                                      time_ms)
                 try:
                     yield Event(value, offset, time_ms, False)
-                finally:
-                    scheduler.release(task)
+                except BaseException:
+                    self._holding = None
+                    scheduler.release(held, finished=False)
+                    raise
+                self._holding = None
+                if scheduler.release(held, finished=True):
+                    await scheduler.wait_capacity()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:

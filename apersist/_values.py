@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from ._format import NAME_RE
 
-__all__ = ["check_name", "checked_json", "dumps_sorted", "dumps_value", "unserializable"]
+__all__ = ["check_name", "checked_clock", "checked_json", "dumps_sorted", "dumps_value",
+           "unserializable"]
 
 _dumps = orjson.dumps
 # A record frames its value and offset with u32 lengths (docs/format.md, "Records").
@@ -24,6 +26,34 @@ def check_name(name: object, what: str) -> str:
         raise ValueError(f"invalid {what} name: name={name!r} "
                          "rule=[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
     return name
+
+
+# A clock reading is stored as an i64 in records (docs/format.md) and as a JSON integer in
+# commit and epoch records; negative readings are refused as well.
+_CLOCK_LIMIT = 2**63
+
+
+def checked_clock(clock_ms: Callable[[], Any]) -> Callable[[], int]:
+    """Wrap an injected clock so that every reading is checked at the call that read it.
+
+    A reading must be an ``int`` (not a ``bool``) in [0, 2**63): a float stored in a commit
+    or epoch record would make every later open of the store fail, so a bad reading raises
+    ``TypeError`` or ``ValueError`` before anything is written with it.
+    """
+    if not callable(clock_ms):
+        raise TypeError(f"clock_ms must be callable: got={type(clock_ms).__name__}")
+
+    def read() -> int:
+        value = clock_ms()
+        if type(value) is not int:
+            raise TypeError(f"clock_ms() must return an int (milliseconds since the epoch): "
+                            f"got={type(value).__name__} value={value!r}")
+        if not 0 <= value < _CLOCK_LIMIT:
+            raise ValueError(f"clock_ms() returned a reading out of range: value={value} "
+                             f"range=[0, 2**63)")
+        return value
+
+    return read
 
 
 def dumps_value(value: Any, where: str) -> bytes:

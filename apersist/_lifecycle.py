@@ -1,0 +1,20 @@
+"""Whether a run is still open: the calls that need a live run check it first."""
+
+from __future__ import annotations
+
+__all__ = ["Lifecycle"]
+
+
+class Lifecycle:
+    """Set once a run's block has been left; every later call that needs the run raises."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def check(self, call: str) -> None:
+        """Raise ``RuntimeError`` naming ``call`` if the run has ended."""
+        if self.ended:
+            raise RuntimeError(f"the run has ended: call {call}() inside the "
+                               "`async with apersist.run(...)` block")
