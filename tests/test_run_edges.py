@@ -1,0 +1,395 @@
+"""Failures that come from inside the process: a caller's cancellation, the bounds of
+buffered data, bad clock readings, sources called again, and the edges of a run's life.
+
+Each test is the regression test of one finding of an adversarial review (issue 18); the
+cancellation campaign (test_cancellation.py) sweeps the same class at every await point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import anyio
+import pytest
+from helpers import CountingDriver, install_counting, table_state, values, wait_until
+
+import apersist
+
+
+def _cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
+    return apersist.Config(backend, **kwargs)
+
+
+async def _cancel_while_uploading(how: str, driver: CountingDriver,
+                                  commit: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """Start ``commit()``, let it reach its segment uploads (held at the driver's gate),
+    cancel its caller the way ``how`` says, then let the uploads go on."""
+    gate = driver.hold_segment_puts()
+    held_before = driver.held
+    uploading = lambda: driver.held > held_before  # noqa: E731
+    if how == "wait_for":
+        async def cancel_soon() -> None:
+            await wait_until(uploading, what="the commit's uploads")
+        waiter = asyncio.ensure_future(cancel_soon())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(commit(), 0.2)
+        await waiter
+    elif how == "timeout":
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await commit()
+    elif how == "cancel":
+        task = asyncio.ensure_future(commit())
+        await wait_until(uploading, what="the commit's uploads")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:  # a TaskGroup whose other task fails
+        async def fail_soon() -> None:
+            await wait_until(uploading, what="the commit's uploads")
+            raise KeyError("sibling")
+
+        async def group_of_two() -> None:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(commit())
+                group.create_task(fail_soon())
+
+        with pytest.raises(ExceptionGroup):
+            await group_of_two()
+    assert driver.held > held_before, "the commit never reached its uploads"
+    gate.set()
+    driver.gate = None
+
+
+@pytest.mark.parametrize("how", ["wait_for", "timeout", "cancel", "taskgroup"])
+async def test_a_commit_cancelled_by_its_caller_loses_nothing(
+        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Cancelling the task awaiting commit() stops its wait, never the commit (item 1),
+    and leaves no bytes counted as pending (item 2)."""
+    drivers = install_counting(monkeypatch)
+    expected: dict[str, list[int]] = {"a": [], "b": []}
+    async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000)) as run:
+        driver = drivers[0]
+        for round_ in range(3):
+            for name in expected:  # two streams: a commit of two segments
+                for i in range(20):
+                    value = round_ * 100 + i
+                    await run.stream(name).record(value, offset=value)
+                    expected[name].append(value)
+            await _cancel_while_uploading(how, driver, run.commit)
+            info = await run.commit()
+            assert info.seq > 1
+            stats = run.stats
+            assert stats["pending_bytes"] == 0, stats
+            assert stats["deltas_committed"] == stats["deltas_recorded"] == 40 * (round_ + 1)
+        commits = run.stats["commits"]
+        for i in range(200):  # no leaked bytes: recording does not commit per record
+            await run.stream("a").record(1000 + i)
+            expected["a"].append(1000 + i)
+        assert run.stats["commits"] <= commits + 1
+    for name, want in expected.items():
+        assert await values(backend, name) == want
+    async with apersist.run(_cfg(backend)) as run:
+        assert run.stream("b").offset == 219
+
+
+async def test_a_cancelled_commit_never_fences_its_own_writer(backend: apersist.Backend) -> None:
+    """Twenty commits each cancelled a moment in: the run ends without a FencedError."""
+    async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000)) as run:
+        stream = run.stream("s")
+        for k in range(20):
+            for j in range(10):
+                await stream.record(k * 10 + j)
+            # Mostly too short to finish: the wait is cut off somewhere inside the commit.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.commit(), 0.0005 * (1 + k % 5))
+        await run.commit()
+        assert run.stats["pending_bytes"] == 0
+    assert await values(backend, "s") == list(range(200))
+
+
+async def test_table_writes_past_the_bound_wake_the_scheduler(backend: apersist.Backend) -> None:
+    """A table-writing task cannot wait, but passing the bound starts a commit (item 4)."""
+    bound = 64 << 10
+    cfg = _cfg(backend, snapshot_interval_ms=60_000, max_pending_bytes=bound)
+    async with apersist.run(cfg) as run:
+        table = await run.table("t")
+        worst = 0
+        for i in range(8000):  # about 8 MiB of deltas, written with a little work between
+            table[f"k{i % 50}"] = "x" * 1000
+            worst = max(worst, run.stats["pending_bytes"])
+            if i % 10 == 0:
+                await asyncio.sleep(0.001)
+        # Bounded by the bound plus what is written while one commit uploads, not by the
+        # 8 MiB written (all of it, without a commit, before the fix).
+        assert worst < 2 << 20
+        assert run.stats["commits"] >= 2
+        await wait_until(lambda: run.stats["pending_bytes"] <= bound, limit_s=30,
+                         what="the pending bytes to fall under the bound")
+
+
+@pytest.mark.parametrize(("reading", "error"), [
+    (1.7e12, TypeError), (True, TypeError), ("1700000000000", TypeError),
+    (-1, ValueError), (2**64, ValueError)])
+async def test_a_bad_clock_is_refused_before_anything_is_written(
+        backend: apersist.Backend, reading: Any, error: type[Exception]) -> None:
+    """A float clock used to brick the store: every later open failed (item 5)."""
+    async with apersist.run(_cfg(backend)) as run:
+        await run.stream("s").record(1)
+    before = await _objects(backend)
+    with pytest.raises(error, match="clock_ms"):
+        async with apersist.run(_cfg(backend), clock_ms=lambda: reading):
+            pass
+    assert await _objects(backend) == before
+    assert await values(backend, "s") == [1]
+
+
+async def test_a_clock_that_turns_bad_fails_the_call_that_read_it(
+        backend: apersist.Backend) -> None:
+    now = [1_700_000_000_000]
+    async with apersist.run(_cfg(backend), clock_ms=lambda: now[0]) as run:
+        stream = run.stream("s")
+        await stream.record(1)
+        now[0] = time.time() * 1000  # type: ignore[assignment]
+        with pytest.raises(TypeError, match="clock_ms"):
+            await stream.record(2)
+        now[0] = 1_700_000_000_001
+        await stream.record(3)
+    assert await values(backend, "s") == [1, 3]
+
+
+async def test_a_clock_that_is_not_callable_is_refused() -> None:
+    with pytest.raises(TypeError, match="clock_ms must be callable"):
+        async with apersist.run(_cfg(apersist.Backend.memory()), clock_ms=5):  # type: ignore[arg-type]
+            pass
+
+
+class FlakyFeed:
+    """A seekable feed of ``total`` items whose connection drops once after ``drop_at``."""
+
+    def __init__(self, total: int, drop_at: int | None) -> None:
+        self.total = total
+        self.drop_at = drop_at
+        self.calls: list[Any] = []
+
+    def __call__(self, offset: int | None) -> AsyncIterator[tuple[int, int]]:
+        self.calls.append(offset)
+        return self._read(0 if offset is None else offset + 1)
+
+    async def _read(self, start: int) -> AsyncIterator[tuple[int, int]]:
+        for i in range(start, self.total):
+            if i == self.drop_at:
+                self.drop_at = None
+                raise ConnectionError("connection reset")
+            yield i, i
+
+
+async def _consume_with_retries(run: apersist.Run, feed: FlakyFeed) -> int:
+    """Count live events into a table, calling source() again when the reader fails;
+    returns how many replayed events were seen."""
+    totals = await run.table("totals")
+    replayed = 0
+    while True:
+        try:
+            async for event in run.source("feed", feed):
+                if event.replayed:
+                    replayed += 1
+                else:
+                    totals["n"] = totals.get("n", 0) + 1
+                    totals["sum"] = totals.get("sum", 0) + event.value
+            return replayed
+        except ConnectionError:
+            continue  # no commit in between: the retry must see what was recorded
+
+
+async def test_a_source_called_again_in_the_same_run_counts_nothing_twice(
+        backend: apersist.Backend) -> None:
+    """A service that catches its reader's error and calls source() again (item 6)."""
+    first = FlakyFeed(300, drop_at=120)
+    cfg = _cfg(backend, snapshot_interval_ms=60_000)
+    async with apersist.run(cfg) as run:
+        assert await _consume_with_retries(run, first) == 0
+    assert first.calls == [None, 119]
+    second = FlakyFeed(600, drop_at=450)
+    async with apersist.run(cfg) as run:
+        assert await _consume_with_retries(run, second) == 300
+    assert second.calls == [299, 449]
+    assert await values(backend, "feed") == list(range(600))
+    assert await table_state(backend, "totals") == {"n": 600, "sum": sum(range(600))}
+
+
+async def test_a_source_called_again_mid_replay_replays_only_the_rest(
+        backend: apersist.Backend) -> None:
+    async with apersist.run(_cfg(backend)) as run:
+        async for _ in run.source("feed", FlakyFeed(10, None)):
+            pass
+    feed = FlakyFeed(12, None)
+    async with apersist.run(_cfg(backend)) as run:
+        seen = []
+        async for event in run.source("feed", feed):
+            seen.append((event.value, event.replayed))
+            if len(seen) == 4:
+                break
+        async for event in run.source("feed", feed):
+            seen.append((event.value, event.replayed))
+    assert seen == [(i, True) for i in range(10)] + [(10, False), (11, False)]
+    assert feed.calls == [9]
+    assert await values(backend, "feed") == list(range(12))
+
+
+async def test_an_interrupted_consumer_leaves_its_event_out_of_the_final_commit(
+        backend: apersist.Backend) -> None:
+    """A sibling fails mid-body: the event whose state was never applied is not committed,
+    so the restart delivers it again (item 7)."""
+    async def run_until_the_sibling_fails(fail_at: int) -> None:
+        async with apersist.run(_cfg(backend)) as run:
+            totals = await run.table("totals")
+
+            async def consume() -> None:
+                async for event in run.source("feed", FlakyFeed(1000, None)):
+                    if not event.replayed:
+                        await asyncio.sleep(0.001)  # the sibling fails here
+                        totals["n"] = totals.get("n", 0) + 1
+
+            async def fail_later() -> None:
+                await wait_until(lambda: totals.get("n", 0) >= fail_at)
+                raise KeyError("sibling failed")
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(consume())
+                group.create_task(fail_later())
+
+    for attempt in range(2):
+        with pytest.raises(ExceptionGroup):
+            await run_until_the_sibling_fails(40 * (attempt + 1))
+        stored = await values(backend, "feed")
+        assert stored == list(range(len(stored)))
+        assert (await table_state(backend, "totals"))["n"] == len(stored)
+
+
+async def test_the_block_leaving_by_an_exception_leaves_its_held_event_out(
+        backend: apersist.Backend) -> None:
+    async def fail_at_the_seventh() -> None:
+        async with apersist.run(_cfg(backend)) as run:
+            totals = await run.table("totals")
+            async for event in run.source("feed", FlakyFeed(100, None)):
+                if event.value == 7:
+                    raise KeyError("bad event")  # before its state was applied
+                totals["n"] = totals.get("n", 0) + 1
+
+    with pytest.raises(KeyError):
+        await fail_at_the_seventh()
+    assert await values(backend, "feed") == list(range(7))
+    assert await table_state(backend, "totals") == {"n": 7}
+
+
+async def test_a_consumer_that_breaks_keeps_its_last_event(backend: apersist.Backend) -> None:
+    async with apersist.run(_cfg(backend)) as run:
+        totals = await run.table("totals")
+        source = run.source("feed", FlakyFeed(100, None))
+        async for event in source:  # still referenced after the break
+            totals["n"] = totals.get("n", 0) + 1
+            if event.value == 9:
+                break
+    assert await values(backend, "feed") == list(range(10))
+    assert await table_state(backend, "totals") == {"n": 10}
+
+
+async def test_records_that_return_while_the_run_ends_are_committed(
+        backend: apersist.Backend) -> None:
+    """record() that returns normally while the final commit uploads is committed; once
+    the final cut is taken it raises instead (item 8)."""
+    returned: list[int] = []
+    refused: list[str] = []
+
+    async def record_forever(stream: apersist.Stream) -> None:
+        i = 0
+        while True:
+            try:
+                await stream.record(i)
+            except RuntimeError as exc:
+                refused.append(str(exc))
+                return
+            returned.append(i)
+            i += 1
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    async with anyio.create_task_group() as outer, apersist.run(_cfg(backend)) as run:
+        outer.start_soon(record_forever, run.stream("s"))
+        await wait_until(lambda: len(returned) > 2000)
+    assert refused
+    assert "the run has ended" in refused[0]
+    assert await values(backend, "s") == returned
+
+
+async def test_writes_after_the_block_are_refused_and_never_committed(
+        backend: apersist.Backend) -> None:
+    async with apersist.run(_cfg(backend)) as run:
+        stream = run.stream("s")
+        table = await run.table("t")
+        await stream.record(1, offset=1)
+        table["a"] = 1
+    before = await _objects(backend)
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        await stream.record_many([2, 3], offsets=[2, 3])
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        table["b"] = 2
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        del table["a"]
+    for call in (run.commit, run.compact, lambda: run.table("t")):
+        with pytest.raises(RuntimeError, match="the run has ended"):
+            await call()
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        [e async for e in stream.replay()]
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        [e async for e in run.source("s", FlakyFeed(5, None))]
+    assert await _objects(backend) == before
+    assert await values(backend, "s") == [1]
+    async with apersist.run(_cfg(backend)) as run:
+        assert run.stream("s").offset == 1
+
+
+async def test_a_cancelled_record_has_recorded_its_event(backend: apersist.Backend) -> None:
+    """record() buffers before it waits for back-pressure: cancelling the wait keeps it."""
+    cfg = _cfg(backend, snapshot_interval_ms=60_000, max_pending_bytes=1 << 10)
+    drivers: list[Any] = []
+    async with apersist.run(cfg) as run:
+        stream = run.stream("s")
+        task = asyncio.ensure_future(stream.record("x" * 4000))  # over the bound: waits
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await run.commit()
+        assert run.stats["pending_bytes"] == 0
+    del drivers
+    assert await values(backend, "s") == ["x" * 4000]
+
+
+async def test_a_source_left_by_a_finished_task_does_not_hold_commits(
+        backend: apersist.Backend) -> None:
+    """Its generator still referenced, the task gone: commits do not wait for it."""
+    kept: list[Any] = []
+    async with apersist.run(_cfg(backend)) as run:
+        async def take_one() -> None:
+            source = run.source("feed", FlakyFeed(10, None))
+            kept.append(source)
+            await anext(source)
+
+        await asyncio.ensure_future(take_one())
+        started = time.monotonic()
+        for i in range(3):
+            await run.stream("other").record(i)
+            await run.commit()
+        assert time.monotonic() - started < 2.5  # not the 5 s hold timeout
+    assert await values(backend, "feed") == [0]
+
+
+async def _objects(backend: apersist.Backend) -> dict[str, bytes]:
+    from helpers import stored_objects
+    return await stored_objects(backend)
