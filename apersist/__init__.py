@@ -23,6 +23,7 @@ from ._errors import (
     FencedError,
     IncompatibleFormatError,
     PersistenceError,
+    SegmentCollectedError,
 )
 from ._format import FORMAT_MAJOR, FORMAT_MINOR
 from ._run import Run, run
@@ -51,6 +52,7 @@ __all__ = [
     "PersistenceMode",
     "RetryPolicy",
     "Run",
+    "SegmentCollectedError",
     "SnapshotAccess",
     "Stream",
     "Table",

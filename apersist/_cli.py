@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import time
@@ -16,7 +17,8 @@ from . import _format as fmt
 from ._config import AwsS3Settings, Backend, Config, SnapshotAccess
 from ._drivers import open_driver
 from ._errors import PersistenceError
-from ._inspect import find_garbage, summarize, verify
+from ._gc import collect_garbage
+from ._inspect import summarize, verify
 from ._run import run
 
 __all__ = ["backend_from_root", "main"]
@@ -117,16 +119,45 @@ async def _compact(root: str) -> int:
 async def _gc(root: str, dry_run: bool, grace_s: float) -> int:
     driver = open_driver(backend_from_root(root))
     try:
-        garbage = await find_garbage(driver, grace_ms=int(grace_s * 1000),
-                                     now_ms=time.time_ns() // 1_000_000)
-        for key in garbage:
-            print(("would delete " if dry_run else "delete ") + key)
-        if garbage and not dry_run:
-            await driver.delete(garbage)
+        # gc's own clock dates the garbage (see apersist/_gc.py); writers' clocks never do.
+        plan = await collect_garbage(driver, grace_ms=round(grace_s * 1000),
+                                     now_ms=time.time_ns() // 1_000_000, dry_run=dry_run)
     finally:
         await driver.aclose()
-    print(f"{len(garbage)} unreferenced segment(s) {'found' if dry_run else 'deleted'}")
+    if plan.damaged_marker is not None:
+        print(f"apersist gc: the gc marker is damaged and was {'not ' if dry_run else ''}"
+              f"replaced; every garbage segment counts as first seen now: "
+              f"{plan.damaged_marker}", file=sys.stderr)
+    would = "would " if dry_run else ""
+    for key in plan.due:
+        print(f"{would}delete {key}")
+    new = set(plan.new)
+    for key, seen in plan.waiting.items():
+        left_s = (seen + plan.grace_ms - plan.now_ms) / 1000
+        if key in new:
+            print(f"{would}mark {key} (deletable in {left_s:.0f} s)")
+        else:
+            print(f"keep {key} (first seen {(plan.now_ms - seen) / 1000:.0f} s ago, "
+                  f"deletable in {left_s:.0f} s)")
+    if dry_run:
+        print(f"{len(plan.due)} unreferenced segment(s) would be deleted, "
+              f"{len(plan.waiting)} marked; nothing written (dry run)")
+    else:
+        print(f"{len(plan.due)} unreferenced segment(s) deleted, {len(plan.waiting)} marked "
+              f"(deleted by a later gc once garbage for {grace_s:g} s)")
     return 0
+
+
+def _grace_seconds(text: str) -> float:
+    """``--grace-seconds``: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"the grace period must be a number of seconds, 0 or more: {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,12 +175,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compact", help="fold every table's deltas into a snapshot (takes the "
                                        "writer role: a running writer is fenced)")
     p.add_argument("root")
-    p = sub.add_parser("gc", help="delete segments no live commit names and no writer can commit")
+    p = sub.add_parser("gc", help="mark segments no live commit names and no writer can commit; "
+                                  "delete those marked at least the grace period ago")
     p.add_argument("root")
-    p.add_argument("--dry-run", action="store_true", help="list, delete nothing")
-    p.add_argument("--grace-seconds", type=float, default=3600.0,
-                   help="leave garbage younger than this for readers that opened before "
-                        "it became garbage (default 3600)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be deleted and marked; write and delete nothing")
+    p.add_argument("--grace-seconds", type=_grace_seconds, default=3600.0,
+                   help="delete a segment only once an earlier gc run saw it as garbage at "
+                        "least this long ago, by gc's own clock, so that readers that opened "
+                        "before it became garbage keep it (default 3600; 0 deletes at once)")
     p = sub.add_parser("demo", help="word counts persisted on the filesystem, killed with "
                                     "SIGKILL part-way, restarted, checked")
     p.add_argument("--events", type=int, default=200_000, help="events in the input stream")

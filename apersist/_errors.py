@@ -13,6 +13,7 @@ __all__ = [
     "FencedError",
     "IncompatibleFormatError",
     "PersistenceError",
+    "SegmentCollectedError",
 ]
 
 
@@ -25,6 +26,17 @@ class CorruptDataError(PersistenceError):
 
     The message names the object and the byte offset. Corrupt data is never replayed and
     never silently skipped.
+    """
+
+
+class SegmentCollectedError(CorruptDataError):
+    """A segment this run needs was garbage-collected after the run opened the store.
+
+    The store moved on (a newer history, or a compaction) so that no live commit names the
+    segment any more, and ``apersist gc`` deleted it while this run still read the state it
+    had opened: the grace period was shorter than this run's life. Reopen the store to read
+    its current state. A ``CorruptDataError``, so code that catches that still catches it,
+    but nothing stored is damaged.
     """
 
 

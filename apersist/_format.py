@@ -84,6 +84,13 @@ def number_in_key(key: str, prefix: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def gc_marks_key(writer: str) -> str:
+    """Where ``apersist gc`` notes, by its own clock, when it first saw each of this
+    writer's segments as garbage (outside ``commits/``, ``epochs/`` and ``segments/``, so
+    loading a store never lists it)."""
+    return f"{writer_prefix(writer)}gc/marks.json"
+
+
 # --------------------------------------------------------------------------- checked JSON
 # Commit and epoch records are JSON documents {"body": {...}, "crc32": N} whose checksum
 # covers the exact bytes of the body, so a reader can check them without re-serializing.

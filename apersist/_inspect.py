@@ -10,6 +10,7 @@ import orjson
 from . import _format as fmt
 from ._drivers import Driver
 from ._errors import PersistenceError
+from ._gc import plan_gc, read_marker
 from ._store import Store
 
 __all__ = ["StoreReport", "find_garbage", "summarize", "verify"]
@@ -84,6 +85,11 @@ async def verify(driver: Driver) -> list[str]:
             await store.read_epoch(number)
         except PersistenceError as exc:
             problems.append(str(exc))
+    # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
+    try:
+        await read_marker(driver, "0")
+    except PersistenceError as exc:
+        problems.append(str(exc))
     for kind in sorted(fmt.KINDS):
         for name in store.log_names(kind):
             for seg in store.segments(kind, name):
@@ -100,39 +106,9 @@ async def verify(driver: Driver) -> list[str]:
 
 
 async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[str]:
-    """Segments that no live commit names, that no writer can still commit, past a grace period.
+    """The segments a gc run at ``now_ms`` (gc's clock) would delete; writes nothing.
 
-    A segment of an epoch older than the newest commit's epoch belongs to a writer that is
-    fenced (its next commit can only fail), so if no live commit names it, none ever will.
-    Segments of the current epoch are left alone: they may be uploads of a commit in flight.
-    The grace period protects readers that opened the store before it changed: a segment
-    counts only once the takeover that fenced its writer (and the newest reset, if any) is
-    ``grace_ms`` old.
+    Garbage is dated by the gc marker, never by writers' clocks (see ``_gc``): with no
+    marker only ``grace_ms`` 0 finds anything due. ``apersist gc`` is ``collect_garbage``.
     """
-    store = Store(driver, clock_ms=lambda: now_ms)
-    await store.load()
-    named = {seg.ref.key for kind in fmt.KINDS for name in store.log_names(kind)
-             for seg in store.segments(kind, name)}
-    reset = store.reset_time_ms
-    if reset is not None and reset > now_ms - grace_ms:
-        return []  # a reader may still be reading the history the reset superseded
-    epoch_prefix = fmt.epochs_prefix("0")
-    started: dict[int, int] = {}
-    async for info in driver.list(epoch_prefix):
-        number = fmt.number_in_key(info.key, epoch_prefix)
-        if number is not None:
-            # Checked against its key: another epoch's bytes here would date the takeover
-            # wrongly and could let a segment be deleted inside its grace period.
-            started[number] = (await store.read_epoch(number)).time_ms
-    current = store.last_epoch_of_log
-    garbage = []
-    prefix = fmt.segments_prefix("0")
-    async for info in driver.list(prefix):
-        epoch_text = info.key[len(prefix):].partition("-")[0]
-        if info.key in named or not epoch_text.isdigit():
-            continue
-        epoch = int(epoch_text)
-        takeovers = [t for e, t in started.items() if epoch < e <= current]
-        if epoch < current and takeovers and min(takeovers) <= now_ms - grace_ms:
-            garbage.append(info.key)
-    return garbage
+    return list((await plan_gc(driver, grace_ms=grace_ms, now_ms=now_ms)).due)

@@ -26,7 +26,7 @@ from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
 from ._drivers.base import put_then_create
-from ._errors import CorruptDataError, FencedError
+from ._errors import CorruptDataError, FencedError, PersistenceError, SegmentCollectedError
 
 __all__ = ["LoggedSegment", "SegmentBlob", "Store"]
 
@@ -250,15 +250,50 @@ class Store:
         return record
 
     async def read_segment(self, ref: fmt.SegmentRef) -> fmt.SegmentView:
-        """Fetch and check one committed segment. Damage raises ``CorruptDataError``."""
+        """Fetch and check one committed segment. Damage raises ``CorruptDataError``.
+
+        A segment that is missing because the store moved on since it was opened (no live
+        commit names it any more, so ``apersist gc`` could collect it) raises
+        ``SegmentCollectedError`` instead.
+        """
         try:
             data = await self._driver.get(ref.key)
         except ObjectNotFoundError:
+            newest = await self._seq_past(ref.key)
+            if newest is not None:
+                raise SegmentCollectedError(
+                    f"segment was garbage-collected after this reader opened the store: the "
+                    f"store moved on and no live commit names it; reopen the store (apersist "
+                    f"gc's grace period was shorter than this reader's life): key={ref.key} "
+                    f"offset=0 seq={self._state.last_seq} store_seq={newest}") from None
             raise CorruptDataError(f"commit names a missing segment: key={ref.key} "
                                    "offset=0") from None
         if len(data) > _THREAD_CHECK_BYTES:
             return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
         return fmt.SegmentView(ref, data)
+
+    async def _seq_past(self, key: str) -> int | None:
+        """The store's newest commit number if the log moved on past segment ``key``: it is
+        at least as new as ours and none of its live commits names ``key`` (a reset or a
+        compaction superseded it). None if a live commit still names it (lost data), or if
+        the log does not read whole (then the missing segment is reported as it is).
+
+        Reads the whole commit log: only the error path of a missing segment calls this.
+        """
+        prefix = fmt.commits_prefix(self._writer)
+        state = _State()
+        try:
+            keys = [info.key async for info in self._driver.list(prefix)
+                    if fmt.number_in_key(info.key, prefix) is not None]
+            records = await gather_bounded([self._reader(k) for k in keys], _READ_CONCURRENCY)
+            for record_key, record in zip(keys, records, strict=True):
+                self._apply(state, record_key, record)
+        except PersistenceError:
+            return None
+        if state.last_seq < self._state.last_seq or any(
+                seg.ref.key == key for segs in state.logs.values() for seg in segs):
+            return None
+        return state.last_seq
 
     async def read_windows(self, refs: Sequence[fmt.SegmentRef]
                            ) -> AsyncIterator[list[fmt.SegmentView]]:

@@ -91,24 +91,79 @@ def test_compact_keeps_table_state(store: Path) -> None:
     assert asyncio.run(read()) == {"a": 1, "b": 2}
 
 
-def test_gc_deletes_only_unreferenced_segments_of_fenced_epochs(
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_gc_marks_first_and_deletes_only_what_an_earlier_run_marked_a_grace_period_ago(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     segments = store / "writers/0/segments"
     # An upload of epoch 1 that no commit names (its writer was killed before committing).
     orphan = segments / f"{1:020d}-{999:020d}.seg"
     orphan.write_bytes(b"junk")
+    key = f"writers/0/segments/{orphan.name}"
+    marker = store / "writers/0/gc/marks.json"
     # Epoch 1 is still the newest commit's epoch: its orphan may be a commit in flight.
-    assert main(["gc", str(store), "--dry-run", "--grace-seconds", "0"]) == 0
-    assert "0 unreferenced" in capsys.readouterr().out
+    assert main(["gc", str(store), "--grace-seconds", "0"]) == 0
+    assert "0 unreferenced segment(s) deleted, 0 marked" in capsys.readouterr().out
+    assert orphan.exists()
+    assert not marker.exists()
     asyncio.run(_fill(store))  # a new writer (epoch 2) takes over: epoch 1 is fenced
-    # Within the grace period readers that opened before the takeover are protected.
+    # A dry run says what a run would do and writes nothing.
+    before = _files(store)
     assert main(["gc", str(store), "--dry-run"]) == 0
-    assert "0 unreferenced" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"would mark {key} (deletable in 3600 s)" in out
+    assert "0 unreferenced segment(s) would be deleted, 1 marked; nothing written (dry run)" in out
+    assert _files(store) == before
+    # The first run only marks, by its own clock; nothing is old enough yet.
+    assert main(["gc", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"mark {key}" in out
+    assert "0 unreferenced segment(s) deleted, 1 marked" in out
+    assert orphan.exists()
+    assert marker.exists()
+    assert main(["gc", str(store)]) == 0
+    assert f"keep {key} (first seen 0 s ago, deletable in 3600 s)" in capsys.readouterr().out
+    assert orphan.exists()
     assert main(["gc", str(store), "--dry-run", "--grace-seconds", "0"]) == 0
-    assert orphan.name in capsys.readouterr().out
+    assert f"would delete {key}" in capsys.readouterr().out
     assert orphan.exists()
     assert main(["gc", str(store), "--grace-seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"delete {key}" in out
+    assert "1 unreferenced segment(s) deleted, 0 marked" in out
     assert not orphan.exists()
+    assert main(["verify", str(store)]) == 0
+
+
+@pytest.mark.parametrize("grace", ["-1", "-0.5", "nan", "inf", "soon"])
+def test_gc_refuses_a_grace_period_that_is_not_a_number_of_seconds(
+        store: Path, capsys: pytest.CaptureFixture[str], grace: str) -> None:
+    before = _files(store)
+    with pytest.raises(SystemExit) as exit_:
+        main(["gc", str(store), f"--grace-seconds={grace}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the grace period must be a number of seconds, 0 or more: '{grace}'" in err
+    assert _files(store) == before
+
+
+def test_gc_reports_a_damaged_marker_and_starts_over(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (store / "writers/0/segments" / f"{1:020d}-{999:020d}.seg").write_bytes(b"junk")
+    asyncio.run(_fill(store))
+    assert main(["gc", str(store)]) == 0
+    marker = store / "writers/0/gc/marks.json"
+    marker.write_bytes(marker.read_bytes().replace(b'"marks"', b'"marXs"'))
+    capsys.readouterr()
+    assert main(["verify", str(store)]) == 1
+    assert "writers/0/gc/marks.json" in capsys.readouterr().out
+    assert main(["gc", str(store)]) == 0
+    captured = capsys.readouterr()
+    assert "the gc marker is damaged and was replaced" in captured.err
+    assert "key=writers/0/gc/marks.json" in captured.err
+    assert "1 marked" in captured.out
     assert main(["verify", str(store)]) == 0
 
 
