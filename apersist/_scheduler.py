@@ -478,8 +478,8 @@ class Scheduler:
         self._pending_event.set()
 
     def _ended_error(self) -> RuntimeError:
-        return RuntimeError("the run has ended: commit inside the `async with apersist.run(...)` "
-                            "block")
+        return RuntimeError("the run has ended: its scheduler commits nothing more; record and "
+                            "commit inside the `async with apersist.run(...)` block")
 
     # ------------------------------------------------------------------ source barrier
     # A live source event is recorded before the consumer sees it, and the consumer then
