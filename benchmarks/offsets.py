@@ -10,6 +10,8 @@ each (one stream's offset changes per commit), and reports:
   commit record, check the segments) and as a writer (the same, plus the epoch record and
   the fence commit), wall clock and the process's CPU time, each the best of ``--repeats``.
 
+Writing and opening each run in a fresh process.
+
 A commit record that repeats every stream's offset grows with S, and opening then costs
 S x C; one that holds what changed costs neither::
 
@@ -21,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import resource
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import apersist
 
@@ -64,21 +70,42 @@ async def open_store(root: Path, access: apersist.SnapshotAccess, streams: int) 
     return took
 
 
-async def measure(streams: int, commits: int, repeats: int, workdir: Path) -> dict[str, float]:
-    root = workdir / f"store-{streams}"
+async def _written(root: Path, streams: int, commits: int) -> dict[str, float]:
     started = time.perf_counter()
     await write_store(root, streams, commits)
-    written = time.perf_counter() - started
-    one_event = _commit_sizes(root)[-1]
+    return {"write_s": time.perf_counter() - started,
+            "write_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "one_event_commit_bytes": _commit_sizes(root)[-1]}
+
+
+async def _opened(root: Path, streams: int, repeats: int) -> dict[str, float]:
     replay = [await open_store(root, apersist.SnapshotAccess.REPLAY, streams) for _ in range(repeats)]
     # Each writer open adds a fence commit: measured last, after the read-only opens.
     writer = [await open_store(root, apersist.SnapshotAccess.FULL, streams) for _ in range(repeats)]
-    fence = _commit_sizes(root)[-1]
-    shutil.rmtree(root)
-    return {"streams": streams, "commits": commits, "one_event_commit_bytes": one_event,
-            "fence_commit_bytes": fence, "write_s": written,
+    return {"fence_commit_bytes": _commit_sizes(root)[-1],
             "open_replay_s": min(w for w, _ in replay), "open_replay_cpu_s": min(c for _, c in replay),
             "open_writer_s": min(w for w, _ in writer), "open_writer_cpu_s": min(c for _, c in writer)}
+
+
+def _in_fresh_process(step: str, *args: Any) -> dict[str, float]:
+    """Run one step in a process of its own: what writing a store leaves in the heap (and
+    the allocator) must not weigh on the opens, nor one stream count on the next."""
+    fn = {"write": _written, "open": _opened}[step]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run, fn, *args).result()
+
+
+def _run(fn: Callable[..., Awaitable[dict[str, float]]], *args: Any) -> dict[str, float]:
+    return asyncio.run(fn(*args))
+
+
+def measure(streams: int, commits: int, repeats: int, workdir: Path) -> dict[str, float]:
+    root = workdir / f"store-{streams}"
+    result = {"streams": streams, "commits": commits,
+              **_in_fresh_process("write", root, streams, commits),
+              **_in_fresh_process("open", root, streams, repeats)}
+    shutil.rmtree(root)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,16 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(s) for s in args.streams.split(",") if s]
     print("| streams | commits | one-event commit record | fence commit record "
-          "| open read-only (CPU) | open as writer (CPU) | writing the store |")
+          "| open read-only (CPU) | open as writer (CPU) | writing the store (peak RSS) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for count in counts:
-            r = asyncio.run(measure(count, args.commits, args.repeats, Path(tmp)))
+            r = measure(count, args.commits, args.repeats, Path(tmp))
             print(f"| {count:,} | {args.commits:,} | {r['one_event_commit_bytes']:,} B "
                   f"| {r['fence_commit_bytes']:,} B "
                   f"| {r['open_replay_s'] * 1000:,.0f} ms ({r['open_replay_cpu_s'] * 1000:,.0f} ms) "
                   f"| {r['open_writer_s'] * 1000:,.0f} ms ({r['open_writer_cpu_s'] * 1000:,.0f} ms) "
-                  f"| {r['write_s']:,.1f} s |", flush=True)
+                  f"| {r['write_s']:,.1f} s ({r['write_peak_rss_mib']:,.0f} MiB) |", flush=True)
     return 0
 
 
