@@ -27,7 +27,7 @@ __all__ = [
     "SegmentRef",
 ]
 
-FORMAT_MAJOR: Final = 2
+FORMAT_MAJOR: Final = 3
 FORMAT_MINOR: Final = 0
 
 # The log kinds a segment can hold.
@@ -186,12 +186,22 @@ class SegmentRef:
                 "records": self.records, "size": self.size}
 
 
+# Format 3.0 commit records hold the offsets a commit changed (``offset_changes``), where
+# 1.x and 2.x ones held every stream's (``offsets``): with many streams the whole map made
+# every commit record, and so opening a store, cost streams x commits.
+_OFFSETS_CHANGED_IN: Final = 3
+
+
 @dataclass(frozen=True, slots=True)
 class CommitRecord:
-    """One atomic commit: the segments it adds and every stream's offset after it.
+    """One atomic commit: the segments it adds and the stream offsets it sets.
 
     ``reset`` marks the first commit of a new history (``SnapshotAccess.RECORD``): readers
-    ignore every commit before it. ``offsets`` maps a stream name to its offset as JSON bytes.
+    ignore every commit before it. ``offsets`` maps a stream name to its offset as JSON
+    bytes: the offsets this commit changed, on top of the previous commit's (``null``: the
+    stream has no offset any more), or the whole map when ``whole_offsets`` (see
+    ``apply_offsets``). ``major`` is the format major version that wrote the record; only
+    the current one is ever encoded.
     """
 
     writer: str
@@ -202,13 +212,41 @@ class CommitRecord:
     reset: bool
     segments: tuple[SegmentRef, ...]
     offsets: Mapping[str, bytes]
+    major: int = FORMAT_MAJOR
+
+    @property
+    def whole_offsets(self) -> bool:
+        """Whether ``offsets`` is the whole map after this commit rather than its changes.
+
+        A reset commit starts from an empty map, so its changes are the whole map; a format
+        1 or 2 commit holds the whole map in every commit.
+        """
+        return self.reset or self.major < _OFFSETS_CHANGED_IN
+
+    def apply_offsets(self, offsets: dict[str, bytes]) -> dict[str, bytes]:
+        """The offsets after this commit, given those after the previous one.
+
+        Updates ``offsets`` in place and returns it, costing what the commit changed; a
+        commit that holds the whole map returns a new dict instead.
+        """
+        if self.whole_offsets:
+            offsets = {}
+        for name, raw in self.offsets.items():
+            if raw == _NULL and self.major >= _OFFSETS_CHANGED_IN:
+                offsets.pop(name, None)
+            else:
+                offsets[name] = raw
+        return offsets
 
     def encode(self) -> bytes:
+        if self.major != FORMAT_MAJOR:
+            raise ValueError(f"a commit record is written only in the current format: "
+                             f"major={self.major} current={FORMAT_MAJOR}")
         body = {
             "format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "commit", "writer": self.writer,
             "seq": self.seq, "epoch": self.epoch, "time_ms": self.time_ms, "token": self.token,
             "reset": self.reset, "segments": [s.to_json() for s in self.segments],
-            "offsets": {name: orjson.Fragment(raw) for name, raw in self.offsets.items()},
+            "offset_changes": {name: orjson.Fragment(raw) for name, raw in self.offsets.items()},
         }
         return _encode_checked(body)
 
@@ -228,12 +266,31 @@ class CommitRecord:
                 raise IncompatibleFormatError(f"commit names a segment of an unknown kind: "
                                               f"key={key} kind={ref.kind}")
             refs.append(ref)
+        major: int = body["format"][0]  # checked by _decode_checked
+        # A 3.x record names only what changed, under a field that 2.x records lack: a 2.x
+        # record's whole map is never taken for changes, nor changes for a whole map.
+        field = "offset_changes" if major >= _OFFSETS_CHANGED_IN else "offsets"
         offsets = {name: orjson.dumps(value)
-                   for name, value in _field(key, body, "offsets", dict).items()}
+                   for name, value in _field(key, body, field, dict).items()}
         return cls(_field(key, body, "writer", str), _field(key, body, "seq", int),
                    _field(key, body, "epoch", int), _field(key, body, "time_ms", int),
                    _field(key, body, "token", str), _field(key, body, "reset", bool),
-                   tuple(refs), offsets)
+                   tuple(refs), offsets, major)
+
+
+def offset_changes(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The ``offsets`` of a commit record that turns the map ``before`` into ``after``.
+
+    The streams whose offset differs from ``before``, and ``null`` for a stream that has
+    an offset in ``before`` and none in ``after`` (never the case for maps that only add
+    and overwrite, as a writer's do). Costs the size of ``after``, in C for the most part.
+    """
+    get = before.get
+    changes = {name: raw for name, raw in after.items() if get(name) != raw}
+    added = sum(1 for name in changes if name not in before)
+    if len(after) - added < len(before):  # some stream of ``before`` is not in ``after``
+        changes.update((name, _NULL) for name in before if name not in after)
+    return changes
 
 
 # --------------------------------------------------------------------------- segments

@@ -1,7 +1,7 @@
 """The durable log over a driver: epochs, commits and segment reads.
 
 The state of a store is its highest contiguous commit. A commit names the segments it adds
-and every stream's offset, and is written with create-if-absent under the next number, so
+and the stream offsets it changes, and is written with create-if-absent under the next number, so
 of two writers racing for one number exactly one wins. Taking the writer role writes a new
 epoch record and then a *fence* commit under the next number: from then on an older
 writer's next commit meets a number that is taken, reads it, sees a newer epoch, and stops
@@ -111,7 +111,10 @@ class Store:
 
     @property
     def offsets(self) -> Mapping[str, bytes]:
-        """Every stream's offset (JSON bytes) in the latest commit."""
+        """Every stream's offset (JSON bytes) in the latest commit.
+
+        A live view, changed in place by every commit: copy it to keep a state.
+        """
         return self._state.offsets
 
     @property
@@ -183,7 +186,9 @@ class Store:
             state.reset_time_ms = record.time_ms
         for ref in record.segments:
             state.logs[(ref.kind, ref.name)].append(LoggedSegment(record.seq, ref))
-        state.offsets = dict(record.offsets)
+        # What the commit changed, in place: a commit's cost to apply (and so a store's cost
+        # to open) never grows with the streams it left alone.
+        state.offsets = record.apply_offsets(state.offsets)
         state.last_seq, state.last_epoch = record.seq, record.epoch
         state.commits += 1
 
@@ -363,7 +368,8 @@ class Store:
         self._segment_number = 0
         raced = False
         while True:
-            fence = self._next_record([], dict(self._state.offsets), reset=False)
+            # No offsets: a fence changes none, whatever the number of streams.
+            fence = self._next_record([], {}, reset=False)
             key = fmt.commit_key(self._writer, fence.seq)
             if await self._publish(key, fence):
                 self._apply(self._state, key, fence)
@@ -420,10 +426,12 @@ class Store:
         self._segment_number += 1
         return fmt.segment_key(self._writer, self._epoch, self._segment_number)
 
-    async def commit(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
+    async def commit(self, blobs: Sequence[SegmentBlob], offsets: Mapping[str, bytes], *,
                      reset: bool) -> int:
         """Upload ``blobs`` concurrently, then write the commit record that names them.
 
+        ``offsets`` is every stream's offset after the commit (for a reset, those of the new
+        history); the record holds only what differs from the current ``offsets``.
         Returns the commit's number once it is durable. Raises ``FencedError`` if a newer
         writer owns the store (nothing of this commit is visible then); after that every
         later call raises it too.
@@ -432,7 +440,8 @@ class Store:
             raise self._fenced
         if self._epoch is None:
             raise RuntimeError("commit on a store that does not hold the writer role")
-        record = self._next_record(blobs, offsets, reset=reset)
+        record = self._next_record(blobs, self._offset_changes(offsets, reset=reset),
+                                   reset=reset)
         key = fmt.commit_key(self._writer, record.seq)
         if not await self._publish(key, record, blobs):
             theirs = await self._epoch_of(key)
@@ -443,6 +452,13 @@ class Store:
             raise self._fenced
         self._apply(self._state, key, record)
         return record.seq
+
+    def _offset_changes(self, offsets: Mapping[str, bytes], *,
+                        reset: bool) -> dict[str, bytes]:
+        """What a commit records so that ``offsets`` is the whole map after it: all of it
+        for a reset (a new history starts from an empty map), else what differs from the
+        current map."""
+        return dict(offsets) if reset else fmt.offset_changes(self._state.offsets, offsets)
 
     def _next_record(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
                      reset: bool) -> fmt.CommitRecord:

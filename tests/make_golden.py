@@ -11,7 +11,10 @@ streams with offsets (unicode and nested values among them), a table with a comp
 snapshot and deltas after it, a commit that cuts one stream into several segments, and a
 cached result: every log kind of the format. From format 2.0 on it also holds batch
 records: a ``record_many`` batch with and without offsets, and ``record()`` calls of one
-millisecond, which share one record. ``expected.json`` next to ``store/`` lists
+millisecond, which share one record. From format 3.0 on, where a commit record holds only
+the offsets it changed, it also holds a stream whose offset is set by the first run and
+left alone by the second (which records an event without an offset on it), so that the
+second run's commit names some streams' offsets and not others'. ``expected.json`` next to ``store/`` lists
 what a reader must get back: each stream's events (value, offset, time_ms) and final
 offset, each table's state and the cached results.
 
@@ -62,6 +65,9 @@ CACHE_ARGS = [3, "ß", [1, 2]]
 BATCH_VALUES: list[Any] = [{"b": 1}, "two", None, [3, {"x": None}], 5.5]
 BATCH_OFFSETS: list[Any] = [10, None, {"pos": 12}, None, 14]
 BURST = [{"burst": i, "s": "ë" * i} for i in range(6)]  # record() calls in one millisecond
+# Format 3.0: an offset set in run 1 that run 2's commits leave alone.
+TICKS_RUN1: list[tuple[Any, Any]] = [("tick-1", {"tick": 1, "at": "ŧ"})]
+TICKS_RUN2: list[tuple[Any, Any]] = [("tick-2 (no offset)", None)]
 
 
 def square(x: Any) -> Any:
@@ -88,7 +94,7 @@ async def write_store(root: Path) -> dict[str, Any]:
     backend = apersist.Backend.filesystem(root)
     cached_square = apersist.cached(name="golden.square", version=1)(square)
     events: dict[str, list[list[Any]]] = {"orders": [], "clicks": [], "bulk": [],
-                                          "batch": [], "burst": []}
+                                          "batch": [], "burst": [], "ticks": []}
     offsets: dict[str, Any] = {}
 
     async def record(stream: apersist.Stream, value: Any, offset: Any) -> None:
@@ -106,6 +112,9 @@ async def write_store(root: Path) -> dict[str, Any]:
             await record(orders, value, offset)
         for value in CLICKS:
             await record(clicks, value, None)
+        ticks = run.stream("ticks")
+        for value, offset in TICKS_RUN1:
+            await record(ticks, value, offset)
         table = await run.table("counts")
         for key, value in TABLE_RUN1_BEFORE.items():
             table[key] = value
@@ -126,6 +135,9 @@ async def write_store(root: Path) -> dict[str, Any]:
             await record(orders, value, offset)
         for i in range(BULK_COUNT):
             await record(bulk, {"i": i, "pad": "ü" * 40, "sq": i * i}, i)
+        ticks = run.stream("ticks")
+        for value, offset in TICKS_RUN2:
+            await record(ticks, value, offset)
         clock.now += 1_000
         batch = run.stream("batch")
         await batch.record_many(BATCH_VALUES, offsets=BATCH_OFFSETS)

@@ -363,11 +363,108 @@ def test_other_record_types_are_refused() -> None:
 
 def test_commit_record_with_wrong_field_types_is_corrupt() -> None:
     body = orjson.loads(COMMIT.encode())["body"]
-    for field, value in [("seq", "7"), ("seq", True), ("reset", 0), ("segments", {}), ("offsets", []),
-                         ("token", None)]:
+    for field, value in [("seq", "7"), ("seq", True), ("reset", 0), ("segments", {}),
+                         ("offset_changes", []), ("offset_changes", None), ("token", None)]:
         blob = _checked({**body, field: value})
         with pytest.raises(CorruptDataError, match=f"key={COMMIT_KEY}"):
             fmt.CommitRecord.decode(COMMIT_KEY, blob)
+
+
+# --------------------------------------------------------------------------- offsets: changes, not the map
+# From format 3.0 on a commit record holds the offsets it changed (``offset_changes``); 1.x
+# and 2.x records held every stream's (``offsets``).
+
+offset_maps = st.dictionaries(st.sampled_from([f"s{i}" for i in range(12)]), _small_json, max_size=12)
+
+
+@SETTINGS
+@given(before=offset_maps, after=offset_maps, reset=st.booleans())
+def test_offset_changes_applied_to_the_map_before_give_the_map_after(
+        before: dict[str, bytes], after: dict[str, bytes], reset: bool) -> None:
+    """Whatever two maps: the changes, encoded, decoded and applied, give the map after."""
+    changes = dict(after) if reset else fmt.offset_changes(before, after)
+    record = fmt.CommitRecord("0", 2, 1, 0, "t", reset, (), changes)
+    decoded = fmt.CommitRecord.decode(fmt.commit_key("0", 2), record.encode())
+    assert decoded == record
+    assert decoded.apply_offsets(dict(before)) == after
+    # Only what changed is written: a stream whose offset stays is never named.
+    if not reset:
+        assert all(before.get(name) != raw for name, raw in changes.items())
+        assert set(changes) <= set(before) | set(after)
+
+
+def test_offset_changes_name_only_the_streams_that_changed() -> None:
+    before = {f"s{i}": b"%d" % i for i in range(10_000)}
+    after = {**before, "s7": b'{"pos":8}', "new": b"1"}
+    assert fmt.offset_changes(before, after) == {"s7": b'{"pos":8}', "new": b"1"}
+    assert fmt.offset_changes(before, before) == {}
+    # A stream that loses its offset is named with null, which removes it.
+    gone = dict(before)
+    del gone["s3"]
+    assert fmt.offset_changes(before, gone) == {"s3": b"null"}
+    record = fmt.CommitRecord("0", 2, 1, 0, "t", False, (), {"s3": b"null", "s4": b"44"})
+    offsets = dict(before)
+    assert record.apply_offsets(offsets) is offsets  # in place: costs what changed
+    assert "s3" not in offsets
+    assert offsets["s4"] == b"44"
+    assert len(offsets) == 9_999
+
+
+def test_a_commit_record_does_not_grow_with_the_streams_it_leaves_alone() -> None:
+    before = {f"stream-{i}": b'{"file":"part-%d","line":%d}' % (i, i) for i in range(10_000)}
+    after = {**before, "stream-5": b'{"file":"part-5","line":6}'}
+    record = fmt.CommitRecord("0", 9, 1, 0, "t", False, (), fmt.offset_changes(before, after))
+    blob = record.encode()
+    assert len(blob) < 300
+    assert orjson.loads(blob)["body"]["offset_changes"] == {"stream-5": {"file": "part-5", "line": 6}}
+
+
+def test_a_reset_commit_holds_the_whole_map() -> None:
+    record = fmt.CommitRecord("0", 5, 2, 0, "t", True, (), {"a": b"1"})
+    assert record.whole_offsets
+    assert record.apply_offsets({"old": b"9", "a": b"0"}) == {"a": b"1"}
+
+
+def _old_commit_body(major: int) -> dict[str, Any]:
+    """A commit record as format 1.0 and 2.0 wrote it: ``offsets`` is the whole map."""
+    body = orjson.loads(COMMIT.encode())["body"]
+    body["format"] = [major, 0]
+    body["offsets"] = body.pop("offset_changes")
+    return dict(body)
+
+
+@pytest.mark.parametrize("major", [1, 2])
+def test_commit_records_of_formats_1_and_2_hold_the_whole_map(major: int) -> None:
+    decoded = fmt.CommitRecord.decode(COMMIT_KEY, _checked(_old_commit_body(major)))
+    assert (decoded.major, decoded.reset, decoded.whole_offsets) == (major, False, True)
+    assert decoded.offsets == COMMIT.offsets
+    # The whole map replaces the one before: a stream it does not name has no offset.
+    assert decoded.apply_offsets({"gone": b"3", "orders": b"1"}) == dict(COMMIT.offsets)
+    # JSON null was an offset like any other there, never a removal.
+    assert decoded.apply_offsets({})["other"] == b"null"
+    with pytest.raises(ValueError, match="current format"):
+        decoded.encode()  # only the current format is written
+
+
+@pytest.mark.parametrize("major", [1, 2])
+def test_the_map_of_one_version_is_never_read_as_the_other(major: int) -> None:
+    # A 2.x record with 3.x's field, or a 3.x record with 2.x's, is damaged, never misread.
+    old = _old_commit_body(major)
+    old["offset_changes"] = old.pop("offsets")
+    with pytest.raises(CorruptDataError, match=f"key={COMMIT_KEY}.*field=offsets"):
+        fmt.CommitRecord.decode(COMMIT_KEY, _checked(old))
+    new = orjson.loads(COMMIT.encode())["body"]
+    new["offsets"] = new.pop("offset_changes")
+    with pytest.raises(CorruptDataError, match=f"key={COMMIT_KEY}.*field=offset_changes"):
+        fmt.CommitRecord.decode(COMMIT_KEY, _checked(new))
+
+
+def test_this_format_is_a_new_major_version() -> None:
+    """A 2.x reader ignores unknown fields, so it would take a 3.0 commit's changes for the
+    whole map and lose every other stream's offset: it must refuse the store instead, and
+    refuses only a newer major version."""
+    assert fmt.FORMAT_MAJOR == 3
+    assert orjson.loads(COMMIT.encode())["body"]["format"] == [3, fmt.FORMAT_MINOR]
 
 
 @pytest.mark.parametrize("version", [[fmt.FORMAT_MAJOR + 1, 0], [99, 7]])

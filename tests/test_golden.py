@@ -127,6 +127,17 @@ def test_golden_store_is_small_and_covers_the_format(version: str) -> None:
     per_log = [sum(1 for r in c["segments"] if (r["kind"], r["name"]) == (ref["kind"], ref["name"]))
                for c in commits for ref in c["segments"]]
     assert max(per_log) >= 2, "no commit cuts one log into several segments"
+    if int(version.removeprefix("format-").partition(".")[0]) >= 3:
+        # A commit record holds the offsets it changed: some commit changes one stream's
+        # offset and leaves another's, set earlier, alone; a fence commit changes none.
+        assert all(c["offset_changes"] == {} for c in commits if not c["segments"])
+        have: set[str] = set()
+        partial = False
+        for c in commits:
+            changed = set(c["offset_changes"])
+            partial = partial or bool(changed and have - changed)
+            have |= changed
+        assert partial, "no commit leaves a stream's offset alone"
 
 
 def _without_token(key: str, data: bytes) -> bytes:
