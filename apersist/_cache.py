@@ -15,6 +15,7 @@ import anyio
 import orjson
 
 from . import _format as fmt
+from ._errors import PersistenceError
 from ._pacing import Pacer
 from ._scheduler import Scheduler
 from ._store import Store
@@ -84,12 +85,42 @@ class UdfCache:
         return self._entries.get(key)
 
     def put(self, key: str, result: bytes) -> None:
+        """Store a new entry (``result`` is its JSON) and record it, from any thread.
+
+        On the loop's thread, raises what recording raises once the run can no longer
+        persist (it has ended, or a commit failed); the entry is kept for this run's hits
+        either way. From another thread the entry is handed to the loop and this never
+        raises: once the run can no longer persist, or its loop is closed, the entry is
+        just not persisted.
+        """
         # A copy: orjson returns its output in the buffer it wrote it to, a block of 4 KiB
         # or more, which the bytes object keeps for as long as the cache does.
         result = b"%b" % result
         if threading.get_ident() != self._loop_thread:
-            self._loop.call_soon_threadsafe(self.put, key, result)
+            try:
+                self._loop.call_soon_threadsafe(self._put_handed_over, key, result)
+            except RuntimeError:
+                # Raised by a closed loop (its run is long over): nothing can persist this.
+                if not self._loop.is_closed():
+                    raise
             return
+        self._put(key, result)
+
+    def _put_handed_over(self, key: str, result: bytes) -> None:
+        """``put`` of an entry computed in another thread; a loop callback that never raises.
+
+        Its caller already has the result, and a callback's exception would only be logged
+        by the loop: once the run can no longer persist, the entry is kept, not recorded.
+        """
+        if self._scheduler is not None:
+            try:
+                self._scheduler.check_writable()
+            except (RuntimeError, PersistenceError):
+                self._entries[key] = result
+                return
+        self._put(key, result)
+
+    def _put(self, key: str, result: bytes) -> None:
         self._entries[key] = result
         buf = self._buffer
         if buf is None or self._scheduler is None:
