@@ -74,7 +74,7 @@ class UdfCache:
                 for value, _off, _t in view.records():
                     key, result = _split_entry(value)
                     entries[key] = result
-                    if pacer.due(len(value)):
+                    if pacer.due():
                         await pacer.pause()
         return cls(entries, scheduler)
 
