@@ -329,7 +329,7 @@ def compare(before: Path | None, sizes: Sequence[int], repeats: int, root: Path)
         return statistics.median(values)
 
     lines = ["| state | code | memory per key, writing run | after opening | a dict of it | "
-             "record as stored | open | worst stall (loop CPU) | per write: new, again |",
+             "record as stored | open (loop CPU) | worst stall (loop CPU) | per write: new, again |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for kind in KINDS:
         what, unit_name = labels(kind)
@@ -347,6 +347,7 @@ def compare(before: Path | None, sizes: Sequence[int], repeats: int, root: Path)
                     f"| {med([o['rss_kib'] for o in opens]) * 1024 / keys:,.0f} B "
                     f"| {d['rss_kib'] * 1024 / keys:,.0f} B | {d['serialized'] / keys:,.0f} B "
                     f"| {med([o['open_ms'] for o in opens]):,.0f} ms "
+                    f"({med([o['open_cpu_ms'] for o in opens]):,.0f} ms) "
                     f"| {med([o['stall_ms'] for o in opens]):,.1f} ms "
                     f"({med([o['stall_cpu_ms'] for o in opens]):,.1f} ms) "
                     f"| {w['insert_us']:.2f}{again} µs |")
