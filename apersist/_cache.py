@@ -15,6 +15,8 @@ import anyio
 import orjson
 
 from . import _format as fmt
+from ._errors import PersistenceError
+from ._pacing import Pacer
 from ._scheduler import Scheduler
 from ._store import Store
 from ._values import check_name, dumps_sorted, dumps_value
@@ -56,14 +58,24 @@ class UdfCache:
 
     @classmethod
     async def from_store(cls, store: Store, *, load: bool, upto_seq: int,
-                   scheduler: Scheduler | None) -> UdfCache:
+                         scheduler: Scheduler | None) -> UdfCache:
+        """The cache as committed up to ``upto_seq`` (empty unless ``load``).
+
+        Yields to the event loop every few milliseconds (``Pacer``), so a big cache does
+        not stall it. Each result is kept as a slice of its record, not decoded and
+        encoded again: that cost as much again on the loop, and each ``orjson.dumps``
+        result holds a block of 4 KiB or more.
+        """
         entries: dict[str, bytes] = {}
         if load:
             refs = [s.ref for s in store.segments(fmt.KIND_CACHE, _LOG) if s.seq <= upto_seq]
+            pacer = Pacer()
             async for view in store.read_segments(refs):
                 for value, _off, _t in view.records():
-                    key, result = orjson.loads(value)
-                    entries[key] = orjson.dumps(result)
+                    key, result = _split_entry(value)
+                    entries[key] = result
+                    if pacer.due():
+                        await pacer.pause()
         return cls(entries, scheduler)
 
     def __len__(self) -> int:
@@ -73,9 +85,42 @@ class UdfCache:
         return self._entries.get(key)
 
     def put(self, key: str, result: bytes) -> None:
+        """Store a new entry (``result`` is its JSON) and record it, from any thread.
+
+        On the loop's thread, raises what recording raises once the run can no longer
+        persist (it has ended, or a commit failed); the entry is kept for this run's hits
+        either way. From another thread the entry is handed to the loop and this never
+        raises: once the run can no longer persist, or its loop is closed, the entry is
+        just not persisted.
+        """
+        # A copy: orjson returns its output in the buffer it wrote it to, a block of 4 KiB
+        # or more, which the bytes object keeps for as long as the cache does.
+        result = b"%b" % result
         if threading.get_ident() != self._loop_thread:
-            self._loop.call_soon_threadsafe(self.put, key, result)
+            try:
+                self._loop.call_soon_threadsafe(self._put_handed_over, key, result)
+            except RuntimeError:
+                # Raised by a closed loop (its run is long over): nothing can persist this.
+                if not self._loop.is_closed():
+                    raise
             return
+        self._put(key, result)
+
+    def _put_handed_over(self, key: str, result: bytes) -> None:
+        """``put`` of an entry computed in another thread; a loop callback that never raises.
+
+        Its caller already has the result, and a callback's exception would only be logged
+        by the loop: once the run can no longer persist, the entry is kept, not recorded.
+        """
+        if self._scheduler is not None:
+            try:
+                self._scheduler.check_writable()
+            except (RuntimeError, PersistenceError):
+                self._entries[key] = result
+                return
+        self._put(key, result)
+
+    def _put(self, key: str, result: bytes) -> None:
         self._entries[key] = result
         buf = self._buffer
         if buf is None or self._scheduler is None:
@@ -85,6 +130,22 @@ class UdfCache:
         nbytes = fmt.append_record(buf.body, data, b"", 0)
         buf.count += 1
         self._scheduler.note_appended(buf, nbytes)
+
+
+def _split_entry(record: bytes) -> tuple[str, bytes]:
+    """(key, result JSON) of a stored entry, the record ``[key, result]`` (see ``put``).
+
+    The result is sliced out of the record, not decoded. A key is a function's name, a
+    version and hex digits (``_entry_key``), so its JSON has no escapes and ends at the
+    first ``",``; a record whose key has a backslash before that (an escape), or any other
+    shape, is decoded and its result encoded again.
+    """
+    end = record.find(b'",', 2)
+    if (end > 0 and record.startswith(b'["') and record.endswith(b"]")
+            and record.find(b"\\", 2, end) == -1):
+        return record[2:end].decode(), record[end + 2:-1]
+    key, result = orjson.loads(record)
+    return key, b"%b" % orjson.dumps(result)
 
 
 def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -370,6 +370,7 @@ class Settings:
     producers: tuple[int, ...]
     memory_events: tuple[int, ...]
     table_sizes: tuple[int, ...]
+    state_keys: tuple[int, ...]  # table and cache state: memory, open, stall (state.py)
     cache_calls: int
     backend_events: int  # record/replay on S3 and Azure
     backends: tuple[str, ...]

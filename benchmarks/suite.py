@@ -25,6 +25,7 @@ from .common import (
     workload_scope,
 )
 from .memory import section_memory
+from .state import section_state
 
 LOADED = 0.25  # a 1-minute load average above this share of the cores marks a loaded run
 
@@ -62,7 +63,8 @@ def make_settings(args: argparse.Namespace, root: Path) -> Settings:
     return Settings(root=root, quick=args.quick, events=args.events, repeats=args.repeats,
                     batch=args.batch, streams=args.streams, commit_samples=args.commit_samples,
                     producers=args.producers, memory_events=args.memory_events,
-                    table_sizes=args.table_sizes, cache_calls=args.cache_calls,
+                    table_sizes=args.table_sizes, state_keys=args.state_keys,
+                    cache_calls=args.cache_calls,
                     backend_events=args.backend_events, backends=args.backends)
 
 
@@ -121,6 +123,14 @@ def run_suite(args: argparse.Namespace, root: Path) -> Report:
                 except Exception as exc:  # keep the other workloads' results
                     log(f"peak memory FAILED: {exc}")
                     report.errors.append(f"peak memory: {type(exc).__name__}: {str(exc)[:500]}")
+        if "state" in only:
+            with workload_scope(report, "table and cache state"):
+                try:
+                    section_state(settings, stores, report)
+                except Exception as exc:  # keep the other workloads' results
+                    log(f"table and cache state FAILED: {exc}")
+                    report.errors.append(f"table and cache state: {type(exc).__name__}: "
+                                         f"{str(exc)[:500]}")
     remote = tuple(b for b in settings.backends if b != "filesystem")
     if remote and "backends" in only:
         from .backends import run_backends, servers
