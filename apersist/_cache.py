@@ -84,6 +84,16 @@ class UdfCache:
     def get(self, key: str) -> bytes | None:
         return self._entries.get(key)
 
+    def close(self) -> None:
+        """The run has ended: let go of the entries and the scheduler.
+
+        An idle worker thread keeps the context of its last job, and with it this cache;
+        emptied, it no longer keeps the run's entries, buffers and tables alive.
+        """
+        self._entries = {}
+        self._scheduler = None
+        self._buffer = None
+
     def put(self, key: str, result: bytes) -> None:
         """Store a new entry (``result`` is its JSON) and record it, from any thread.
 

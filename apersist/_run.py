@@ -231,6 +231,7 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
                 leaf.__context__, leaf.__suppress_context__ = context, suppress
         finally:
             current_cache.reset(token)
+            cache.close()
     finally:
         with anyio.CancelScope(shield=True):
             await driver.aclose()

@@ -379,7 +379,13 @@ class Scheduler:
             raise self._unusable
 
     def close(self) -> None:
-        """The run has ended: recording now raises instead of buffering data no one commits."""
+        """The run has ended: recording now raises instead of buffering data no one commits.
+
+        Lets go of the tables (their snapshot sources) and the buffers, which anything
+        still referring to the scheduler would otherwise keep alive.
+        """
+        self._snapshot_sources.clear()
+        self._buffers.clear()
         self._closed = True
         if self._unusable is None:
             self._unusable = RuntimeError("the run has ended: record inside the "
