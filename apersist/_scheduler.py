@@ -57,7 +57,7 @@ class CommitInfo:
 class Held:
     """A live source event that its consumer is processing: serialized, not yet buffered."""
 
-    __slots__ = ("buf", "offset", "settled", "stream", "task", "time_ms", "value")
+    __slots__ = ("buf", "closed", "offset", "settled", "stream", "task", "time_ms", "value")
 
     def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
                  value: bytes, offset: bytes, time_ms: int) -> None:
@@ -68,6 +68,7 @@ class Held:
         self.offset = offset
         self.time_ms = time_ms
         self.settled = False  # buffered or dropped; a release then does nothing
+        self.closed = False  # its source was closed; the next cut decides (close_held)
 
 
 _CLOSE = ord("]")
@@ -505,10 +506,9 @@ class Scheduler:
     def release(self, held: Held, *, finished: bool) -> bool:
         """The consumer is done with ``held``: buffer it (``finished``) or decide by its task.
 
-        ``finished=False`` is for a source closed while its consumer held the event (a
-        ``break``, an exception, the iterator collected): the event is kept unless its
-        task was interrupted (see ``_interrupted``). Returns whether uncommitted bytes are
-        now over the back-pressure bound.
+        ``finished=False`` decides now: the event is kept unless its task was interrupted
+        (see ``_interrupted``). Returns whether uncommitted bytes are now over the
+        back-pressure bound.
         """
         self._held.discard(held)
         self._holds_changed.set()
@@ -518,6 +518,24 @@ class Scheduler:
             return self._materialize(held)
         held.settled = True
         return False
+
+    def close_held(self, held: Held) -> None:
+        """The source was closed while its consumer held ``held`` (a ``break``, an exception
+        in the loop body, the iterator collected), which a source cannot tell apart.
+
+        An interrupted task drops the event now. Otherwise the next cut decides: the final
+        cut of a block left by an exception from this task drops it (the body failed
+        part-way), any other cut keeps it (the body broke out). No cut waits for it.
+        """
+        if held.settled:
+            self._held.discard(held)
+            return
+        if self._interrupted(held.task):
+            self._held.discard(held)
+            held.settled = True
+        else:
+            held.closed = True
+        self._holds_changed.set()
 
     @staticmethod
     def _interrupted(task: asyncio.Task[Any] | None) -> bool:
@@ -554,21 +572,17 @@ class Scheduler:
         for held in list(self._held):
             task = held.task
             if held.settled:
-                if final or (task is not None and task.done()):
+                if final or held.closed or (task is not None and task.done()):
                     self._held.discard(held)
-            elif task is not None and task.done():
+            elif held.closed or (task is not None and task.done()) or final:
                 self._held.discard(held)
-                if self._interrupted(task):
+                if self._interrupted(task) or (final and task is exiting and by_exception):
                     held.settled = True
+                elif final and not held.closed and task is not exiting and not (
+                        task is not None and task.done()):
+                    held.settled = True  # another task still in its loop body
                 else:
                     self._materialize(held)
-            elif final:
-                self._held.discard(held)
-                keep = (task is exiting and not by_exception) or task is None
-                if keep and not self._interrupted(task):
-                    self._materialize(held)
-                else:
-                    held.settled = True
             elif task in self._parked:
                 self._materialize(held)  # still held: its task goes on after the wait
 
@@ -601,7 +615,7 @@ class Scheduler:
     def _blockers(self) -> list[Held]:
         """Held events whose tasks are still processing them (not waiting on us, not ended)."""
         return [h for h in self._held
-                if not h.settled and h.task not in self._parked
+                if not h.settled and not h.closed and h.task not in self._parked
                 and not (h.task is not None and h.task.done())]
 
     async def _drain_holds(self) -> None:

@@ -308,8 +308,9 @@ class Stream:
         self._life.check("source")
         earlier = self._holding
         if earlier is not None and self._scheduler is not None:
-            # The consumer of an earlier call left it (a break) holding an event: it has
-            # moved on, so that event is settled now (kept unless its task was interrupted).
+            # The consumer of an earlier call left it holding an event and has moved on: the
+            # event is settled now (kept unless its task was interrupted), before this call
+            # records anything after it.
             self._holding = None
             self._scheduler.release(earlier, finished=False)
         self._source_gen += 1
@@ -360,8 +361,7 @@ class Stream:
                 try:
                     yield Event(value, offset, time_ms, False)
                 except BaseException:
-                    self._holding = None
-                    scheduler.release(held, finished=False)
+                    scheduler.close_held(held)  # _holding stays: a later source() settles it
                     raise
                 self._holding = None
                 if scheduler.release(held, finished=True):

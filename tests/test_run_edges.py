@@ -271,15 +271,22 @@ async def test_an_interrupted_consumer_leaves_its_event_out_of_the_final_commit(
         assert (await table_state(backend, "totals"))["n"] == len(stored)
 
 
+def _iterate(source: AsyncIterator[apersist.Event], closing: bool) -> Any:
+    """``source`` itself, or wrapped in ``contextlib.aclosing`` (as docs/concepts.md shows)."""
+    return contextlib.aclosing(source) if closing else contextlib.nullcontext(source)
+
+
+@pytest.mark.parametrize("closing", [False, True], ids=["plain", "aclosing"])
 async def test_the_block_leaving_by_an_exception_leaves_its_held_event_out(
-        backend: apersist.Backend) -> None:
+        backend: apersist.Backend, closing: bool) -> None:
     async def fail_at_the_seventh() -> None:
         async with apersist.run(_cfg(backend)) as run:
             totals = await run.table("totals")
-            async for event in run.source("feed", FlakyFeed(100, None)):
-                if event.value == 7:
-                    raise KeyError("bad event")  # before its state was applied
-                totals["n"] = totals.get("n", 0) + 1
+            async with _iterate(run.source("feed", FlakyFeed(100, None)), closing) as events:
+                async for event in events:
+                    if event.value == 7:
+                        raise KeyError("bad event")  # before its state was applied
+                    totals["n"] = totals.get("n", 0) + 1
 
     with pytest.raises(KeyError):
         await fail_at_the_seventh()
@@ -287,14 +294,16 @@ async def test_the_block_leaving_by_an_exception_leaves_its_held_event_out(
     assert await table_state(backend, "totals") == {"n": 7}
 
 
-async def test_a_consumer_that_breaks_keeps_its_last_event(backend: apersist.Backend) -> None:
+@pytest.mark.parametrize("closing", [False, True], ids=["plain", "aclosing"])
+async def test_a_consumer_that_breaks_keeps_its_last_event(
+        backend: apersist.Backend, closing: bool) -> None:
     async with apersist.run(_cfg(backend)) as run:
         totals = await run.table("totals")
-        source = run.source("feed", FlakyFeed(100, None))
-        async for event in source:  # still referenced after the break
-            totals["n"] = totals.get("n", 0) + 1
-            if event.value == 9:
-                break
+        async with _iterate(run.source("feed", FlakyFeed(100, None)), closing) as events:
+            async for event in events:  # plain: still referenced after the break
+                totals["n"] = totals.get("n", 0) + 1
+                if event.value == 9:
+                    break
     assert await values(backend, "feed") == list(range(10))
     assert await table_state(backend, "totals") == {"n": 10}
 
