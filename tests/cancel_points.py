@@ -13,7 +13,10 @@ iterations at one await point.
 
 ``PausingDriver`` wraps a run's driver so that every storage call suspends its caller
 right before and right after the call: the memory store's calls never suspend, and on
-the other stores this makes every call's start and end an await point of its own.
+the other stores this makes every call's start and end an await point of its own. It
+tells ``listeners`` first, so that a test can cancel a task there: at the j-th storage
+call's start or end, whichever task makes it (a commit's uploads run in tasks of their
+own, and may run in the scheduler's task rather than in the caller's).
 """
 
 from __future__ import annotations
@@ -114,8 +117,19 @@ class SteppingTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
             self.on_step(self)
 
 
+#: Called by every ``PausingDriver`` call with ``(op, key, "start")`` before it and
+#: ``(op, key, "end")`` after it, right before its caller suspends there (set by a test).
+listeners: list[Callable[[str, str, str], None]] = []
+
+
+def _note(op: str, key: str, when: str) -> None:
+    for listener in listeners:
+        listener(op, key, when)
+
+
 class PausingDriver:
-    """Wraps a driver: every call suspends its caller once before and once after it."""
+    """Wraps a driver: every call suspends its caller once before and once after it,
+    right after telling ``listeners``."""
 
     def __init__(self, inner: Driver) -> None:
         self.inner = inner
@@ -134,35 +148,45 @@ class PausingDriver:
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         self.calls += 1
+        _note("put", key, "start")
         await anyio.lowlevel.checkpoint()
         await self.inner.put(key, data, if_absent=if_absent)
+        _note("put", key, "end")
         await anyio.lowlevel.checkpoint()
 
     async def _put_then_create(self, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
                                data: bytes) -> None:
         self.calls += 1
+        _note("put_then_create", key, "start")
         await anyio.lowlevel.checkpoint()
         await self.inner.put_then_create(puts, key, data)  # type: ignore[attr-defined]
+        _note("put_then_create", key, "end")
         await anyio.lowlevel.checkpoint()
 
     async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         self.calls += 1
+        _note("get", key, "start")
         await anyio.lowlevel.checkpoint()
         data = await self.inner.get(key, start=start, end=end)
+        _note("get", key, "end")
         await anyio.lowlevel.checkpoint()
         return data
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         self.calls += 1
+        _note("list", prefix, "start")
         await anyio.lowlevel.checkpoint()
         async for info in self.inner.list(prefix):
             yield info
+        _note("list", prefix, "end")
         await anyio.lowlevel.checkpoint()
 
     async def delete(self, keys: Sequence[str]) -> None:
         self.calls += 1
+        _note("delete", ",".join(keys), "start")
         await anyio.lowlevel.checkpoint()
         await self.inner.delete(keys)
+        _note("delete", ",".join(keys), "end")
         await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:

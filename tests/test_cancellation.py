@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import cancel_points
 import orjson
 import pytest
 from cancel_points import PausingDriver, SteppingTask, install_pausing
@@ -59,7 +60,7 @@ from apersist._drivers import MemoryDriver
 from apersist.testing import check_driver
 
 STEP_TIMEOUT_S = 30.0
-WAYS = ("cancel", "timeout", "anyio", "taskgroup", "wait_for")
+WAYS = ("cancel", "timeout", "anyio", "taskgroup", "wait_for", "driver")
 PAD = "x" * 400  # with a 1 KiB back-pressure bound, the third such event waits
 SMALL_PENDING = 1 << 10  # the smallest bound Config accepts
 
@@ -396,6 +397,7 @@ class Trial:
     point: float | None  # the await point asked for (a delay in seconds for wait_for)
     steps: int = 0  # await points the call passed
     call_s: float = 0.0  # how long the call took
+    storage_events: int = 0  # starts and ends of storage calls while it ran
     delivered: int | None = None  # the await point the cancellation reached
     site: str | None = None
     outcome: str = ""
@@ -442,7 +444,18 @@ async def call_and_cancel(scenario: Scenario, run: apersist.Run, model: Model, w
 
     inner: SteppingTask
     outer: asyncio.Future[Any]
-    if way == "none":
+    storage_events = 0
+
+    def listen(op: str, key: str, when: str) -> None:
+        # Storage calls made while the call runs (by any task): the driver way cancels
+        # the call at the start or end of the point-th.
+        nonlocal storage_events
+        if not inner.done():
+            storage_events += 1
+            if way == "driver" and storage_events == point:
+                inner.cancel()
+
+    if way in ("none", "driver"):
         inner = SteppingTask(the_call())
         outer = inner
     elif way == "cancel":
@@ -491,14 +504,20 @@ async def call_and_cancel(scenario: Scenario, run: apersist.Run, model: Model, w
     if isinstance(scenario, CachedScenario):
         scenario.started(model)
     began = time.perf_counter()
-    await asyncio.wait([outer])
+    cancel_points.listeners.append(listen)
+    try:
+        await asyncio.wait([outer])
+    finally:
+        cancel_points.listeners.remove(listen)
     trial.call_s = time.perf_counter() - began
+    trial.storage_events = storage_events
     trial.steps, trial.delivered, trial.site = inner.steps, inner.delivered, inner.delivered_site
     trial.sites = inner.sites
     error = asyncio.CancelledError() if outer.cancelled() else outer.exception()
     expected: tuple[type[BaseException], ...] = {
-        "none": (), "cancel": (asyncio.CancelledError,), "timeout": (TimeoutError,), "anyio": (),
-        "wait_for": (TimeoutError,), "taskgroup": (BaseExceptionGroup,)}[way]
+        "none": (), "cancel": (asyncio.CancelledError,), "driver": (asyncio.CancelledError,),
+        "timeout": (TimeoutError,), "anyio": (), "wait_for": (TimeoutError,),
+        "taskgroup": (BaseExceptionGroup,)}[way]
     if returned:
         scenario.returned(model, returned[0])
         trial.outcome = "returned" if trial.delivered is None else "returned although cancelled"
@@ -645,14 +664,17 @@ def spread(items: list[Any]) -> list[Any]:
     return [items[i] for i in order if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
 
 
-def plan(steps: int, duration_s: float, points: int) -> list[tuple[str, float | None]]:
+def plan(steps: int, duration_s: float, points: int,
+         storage_events: int = 0) -> list[tuple[str, float | None]]:
     """The (way, point) pairs to try: every await point 0..steps in every way (wait_for:
-    eight delays over the call's duration), or the first ``points`` of them taken in turn
-    from each way, each way's points spread."""
+    eight delays over the call's duration; driver: each start and end of a storage call),
+    or the first ``points`` of them taken in turn from each way, each way's points spread."""
     per_way: dict[str, list[float | None]] = {}
     for way in WAYS:
         if way == "wait_for":
             per_way[way] = [0.0] + [duration_s * i / 8 for i in range(1, 8)]
+        elif way == "driver":
+            per_way[way] = list(range(1, storage_events + 1))
         else:
             first = 1 if way in ("timeout", "anyio") else 0  # their scope exists from step 1
             per_way[way] = list(range(first, steps + 1))
@@ -665,6 +687,7 @@ def plan(steps: int, duration_s: float, points: int) -> list[tuple[str, float | 
 @dataclass
 class Figures:
     await_points: int = 0
+    storage_events: int = 0
     sites: set[str] = field(default_factory=set)
     covered: set[str] = field(default_factory=set)
     trials: int = 0
@@ -687,7 +710,9 @@ async def campaign(kind: str, make_store: Callable[[], apersist.Backend],
             trial = await run_trial(make_store, SCENARIOS[name](), way, point)
             fig.trials += 1
             fig.events_verified += trial.events_verified
-            fig.await_points = max(fig.await_points, trial.steps)
+            if way == "none":
+                fig.await_points = max(fig.await_points, trial.steps)
+                fig.storage_events = max(fig.storage_events, trial.storage_events)
             fig.sites.update(trial.sites)
             if trial.delivered is not None:
                 fig.cancellations += 1
@@ -704,12 +729,13 @@ async def campaign(kind: str, make_store: Callable[[], apersist.Backend],
             return trial
 
         baseline = await one("none", None)
-        pairs = plan(baseline.steps, 0.0, points) if only_trial is None else [only_trial]
+        pairs = (plan(baseline.steps, 0.0, points, baseline.storage_events)
+                 if only_trial is None else [only_trial])
         if only_trial is None and any(way == "wait_for" for way, _ in pairs):
             # wait_for's delays are spread over how long an uncancelled call takes (the
             # first trial paid for warming up).
             timed = await one("none", None)
-            pairs = plan(baseline.steps, timed.call_s, points)
+            pairs = plan(baseline.steps, timed.call_s, points, baseline.storage_events)
         for way, point in pairs:
             await one(way, point)
     return figures
@@ -719,6 +745,7 @@ def report(kind: str, figures: dict[str, Figures], elapsed: float, points: int) 
     rows = []
     for name, fig in figures.items():
         rows.append(f"  {name:<12} await points={fig.await_points:>4} "
+                    f"storage call ends={fig.storage_events:>3} "
                     f"sites={len(fig.sites):>3} covered={len(fig.covered):>3} "
                     f"trials={fig.trials:>4} cancellations={fig.cancellations:>4} "
                     f"completed={fig.completed:>4} events={fig.events_verified:>6} "
@@ -729,6 +756,7 @@ def report(kind: str, figures: dict[str, Figures], elapsed: float, points: int) 
         "campaign": "cancellation", "backend": kind, "points": points,
         "coroutines": len(figures),
         "await_points": sum(f.await_points for f in figures.values()),
+        "storage_call_ends": sum(f.storage_events for f in figures.values()),
         "sites_covered": sum(len(f.covered) for f in figures.values()),
         "sites_seen": sum(len(f.sites | f.covered) for f in figures.values()),
         "trials": sum(f.trials for f in figures.values()),
@@ -737,7 +765,8 @@ def report(kind: str, figures: dict[str, Figures], elapsed: float, points: int) 
         "events_verified": sum(f.events_verified for f in figures.values()),
         "failures": sum(len(f.failures) for f in figures.values()),
         "elapsed_s": round(elapsed, 1),
-        "by_coroutine": {name: {"await_points": f.await_points, "sites": sorted(f.sites),
+        "by_coroutine": {name: {"await_points": f.await_points,
+                                "storage_call_ends": f.storage_events, "sites": sorted(f.sites),
                                 "covered": sorted(f.covered), "trials": f.trials,
                                 "cancellations": f.cancellations, "completed": f.completed,
                                 "events_verified": f.events_verified,
@@ -812,6 +841,7 @@ def test_the_plan_covers_every_point_in_every_way_and_its_prefixes_spread() -> N
     every = plan(4, 0.01, 0)
     ways = Counter(way for way, _ in every)
     assert ways == {"cancel": 5, "taskgroup": 5, "timeout": 4, "anyio": 4, "wait_for": 8}
+    assert Counter(way for way, _ in plan(4, 0.01, 0, 6))["driver"] == 6
     assert {p for way, p in every if way == "cancel"} == {0, 1, 2, 3, 4}
     assert plan(4, 0.01, 3) == [("cancel", 2), ("timeout", 3), ("anyio", 3)]
     assert sorted(spread(list(range(10)))) == list(range(10))
