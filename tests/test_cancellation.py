@@ -1,7 +1,8 @@
 """The cancellation campaign: cancel the task awaiting each public coroutine at each await
 point it passes, then check that the run goes on and the store holds what it must.
 
-The coroutines: ``run.commit()``, ``stream.record()`` and ``stream.record_many()`` waiting
+The coroutines: ``run.commit()`` (also while the scheduler commits on its own, with
+``snapshot_interval_ms=0``), ``stream.record()`` and ``stream.record_many()`` waiting
 for back-pressure (a 1 KiB ``max_pending_bytes``), ``await run.table(name)`` (opening a
 table with a snapshot and deltas), ``run.compact()``, iterating ``run.source()`` (replay,
 then live events under back-pressure) and ``stream.replay()`` (several segments, read
@@ -126,6 +127,7 @@ class Scenario:
 
     name = ""
     max_pending_bytes: int | None = None
+    interval_ms = 3_600_000  # no timed commits: only ours, and those back-pressure asks for
 
     async def seed(self, backend: apersist.Backend, model: Model) -> None:
         """Earlier runs: commit what the call needs."""
@@ -152,6 +154,14 @@ class CommitScenario(Scenario):
 
     def call(self, run: apersist.Run, model: Model) -> Coroutine[Any, Any, Any]:
         return run.commit()
+
+
+class GroupCommitScenario(CommitScenario):
+    """``run.commit()`` while the scheduler commits on its own (group commit, the default):
+    the events recorded just before are being committed by it when the call comes."""
+
+    name = "commit_group"
+    interval_ms = 0
 
 
 class RecordScenario(Scenario):
@@ -361,7 +371,7 @@ class CachedScenario(Scenario):
 
 
 SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (
-    CommitScenario, RecordScenario, RecordManyScenario, TableScenario, CompactScenario,
+    CommitScenario, GroupCommitScenario, RecordScenario, RecordManyScenario, TableScenario, CompactScenario,
     SourceScenario, ReplayScenario, CachedScenario)}
 
 
@@ -475,14 +485,15 @@ async def call_and_cancel(scenario: Scenario, run: apersist.Run, model: Model, w
         trigger = loop.create_future()
 
         async def sibling() -> None:
-            await trigger
-            raise SiblingFailed("the sibling task failed")
+            if await trigger:  # False: the call ended before reaching the point
+                raise SiblingFailed("the sibling task failed")
 
         made: list[SteppingTask] = []
 
         def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> SteppingTask:
             task = SteppingTask(coro, loop=loop, on_step=at(
-                point, lambda t: trigger.done() or trigger.set_result(None)), **kwargs)
+                point, lambda t: trigger.done() or trigger.set_result(True)), **kwargs)
+            task.add_done_callback(lambda t: trigger.done() or trigger.set_result(False))
             made.append(task)
             return task
 
@@ -548,7 +559,7 @@ async def run_trial(make_store: Callable[[], apersist.Backend], scenario: Scenar
     started = time.perf_counter()
     extra = {} if scenario.max_pending_bytes is None else {
         "max_pending_bytes": scenario.max_pending_bytes}
-    config = apersist.Config(backend, snapshot_interval_ms=3_600_000, **extra)
+    config = apersist.Config(backend, snapshot_interval_ms=scenario.interval_ms, **extra)
     last_stats: dict[str, Any] = {}
     try:
         async with asyncio.timeout(STEP_TIMEOUT_S) as timeout:
@@ -672,7 +683,7 @@ def plan(steps: int, duration_s: float, points: int,
     per_way: dict[str, list[float | None]] = {}
     for way in WAYS:
         if way == "wait_for":
-            per_way[way] = [0.0] + [duration_s * i / 8 for i in range(1, 8)]
+            per_way[way] = [0.0] + [round(duration_s * i / 8, 6) for i in range(1, 8)]
         elif way == "driver":
             per_way[way] = list(range(1, storage_events + 1))
         else:
