@@ -81,6 +81,7 @@ class Model:
     table: dict[str, Any] = field(default_factory=dict)
     sure_deltas: int = 0  # this run's deltas that must be committed
     cache_args: set[int] = field(default_factory=set)
+    all_or_none: list[list[int]] = field(default_factory=list)  # one record_many() each
 
     def ids(self, n: int) -> list[int]:
         first = self.next_id
@@ -188,6 +189,7 @@ class RecordManyScenario(RecordScenario):
         await model.record(run, "s", 1, pad=PAD)
         self.pending = model.ids(3)
         model.unsure("s", self.pending)
+        model.all_or_none.append(self.pending)
 
     def call(self, run: apersist.Run, model: Model) -> Coroutine[Any, Any, Any]:
         return run.stream("s").record_many([{"id": i, "pad": PAD} for i in self.pending],
@@ -638,6 +640,10 @@ async def verify_store(backend: apersist.Backend, scenario: Scenario, model: Mod
             check(not wrong, f"stream {name}: wrong offsets (id, offset): {wrong}")
             want = ids[-1] if ids else None
             check(stream.offset == want, f"stream {name}: offset={stream.offset} expected={want}")
+            for group in model.all_or_none:
+                stored = [i for i in group if i in counts]
+                check(stored in ([], group), f"stream {name}: of record_many({group}) only "
+                      f"{stored} stored")
             unsure_stored += len(maybe & set(ids))
             if name != "src":  # a cancelled record() or record_many()
                 trial.unsure_total += len(maybe)
