@@ -53,6 +53,16 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
         ("result", lambda r: r["result"]),
         ("time (s)", lambda r: r.get("elapsed_s", "")),
     ]),
+    "cancellation": ("cancellation (tests/test_cancellation.py)", [
+        ("coroutines", lambda r: r["coroutines"]),
+        ("await points", lambda r: r["await_points"]),
+        ("sites cancelled at", lambda r: r["sites_covered"]),
+        ("trials", lambda r: r["trials"]),
+        ("cancellations", lambda r: r["cancellations"]),
+        ("events verified", lambda r: r["events_verified"]),
+        ("failed trials", lambda r: r["failures"]),
+        ("time (s)", lambda r: r["elapsed_s"]),
+    ]),
 }
 
 
