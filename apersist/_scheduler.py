@@ -385,13 +385,13 @@ class Scheduler:
         Lets go of the tables (their snapshot sources) and the buffers, which anything
         still referring to the scheduler would otherwise keep alive.
         """
-        self._snapshot_sources.clear()
-        self._buffers.clear()
         self._closed = True
         if self._unusable is None:
             self._unusable = RuntimeError("the run has ended: record inside the "
                                           "`async with apersist.run(...)` block")
-        self._revoke_fast_paths()
+        self._revoke_fast_paths()  # before the buffers are let go: streams keep theirs
+        self._snapshot_sources.clear()
+        self._buffers.clear()
 
     def _revoke_fast_paths(self) -> None:
         """Send every next record() through ``add_event``, which raises ``_unusable``."""
