@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -9,7 +10,17 @@ import anyio
 
 _T = TypeVar("_T")
 
-__all__ = ["gather_bounded", "unwrap_group"]
+__all__ = ["cancelled_by_another_task", "gather_bounded", "unwrap_group"]
+
+
+def cancelled_by_another_task() -> bool:
+    """Inside an ``except`` of a cancellation: whether it came from outside every anyio
+    cancel scope of this task (another task's ``Task.cancel()``), not from the run ending.
+
+    The run's background tasks end themselves on such a cancellation instead of letting it
+    cancel the run's task group, which would end the run's block early and silently.
+    """
+    return anyio.current_effective_deadline() != -math.inf
 
 
 def unwrap_group(exc: BaseException) -> BaseException:

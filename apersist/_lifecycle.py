@@ -13,8 +13,8 @@ class Lifecycle:
     def __init__(self) -> None:
         self.ended = False
 
-    def check(self, call: str) -> None:
-        """Raise ``RuntimeError`` naming ``call`` if the run has ended."""
+    def check(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` was attempted if the run has ended."""
         if self.ended:
-            raise RuntimeError(f"the run has ended: call {call}() inside the "
+            raise RuntimeError(f"the run has ended: use {what} inside the "
                                "`async with apersist.run(...)` block")

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
@@ -86,14 +87,15 @@ class Run:
         the last seq with ``deltas=0, bytes=0``. Raises ``FencedError`` if a newer writer
         owns the store, and ``BackendError`` if storage failed; both end the run's writing.
         """
-        self._life.check("commit")
+        self._life.check("commit()")
         if self._scheduler is None:
+            await anyio.lowlevel.checkpoint()
             return CommitInfo(self._store.last_seq, 0, 0)
         return await self._scheduler.commit()
 
     async def compact(self) -> None:
         """Fold every open table's deltas into a snapshot now, in one commit."""
-        self._life.check("compact")
+        self._life.check("compact()")
         if self._scheduler is None or not self._policy.tables_persist:
             return
         for table in self._tables.values():
@@ -127,7 +129,7 @@ class Run:
 
     async def table(self, name: str) -> Table:
         """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
-        self._life.check("table")
+        self._life.check("table()")
         table = self._tables.get(name) if type(name) is str else None
         if table is not None:
             return table
@@ -141,6 +143,7 @@ class Run:
                     state, deltas = await load_table_state(self._store, name, self._opened_seq)
                 persist = self._scheduler if self._policy.tables_persist else None
                 table = self._tables[name] = Table(name, state, scheduler=persist,
+                                                   life=self._life,
                                                    deltas_since_snapshot=deltas)
         return table
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from . import _format as fmt
+from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
@@ -57,11 +60,13 @@ class CommitInfo:
 class Held:
     """A live source event that its consumer is processing: serialized, not yet buffered."""
 
-    __slots__ = ("buf", "closed", "offset", "settled", "stream", "task", "time_ms", "value")
+    __slots__ = ("buf", "closed", "mark", "offset", "settled", "stream", "task", "time_ms",
+                 "value")
 
     def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
-                 value: bytes, offset: bytes, time_ms: int) -> None:
+                 value: bytes, offset: bytes, time_ms: int, mark: int) -> None:
         self.task = task
+        self.mark = mark  # Scheduler.writes when it was taken: has state changed since?
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
         self.stream = stream
         self.value = value
@@ -69,6 +74,22 @@ class Held:
         self.time_ms = time_ms
         self.settled = False  # buffered or dropped; a release then does nothing
         self.closed = False  # its source was closed; the next cut decides (close_held)
+
+
+#: The task of the source loop whose body the current code runs in, if any: set when a
+#: source hands over a live event, and copied into the tasks that body starts.
+_consumer: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
+    "apersist_consumer", default=None)
+
+
+def _waiters() -> tuple[asyncio.Task[Any] | None, ...]:
+    """The tasks that wait when the current task waits on the scheduler: itself, and the
+    source consumer it works for (a task the loop body started and awaits)."""
+    task = asyncio.current_task()
+    consumer = _consumer.get()
+    if consumer is None or consumer is task or consumer.done():
+        return (task,)
+    return (task, consumer)
 
 
 _CLOSE = ord("]")
@@ -240,6 +261,10 @@ class Scheduler:
         # Counters: deltas appended ever, deltas durable; bytes pending and in flight.
         self.appended = 0
         self.durable = 0
+        # Writes of state (table deltas, cache entries, events buffered by add_event or
+        # record_many, offsets): a held event's consumer has changed state for it when this
+        # moved since the event was handed over (see _keeps).
+        self.writes = 0
         self.pending_bytes = 0
         self.inflight_bytes = 0
         self._uploads = 0
@@ -265,6 +290,7 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
+        self.writes += 1
         size = len(value) + len(offset)
         if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
             self.frame(buf)
@@ -302,6 +328,7 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
+        self.writes += 1
         return self._account(buf, nbytes, count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
@@ -327,6 +354,7 @@ class Scheduler:
             raise self._unusable
         self._offset_updates[stream] = self.recorded_offsets[stream] = offset
         self.appended += 1
+        self.writes += 1
         if not self._pending_event.is_set():
             self._pending_event.set()
 
@@ -440,12 +468,13 @@ class Scheduler:
         self.check_failure()
         if self._stopped:
             raise self._ended_error()
-        task = asyncio.current_task()
-        self._materialize_holds_of(task)
+        for task in _waiters():
+            self._materialize_holds_of(task)
         self._frame_all()
         target = self.appended
         forced = self._reset_pending or self._forced
         if target <= self.durable and not forced:
+            await anyio.lowlevel.checkpoint()  # an await that lets other tasks run, always
             return CommitInfo(self._last.seq, 0, 0)
         # The cut in flight covers our data if it was taken after our last append.
         want = self._cuts if (target <= self._cut_appended and not forced) else self._cuts + 1
@@ -499,43 +528,69 @@ class Scheduler:
     def hold(self, buf: LogBuffer | None, stream: str, value: bytes, offset: bytes,
              time_ms: int) -> Held:
         """Hold one live event of ``stream`` for the current task until ``release``."""
-        held = Held(asyncio.current_task(), buf, stream, value, offset, time_ms)
+        task = asyncio.current_task()
+        held = Held(task, buf, stream, value, offset, time_ms, self.writes)
         self._held.add(held)
+        # Tasks that the loop body starts (asyncio.wait_for, a TaskGroup) copy this, so
+        # that their waits on the scheduler count as the consumer's own (_waiters).
+        if _consumer.get() is not task:
+            _consumer.set(task)
         return held
 
     def release(self, held: Held, *, finished: bool) -> bool:
-        """The consumer is done with ``held``: buffer it (``finished``) or decide by its task.
+        """The consumer is done with ``held``: buffer it (``finished``), or decide now.
 
-        ``finished=False`` decides now: the event is kept unless its task was interrupted
-        (see ``_interrupted``). Returns whether uncommitted bytes are now over the
-        back-pressure bound.
+        ``finished=False`` decides as a normal cut would (see ``_keeps``). Returns whether
+        uncommitted bytes are now over the back-pressure bound.
         """
         self._held.discard(held)
         self._holds_changed.set()
         if held.settled:
             return False
-        if finished or not self._interrupted(held.task):
+        if finished:
+            return self._materialize(held)  # raises if the run can no longer record
+        if self._unusable is None and self._keeps(held, final=False):
             return self._materialize(held)
-        held.settled = True
+        held.settled = True  # a closing source never raises for it
         return False
 
     def close_held(self, held: Held) -> None:
         """The source was closed while its consumer held ``held`` (a ``break``, an exception
         in the loop body, the iterator collected), which a source cannot tell apart.
 
-        An interrupted task drops the event now. Otherwise the next cut decides: the final
-        cut of a block left by an exception from this task drops it (the body failed
-        part-way), any other cut keeps it (the body broke out). No cut waits for it.
+        Decided at once if the consumer's task was interrupted, else by the next cut (see
+        ``_keeps``): the final cut of a block left by an exception from this task is the
+        one that can tell. No cut waits for it.
         """
         if held.settled:
             self._held.discard(held)
             return
+        held.closed = True
         if self._interrupted(held.task):
-            self._held.discard(held)
-            held.settled = True
-        else:
-            held.closed = True
+            self.release(held, finished=False)
         self._holds_changed.set()
+
+    def _keeps(self, held: Held, *, final: bool) -> bool:
+        """Whether a held event whose consumer never asked for the next one is committed.
+
+        An event and the state derived from it go together. If any state was written since
+        the event was handed over, the consumer has (at least begun to) apply it: keep the
+        event, or the restart would deliver it again and apply it twice. If none was, keep it
+        only when its consumer finished with it: not when the consumer's task was cancelled
+        or failed, the block is being left by an exception from that task, or (at the final
+        cut) another task is still in its loop body; the restart then delivers it again.
+        """
+        if held.mark != self.writes:
+            return True
+        task = held.task
+        if self._interrupted(task):
+            return False
+        if not final:
+            return True
+        exiting, by_exception = self._final or (None, False)
+        if task is exiting:
+            return not by_exception
+        return held.closed or (task is not None and task.done())
 
     @staticmethod
     def _interrupted(task: asyncio.Task[Any] | None) -> bool:
@@ -568,21 +623,17 @@ class Scheduler:
         it; a task waiting on the scheduler (parked) keeps it, as it cannot finish the event
         while it waits. At the final cut every held event is decided (see ``finish``).
         """
-        exiting, by_exception = self._final if final and self._final else (None, False)
         for held in list(self._held):
             task = held.task
             if held.settled:
                 if final or held.closed or (task is not None and task.done()):
                     self._held.discard(held)
-            elif held.closed or (task is not None and task.done()) or final:
+            elif final or held.closed or (task is not None and task.done()):
                 self._held.discard(held)
-                if self._interrupted(task) or (final and task is exiting and by_exception):
-                    held.settled = True
-                elif final and not held.closed and task is not exiting and not (
-                        task is not None and task.done()):
-                    held.settled = True  # another task still in its loop body
-                else:
+                if self._keeps(held, final=final):
                     self._materialize(held)
+                else:
+                    held.settled = True
             elif task in self._parked:
                 self._materialize(held)  # still held: its task goes on after the wait
 
@@ -604,13 +655,14 @@ class Scheduler:
         A task waiting for a commit, for capacity or for a cut cannot also finish the
         source events it holds; waiting for them would deadlock.
         """
-        task = asyncio.current_task()
-        self._parked.add(task)
+        waiters = _waiters()
+        added = [task for task in waiters if task not in self._parked]
+        self._parked.update(added)
         self._holds_changed.set()
         try:
             yield
         finally:
-            self._parked.discard(task)
+            self._parked.difference_update(added)
 
     def _blockers(self) -> list[Held]:
         """Held events whose tasks are still processing them (not waiting on us, not ended)."""
@@ -783,6 +835,14 @@ class Scheduler:
                     self._pending_event = anyio.Event()
                     self._pending_signalled = False
             await self._commit_once(final=True)
+        except anyio.get_cancelled_exc_class():
+            if not cancelled_by_another_task():
+                raise  # the run is ending
+            # Some code cancelled this task directly (say, "cancel every task but mine"):
+            # propagating would cancel the run's task group and end the block silently.
+            # End the run's writing instead; the next commit() or the block's end says so.
+            self._fail(RuntimeError("the run's scheduler task was cancelled by another task: "
+                                    "this run can no longer commit"))
         finally:
             self._stopped = True
             self._closed = True

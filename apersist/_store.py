@@ -84,6 +84,7 @@ class Store:
         self._epoch: int | None = None  # ours, once we hold the writer role
         self._segment_number = 0
         self._fenced: FencedError | None = None
+        self._last_stamp = 0  # the newest good clock reading of a commit record
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -358,7 +359,8 @@ class Store:
         epoch = max(epoch, self._state.last_epoch + 1)
         token = uuid.uuid4().hex
         while True:
-            record = fmt.EpochRecord(self._writer, epoch, self._clock_ms(), token)
+            self._last_stamp = self._clock_ms()  # a bad reading fails here, writing nothing
+            record = fmt.EpochRecord(self._writer, epoch, self._last_stamp, token)
             try:
                 await self._put_created(fmt.epoch_key(self._writer, epoch), record.encode())
                 break
@@ -460,12 +462,26 @@ class Store:
         current map."""
         return dict(offsets) if reset else fmt.offset_changes(self._state.offsets, offsets)
 
+    def _stamp(self) -> int:
+        """The clock's reading for a commit record, or the last good one if it misbehaves.
+
+        A commit's time stamp is for people reading the store (nothing orders or dates by
+        it): a bad reading of an injected clock (``TypeError``/``ValueError`` from the run's
+        clock check) must not fail the commit of data recorded with good readings.
+        """
+        try:
+            self._last_stamp = self._clock_ms()
+        except (TypeError, ValueError) as exc:
+            logger.warning("bad clock reading while stamping a commit record; the last good "
+                           "one is used: %s", exc)
+        return self._last_stamp
+
     def _next_record(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
                      reset: bool) -> fmt.CommitRecord:
         assert self._epoch is not None, "commits are written only by the writer"
         return fmt.CommitRecord(
             writer=self._writer, seq=self._state.last_seq + 1, epoch=self._epoch,
-            time_ms=self._clock_ms(), token=uuid.uuid4().hex, reset=reset,
+            time_ms=self._stamp(), token=uuid.uuid4().hex, reset=reset,
             segments=tuple(b.ref for b in blobs), offsets=offsets)
 
     async def _publish(self, key: str, record: fmt.CommitRecord,

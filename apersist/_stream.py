@@ -11,8 +11,10 @@ from typing import Any, NamedTuple
 import anyio
 import anyio.lowlevel
 import orjson
+from anyio.streams.memory import MemoryObjectSendStream
 
 from . import _format as fmt
+from ._concurrency import cancelled_by_another_task
 from ._lifecycle import Lifecycle
 from ._policy import Policy
 from ._scheduler import BATCH_ENTRIES, Held, Scheduler
@@ -184,6 +186,7 @@ class Stream:
                              f"values={len(values)} offsets={len(offs)}")
         buf, scheduler = self._buffer, self._scheduler
         if buf is None or scheduler is None:
+            self._life.check("record_many()")
             for index, value in enumerate(values):
                 dumps_value(value, f"{self._where} (batch index {index})")
             last = next((off for off in reversed(offs or ()) if off), b"")
@@ -212,7 +215,7 @@ class Stream:
             over = scheduler.note_appended(buf, nbytes, count)  # seals at the segment size
         newest = next((off for off in reversed(offs or ()) if off), None)
         if newest is not None:
-            buf.offset = newest
+            buf.offset = buf.recorded_offset = newest
         if over:
             await scheduler.wait_capacity()
 
@@ -221,6 +224,7 @@ class Stream:
         data, off, time_ms = self._encode(value, offset)
         buf = self._buffer
         if buf is None:
+            self._life.check("record()")  # nothing is buffered here, but say so all the same
             if off and self._scheduler is not None and self._policy.offsets_persist:
                 self._scheduler.set_offset(self.name, off)  # OFFSETS_ONLY
             return time_ms
@@ -250,7 +254,7 @@ class Stream:
         segment raises ``CorruptDataError`` before any of its events is yielded. Under
         ``REALTIME_REPLAY`` the recorded gaps are kept.
         """
-        self._life.check("replay")
+        self._life.check("replay()")
         if not self._policy.replay:
             return
         segments = [s.ref for s in self._store.segments(fmt.KIND_EVENTS, self.name)
@@ -292,20 +296,39 @@ class Stream:
             return
         send, receive = anyio.create_memory_object_stream[
             "list[fmt.SegmentView] | Exception"](max_buffer_size=1)
-        self._spawn(self._store.feed_windows, refs, send)
+        self._spawn(self._feed, refs, send)
+        seen = 0
         async with receive:
             async for item in receive:
                 if isinstance(item, Exception):
                     raise item
+                seen += len(item)
                 for view in item:
                     yield view
+        if seen < len(refs):
+            # The feeding task ended early: never end a replay silently short.
+            self._life.check("replay()")
+            raise RuntimeError(f"the replay of {self._where} stopped early: its read-ahead "
+                               f"task was cancelled by another task: segments={seen} of "
+                               f"{len(refs)}")
+
+    async def _feed(self, refs: list[fmt.SegmentRef],
+                    send: MemoryObjectSendStream[list[fmt.SegmentView] | Exception]) -> None:
+        """``Store.feed_windows`` as a task of the run that another task may cancel."""
+        try:
+            await self._store.feed_windows(refs, send)
+        except anyio.get_cancelled_exc_class():
+            if not cancelled_by_another_task():
+                raise
+            # Cancelling the run's task group would end the block silently; the consumer
+            # sees the replay end short and says why (send is closed by now).
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event]:
         # A later source() call of the same run (a service reconnecting after its reader
         # failed) goes on where the earlier ones stopped: the rest of the replay, if any,
         # then the reader from the newest offset recorded, so nothing is delivered twice.
-        self._life.check("source")
+        self._life.check("source()")
         earlier = self._holding
         if earlier is not None and self._scheduler is not None:
             # The consumer of an earlier call left it holding an event and has moved on: the

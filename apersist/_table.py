@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import LogBuffer, Scheduler
 from ._store import Store
@@ -100,8 +101,9 @@ class Table(MutableMapping[str, Any]):
     """
 
     def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
-                 deltas_since_snapshot: int = 0) -> None:
+                 deltas_since_snapshot: int = 0, life: Lifecycle | None = None) -> None:
         self.name = name
+        self._life = life or Lifecycle()
         self._state = state
         self._scheduler = scheduler
         self._where = f"table {name!r}"
@@ -149,7 +151,7 @@ class Table(MutableMapping[str, Any]):
         # run persists tables.
         data = dumps_value([key, value], self._where)
         if self._buffer is not None:
-            self._append(data)
+            self._append(data)  # raises once the run has ended
             # A copy: orjson returns its output in the buffer it wrote it to, a block of
             # 4 KiB or more (8 KiB for 600 bytes), which the bytes object keeps for life.
             # Kept per key, that was a table's memory (~4.3 GB for 1M small keys); the
@@ -157,6 +159,8 @@ class Table(MutableMapping[str, Any]):
             # b"%b" % data is the cheapest copy (about 50 ns for a small record); bytes()
             # and data[:] return data itself.
             self._records[key] = b"%b" % data
+        else:
+            self._life.check("table writes")  # nothing is recorded here; say so all the same
         self._state[key] = value
 
     def __delitem__(self, key: str) -> None:
@@ -165,6 +169,8 @@ class Table(MutableMapping[str, Any]):
         if self._buffer is not None:
             self._append(orjson.dumps([key]))
             self._records.pop(key, None)
+        else:
+            self._life.check("table writes")
         del self._state[key]
 
     def _append(self, data: bytes) -> None:

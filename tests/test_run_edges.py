@@ -402,3 +402,164 @@ async def test_a_source_left_by_a_finished_task_does_not_hold_commits(
 async def _objects(backend: apersist.Backend) -> dict[str, bytes]:
     from helpers import stored_objects
     return await stored_objects(backend)
+
+
+# ----------------------------------------------------------------------------------------
+# Findings of a second hostile review of the fixes above.
+
+
+async def test_an_event_whose_state_was_written_stays_with_it_when_interrupted(
+        backend: apersist.Backend) -> None:
+    """A body cancelled after it changed tables for an event (at a later await): the event
+    is committed with that state, never delivered again and applied twice."""
+    async def run_until_the_sibling_fails() -> None:
+        async with apersist.run(_cfg(backend)) as run:
+            totals = await run.table("totals")
+
+            live = [0]
+
+            async def consume() -> None:
+                async for event in run.source("feed", FlakyFeed(1000, None)):
+                    if not event.replayed:
+                        totals[str(event.value)] = totals.get(str(event.value), 0) + 1
+                        live[0] += 1
+                        await asyncio.sleep(0.001)  # the sibling fails here, state written
+
+            async def fail_later() -> None:
+                await wait_until(lambda: live[0] >= 30)
+                raise KeyError("sibling failed")
+
+            async with asyncio.TaskGroup() as group:
+                group.create_task(consume())
+                group.create_task(fail_later())
+
+    for _ in range(2):
+        with pytest.raises(ExceptionGroup):
+            await run_until_the_sibling_fails()
+    stored = await values(backend, "feed")
+    assert stored == list(range(len(stored)))
+    state = await table_state(backend, "totals")
+    assert state == {str(i): 1 for i in range(len(stored))}
+
+
+@pytest.mark.parametrize("form", ["wait_for", "shield", "taskgroup"])
+async def test_a_loop_body_waiting_through_its_own_subtask_does_not_stall(
+        backend: apersist.Backend, form: str, caplog: pytest.LogCaptureFixture) -> None:
+    """commit() or a back-pressure wait run in a task the body starts and awaits: the cut
+    does not wait 5 s for the body's own held event, and the event is in the commit."""
+    cfg = _cfg(backend, snapshot_interval_ms=60_000, max_pending_bytes=1 << 10)
+
+    async def in_subtask(coro: Coroutine[Any, Any, Any]) -> Any:
+        if form == "wait_for":
+            return await asyncio.wait_for(coro, 20)
+        if form == "shield":
+            return await asyncio.shield(coro)
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(coro)
+        return task.result()
+
+    started = time.monotonic()
+    async with apersist.run(cfg) as run:
+        side = run.stream("side")
+        async for event in run.source("feed", FlakyFeed(4, None)):
+            await in_subtask(side.record("x" * 600))  # over the bound: waits
+            await in_subtask(run.commit())
+            assert run.stream("feed").offset == event.offset
+    assert time.monotonic() - started < 4  # not 5 s per event
+    assert not [r for r in caplog.records if "still being processed" in r.getMessage()]
+
+
+async def test_a_scheduler_cancelled_by_another_task_ends_the_block_with_an_error(
+        backend: apersist.Backend) -> None:
+    """The "cancel every task but mine" idiom inside the block used to end it early and
+    silently, with recorded data uncommitted."""
+    reached: list[str] = []
+
+    async def cancel_the_others() -> None:
+        async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000)) as run:
+            await run.stream("s").record("a")
+            await run.commit()
+            await run.stream("s").record("b")
+            me = asyncio.current_task()
+            for task in asyncio.all_tasks():
+                if task is not me and task.get_name() == "apersist-scheduler":
+                    task.cancel()
+            await asyncio.sleep(0.01)
+            reached.append("after the cancel")
+
+    with pytest.raises(RuntimeError, match="scheduler task was cancelled by another task"):
+        await cancel_the_others()
+    assert reached == ["after the cancel"]
+    assert await values(backend, "s") == ["a"]
+
+
+async def test_a_replay_carried_past_the_block_raises_instead_of_ending_short(
+        backend: apersist.Backend) -> None:
+    async with apersist.run(_cfg(backend, max_segment_bytes=1 << 10)) as run:
+        for _ in range(40):
+            await run.stream("s").record_many(["x" * 100] * 10)
+            await run.commit()
+    async with apersist.run(_cfg(backend)) as run:
+        replay = run.stream("s").replay()
+        first = [await anext(replay) for _ in range(5)]
+    assert len(first) == 5
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        async for _ in replay:
+            pass
+
+
+async def test_a_bad_clock_reading_while_stamping_a_commit_fails_nothing(
+        backend: apersist.Backend, caplog: pytest.LogCaptureFixture) -> None:
+    bad_next = [False]
+
+    def clock() -> Any:
+        if bad_next[0]:
+            bad_next[0] = False
+            return 1.7e12  # the next reading is the commit record's stamp
+        return 1_700_000_000_000
+
+    async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000), clock_ms=clock) as run:
+        stream = run.stream("s")
+        await stream.record(1)
+        bad_next[0] = True
+        await run.commit()
+        assert not bad_next[0], "the commit read no clock"
+        await stream.record(2)
+    assert any("stamping a commit record" in r.getMessage() for r in caplog.records)
+    assert await values(backend, "s") == [1, 2]
+
+
+@pytest.mark.parametrize(("mode", "access"), [
+    (apersist.PersistenceMode.PERSISTING, apersist.SnapshotAccess.OFFSETS_ONLY),
+    (apersist.PersistenceMode.PERSISTING, apersist.SnapshotAccess.REPLAY),
+    (apersist.PersistenceMode.UDF_CACHING, apersist.SnapshotAccess.FULL)])
+async def test_writes_after_the_block_raise_in_every_mode(
+        mode: apersist.PersistenceMode, access: apersist.SnapshotAccess) -> None:
+    backend = apersist.Backend.memory()
+    cfg = _cfg(backend, persistence_mode=mode, snapshot_access=access)
+    async with apersist.run(cfg) as run:
+        stream = run.stream("s")
+        table = await run.table("t")
+        table["a"] = 1
+    for write in (lambda: stream.record(1), lambda: stream.record(1, offset=1),
+                  lambda: stream.record_many([1, 2])):
+        with pytest.raises(RuntimeError, match="the run has ended"):
+            await write()
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        table["b"] = 2
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        del table["a"]
+
+
+async def test_commit_with_nothing_pending_still_lets_other_tasks_run() -> None:
+    ran = asyncio.Event()
+    for access in (apersist.SnapshotAccess.FULL, apersist.SnapshotAccess.REPLAY):
+        ran.clear()
+        async with apersist.run(_cfg(apersist.Backend.memory(), snapshot_access=access)) as run:
+            other = asyncio.ensure_future(asyncio.sleep(0))
+            other.add_done_callback(lambda _: ran.set())
+            for _ in range(100):
+                await run.commit()
+                if ran.is_set():
+                    break
+            assert ran.is_set()
