@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +27,15 @@ from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
-__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "LogBuffer", "Scheduler", "SnapshotSource"]
+__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "LogBuffer", "Scheduler", "SnapshotBuilder",
+           "SnapshotSource"]
 
-#: Returns a table's whole state as segment bodies [(framed body, record count)] when it
-#: wants compacting, else None.
-SnapshotSource = Callable[[], "list[tuple[bytearray, int]] | None"]
+#: Called at a cut: when a table wants compacting, returns a builder of its whole state as
+#: it was at that cut, as segment bodies [(framed body, record count)]; else None. The
+#: builder is awaited after the cut, in the scheduler's task, so that framing a big table
+#: is paced instead of stalling the loop inside the cut.
+SnapshotBuilder = Callable[[], Awaitable["list[tuple[bytearray, int]]"]]
+SnapshotSource = Callable[[], "SnapshotBuilder | None"]
 
 logger = logging.getLogger("apersist")
 
@@ -741,14 +745,14 @@ class Scheduler:
                 batches.append((buf, body, count))
         offsets.update(self._offset_updates)
         self._offset_updates = {}
+        snapshots: list[tuple[str, SnapshotBuilder]] = []
         for table, source in self._snapshot_sources.items():
-            snapshot = source()
-            if snapshot is not None:
+            builder = source()
+            if builder is not None:
                 # The snapshot covers every delta of this table so far: drop them.
                 batches = [b for b in batches
                            if not (b[0].kind == fmt.KIND_TABLE and b[0].name == table)]
-                holder = LogBuffer(fmt.KIND_TABLE_SNAPSHOT, table)
-                batches.extend((holder, body, count) for body, count in snapshot)
+                snapshots.append((table, builder))
         moved = self.pending_bytes
         self.pending_bytes = 0
         self.inflight_bytes += moved
@@ -760,6 +764,9 @@ class Scheduler:
         # progress (docs/concepts.md): it is finished, or it fails as a whole.
         with anyio.CancelScope(shield=True):
             try:
+                for table, builder in snapshots:
+                    holder = LogBuffer(fmt.KIND_TABLE_SNAPSHOT, table)
+                    batches.extend((holder, body, count) for body, count in await builder())
                 blobs = [await self._build(buf.kind, buf.name, body, count)
                          for buf, body, count in batches]
                 self._uploads = len(blobs)

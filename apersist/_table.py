@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 from . import _format as fmt
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
-from ._scheduler import LogBuffer, Scheduler
+from ._scheduler import LogBuffer, Scheduler, SnapshotBuilder
 from ._store import Store
 from ._values import dumps_value
 
@@ -187,8 +188,12 @@ class Table(MutableMapping[str, Any]):
         """Fold this table's deltas into a snapshot in the next commit."""
         self._compact_requested = True
 
-    def _snapshot(self) -> list[tuple[bytearray, int]] | None:
-        """Called by the scheduler while cutting a commit; no await between cut and this."""
+    def _snapshot(self) -> SnapshotBuilder | None:
+        """Called by the scheduler while cutting a commit; no await between cut and this.
+
+        Takes the records as they are at the cut (one C-level copy of the references) and
+        returns the builder that frames them, which the scheduler awaits after the cut.
+        """
         wants = self._compact_requested or (
             self._deltas >= _AUTO_COMPACT_MIN_DELTAS
             and self._deltas > _AUTO_COMPACT_RATIO * len(self._state))
@@ -196,15 +201,23 @@ class Table(MutableMapping[str, Any]):
             return None
         self._compact_requested = False
         self._deltas = 0
+        return functools.partial(self._frame_snapshot, list(self._records.values()))
+
+    async def _frame_snapshot(self, records: list[bytes]) -> list[tuple[bytearray, int]]:
+        """Frame ``records`` as snapshot segment bodies, in steps that yield to the loop
+        (framing a million records took about half a second in one go)."""
         # Cut into segments of the usual size, so a big table is no bigger a segment.
         bodies: list[tuple[bytearray, int]] = []
         body, count = bytearray(), 0
-        for record in self._records.values():
+        pacer = Pacer()
+        for record in records:
             fmt.append_record(body, record, b"", 0)
             count += 1
             if len(body) >= self._segment_bytes:
                 bodies.append((body, count))
                 body, count = bytearray(), 0
+            if pacer.due():
+                await pacer.pause()
         if count or not bodies:
             bodies.append((body, count))  # an empty table is an empty snapshot segment
         return bodies
