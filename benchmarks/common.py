@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -24,6 +25,21 @@ STREAM = "bench"
 TICK_S = 0.001  # the stall ticker's period
 HIGHER_IS_BETTER = {"ev/s", "MiB/s", "x"}
 Window = tuple[float, float]
+
+
+def run_child(module: str, args: Sequence[str], root: Path, *,
+              timeout: float = 3600) -> dict[str, Any]:
+    """Run ``python -m module args`` from the repository root (a fresh process, so that its
+    memory and heap start clean); its last stdout line, parsed as JSON."""
+    repo = Path(__file__).resolve().parent.parent
+    root.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=repo,
+                          capture_output=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} child failed (exit {done.returncode}): "
+                           f"{done.stderr.decode(errors='replace')[-2000:]}")
+    result: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
+    return result
 
 
 def log(message: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .common import Report, Row, Series, Settings, Stores, Target, log
+from .common import Report, Row, Series, Settings, Stores, Target, log, run_child
 
 CONTENDERS = ("apersist", "aiofiles", "none")
 MEMORY_TARGET = 2.0  # peak at the largest size over the peak at the smallest
@@ -88,17 +87,9 @@ async def child(contender: str, count: int, root: Path, batch: int) -> dict[str,
 
 def measure(contender: str, count: int, root: Path, batch: int, timeout: float = 3600) -> dict[str, Any]:
     """Run one child; its JSON result. The repository root is its working directory."""
-    repo = Path(__file__).resolve().parent.parent
-    root.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--contender", contender, "--events", str(count),
-         "--dir", str(root), "--batch", str(batch)],
-        cwd=repo, capture_output=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory child failed (exit {done.returncode}): "
-                           f"{done.stderr.decode(errors='replace')[-2000:]}")
-    result: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
-    return result
+    return run_child("benchmarks.memory", ["--contender", contender, "--events", str(count),
+                                           "--dir", str(root), "--batch", str(batch)],
+                     root, timeout=timeout)
 
 
 def section_memory(settings: Settings, stores: Stores, report: Report) -> None:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from .common import Report, Row, Series, Settings, Stores, Target, Ticker, log
+from .common import Report, Row, Series, Settings, Stores, Target, Ticker, log, run_child
 from .memory import status_kib
 
 KINDS = ("table", "cache")
@@ -241,18 +240,9 @@ def plain_dict(kind: str, keys: int) -> dict[str, Any]:
 def measure(kind: str, phase: str, keys: int, root: Path, *, code: Path | None = None,
             timeout: float = 3600) -> dict[str, Any]:
     """Run one child; its JSON result. The repository root is its working directory."""
-    repo = Path(__file__).resolve().parent.parent
-    root.mkdir(parents=True, exist_ok=True)
     extra = ["--code", str(code)] if code is not None else []
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.state", "--kind", kind, "--phase", phase,
-         "--keys", str(keys), "--dir", str(root), *extra],
-        cwd=repo, capture_output=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"state child failed (exit {done.returncode}): "
-                           f"{done.stderr.decode(errors='replace')[-2000:]}")
-    result: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
-    return result
+    return run_child("benchmarks.state", ["--kind", kind, "--phase", phase, "--keys", str(keys),
+                                          "--dir", str(root), *extra], root, timeout=timeout)
 
 
 def measure_all(kind: str, keys: int, root: Path, *, repeats: int = 1,

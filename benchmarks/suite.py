@@ -116,21 +116,17 @@ def run_suite(args: argparse.Namespace, root: Path) -> Report:
     only: tuple[str, ...] = args.only
     if "filesystem" in settings.backends:
         asyncio.run(filesystem_workloads(settings, only, stores, report))
-        if "memory" in only:
-            with workload_scope(report, "peak memory"):
+        # Each in child processes of its own (a clean heap per measurement).
+        for workload, name, section in (("memory", "peak memory", section_memory),
+                                        ("state", "table and cache state", section_state)):
+            if workload not in only:
+                continue
+            with workload_scope(report, name):
                 try:
-                    section_memory(settings, stores, report)
+                    section(settings, stores, report)
                 except Exception as exc:  # keep the other workloads' results
-                    log(f"peak memory FAILED: {exc}")
-                    report.errors.append(f"peak memory: {type(exc).__name__}: {str(exc)[:500]}")
-        if "state" in only:
-            with workload_scope(report, "table and cache state"):
-                try:
-                    section_state(settings, stores, report)
-                except Exception as exc:  # keep the other workloads' results
-                    log(f"table and cache state FAILED: {exc}")
-                    report.errors.append(f"table and cache state: {type(exc).__name__}: "
-                                         f"{str(exc)[:500]}")
+                    log(f"{name} FAILED: {exc}")
+                    report.errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:500]}")
     remote = tuple(b for b in settings.backends if b != "filesystem")
     if remote and "backends" in only:
         from .backends import run_backends, servers
