@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -64,13 +63,13 @@ class CommitInfo:
 class Held:
     """A live source event that its consumer is processing: serialized, not yet buffered."""
 
-    __slots__ = ("buf", "closed", "mark", "offset", "settled", "stream", "task", "time_ms",
-                 "value")
+    __slots__ = ("buf", "closed", "offset", "settled", "stream", "task", "time_ms", "value",
+                 "wrote")
 
     def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
-                 value: bytes, offset: bytes, time_ms: int, mark: int) -> None:
+                 value: bytes, offset: bytes, time_ms: int) -> None:
         self.task = task
-        self.mark = mark  # Scheduler.writes when it was taken: has state changed since?
+        self.wrote = False  # its task has written state since it was handed over
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
         self.stream = stream
         self.value = value
@@ -78,22 +77,6 @@ class Held:
         self.time_ms = time_ms
         self.settled = False  # buffered or dropped; a release then does nothing
         self.closed = False  # its source was closed; the next cut decides (close_held)
-
-
-#: The task of the source loop whose body the current code runs in, if any: set when a
-#: source hands over a live event, and copied into the tasks that body starts.
-_consumer: contextvars.ContextVar[asyncio.Task[Any] | None] = contextvars.ContextVar(
-    "apersist_consumer", default=None)
-
-
-def _waiters() -> tuple[asyncio.Task[Any] | None, ...]:
-    """The tasks that wait when the current task waits on the scheduler: itself, and the
-    source consumer it works for (a task the loop body started and awaits)."""
-    task = asyncio.current_task()
-    consumer = _consumer.get()
-    if consumer is None or consumer is task or consumer.done():
-        return (task,)
-    return (task, consumer)
 
 
 _CLOSE = ord("]")
@@ -265,10 +248,7 @@ class Scheduler:
         # Counters: deltas appended ever, deltas durable; bytes pending and in flight.
         self.appended = 0
         self.durable = 0
-        # Writes of state (table deltas, cache entries, events buffered by add_event or
-        # record_many, offsets): a held event's consumer has changed state for it when this
-        # moved since the event was handed over (see _keeps).
-        self.writes = 0
+
         self.pending_bytes = 0
         self.inflight_bytes = 0
         self._uploads = 0
@@ -294,7 +274,8 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
-        self.writes += 1
+        if self._held:
+            self._note_write()
         size = len(value) + len(offset)
         if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
             self.frame(buf)
@@ -332,7 +313,8 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
-        self.writes += 1
+        if self._held:
+            self._note_write()
         return self._account(buf, nbytes, count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
@@ -358,7 +340,8 @@ class Scheduler:
             raise self._unusable
         self._offset_updates[stream] = self.recorded_offsets[stream] = offset
         self.appended += 1
-        self.writes += 1
+        if self._held:
+            self._note_write()
         if not self._pending_event.is_set():
             self._pending_event.set()
 
@@ -472,8 +455,7 @@ class Scheduler:
         self.check_failure()
         if self._stopped:
             raise self._ended_error()
-        for task in _waiters():
-            self._materialize_holds_of(task)
+        self._materialize_holds_of(asyncio.current_task())
         self._frame_all()
         target = self.appended
         forced = self._reset_pending or self._forced
@@ -533,13 +515,16 @@ class Scheduler:
              time_ms: int) -> Held:
         """Hold one live event of ``stream`` for the current task until ``release``."""
         task = asyncio.current_task()
-        held = Held(task, buf, stream, value, offset, time_ms, self.writes)
+        held = Held(task, buf, stream, value, offset, time_ms)
         self._held.add(held)
-        # Tasks that the loop body starts (asyncio.wait_for, a TaskGroup) copy this, so
-        # that their waits on the scheduler count as the consumer's own (_waiters).
-        if _consumer.get() is not task:
-            _consumer.set(task)
         return held
+
+    def _note_write(self) -> None:
+        """The current task wrote state: mark the events it holds (see ``_keeps``)."""
+        task = asyncio.current_task()
+        for held in self._held:
+            if held.task is task:
+                held.wrote = True
 
     def release(self, held: Held, *, finished: bool) -> bool:
         """The consumer is done with ``held``: buffer it (``finished``), or decide now.
@@ -577,14 +562,14 @@ class Scheduler:
     def _keeps(self, held: Held, *, final: bool) -> bool:
         """Whether a held event whose consumer never asked for the next one is committed.
 
-        An event and the state derived from it go together. If any state was written since
-        the event was handed over, the consumer has (at least begun to) apply it: keep the
+        An event and the state derived from it go together. If the consumer's task wrote any
+        state since the event was handed over, it has (at least begun to) apply it: keep the
         event, or the restart would deliver it again and apply it twice. If none was, keep it
         only when its consumer finished with it: not when the consumer's task was cancelled
         or failed, the block is being left by an exception from that task, or (at the final
         cut) another task is still in its loop body; the restart then delivers it again.
         """
-        if held.mark != self.writes:
+        if held.wrote:
             return True
         task = held.task
         if self._interrupted(task):
@@ -659,14 +644,15 @@ class Scheduler:
         A task waiting for a commit, for capacity or for a cut cannot also finish the
         source events it holds; waiting for them would deadlock.
         """
-        waiters = _waiters()
-        added = [task for task in waiters if task not in self._parked]
-        self._parked.update(added)
+        task = asyncio.current_task()
+        added = task not in self._parked
+        self._parked.add(task)
         self._holds_changed.set()
         try:
             yield
         finally:
-            self._parked.difference_update(added)
+            if added:
+                self._parked.discard(task)
 
     def _blockers(self) -> list[Held]:
         """Held events whose tasks are still processing them (not waiting on us, not ended)."""
@@ -684,7 +670,10 @@ class Scheduler:
             # Not once the run is ending: the final cut decides on every held event.
             while self._blockers() and self._final is None:
                 self._holds_changed = anyio.Event()
-                await self._holds_changed.wait()
+                # Also re-checked now and then: a consumer task that ends (fails, is
+                # cancelled) while its source is still referenced changes no event.
+                with anyio.move_on_after(0.05):
+                    await self._holds_changed.wait()
         if scope.cancelled_caught:
             logger.warning(
                 "committing while live source events are still being processed: each goes "

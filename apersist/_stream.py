@@ -265,6 +265,8 @@ class Stream:
         unchecked = 0  # events yielded since the last checkpoint
         async for view in self._read_ahead(segments):
             for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
+                if self._life.ended:  # an iterator carried past the block
+                    self._life.check("replay()")
                 # A chunk at a time (a batch record, or up to BATCH_ENTRIES single ones): its
                 # events are built by C loops (map, zip), leaving the loop below one yield per
                 # event. Chunks that small leave the garbage collector asleep (see BATCH_ENTRIES).
