@@ -517,3 +517,60 @@ async def test_commit_with_nothing_pending_still_lets_other_tasks_run() -> None:
                 if ran.is_set():
                     break
             assert ran.is_set()
+
+
+# ----------------------------------------------------------------------------------------
+# Findings of a third hostile review.
+
+
+def _endless(delay: float) -> Callable[[int | None], AsyncIterator[tuple[int, int]]]:
+    async def read(offset: int | None) -> AsyncIterator[tuple[int, int]]:
+        i = 0 if offset is None else offset + 1
+        while True:
+            await asyncio.sleep(delay)
+            yield i, i
+            i += 1
+    return read
+
+
+async def test_another_consumers_writes_do_not_count_as_this_ones_state(
+        backend: apersist.Backend) -> None:
+    """Consumer A is cancelled before it writes state for its event while consumer B keeps
+    writing its own table: A's event is left out, never committed without A's state."""
+    async with apersist.run(_cfg(backend)) as run:
+        ta = await run.table("ta")
+        tb = await run.table("tb")
+
+        async def consume(name: str, table: apersist.Table, delay: float) -> None:
+            async with contextlib.aclosing(run.source(name, _endless(delay))) as events:
+                async for event in events:
+                    if name == "a":
+                        await asyncio.sleep(0.013)  # some I/O before applying it
+                    table[str(event.value)] = event.value
+
+        a = asyncio.ensure_future(consume("a", ta, 0))
+        b = asyncio.ensure_future(consume("b", tb, 0.001))
+        await asyncio.sleep(0.1)
+        for task in (a, b):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    stored = await values(backend, "a")
+    assert stored
+    assert set(await table_state(backend, "ta")) == {str(v) for v in stored}
+
+
+async def test_a_commit_from_a_task_a_loop_body_left_running_waits_for_the_body(
+        backend: apersist.Backend) -> None:
+    """A fire-and-forget task started by the body commits while the body is still on its
+    event: the cut waits for the body, so the event never lands without its state."""
+    flushes: list[asyncio.Task[Any]] = []
+    async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000)) as run:
+        table = await run.table("t")
+        async for event in run.source("feed", FlakyFeed(3, None)):
+            flushes.append(asyncio.ensure_future(run.commit()))
+            await asyncio.sleep(0.05)  # the flush must not land the event before its state
+            assert run.stream("feed").offset != event.offset
+            table[str(event.value)] = event.value
+        await asyncio.gather(*flushes)
+    assert await values(backend, "feed") == [0, 1, 2]
+    assert await table_state(backend, "t") == {"0": 0, "1": 1, "2": 2}
