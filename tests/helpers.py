@@ -90,16 +90,6 @@ def install_counting(monkeypatch: pytest.MonkeyPatch) -> list[CountingDriver]:
     return made
 
 
-class FakeClock:
-    """An injectable ``clock_ms``: returns ``now`` until a test moves it."""
-
-    def __init__(self, now: int = 1_700_000_000_000) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
 def config(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
     return apersist.Config(backend, **kwargs)
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import FakeClock, install_counting, replayed, stored_objects, table_state
+from helpers import install_counting, replayed, stored_objects, table_state
 
 import apersist
+from apersist.testing import FakeClock
 
 Access = apersist.SnapshotAccess
 Mode = apersist.PersistenceMode
@@ -296,7 +297,7 @@ async def seed_timed(backend: apersist.Backend, gap_ms: int) -> None:
     clock = FakeClock(1_700_000_000_000)
     async with apersist.run(apersist.Config(backend), clock_ms=clock) as run:
         await run.stream("s").record("first", offset=1)
-        clock.now += gap_ms
+        clock.advance(gap_ms)
         await run.stream("s").record("second", offset=2)
 
 

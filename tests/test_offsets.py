@@ -13,13 +13,14 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import FakeClock, stored_objects
+from helpers import stored_objects
 
 import apersist
 from apersist import _format as fmt
 from apersist._drivers import open_driver
 from apersist._inspect import summarize, verify
 from apersist._store import Store
+from apersist.testing import FakeClock
 
 QUIET = 3_600_000
 STREAMS = 300

@@ -8,11 +8,12 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import FakeClock, replayed, stored_objects, values
+from helpers import replayed, stored_objects, values
 
 import apersist
 from apersist import _format as fmt
 from apersist._scheduler import BATCH_ENTRIES
+from apersist.testing import FakeClock
 
 QUIET = 60_000
 

@@ -9,9 +9,10 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from helpers import FakeClock, install_counting, replayed, values, wait_until
+from helpers import install_counting, replayed, values, wait_until
 
 import apersist
+from apersist.testing import FakeClock
 
 QUIET = 60_000  # a snapshot interval long enough that the scheduler never commits on its own
 
@@ -265,7 +266,7 @@ async def test_injected_clock_is_used_for_event_times(backend: apersist.Backend)
     clock = FakeClock(1_000)
     async with apersist.run(apersist.Config(backend), clock_ms=clock) as run:
         await run.stream("s").record("a")
-        clock.now = 2_500
+        clock.set(2_500)
         await run.stream("s").record("b")
     assert [e.time_ms for e in await replayed(backend, "s")] == [1_000, 2_500]
 

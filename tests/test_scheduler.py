@@ -11,10 +11,11 @@ import anyio
 import anyio.lowlevel
 import orjson
 import pytest
-from helpers import FakeClock, install_counting, replayed, stored_objects, wait_until
+from helpers import install_counting, replayed, stored_objects, wait_until
 
 import apersist
 from apersist import _format as fmt
+from apersist.testing import FakeClock
 
 QUIET = 60_000
 

@@ -39,9 +39,13 @@ def test_it_behaves_as_a_mutable_mapping() -> None:
     assert sorted(d) == sorted(plain)
     assert sorted(d.items()) == sorted(plain.items())
     assert sorted(d.values_list()) == sorted(plain.values())
-    assert "k1" in d and "k0" not in d
-    assert d.get("k0") is None and d.get("k0", 7) == 7 and d.get("k2") == 2
-    assert d.pop("k2") == 2 and "k2" not in d
+    assert "k1" in d
+    assert "k0" not in d
+    assert d.get("k0") is None
+    assert d.get("k0", 7) == 7
+    assert d.get("k2") == 2
+    assert d.pop("k2") == 2
+    assert "k2" not in d
     with pytest.raises(KeyError):
         d["k0"]
     with pytest.raises(KeyError):
@@ -49,7 +53,8 @@ def test_it_behaves_as_a_mutable_mapping() -> None:
     with pytest.raises(TypeError):
         [] in d  # noqa: B015 - unhashable, as a dict says
     d.clear()
-    assert len(d) == 0 and list(d) == []
+    assert len(d) == 0
+    assert list(d) == []
 
 
 def test_keys_spread_over_every_part() -> None:
@@ -77,12 +82,17 @@ async def test_a_table_opens_into_parts_with_its_records(
         assert deltas == KEYS // 2 + 1
         expected = {f"k{i}": (-i if i % 2 == 0 else i) for i in range(KEYS) if i != 1}
         assert state == expected
-        assert state.records is not None and len(state.records) == len(expected)
+        assert state.records is not None
+        assert len(state.records) == len(expected)
         low, high = spread(state.parts)
-        assert 0 < low and high < 2 * KEYS // (MASK + 1)  # no part holds much of it
+        assert low > 0
+        assert high < 2 * KEYS // (MASK + 1)  # no part holds much of it
         table = await run.table("t")
-        assert dict(table) == expected and len(table) == len(expected)
-        assert table.get("k1") is None and table["k2"] == -2 and "k3" in table
+        assert dict(table) == expected
+        assert len(table) == len(expected)
+        assert table.get("k1") is None
+        assert table["k2"] == -2
+        assert "k3" in table
         # Written and compacted from its parts, it reopens the same.
         table["k1"] = "back"
         await run.compact()
@@ -103,7 +113,8 @@ async def test_the_cache_opens_into_parts(backend: apersist.Backend) -> None:
         assert [square(i) for i in range(2000)] == [i * i for i in range(2000)]
     async with apersist.run(apersist.Config(backend)) as run:
         entries = run._cache._entries
-        assert isinstance(entries, ShardedDict) and len(entries) == 2000
+        assert isinstance(entries, ShardedDict)
+        assert len(entries) == 2000
         assert spread(entries.parts)[0] > 0
         assert [square(i) for i in range(2000)] == [i * i for i in range(2000)]
     assert calls == 2000  # every call of the second run was a hit

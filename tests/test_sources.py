@@ -9,9 +9,10 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from helpers import FakeClock, replayed
+from helpers import replayed
 
 import apersist
+from apersist.testing import FakeClock
 
 
 class Reader:

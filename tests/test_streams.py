@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers import FakeClock, replayed, segment_keys, values
+from helpers import replayed, segment_keys, values
 
 import apersist
+from apersist.testing import FakeClock
 
 QUIET = 60_000
 
@@ -21,7 +22,7 @@ async def test_record_then_replay_in_order_with_every_event_field(
     async with apersist.run(apersist.Config(backend), clock_ms=clock) as run:
         stream = run.stream("orders")
         for i, value in enumerate(SAMPLES):
-            clock.now = 10_000 + i * 7
+            clock.set(10_000 + i * 7)
             await stream.record(value, offset={"pos": i} if i % 2 else None)
     async with apersist.run(apersist.Config(backend)) as run:
         events = [e async for e in run.stream("orders").replay()]
@@ -188,9 +189,9 @@ async def test_injected_clock_sets_time_ms(backend: apersist.Backend) -> None:
     clock = FakeClock(42)
     async with apersist.run(apersist.Config(backend), clock_ms=clock) as run:
         await run.stream("s").record("a")
-        clock.now = 4_242
+        clock.set(4_242)
         await run.stream("s").record("b")
-        clock.now = 4_242
+        clock.set(4_242)
         await run.stream("s").record("c")
     assert [e.time_ms for e in await replayed(backend, "s")] == [42, 4_242, 4_242]
 
