@@ -25,7 +25,7 @@ from ._values import check_name, dumps_sorted, dumps_value
 __all__ = ["UdfCache", "cached", "current_cache"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_LOG = "udf"  # the one cache log of a writer
+_LOG = fmt.CACHE_LOG  # the one cache log of a writer
 
 #: The cache of the run whose block the current task is in (None outside any run).
 current_cache: ContextVar[UdfCache | None] = ContextVar("apersist_cache", default=None)

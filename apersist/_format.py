@@ -46,6 +46,14 @@ _ID_WIDTH: Final = 20
 # writers (workers) can share a root later without a format break.
 
 
+#: The writer id of every store this version writes: one writer per root. The key layout
+#: leaves room for more (``writers/<id>/``) without a format break.
+WRITER: Final = "0"
+
+#: The name of the one ``cache`` log of a writer (``@apersist.cached`` results).
+CACHE_LOG: Final = "udf"
+
+
 def writer_prefix(writer: str) -> str:
     return f"writers/{writer}/"
 
@@ -82,6 +90,29 @@ def number_in_key(key: str, prefix: str) -> int | None:
     """The number in a commit or epoch key under ``prefix``; None for any other key."""
     match = _NUMBERED_RE.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
     return int(match.group(1)) if match else None
+
+
+_SEGMENT_NAME_RE: Final = re.compile(r"(\d{20})-(\d{20})\.seg")
+
+
+def parse_segment_key(key: str, writer: str) -> tuple[int, int] | None:
+    """``(epoch, number)`` of a segment key of ``writer`` (``segment_key``'s inverse); None
+    for any other key."""
+    prefix = segments_prefix(writer)
+    match = _SEGMENT_NAME_RE.fullmatch(key[len(prefix):]) if key.startswith(prefix) else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+#: What ``key_kind`` answers, by the folder under ``writers/<id>/``.
+_KEY_KINDS: Final = {"segments": "segment", "commits": "commit", "epochs": "epoch"}
+
+
+def key_kind(key: str) -> str:
+    """Which object a key names: ``segment``, ``commit``, ``epoch`` or ``other``."""
+    parts = key.split("/", 3)
+    if len(parts) == 4 and parts[0] == "writers":
+        return _KEY_KINDS.get(parts[2], "other")
+    return "other"
 
 
 def gc_marks_key(writer: str) -> str:

@@ -29,7 +29,7 @@ __all__ = ["GcMarks", "GcPlan", "collect_garbage", "plan_gc", "read_marker"]
 
 _MARKS_TYPE = "gc-marks"
 # The one writer id of this format version (see docs/format.md, "Keys").
-_WRITER = "0"
+_WRITER = fmt.WRITER
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +130,8 @@ async def _garbage(store: Store, driver: Driver, writer: str) -> list[str]:
     prefix = fmt.segments_prefix(writer)
     garbage = []
     async for info in driver.list(prefix):
-        epoch_text = info.key[len(prefix):].partition("-")[0]
-        if info.key not in named and epoch_text.isdigit() and int(epoch_text) < current:
+        parsed = fmt.parse_segment_key(info.key, writer)
+        if info.key not in named and parsed is not None and parsed[0] < current:
             garbage.append(info.key)
     return garbage
 

@@ -44,9 +44,9 @@ async def summarize(driver: Driver) -> StoreReport:
     """Load the store (checking commit records and segment sizes) and summarize it."""
     store = Store(driver, clock_ms=lambda: 0)
     await store.load()
-    epochs = [info async for info in driver.list(fmt.epochs_prefix("0"))]
+    epochs = [info async for info in driver.list(fmt.epochs_prefix(fmt.WRITER))]
     report = StoreReport(store.last_seq, store.live_commits,
-                         max((fmt.number_in_key(e.key, fmt.epochs_prefix("0")) or 0
+                         max((fmt.number_in_key(e.key, fmt.epochs_prefix(fmt.WRITER)) or 0
                               for e in epochs), default=0))
     names = set(store.log_names(fmt.KIND_EVENTS)) | set(store.offsets)
     for name in sorted(names):
@@ -61,7 +61,7 @@ async def summarize(driver: Driver) -> StoreReport:
         report.tables[name] = {"delta_records": deltas["records"],
                                "snapshot_records": snaps["records"],
                                "bytes": deltas["bytes"] + snaps["bytes"]}
-    report.cache = _log_summary(store, fmt.KIND_CACHE, "udf")
+    report.cache = _log_summary(store, fmt.KIND_CACHE, fmt.CACHE_LOG)
     report.stored_bytes = sum([info.size async for info in driver.list("")])
     return report
 
@@ -76,7 +76,7 @@ async def verify(driver: Driver) -> list[str]:
         return [str(exc)]
     # Every epoch record, not only those live commits name (load() checked those): each
     # must decode and name the epoch of its own key.
-    prefix = fmt.epochs_prefix("0")
+    prefix = fmt.epochs_prefix(fmt.WRITER)
     for info in [i async for i in driver.list(prefix)]:
         number = fmt.number_in_key(info.key, prefix)
         if number is None:
@@ -87,7 +87,7 @@ async def verify(driver: Driver) -> list[str]:
             problems.append(str(exc))
     # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
     try:
-        await read_marker(driver, "0")
+        await read_marker(driver, fmt.WRITER)
     except PersistenceError as exc:
         problems.append(str(exc))
     for kind in sorted(fmt.KINDS):

@@ -74,7 +74,7 @@ class _State:
 class Store:
     """One writer's log in a store root, over a driver it does not own."""
 
-    def __init__(self, driver: Driver, *, writer: str = "0",
+    def __init__(self, driver: Driver, *, writer: str = fmt.WRITER,
                  clock_ms: Callable[[], int], upload_concurrency: int = 16) -> None:
         self._driver = driver
         self._writer = writer

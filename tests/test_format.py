@@ -524,6 +524,32 @@ def test_key_shapes(writer: str, number: int) -> None:
         assert key.startswith(fmt.writer_prefix(writer))
     assert fmt.number_in_key(fmt.commit_key(writer, number), fmt.commits_prefix(writer)) == number
     assert fmt.number_in_key(fmt.epoch_key(writer, number), fmt.epochs_prefix(writer)) == number
+    # Every key is parsed where it is made: its kind, and a segment's epoch and number.
+    assert fmt.parse_segment_key(fmt.segment_key(writer, number, 3), writer) == (number, 3)
+    assert fmt.key_kind(fmt.segment_key(writer, number, 3)) == "segment"
+    assert fmt.key_kind(fmt.commit_key(writer, number)) == "commit"
+    assert fmt.key_kind(fmt.epoch_key(writer, number)) == "epoch"
+    assert fmt.key_kind(fmt.gc_marks_key(writer)) == "other"
+    assert fmt.parse_segment_key(fmt.commit_key(writer, number), writer) is None
+
+
+@pytest.mark.parametrize("key", [
+    "writers/0/segments/1-2.seg", "writers/0/segments/00000000000000000001.seg",
+    "writers/0/segments/00000000000000000001-00000000000000000002.seg.tmp",
+    "writers/1/segments/00000000000000000001-00000000000000000002.seg",
+    "other/writers/0/segments/00000000000000000001-00000000000000000002.seg",
+])
+def test_keys_that_are_not_this_writers_segments(key: str) -> None:
+    assert fmt.parse_segment_key(key, "0") is None
+
+
+@pytest.mark.parametrize(("key", "kind"), [
+    ("writers/0/segmentsx/a", "other"), ("writers/0/segments", "other"), ("segments/a", "other"),
+    ("commit/segments/1", "other"), ("writers/0/gc/marks.json", "other"),
+    ("writers/7/commits/x", "commit"), ("writers/0/epochs/00000000000000000001.json", "epoch"),
+])
+def test_key_kinds(key: str, kind: str) -> None:
+    assert fmt.key_kind(key) == kind
 
 
 def test_key_numbers_are_twenty_digits() -> None:

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import anyio
 
+from .. import _format as fmt
 from .._drivers.base import Driver, ObjectInfo, TransientBackendError
 from .._errors import BackendError
 
@@ -58,14 +59,6 @@ class SimulatedCrash(BackendError):
     happened may still land (and then raises this), like a request that a server had
     received before the process died.
     """
-
-
-def _object_kind(key: str) -> str:
-    """``segment``, ``commit``, ``epoch`` or ``other``: which object a key names."""
-    for kind in ("segment", "commit", "epoch"):
-        if f"/{kind}s/" in key:
-            return kind
-    return "other"
 
 
 def _kill_this_process(point: str) -> None:
@@ -273,7 +266,7 @@ class FaultyDriver:
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         """The inner ``put``, unless a fault or a planned crash strikes."""
         self._check_alive("put", key)
-        obj = _object_kind(key)
+        obj = fmt.key_kind(key)
         if obj == "segment":
             if self._segments_landed:
                 self._at("mid_commit", key)  # some of this commit's segments landed, not this
