@@ -138,11 +138,8 @@ class UdfCache:
         buf = self._buffer
         if buf is None or self._scheduler is None:
             return
-        self._scheduler.check_writable()  # refused: nothing buffered
         data = b"[%s,%s]" % (orjson.dumps(key), result)
-        nbytes = fmt.append_record(buf.body, data, b"", 0)
-        buf.count += 1
-        self._scheduler.note_appended(buf, nbytes)
+        self._scheduler.append_framed(buf, data)  # refused once the run ended: nothing buffered
 
 
 def _split_entry(record: bytes) -> tuple[str, bytes]:

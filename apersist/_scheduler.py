@@ -22,12 +22,12 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _format as fmt
+from ._buffer import LogBuffer
 from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
-__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "LogBuffer", "Scheduler", "SnapshotBuilder",
-           "SnapshotSource"]
+__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "Scheduler", "SnapshotBuilder", "SnapshotSource"]
 
 #: Called at a cut: when a table wants compacting, returns a builder of its whole state as
 #: it was at that cut, as segment bodies [(framed body, record count)]; else None. The
@@ -77,124 +77,6 @@ class Held:
         self.time_ms = time_ms
         self.settled = False  # buffered or dropped; a release then does nothing
         self.closed = False  # its source was closed; the next cut decides (close_held)
-
-
-_CLOSE = ord("]")
-_COMMA = ord(",")
-
-
-class LogBuffer:
-    """The uncommitted records of one log (a stream, a table, the cache).
-
-    ``body`` holds framed records, ready to become a segment body as it is. Events recorded
-    one at a time first gather in an *open batch*, framed as one batch record when the
-    clock's millisecond changes, when it holds ``BATCH_ENTRIES`` events, when it passes a
-    byte budget and at each cut: events of one millisecond share a ``time_ms`` anyway, so
-    the bytes are those of ``record_many``, and one record per batch makes recording and
-    replay several times cheaper than one per event. The scheduler accounts for an open
-    batch's events when it is framed (``Scheduler.frame``), not one by one. When the body
-    passes the segment size it is sealed, so one segment stays bounded.
-
-    The open batch is kept as the text of its record, ``[v1,v2,...,`` (and, once an event
-    has an offset, ``[o1,null,...,`` beside it), not as a list of each event's JSON: a
-    list keeps every ``orjson.dumps`` result (a 4 KiB block each) alive until the batch is
-    framed, and freeing them together can make glibc hand the memory back to the system
-    and fault it in again for the next batch, which cost more than everything else
-    ``record()`` does (see docs/performance.md). A copied result is freed at once and its
-    block reused.
-    """
-
-    __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "name", "offset",
-                 "open_bytes", "open_count", "open_json", "open_ms", "open_offsets",
-                 "recorded_offset", "sealed", "size")
-
-    def __init__(self, kind: str, name: str) -> None:
-        self.kind = kind
-        self.name = name
-        self.body = bytearray()
-        self.count = 0  # entries framed in body
-        self.size = 0  # bytes framed in body, for sealing
-        self.offset: bytes | None = None  # the newest offset recorded (JSON) since the cut
-        self.recorded_offset: bytes | None = None  # the newest offset this run recorded
-        self.sealed: list[tuple[bytearray, int]] = []
-        self.open_json = bytearray(b"[")  # "[" and each open event's JSON followed by ","
-        self.open_count = 0
-        self.open_offsets: bytearray | None = None  # likewise, "null" for none; or None
-        self.open_ms: int | None = None
-        # JSON bytes added to the open batch by append; record()'s inlined copy leaves them
-        # out (its values are small enough that a full batch of them stays in budget).
-        self.open_bytes = 0
-        # The millisecond, in clock nanoseconds [from, until), whose events
-        # ``Stream.record`` may add to ``open_json`` directly, with no call into the
-        # scheduler (comparing nanoseconds spares it a division per event). Granted by
-        # ``Scheduler.add_event`` while the open batch has no offsets and the scheduler
-        # knows of pending data; taken back (an empty range) at each cut and when the run
-        # stops persisting, so that the next event goes through ``add_event`` again.
-        self.fast_from_ns = self.fast_until_ns = 0
-
-    def allow_fast(self, time_ms: int) -> None:
-        """Let ``Stream.record`` append the rest of millisecond ``time_ms`` by itself."""
-        self.fast_from_ns = time_ms * 1_000_000
-        self.fast_until_ns = self.fast_from_ns + 1_000_000
-
-    def revoke_fast(self) -> None:
-        """Send the next event through ``Scheduler.add_event``."""
-        self.fast_until_ns = self.fast_from_ns
-
-    def append(self, value: bytes, offset: bytes) -> None:
-        """Add one event (its JSON; ``offset`` JSON or b"" for none) to the open batch.
-
-        Only the text: when to frame, and the accounting, are ``Scheduler.add_event``'s.
-        ``Stream.record`` inlines this for an event without an offset.
-        """
-        if offset and self.open_offsets is None:
-            self.open_offsets = bytearray(b"[" + b"null," * self.open_count)
-        self.open_json += value
-        self.open_json.append(_COMMA)
-        if self.open_offsets is not None:
-            self.open_offsets += offset or b"null"
-            self.open_offsets.append(_COMMA)
-        if offset:
-            self.offset = self.recorded_offset = offset
-        self.open_count += 1
-        self.open_bytes += len(value) + len(offset)
-
-    def frame_open(self) -> tuple[int, int]:
-        """Frame the open batch's events as one record, as ``fmt.join_batch`` would.
-
-        Returns (bytes added to ``body``, events framed) for the scheduler to account.
-        """
-        count = self.open_count
-        if not count:
-            return 0, 0
-        value, offsets = self.open_json, self.open_offsets
-        if count == 1:  # a batch of one is framed as a single entry
-            value = value[1:-1]
-            offset = b"" if offsets is None or offsets == b"[null," else offsets[1:-1]
-        else:
-            value[-1] = _CLOSE  # the last "," becomes "]"
-            offset = b""
-            if offsets is not None:
-                offsets[-1] = _CLOSE
-                offset = offsets
-        nbytes = fmt.append_record(self.body, value, offset, self.open_ms or 0, count)
-        self.count += count
-        self.open_json, self.open_count, self.open_offsets = bytearray(b"["), 0, None
-        self.open_bytes = 0
-        return nbytes, count
-
-    def seal(self) -> None:
-        """End the body as a batch of its own (the open batch, if any, stays open)."""
-        if self.count:
-            self.sealed.append((self.body, self.count))
-            self.body, self.count = bytearray(), 0
-        self.size = len(self.body)
-
-    def take(self) -> list[tuple[bytearray, int]]:
-        """Remove and return every batch (body, record count), oldest first."""
-        self.seal()
-        batches, self.sealed = self.sealed, []
-        return batches
 
 
 class Scheduler:
@@ -305,17 +187,21 @@ class Scheduler:
             if buf.open_count:
                 self.frame(buf)
 
-    def note_appended(self, buf: LogBuffer, nbytes: int, count: int = 1) -> bool:
-        """Account for ``count`` entries (``nbytes`` long) framed onto ``buf.body``.
+    def append_framed(self, buf: LogBuffer, value: bytes, offset: bytes = b"", time_ms: int = 0,
+                      count: int = 1) -> bool:
+        """Frame one record onto ``buf`` and account for it: the one way tables, the cache
+        and ``record_many()`` buffer data (``record()`` goes through ``add_event``).
 
-        Returns whether uncommitted bytes are now over the back-pressure bound (then the
-        caller should ``await wait_capacity()``).
+        ``value`` is the record's JSON (an entry, or a batch of ``count``), ``offset`` its
+        offset JSON or b"". Raises what recording raises once the run can no longer persist,
+        with nothing buffered. Returns whether uncommitted bytes are now over the
+        back-pressure bound (then a caller that can wait should ``await wait_capacity()``).
         """
         if self._unusable is not None:
             raise self._unusable
         if self._held:
             self._note_write()
-        return self._account(buf, nbytes, count)
+        return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
         self.appended += count

@@ -9,9 +9,10 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._buffer import LogBuffer
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
-from ._scheduler import LogBuffer, Scheduler, SnapshotBuilder
+from ._scheduler import Scheduler, SnapshotBuilder
 from ._sharded import MASK, ShardedDict
 from ._store import Store
 from ._values import dumps_value
@@ -197,11 +198,8 @@ class Table(MutableMapping[str, Any]):
         buf = self._buffer
         assert buf is not None
         assert self._scheduler is not None
-        self._scheduler.check_writable()  # refused: nothing buffered
-        nbytes = fmt.append_record(buf.body, data, b"", 0)
-        buf.count += 1
+        self._scheduler.append_framed(buf, data)  # refused once the run ended: nothing buffered
         self._deltas += 1
-        self._scheduler.note_appended(buf, nbytes)
 
     def request_compaction(self) -> None:
         """Fold this table's deltas into a snapshot in the next commit."""
