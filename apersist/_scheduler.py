@@ -5,29 +5,32 @@ scheduler, one coroutine per run, cuts every non-empty buffer into immutable seg
 uploads them concurrently through the store and then writes the commit that names them.
 With ``snapshot_interval_ms == 0`` it commits as soon as the previous commit has finished
 (group commit); otherwise on that period. An idle run makes no backend requests at all.
+
+The scheduler owns accounting, back-pressure, the cut and the commit loop. The buffers are
+``_buffer.LogBuffer``s; the live source events that a cut must wait for are the
+``_barrier.SourceBarrier``'s, which the scheduler drains and settles at each cut.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
 from . import _format as fmt
+from ._barrier import Held, SourceBarrier
 from ._buffer import LogBuffer
 from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import SegmentBlob, Store
 
-__all__ = ["BATCH_ENTRIES", "CommitInfo", "Held", "Scheduler", "SnapshotBuilder", "SnapshotSource"]
+__all__ = ["BATCH_ENTRIES", "CommitInfo", "Scheduler", "SnapshotBuilder", "SnapshotSource"]
 
 #: Called at a cut: when a table wants compacting, returns a builder of its whole state as
 #: it was at that cut, as segment bodies [(framed body, record count)]; else None. The
@@ -40,8 +43,6 @@ logger = logging.getLogger("apersist")
 
 # Segments at least this big are assembled (join + body CRC) in a worker thread.
 _THREAD_BUILD_BYTES = 1 << 20
-# How long a commit waits for loop bodies to finish the live events they hold.
-_HOLD_TIMEOUT_S = 5.0
 # The most events one batch record holds (record()'s open batch, record_many's batches).
 # Replay decodes a batch with one loads, so its values are alive together: 256 of them
 # stay under the collector's young-generation threshold (700 new container objects).
@@ -58,25 +59,6 @@ class CommitInfo:
     seq: int
     deltas: int
     bytes: int
-
-
-class Held:
-    """A live source event that its consumer is processing: serialized, not yet buffered."""
-
-    __slots__ = ("buf", "closed", "offset", "settled", "stream", "task", "time_ms", "value",
-                 "wrote")
-
-    def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
-                 value: bytes, offset: bytes, time_ms: int) -> None:
-        self.task = task
-        self.wrote = False  # its task has written state since it was handed over
-        self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
-        self.stream = stream
-        self.value = value
-        self.offset = offset
-        self.time_ms = time_ms
-        self.settled = False  # buffered or dropped; a release then does nothing
-        self.closed = False  # its source was closed; the next cut decides (close_held)
 
 
 class Scheduler:
@@ -100,20 +82,16 @@ class Scheduler:
         self._snapshot_sources: dict[str, SnapshotSource] = {}
         self._reset_pending = False
         self._forced = False
-        self._held: set[Held] = set()  # live source events being processed (see hold)
-        self._holds_changed = anyio.Event()
-        self._cut_barrier: anyio.Event | None = None
-        # Tasks waiting on the scheduler (see _parked_while_waiting).
-        self._parked: set[asyncio.Task[Any] | None] = set()
-        self.hold_timeout = _HOLD_TIMEOUT_S
+        # Live source events being processed (``_barrier``); ``_held`` is its set, read on
+        # every write (a write by a task that holds an event marks it).
+        self.barrier = SourceBarrier(self._buffer_held, lambda: self._unusable is None)
+        self._held = self.barrier.held
         # Cuts are numbered: a commit() waits until the first cut taken after its call is
         # durable. _cut_appended is ``appended`` at the newest cut.
         self._cuts = 0
         self._done_cuts = 0
         self._cut_appended = 0
         self._cut_wanted = False
-        # Set by finish(): (the task leaving the block, whether by an exception).
-        self._final: tuple[asyncio.Task[Any] | None, bool] | None = None
         self._stopped = False  # the scheduler's task has ended: no more commits
         self._pending_event = anyio.Event()
         # True once note_appended has set _pending_event since the last cut: it then skips
@@ -157,7 +135,7 @@ class Scheduler:
         if self._unusable is not None:
             raise self._unusable
         if self._held:
-            self._note_write()
+            self.barrier.note_write()
         size = len(value) + len(offset)
         if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
             self.frame(buf)
@@ -200,7 +178,7 @@ class Scheduler:
         if self._unusable is not None:
             raise self._unusable
         if self._held:
-            self._note_write()
+            self.barrier.note_write()
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
@@ -227,7 +205,7 @@ class Scheduler:
         self._offset_updates[stream] = self.recorded_offsets[stream] = offset
         self.appended += 1
         if self._held:
-            self._note_write()
+            self.barrier.note_write()
         if not self._pending_event.is_set():
             self._pending_event.set()
 
@@ -257,7 +235,7 @@ class Scheduler:
         for by the cut (that would deadlock): its event may then be committed before all of
         its state.
         """
-        with self._parked_while_waiting():
+        with self.barrier.parked_while_waiting():
             while self.over_limit:
                 self.check_failure()
                 if self._stopped:
@@ -335,13 +313,13 @@ class Scheduler:
         """Make everything recorded before this call durable; return the commit that did.
 
         The calling task's own held source event counts as processed (it asked for a
-        commit); other tasks' live events are waited for (see ``hold``). Cancelling the
+        commit); other tasks' live events are waited for (see ``_barrier``). Cancelling the
         caller cancels only the wait: the commit goes on, and its data stays either way.
         """
         self.check_failure()
         if self._stopped:
             raise self._ended_error()
-        self._materialize_holds_of(asyncio.current_task())
+        self.barrier.materialize_holds_of(asyncio.current_task())
         self._frame_all()
         target = self.appended
         forced = self._reset_pending or self._forced
@@ -350,7 +328,7 @@ class Scheduler:
             return CommitInfo(self._last.seq, 0, 0)
         # The cut in flight covers our data if it was taken after our last append.
         want = self._cuts if (target <= self._cut_appended and not forced) else self._cuts + 1
-        with self._parked_while_waiting():
+        with self.barrier.parked_while_waiting():
             while self._done_cuts < want:
                 self.check_failure()
                 if self._stopped:
@@ -371,14 +349,23 @@ class Scheduler:
         still in its loop body) is left out, so that the restart delivers it again rather
         than skipping state that was never derived from it.
         """
-        self._final = (asyncio.current_task(), by_exception)
+        self.barrier.final = (asyncio.current_task(), by_exception)
         self._ask_for_cut()
-        self._holds_changed.set()  # a cut waiting for held events stops waiting
+        self.barrier.changed()  # a cut waiting for held events stops waiting
         while not self._stopped:
             done = self._done_event
             await done.wait()
         self.check_failure()
         return self._last
+
+    def _buffer_held(self, held: Held) -> bool:
+        """Buffer a held source event (``SourceBarrier.materialize``): its data, or in
+        ``OFFSETS_ONLY`` its offset alone. Returns whether over the back-pressure bound."""
+        if held.buf is not None:
+            return self.add_event(held.buf, held.value, held.offset, held.time_ms)
+        if held.offset:
+            self.set_offset(held.stream, held.offset)
+        return False
 
     def _ask_for_cut(self) -> None:
         self._cut_wanted = True
@@ -389,196 +376,13 @@ class Scheduler:
         return RuntimeError("the run has ended: its scheduler commits nothing more; record and "
                             "commit inside the `async with apersist.run(...)` block")
 
-    # ------------------------------------------------------------------ source barrier
-    # A live source event is recorded before the consumer sees it, and the consumer then
-    # updates tables. If a commit were cut in between, a crash could leave the event
-    # committed without the state it produced (the restart would not re-deliver it). So a
-    # source *holds* each live event (serialized, not yet buffered) until its consumer asks
-    # for the next one, and a cut waits until no other task holds one; while it waits,
-    # sources take no new events. A held event is buffered when its consumer asks for the
-    # next one, calls ``commit()``, or waits on the scheduler (see ``_settle_holds``).
-    def hold(self, buf: LogBuffer | None, stream: str, value: bytes, offset: bytes,
-             time_ms: int) -> Held:
-        """Hold one live event of ``stream`` for the current task until ``release``."""
-        task = asyncio.current_task()
-        held = Held(task, buf, stream, value, offset, time_ms)
-        self._held.add(held)
-        return held
-
-    def _note_write(self) -> None:
-        """The current task wrote state: mark the events it holds (see ``_keeps``)."""
-        task = asyncio.current_task()
-        for held in self._held:
-            if held.task is task:
-                held.wrote = True
-
-    def release(self, held: Held, *, finished: bool) -> bool:
-        """The consumer is done with ``held``: buffer it (``finished``), or decide now.
-
-        ``finished=False`` decides as a normal cut would (see ``_keeps``). Returns whether
-        uncommitted bytes are now over the back-pressure bound.
-        """
-        self._held.discard(held)
-        self._holds_changed.set()
-        if held.settled:
-            return False
-        if finished:
-            return self._materialize(held)  # raises if the run can no longer record
-        if self._unusable is None and self._keeps(held, final=False):
-            return self._materialize(held)
-        held.settled = True  # a closing source never raises for it
-        return False
-
-    def close_held(self, held: Held) -> None:
-        """The source was closed while its consumer held ``held`` (a ``break``, an exception
-        in the loop body, the iterator collected), which a source cannot tell apart.
-
-        Decided at once if the consumer's task was interrupted, else by the next cut (see
-        ``_keeps``): the final cut of a block left by an exception from this task is the
-        one that can tell. No cut waits for it.
-        """
-        if held.settled:
-            self._held.discard(held)
-            return
-        held.closed = True
-        if self._interrupted(held.task):
-            self.release(held, finished=False)
-        self._holds_changed.set()
-
-    def _keeps(self, held: Held, *, final: bool) -> bool:
-        """Whether a held event whose consumer never asked for the next one is committed.
-
-        An event and the state derived from it go together. If the consumer's task wrote any
-        state since the event was handed over, it has (at least begun to) apply it: keep the
-        event, or the restart would deliver it again and apply it twice. If none was, keep it
-        only when its consumer finished with it: not when the consumer's task was cancelled
-        or failed, the block is being left by an exception from that task, or (at the final
-        cut) another task is still in its loop body; the restart then delivers it again.
-        """
-        if held.wrote:
-            return True
-        task = held.task
-        if self._interrupted(task):
-            return False
-        if not final:
-            return True
-        exiting, by_exception = self._final or (None, False)
-        if task is exiting:
-            return not by_exception
-        return held.closed or (task is not None and task.done())
-
-    @staticmethod
-    def _interrupted(task: asyncio.Task[Any] | None) -> bool:
-        """Whether ``task`` stopped (or is stopping) part-way: cancelled or failed."""
-        if task is None:
-            return False
-        if task.done():
-            # exception() marks a failed task's exception as retrieved; a failed consumer
-            # task's error is normally retrieved by its group anyway.
-            return task.cancelled() or task.exception() is not None
-        return task.cancelling() > 0
-
-    def _materialize(self, held: Held) -> bool:
-        """Buffer a held event now (it stays held if its consumer still processes it)."""
-        held.settled = True
-        if held.buf is not None:
-            return self.add_event(held.buf, held.value, held.offset, held.time_ms)
-        if held.offset:
-            self.set_offset(held.stream, held.offset)  # OFFSETS_ONLY
-        return False
-
-    def _materialize_holds_of(self, task: asyncio.Task[Any] | None) -> None:
-        for held in [h for h in self._held if h.task is task and not h.settled]:
-            self._materialize(held)
-
-    def _settle_holds(self, final: bool) -> None:
-        """At a cut: buffer or drop the held events that the cut must decide on.
-
-        A consumer task that ended drops its held event if it was interrupted, else keeps
-        it; a task waiting on the scheduler (parked) keeps it, as it cannot finish the event
-        while it waits. At the final cut every held event is decided (see ``finish``).
-        """
-        for held in list(self._held):
-            task = held.task
-            if held.settled:
-                if final or held.closed or (task is not None and task.done()):
-                    self._held.discard(held)
-            elif final or held.closed or (task is not None and task.done()):
-                self._held.discard(held)
-                if self._keeps(held, final=final):
-                    self._materialize(held)
-                else:
-                    held.settled = True
-            elif task in self._parked:
-                self._materialize(held)  # still held: its task goes on after the wait
-
-    async def wait_cut(self) -> None:
-        """Sources call this before taking a new event: a waiting cut goes first."""
-        if self._cut_barrier is None:
-            return
-        # Parked while it waits: asking for a new event means this task is done with the
-        # events it still holds (say, of another source it reads in turn), and the cut may
-        # be waiting for exactly those holds (a deadlock otherwise).
-        with self._parked_while_waiting():
-            while self._cut_barrier is not None:
-                await self._cut_barrier.wait()
-
-    @contextlib.contextmanager
-    def _parked_while_waiting(self) -> Iterator[None]:
-        """While the current task waits on the scheduler, a cut does not wait for its holds.
-
-        A task waiting for a commit, for capacity or for a cut cannot also finish the
-        source events it holds; waiting for them would deadlock.
-        """
-        task = asyncio.current_task()
-        added = task not in self._parked
-        self._parked.add(task)
-        self._holds_changed.set()
-        try:
-            yield
-        finally:
-            if added:
-                self._parked.discard(task)
-
-    def _blockers(self) -> list[Held]:
-        """Held events whose tasks are still processing them (not waiting on us, not ended)."""
-        return [h for h in self._held
-                if not h.settled and not h.closed and h.task not in self._parked
-                and not (h.task is not None and h.task.done())]
-
-    async def _drain_holds(self) -> None:
-        if not self._blockers():
-            return
-        self._cut_barrier = anyio.Event()
-        # Bounded: a loop body that waits, through other tasks, on something that needs
-        # this commit would otherwise deadlock the run.
-        with anyio.move_on_after(self.hold_timeout) as scope:
-            # Not once the run is ending: the final cut decides on every held event.
-            while self._blockers() and self._final is None:
-                self._holds_changed = anyio.Event()
-                # Also re-checked now and then: a consumer task that ends (fails, is
-                # cancelled) while its source is still referenced changes no event.
-                with anyio.move_on_after(0.05):
-                    await self._holds_changed.wait()
-        if scope.cancelled_caught:
-            logger.warning(
-                "committing while live source events are still being processed: each goes "
-                "into a later commit, and the state derived from it so far into this one; "
-                "finish each event's work before taking the next one: waited_s=%s "
-                "holders=%d", self.hold_timeout, len(self._blockers()))
-
-    def _lift_barrier(self) -> None:
-        barrier, self._cut_barrier = self._cut_barrier, None
-        if barrier is not None:
-            barrier.set()
-
     async def _commit_once(self, *, final: bool) -> None:
         """One cut and its commit, in the scheduler's task. A failure ends the run's writing."""
         started = time.perf_counter()
         try:
             if not final:
-                await self._drain_holds()
-            self._settle_holds(final)
+                await self.barrier.drain()
+            self.barrier.settle(final)
             await self._cut_and_commit(started, final=final)
         except PersistenceError as exc:
             self._fail(exc)
@@ -586,7 +390,7 @@ class Scheduler:
             logger.exception("commit failed unexpectedly; this run can no longer persist")
             self._fail(exc)
         finally:
-            self._lift_barrier()
+            self.barrier.lift()
 
     async def _cut_and_commit(self, started: float, *, final: bool) -> None:
         # From here to the shielded section nothing awaits: the cut is one instant.
@@ -633,7 +437,7 @@ class Scheduler:
         self.inflight_bytes += moved
         self._pending_event = anyio.Event()
         self._pending_signalled = False
-        self._lift_barrier()
+        self.barrier.lift()
         deltas = target - self.durable
         # Shielded, so that a run torn down by cancellation still finishes the commit in
         # progress (docs/concepts.md): it is finished, or it fails as a whole.
@@ -699,14 +503,14 @@ class Scheduler:
         or cancellation; waiters are told in every case.
         """
         try:
-            while self._final is None:
+            while self.barrier.final is None:
                 if self._interval == 0:
                     await self._pending_event.wait()
                 else:
                     with anyio.move_on_after(self._interval):
                         await self._urgent.wait()
                     self._urgent = anyio.Event()
-                if self._final is not None:
+                if self.barrier.final is not None:
                     break
                 if self._cut_wanted or self.has_pending:
                     await self._commit_once(final=False)

@@ -14,10 +14,11 @@ import orjson
 from anyio.streams.memory import MemoryObjectSendStream
 
 from . import _format as fmt
+from ._barrier import Held
 from ._concurrency import cancelled_by_another_task
 from ._lifecycle import Lifecycle
 from ._policy import Policy
-from ._scheduler import BATCH_ENTRIES, Held, Scheduler
+from ._scheduler import BATCH_ENTRIES, Scheduler
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
@@ -340,7 +341,7 @@ class Stream:
             # event is settled now (kept unless its task was interrupted), before this call
             # records anything after it.
             self._holding = None
-            self._scheduler.release(earlier, finished=False)
+            self._scheduler.barrier.release(earlier, finished=False)
         self._source_gen += 1
         generation = self._source_gen
         skip = self._replayed_by_sources
@@ -365,6 +366,7 @@ class Stream:
         scheduler = self._scheduler
         if self._buffer is None and not self._policy.offsets_persist:
             scheduler = None
+        barrier = scheduler.barrier if scheduler is not None else None
         try:
             async for item in iterator:
                 if generation != self._source_gen:
@@ -374,25 +376,24 @@ class Stream:
                     value, offset = item
                 else:
                     value, offset = item, None
-                if scheduler is None:
+                if scheduler is None or barrier is None:
                     yield Event(value, offset, self._append(value, offset), False)
                     continue
-                await scheduler.wait_cut()
+                await barrier.wait_cut()
                 data, off, time_ms = self._encode(value, offset)
                 scheduler.check_writable()
                 # Held, not yet buffered, until the consumer asks for the next event: a
                 # commit then holds the event together with the state the consumer derived
                 # from it, and a consumer interrupted part-way leaves it out of the final
-                # commit (see Scheduler.finish).
-                held = self._holding = scheduler.hold(self._buffer, self.name, data, off,
-                                                      time_ms)
+                # commit (see _barrier).
+                held = self._holding = barrier.hold(self._buffer, self.name, data, off, time_ms)
                 try:
                     yield Event(value, offset, time_ms, False)
                 except BaseException:
-                    scheduler.close_held(held)  # _holding stays: a later source() settles it
+                    barrier.close_held(held)  # _holding stays: a later source() settles it
                     raise
                 self._holding = None
-                if scheduler.release(held, finished=True):
+                if barrier.release(held, finished=True):
                     await scheduler.wait_capacity()
         finally:
             aclose = getattr(iterator, "aclose", None)
