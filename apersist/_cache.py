@@ -18,7 +18,6 @@ from . import _format as fmt
 from ._errors import PersistenceError
 from ._pacing import Pacer
 from ._scheduler import Scheduler
-from ._sharded import MASK, ShardedDict
 from ._store import Store
 from ._values import check_name, dumps_sorted, dumps_value
 
@@ -45,7 +44,7 @@ class _Flight:
 class UdfCache:
     """A run's cache entries: entry key -> stored result (JSON bytes)."""
 
-    def __init__(self, entries: ShardedDict[bytes], scheduler: Scheduler | None) -> None:
+    def __init__(self, entries: dict[str, bytes], scheduler: Scheduler | None) -> None:
         # Sync cached functions may run in worker threads (anyio.to_thread and the like);
         # their new entries are handed to the loop's thread, which owns the buffers.
         self._loop = asyncio.get_running_loop()
@@ -67,16 +66,14 @@ class UdfCache:
         encoded again: that cost as much again on the loop, and each ``orjson.dumps``
         result holds a block of 4 KiB or more.
         """
-        # Sharded, so that a big cache does not grow in one long C call (``_sharded``).
-        entries: ShardedDict[bytes] = ShardedDict()
-        parts = entries.parts
+        entries: dict[str, bytes] = {}
         if load:
             refs = [s.ref for s in store.segments(fmt.KIND_CACHE, _LOG) if s.seq <= upto_seq]
             pacer = Pacer()
             async for view in store.read_segments(refs):
                 for value, _off, _t in view.records():
                     key, result = _split_entry(value)
-                    parts[hash(key) & MASK][key] = result
+                    entries[key] = result
                     if pacer.due():
                         await pacer.pause()
         return cls(entries, scheduler)
@@ -93,7 +90,7 @@ class UdfCache:
         An idle worker thread keeps the context of its last job, and with it this cache;
         emptied, it no longer keeps the run's entries, buffers and tables alive.
         """
-        self._entries = ShardedDict()
+        self._entries = {}
         self._scheduler = None
         self._buffer = None
 

@@ -137,7 +137,7 @@ class Run:
         async with self._table_lock:
             table = self._tables.get(name)
             if table is None:
-                state: Mapping[str, Any] = {}
+                state: dict[str, Any] = {}
                 deltas = 0
                 if self._policy.tables_load:
                     state, deltas = await load_table_state(self._store, name, self._opened_seq)

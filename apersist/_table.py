@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -13,7 +13,6 @@ from ._buffer import LogBuffer
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
-from ._sharded import MASK, ShardedDict
 from ._store import Store
 from ._values import dumps_value
 
@@ -24,10 +23,9 @@ _AUTO_COMPACT_MIN_DELTAS = 4096
 _AUTO_COMPACT_RATIO = 2
 
 
-class TableState(ShardedDict[Any]):
+class TableState(dict[str, Any]):
     """A table's state as ``load_table_state`` rebuilt it: ``key -> value``.
 
-    A ``ShardedDict``, so that a big table neither opens nor grows in one long C call.
     ``records`` holds, for a store this run writes to, the JSON record (``[key, value]``)
     each key was read from, for ``Table`` to write into its snapshots (see
     ``Table.__init__``); None otherwise. Each is a slice of a segment, a bytes object no
@@ -39,7 +37,7 @@ class TableState(ShardedDict[Any]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.records: ShardedDict[bytes] | None = None
+        self.records: dict[str, bytes] | None = None
 
 
 async def load_table_state(store: Store, name: str, upto_seq: int, *,
@@ -48,19 +46,17 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
 
     Returns the state and the number of deltas replayed on top of the snapshot, so the
     time to open is bounded by the state size once compaction has run. Yields to the event
-    loop every few milliseconds (``Pacer``), so a big table does not stall it (and no part
-    of a ``ShardedDict`` is big enough for its growth to). The state keeps its records
-    (``TableState.records``) if ``keep_records``, by default when this store has the
-    writer role (a read-only run never compacts).
+    loop every few milliseconds (``Pacer``), so a big table does not stall it. The state
+    keeps its records (``TableState.records``) if ``keep_records``, by default when this
+    store has the writer role (a read-only run never compacts).
     """
     if keep_records is None:
         keep_records = store.epoch is not None
     snapshots = [s for s in store.segments(fmt.KIND_TABLE_SNAPSHOT, name) if s.seq <= upto_seq]
     state = TableState()
-    records: ShardedDict[bytes] = ShardedDict()
+    records: dict[str, bytes] = {}
     if keep_records:
         state.records = records
-    parts, record_parts = state.parts, records.parts
     loads = orjson.loads
     pacer = Pacer()
     since = 0
@@ -70,28 +66,30 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
         async for view in store.read_segments([s.ref for s in snapshots if s.seq == last_seq]):
             for value, _off, _t in view.records():
                 key, item = loads(value)
-                i = hash(key) & MASK
-                parts[i][key] = item
-                if keep_records:
-                    record_parts[i][key] = value
+                state[key] = item
+                # Between the two inserts: a dict that grows copies itself (about 20 to
+                # 40 ms past 700k keys), and both grow at the same key. A step then holds
+                # one of those copies, never both.
                 if pacer.due():
                     await pacer.pause()
+                if keep_records:
+                    records[key] = value
         since = last_seq
     deltas = [s.ref for s in store.segments(fmt.KIND_TABLE, name) if since < s.seq <= upto_seq]
     async for view in store.read_segments(deltas):
         for value, _off, _t in view.records():
             delta = loads(value)
-            key = delta[0]
-            i = hash(key) & MASK
             if len(delta) == 2:
-                parts[i][key] = delta[1]
+                state[delta[0]] = delta[1]
+                if pacer.due():  # between the two inserts, as above
+                    await pacer.pause()
                 if keep_records:
-                    record_parts[i][key] = value
+                    records[delta[0]] = value
             else:
-                parts[i].pop(key, None)
-                record_parts[i].pop(key, None)
-            if pacer.due():
-                await pacer.pause()
+                state.pop(delta[0], None)
+                records.pop(delta[0], None)
+                if pacer.due():
+                    await pacer.pause()
     return state, sum(ref.records for ref in deltas)
 
 
@@ -102,23 +100,13 @@ class Table(MutableMapping[str, Any]):
     committed with the run's next commit. Values are serialized when set (``TypeError``
     naming the table if they cannot be). Mutating a value in place records nothing, and
     compaction does not pick it up either: assign it again.
-
-    Iteration goes in an order of the table's own, not insertion order, and it may differ
-    between processes: the state is a ``ShardedDict`` (so that a million-key table never
-    stalls the event loop while it opens or grows).
     """
 
-    def __init__(self, name: str, state: Mapping[str, Any], *, scheduler: Scheduler | None,
+    def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
                  deltas_since_snapshot: int = 0, life: Lifecycle | None = None) -> None:
         self.name = name
         self._life = life or Lifecycle()
-        if not isinstance(state, ShardedDict):
-            sharded: ShardedDict[Any] = ShardedDict()
-            sharded.update(state)
-            state = sharded
-        self._state: ShardedDict[Any] = state
-        # The parts, indexed directly on the hot paths (``_sharded.MASK``'s formula).
-        self._parts = state.parts
+        self._state = state
         self._scheduler = scheduler
         self._where = f"table {name!r}"
         self._buffer: LogBuffer | None = None
@@ -132,23 +120,22 @@ class Table(MutableMapping[str, Any]):
         # delta recorded. A state loaded from the store comes with the records it was read
         # from (TableState.records); one handed in otherwise is encoded here (it came from
         # JSON, so that cannot fail).
-        self._records: ShardedDict[bytes] = ShardedDict()
+        self._records: dict[str, bytes] = {}
         if scheduler is not None:
             if (isinstance(state, TableState) and state.records is not None
                     and len(state.records) == len(state)):
                 self._records, state.records = state.records, None
             else:
-                for key, value in state.items():
-                    self._records[key] = b"%b" % orjson.dumps([key, value])
+                self._records = {key: b"%b" % orjson.dumps([key, value])
+                                 for key, value in state.items()}
             self._buffer = scheduler.buffer(fmt.KIND_TABLE, name)
             scheduler.register_snapshot(name, self._snapshot)
-        self._record_parts = self._records.parts
 
     def __repr__(self) -> str:
         return f"<apersist.Table name={self.name!r} len={len(self._state)}>"
 
     def __getitem__(self, key: str) -> Any:
-        return self._parts[hash(key) & MASK][key]
+        return self._state[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)
@@ -157,15 +144,11 @@ class Table(MutableMapping[str, Any]):
         return len(self._state)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._parts[hash(key) & MASK]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._parts[hash(key) & MASK].get(key, default)
+        return key in self._state
 
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
-        i = hash(key) & MASK
         # Checked in every mode, so a value is refused the same way whether or not this
         # run persists tables.
         data = dumps_value([key, value], self._where)
@@ -177,22 +160,20 @@ class Table(MutableMapping[str, Any]):
             # copy is right-sized, and the block, freed at once, serves the next dumps.
             # b"%b" % data is the cheapest copy (about 50 ns for a small record); bytes()
             # and data[:] return data itself.
-            self._record_parts[i][key] = b"%b" % data
+            self._records[key] = b"%b" % data
         else:
             self._life.check("table writes")  # nothing is recorded here; say so all the same
-        self._parts[i][key] = value
+        self._state[key] = value
 
     def __delitem__(self, key: str) -> None:
-        i = hash(key) & MASK
-        part = self._parts[i]
-        if key not in part:
+        if key not in self._state:
             raise KeyError(key)
         if self._buffer is not None:
             self._append(orjson.dumps([key]))
-            self._record_parts[i].pop(key, None)
+            self._records.pop(key, None)
         else:
             self._life.check("table writes")
-        del part[key]
+        del self._state[key]
 
     def _append(self, data: bytes) -> None:
         buf = self._buffer
@@ -218,7 +199,7 @@ class Table(MutableMapping[str, Any]):
             return None
         self._compact_requested = False
         self._deltas = 0
-        return functools.partial(self._frame_snapshot, self._records.values_list())
+        return functools.partial(self._frame_snapshot, list(self._records.values()))
 
     async def _frame_snapshot(self, records: list[bytes]) -> list[tuple[bytearray, int]]:
         """Frame ``records`` as snapshot segment bodies, in steps that yield to the loop
