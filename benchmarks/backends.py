@@ -61,6 +61,7 @@ from .common import (
     Series,
     Settings,
     Target,
+    guarded,
     log,
     make_values,
     median,
@@ -734,8 +735,6 @@ async def run_backends(unders: Sequence[Under], settings: Settings, report: Repo
     neighbours = Neighbours(tuple(under.pid for under in unders))
     # One section at a time, backend after backend: a server idles while the other works,
     # so neither competes with the other for the cores.
-    from .suite import guarded
-
     for section in SECTIONS:
         for under in unders:
             await guarded(report, f"{under.name}: {section.__name__.removeprefix('section_')}",
