@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -41,16 +42,6 @@ from typing import Any
 import apersist
 from apersist._concurrency import gather_bounded
 from apersist._drivers import Driver, open_driver
-from tests.servers import (
-    AZURITE_ACCOUNT,
-    AZURITE_KEY,
-    S3_KEY_ID,
-    S3_REGION,
-    S3_SECRET,
-    azure_server,
-    azurite_bin,
-    s3_server,
-)
 
 from .baselines import floor_record, floor_replay
 from .common import (
@@ -68,6 +59,22 @@ from .common import (
     rotated,
     timed_ms,
     version_of,
+)
+
+# The servers are the tests' own (tests/servers.py), imported under the one name the tests
+# give it: pytest and the campaigns' worker scripts import tests/'s support files from tests/.
+TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+from servers import (  # noqa: E402 (importable once tests/ is on the path, just above)
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    S3_KEY_ID,
+    S3_REGION,
+    S3_SECRET,
+    azure_server,
+    azurite_bin,
+    s3_server,
 )
 
 LOOPBACK = "127.0.0.1"
