@@ -24,7 +24,6 @@ from typing import Any, Final
 
 import aiohttp
 import aiohttp.payload
-import anyio
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -38,6 +37,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import BlobBlock, BlockState
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
+from .._concurrency import gather_bounded
 from .._config import AzureBackend
 from .._errors import BackendError
 from .base import (
@@ -102,29 +102,6 @@ def _is_transient(exc: AzureError, status: int | None) -> bool:
     if isinstance(exc.inner_exception, ServiceRequestError | ServiceResponseError | IncompleteReadError):
         return True
     return status is not None and (status >= 500 or status in _TRANSIENT_STATUS)
-
-
-async def _run_bounded(calls: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
-    """Await every call, at most ``limit`` at once; on the first failure cancel the rest and
-    raise that failure itself (not an exception group), so the caller's error boundary sees it.
-    """
-    failures: list[Exception] = []
-    semaphore = anyio.Semaphore(limit)
-
-    async with anyio.create_task_group() as tg:
-
-        async def one(call: Callable[[], Awaitable[None]]) -> None:
-            try:
-                async with semaphore:
-                    await call()
-            except Exception as exc:
-                failures.append(exc)
-                tg.cancel_scope.cancel()
-
-        for call in calls:
-            tg.start_soon(one, call)
-    if failures:
-        raise failures[0]
 
 
 class AzureDriver:
@@ -299,7 +276,7 @@ class AzureDriver:
                 await blob.stage_block(block_ids[index], chunk, length=len(chunk))
             return call
 
-        await _run_bounded([stage(index) for index in range(len(block_ids))], self._max_connections)
+        await gather_bounded([stage(index) for index in range(len(block_ids))], self._max_connections)
         # Only blocks this upload staged: never a committed block of an older version.
         blocks = [BlobBlock(block_id, BlockState.UNCOMMITTED) for block_id in block_ids]
         if if_absent:
@@ -360,7 +337,8 @@ class AzureDriver:
         if not names:
             return
         batches = [names[i:i + _BATCH_LIMIT] for i in range(0, len(names), _BATCH_LIMIT)]
-        await _run_bounded([self._delete_batch_call(batch) for batch in batches], self._max_connections)
+        await gather_bounded([self._delete_batch_call(batch) for batch in batches],
+                             self._max_connections)
 
     def _delete_batch_call(self, names: builtins.list[str]) -> Callable[[], Awaitable[None]]:
         async def call() -> None:
