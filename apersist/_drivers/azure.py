@@ -47,6 +47,7 @@ from .base import (
     TransientBackendError,
     check_key,
     check_range,
+    closed_error,
 )
 
 __all__ = ["AzureDriver"]
@@ -145,8 +146,8 @@ class AzureDriver:
         if self._container is not None:
             return self._container
         if self._closed:
-            raise BackendError(f"azure driver is closed: container={self._backend.container} "
-                               f"endpoint={self._backend.endpoint}")
+            raise closed_error(self.name, f"container={self._backend.container} "
+                                          f"endpoint={self._backend.endpoint}")
         # Our own session, so that the pool is sized for the run: a commit uploads up to
         # max_connections segments at once while reads and listings go on beside it (blocks
         # of several large uploads beyond that wait for a free connection). The other
