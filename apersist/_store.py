@@ -95,10 +95,6 @@ class Store:
 
     # ------------------------------------------------------------------ reading state
     @property
-    def driver(self) -> Driver:
-        return self._driver
-
-    @property
     def accepts_buffers(self) -> bool:
         """Whether the driver takes a ``bytearray`` segment (``SegmentBlob.data``) as it is.
 
