@@ -1,4 +1,6 @@
-"""Small structured-concurrency helpers shared by the store and the scheduler."""
+"""Small structured-concurrency helpers: calls run concurrently within a bound, whose first
+failure is raised bare, and the checks a run's tasks make on cancellations and exception
+groups."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config
 from ._drivers import open_driver
-from ._drivers.verify import verify_create_if_absent
+from ._drivers.probe import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._lifecycle import Lifecycle
 from ._policy import Policy

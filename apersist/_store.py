@@ -35,6 +35,8 @@ logger = logging.getLogger("apersist")
 # Segments larger than this are checked (CRC over the body) in a worker thread, so that
 # the event loop never stalls on a big checksum.
 _THREAD_CHECK_BYTES = 256 << 10
+# Objects read at once (commit records when loading, segments in a replay window): a
+# store's default ``read_concurrency``.
 _READ_CONCURRENCY = 16
 # Segments read ahead together by read_segments() hold at most this many bytes.
 _WINDOW_BYTES = 8 << 20
@@ -75,11 +77,16 @@ class Store:
     """One writer's log in a store root, over a driver it does not own."""
 
     def __init__(self, driver: Driver, *, writer: str = fmt.WRITER,
-                 clock_ms: Callable[[], int], upload_concurrency: int = 16) -> None:
+                 clock_ms: Callable[[], int], upload_concurrency: int = 16,
+                 read_concurrency: int = _READ_CONCURRENCY) -> None:
         self._driver = driver
         self._writer = writer
         self._clock_ms = clock_ms
         self._upload_concurrency = upload_concurrency
+        # Objects read at once, and the most segments in one replay window. Read on every
+        # use, so it may be changed between reads (the benchmarks set 1 to measure replay
+        # one GET at a time).
+        self.read_concurrency = read_concurrency
         self._state = _State()
         self._epoch: int | None = None  # ours, once we hold the writer role
         self._segment_number = 0
@@ -87,10 +94,6 @@ class Store:
         self._last_stamp = 0  # the newest good clock reading of a commit record
 
     # ------------------------------------------------------------------ reading state
-    @property
-    def driver(self) -> Driver:
-        return self._driver
-
     @property
     def accepts_buffers(self) -> bool:
         """Whether the driver takes a ``bytearray`` segment (``SegmentBlob.data``) as it is.
@@ -159,7 +162,7 @@ class Store:
                     f"commit record missing while later commits exist: "
                     f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
         keys = [numbered[s] for s in seqs]
-        records = await gather_bounded([self._reader(key) for key in keys], _READ_CONCURRENCY)
+        records = await gather_bounded([self._reader(key) for key in keys], self.read_concurrency)
         state = _State()
         live_from = 0  # index of the first live commit (the newest reset, else the first)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
@@ -234,7 +237,7 @@ class Store:
             first_commit.setdefault(record.epoch, key)
         await gather_bounded(
             [functools.partial(self.read_epoch, epoch, commit=commit)
-             for epoch, commit in first_commit.items()], _READ_CONCURRENCY)
+             for epoch, commit in first_commit.items()], self.read_concurrency)
 
     async def read_epoch(self, epoch: int, *, commit: str | None = None) -> fmt.EpochRecord:
         """Fetch and check one epoch record: it decodes and names this writer and ``epoch``.
@@ -291,7 +294,7 @@ class Store:
         try:
             keys = [info.key async for info in self._driver.list(prefix)
                     if fmt.number_in_key(info.key, prefix) is not None]
-            records = await gather_bounded([self._reader(k) for k in keys], _READ_CONCURRENCY)
+            records = await gather_bounded([self._reader(k) for k in keys], self.read_concurrency)
             for record_key, record in zip(keys, records, strict=True):
                 self._apply(state, record_key, record)
         except PersistenceError:
@@ -306,21 +309,21 @@ class Store:
         """Yield the checked segments ``refs`` in order, a window of them at a time.
 
         Small segments cost a round trip (or a thread hop) each, so a window's segments
-        are read concurrently; a window holds at most 16 segments and ``_WINDOW_BYTES``
-        (or one segment, if that is bigger), so memory stays bounded however long the
-        history.
+        are read concurrently; a window holds at most ``read_concurrency`` segments and
+        ``_WINDOW_BYTES`` (or one segment, if that is bigger), so memory stays bounded
+        however long the history.
         """
         index = 0
         while index < len(refs):
             window = [refs[index]]
             size = refs[index].size
-            while (index + len(window) < len(refs) and len(window) < _READ_CONCURRENCY
+            while (index + len(window) < len(refs) and len(window) < self.read_concurrency
                    and size + refs[index + len(window)].size <= _WINDOW_BYTES):
                 size += refs[index + len(window)].size
                 window.append(refs[index + len(window)])
             index += len(window)
             yield await gather_bounded(
-                [functools.partial(self.read_segment, ref) for ref in window], _READ_CONCURRENCY)
+                [functools.partial(self.read_segment, ref) for ref in window], self.read_concurrency)
 
     async def read_segments(self, refs: Sequence[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
         """Yield the checked segments ``refs`` in order (see ``read_windows``)."""

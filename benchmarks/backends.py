@@ -16,7 +16,7 @@ backend, one after the other (a server idles while the other works):
    ``gather_bounded(..., 16)`` vs one after another; the commit of 16 segments with
    ``upload_concurrency=16`` vs ``=1``.
 5. **replay read-ahead**: a stream of many ~64 KiB segments replayed as shipped (windows of
-   up to 16 segments read at once) vs with ``apersist._store._READ_CONCURRENCY = 1``.
+   up to 16 segments read at once) vs with the run's store set to ``read_concurrency=1``.
 
 Client and servers share this machine's cores, so the CPU time each side used is reported
 with the speed-ups.
@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -39,19 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import apersist
-import apersist._store as store_module
 from apersist._concurrency import gather_bounded
 from apersist._drivers import Driver, open_driver
-from tests.servers import (
-    AZURITE_ACCOUNT,
-    AZURITE_KEY,
-    S3_KEY_ID,
-    S3_REGION,
-    S3_SECRET,
-    azure_server,
-    azurite_bin,
-    s3_server,
-)
 
 from .baselines import floor_record, floor_replay
 from .common import (
@@ -61,6 +51,7 @@ from .common import (
     Series,
     Settings,
     Target,
+    guarded,
     log,
     make_values,
     median,
@@ -68,6 +59,22 @@ from .common import (
     rotated,
     timed_ms,
     version_of,
+)
+
+# The servers are the tests' own (tests/servers.py), imported under the one name the tests
+# give it: pytest and the campaigns' worker scripts import tests/'s support files from tests/.
+TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+from servers import (  # noqa: E402 (importable once tests/ is on the path, just above)
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    S3_KEY_ID,
+    S3_REGION,
+    S3_SECRET,
+    azure_server,
+    azurite_bin,
+    s3_server,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -534,10 +541,12 @@ async def write_replay_stream(backend: apersist.Backend, settings: BackendSettin
     return events, segments, info.bytes
 
 
-async def replay_once(stream: apersist.Stream, events: int, *, window: int) -> float:
-    """Seconds to replay ``stream`` reading ``window`` segments at once (patched, restored)."""
-    saved = store_module._READ_CONCURRENCY
-    store_module._READ_CONCURRENCY = window
+async def replay_once(run: apersist.Run, stream: apersist.Stream, events: int, *,
+                      window: int) -> float:
+    """Seconds to replay ``stream`` reading ``window`` segments at once (set, restored)."""
+    store = run._store  # private: the store's read_concurrency is no Config field
+    saved = store.read_concurrency
+    store.read_concurrency = window
     try:
         count = 0
         start = time.perf_counter()
@@ -545,7 +554,7 @@ async def replay_once(stream: apersist.Stream, events: int, *, window: int) -> f
             count += 1
         elapsed = time.perf_counter() - start
     finally:
-        store_module._READ_CONCURRENCY = saved
+        store.read_concurrency = saved
     if count != events:
         raise RuntimeError(f"replay yielded {count} events, expected {events}")
     return elapsed
@@ -556,18 +565,18 @@ async def section_replay(target: Under, settings: BackendSettings, report: Repor
     backend = target.backend("replay")
     log(f"{name}: writing {settings.replay_segments} segments to replay")
     events, segments, nbytes = await write_replay_stream(backend, settings)
-    windows = {"prefetch": store_module._READ_CONCURRENCY, "window 1": 1}
-    rates: dict[str, list[float]] = {v: [] for v in windows}
-    cpu = {v: Cpu() for v in windows}
+    rates: dict[str, list[float]] = {v: [] for v in ("prefetch", "window 1")}
+    cpu = {v: Cpu() for v in rates}
     access = apersist.SnapshotAccess.REPLAY
     async with apersist.run(apersist.Config(backend, snapshot_access=access)) as run:
+        windows = {"prefetch": run._store.read_concurrency, "window 1": 1}  # as shipped; 1
         stream = run.stream("replay")
         for window in windows.values():
-            await replay_once(stream, events, window=window)  # warm-up
+            await replay_once(run, stream, events, window=window)  # warm-up
         log(f"{name}: replay, {settings.replay_repeats} rounds")
         for _index, variant in alternate(settings.replay_repeats, "window 1", "prefetch"):
             with metered(cpu[variant], pid, segments):
-                elapsed = await replay_once(stream, events, window=windows[variant])
+                elapsed = await replay_once(run, stream, events, window=windows[variant])
             rates[variant].append(events / elapsed)
 
     per_event_mib = nbytes / events / MIB
@@ -575,7 +584,7 @@ async def section_replay(target: Under, settings: BackendSettings, report: Repor
         f"replay {segments} segments of {nbytes / segments / KIB:.0f} KiB ({events:,} events): "
         f"windowed prefetch vs 1 at a time", "backends", "ev/s",
         Series("prefetch (as shipped)", rates["prefetch"], "apersist"),
-        [Series("_READ_CONCURRENCY = 1", rates["window 1"], "sequential")], backend=name,
+        [Series("read_concurrency=1", rates["window 1"], "sequential")], backend=name,
         note=f"{median(rates['prefetch']) * per_event_mib:,.1f} MiB/s vs "
              f"{median(rates['window 1']) * per_event_mib:,.1f} MiB/s"))
     report.notes[f"{name}, replay"] = cpu_note(cpu, "window 1", "prefetch")
@@ -734,8 +743,6 @@ async def run_backends(unders: Sequence[Under], settings: Settings, report: Repo
     neighbours = Neighbours(tuple(under.pid for under in unders))
     # One section at a time, backend after backend: a server idles while the other works,
     # so neither competes with the other for the cores.
-    from .suite import guarded
-
     for section in SECTIONS:
         for under in unders:
             await guarded(report, f"{under.name}: {section.__name__.removeprefix('section_')}",

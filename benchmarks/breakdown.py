@@ -4,7 +4,9 @@
 each step that apersist's record and replay paths take, by itself and over the same small
 dicts as the suite, and the two whole paths. The steps call apersist's own code where it
 has one (the framing of ``record_many``, the segment check and walk of replay), so the
-table follows the code as it changes.
+table follows the code as it changes. That is why it imports private names
+(``_stream._encode_batch``, ``_scheduler.BATCH_ENTRIES``): a rename there fails here
+loudly, where a copy would drift silently.
 
 Every figure is event-loop thread CPU time (``time.thread_time``), the least of
 ``--repeats`` runs: a busy neighbour on the machine moves it far less than wall time. It

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,20 @@ def workload_scope(report: Report, name: str) -> Any:
             "loadavg_before": load, "loadavg_after": load_average(),
             "gc_collections_by_generation": [b - a for a, b in zip(before, after, strict=True)],
         }
+
+
+async def guarded(report: Report, name: str, step: Awaitable[None]) -> None:
+    """Run one workload; a failure is recorded and the suite goes on with the next one.
+
+    The error lands in ``report.errors`` (and the table's notes); ``run.py`` then exits
+    non-zero, so a smoke run still fails, but the other workloads' numbers are kept.
+    """
+    try:
+        await step
+    except Exception as exc:  # a workload's failure must not lose the others' results
+        log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        report.errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:500]}")
 
 
 # --------------------------------------------------------------------------- machine

@@ -6,9 +6,6 @@ import argparse
 import asyncio
 import gc
 import os
-import sys
-import traceback
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ from .common import (
     Report,
     Settings,
     Stores,
+    guarded,
     load_average,
     log,
     machine_facts,
@@ -43,20 +41,6 @@ def judge_load(report: Report) -> None:
     if start > LOADED * cores or end > LOADED * cores + 2:
         report.notes["loaded_machine"] = (f"1-minute load average {start} at start, {end} at end, "
                                           f"on {cores} cores")
-
-
-async def guarded(report: Report, name: str, step: Awaitable[None]) -> None:
-    """Run one workload; a failure is recorded and the suite goes on with the next one.
-
-    The error lands in ``report.errors`` (and the table's notes); ``run.py`` then exits
-    non-zero, so a smoke run still fails, but the other workloads' numbers are kept.
-    """
-    try:
-        await step
-    except Exception as exc:  # a workload's failure must not lose the others' results
-        log(f"{name} FAILED: {type(exc).__name__}: {exc}")
-        traceback.print_exc(file=sys.stderr)
-        report.errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:500]}")
 
 
 def make_settings(args: argparse.Namespace, root: Path) -> Settings:

@@ -25,8 +25,8 @@ import apersist._run
 from apersist import BackendError, RetryPolicy
 from apersist._drivers import Driver, MemoryDriver, ObjectExistsError, TransientBackendError
 from apersist._drivers.filesystem import FilesystemDriver
+from apersist._drivers.probe import SCRATCH_PREFIX, verify_create_if_absent
 from apersist._drivers.retry import RetryingDriver
-from apersist._drivers.verify import SCRATCH_PREFIX, verify_create_if_absent
 from apersist.testing import FAULT_KINDS, FaultyDriver, check_driver
 
 TRANSIENT = {"lost_response": 0.06, "timeout": 0.05, "throttle": 0.05, "torn_write": 0.05,

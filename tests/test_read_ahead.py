@@ -6,6 +6,10 @@ import anyio
 import pytest
 
 import apersist
+from apersist import _format as fmt
+from apersist._drivers import open_driver
+from apersist._store import Store
+from apersist.testing import FakeClock
 
 SMALL = {"max_segment_bytes": 1024, "snapshot_interval_ms": 60_000}
 
@@ -64,3 +68,23 @@ async def test_a_damaged_later_segment_raises_after_the_good_ones() -> None:
             async for _event in run.stream("s").replay():
                 seen += 1
     assert 0 < seen < 2000
+
+
+async def test_read_concurrency_bounds_a_window(backend: apersist.Backend) -> None:
+    """``Store(read_concurrency=n)`` reads windows of at most ``n`` segments, and may be
+    changed between reads (the benchmarks compare replay at 16 and at 1 this way)."""
+    await _fill(backend, 600)  # ~30 segments
+    driver = open_driver(backend)
+    try:
+        store = Store(driver, clock_ms=FakeClock(), read_concurrency=4)
+        await store.load()
+        refs = [s.ref for s in store.segments(fmt.KIND_EVENTS, "s")]
+        assert len(refs) > 16
+        sizes = [len(views) async for views in store.read_windows(refs)]
+        assert max(sizes) == 4
+        assert sum(sizes) == len(refs)
+        store.read_concurrency = 1
+        assert [len(views) async for views in store.read_windows(refs)] == [1] * len(refs)
+        assert Store(driver, clock_ms=FakeClock()).read_concurrency == 16
+    finally:
+        await driver.aclose()

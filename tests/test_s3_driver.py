@@ -519,6 +519,7 @@ async def test_aclose_before_use_makes_no_client(make_driver: Callable[..., S3Dr
     driver = make_driver()
     await driver.aclose()
     await driver.aclose()
+    assert driver._client is None
 
 
 async def test_client_honours_every_setting(make_driver: Callable[..., S3Driver],

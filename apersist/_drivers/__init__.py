@@ -1,4 +1,6 @@
-"""Storage drivers, one module per backend, all speaking the protocol in ``base``."""
+"""Storage drivers: one module per backend (``memory``, ``filesystem``, ``s3``, ``azure``),
+all speaking the protocol in ``base``; the retry wrapper of the object stores (``retry``)
+and their create-if-absent self-check (``probe``). ``open_driver`` makes a backend's driver."""
 
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from typing import Any, Final
 
 import aiohttp
 import aiohttp.payload
-import anyio
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -38,6 +37,7 @@ from azure.core.pipeline.transport import AioHttpTransport
 from azure.storage.blob import BlobBlock, BlockState
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, ContainerClient
 
+from .._concurrency import gather_bounded
 from .._config import AzureBackend
 from .._errors import BackendError
 from .base import (
@@ -47,6 +47,7 @@ from .base import (
     TransientBackendError,
     check_key,
     check_range,
+    closed_error,
 )
 
 __all__ = ["AzureDriver"]
@@ -104,29 +105,6 @@ def _is_transient(exc: AzureError, status: int | None) -> bool:
     return status is not None and (status >= 500 or status in _TRANSIENT_STATUS)
 
 
-async def _run_bounded(calls: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
-    """Await every call, at most ``limit`` at once; on the first failure cancel the rest and
-    raise that failure itself (not an exception group), so the caller's error boundary sees it.
-    """
-    failures: list[Exception] = []
-    semaphore = anyio.Semaphore(limit)
-
-    async with anyio.create_task_group() as tg:
-
-        async def one(call: Callable[[], Awaitable[None]]) -> None:
-            try:
-                async with semaphore:
-                    await call()
-            except Exception as exc:
-                failures.append(exc)
-                tg.cancel_scope.cancel()
-
-        for call in calls:
-            tg.start_soon(one, call)
-    if failures:
-        raise failures[0]
-
-
 class AzureDriver:
     """Objects as block blobs named ``root_path/key`` in one Azure Blob Storage container.
 
@@ -168,8 +146,8 @@ class AzureDriver:
         if self._container is not None:
             return self._container
         if self._closed:
-            raise BackendError(f"azure driver is closed: container={self._backend.container} "
-                               f"endpoint={self._backend.endpoint}")
+            raise closed_error(self.name, f"container={self._backend.container} "
+                                          f"endpoint={self._backend.endpoint}")
         # Our own session, so that the pool is sized for the run: a commit uploads up to
         # max_connections segments at once while reads and listings go on beside it (blocks
         # of several large uploads beyond that wait for a free connection). The other
@@ -299,7 +277,7 @@ class AzureDriver:
                 await blob.stage_block(block_ids[index], chunk, length=len(chunk))
             return call
 
-        await _run_bounded([stage(index) for index in range(len(block_ids))], self._max_connections)
+        await gather_bounded([stage(index) for index in range(len(block_ids))], self._max_connections)
         # Only blocks this upload staged: never a committed block of an older version.
         blocks = [BlobBlock(block_id, BlockState.UNCOMMITTED) for block_id in block_ids]
         if if_absent:
@@ -360,7 +338,8 @@ class AzureDriver:
         if not names:
             return
         batches = [names[i:i + _BATCH_LIMIT] for i in range(0, len(names), _BATCH_LIMIT)]
-        await _run_bounded([self._delete_batch_call(batch) for batch in batches], self._max_connections)
+        await gather_bounded([self._delete_batch_call(batch) for batch in batches],
+                             self._max_connections)
 
     def _delete_batch_call(self, names: builtins.list[str]) -> Callable[[], Awaitable[None]]:
         async def call() -> None:

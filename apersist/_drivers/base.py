@@ -2,7 +2,8 @@
 
 Keys are ``/``-separated paths relative to the store's root. Every driver maps its
 library's errors to these in one place: ``ObjectExistsError`` and ``ObjectNotFoundError``
-are answers, anything else that fails is a ``BackendError`` with the cause chained.
+are answers, anything else that fails is a ``BackendError`` with the cause chained. A verb
+called after ``aclose()`` raises the ``RuntimeError`` of ``closed_error``, in every driver.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "TransientBackendError",
     "check_key",
     "check_range",
+    "closed_error",
     "put_then_create",
     "slice_range",
 ]
@@ -83,7 +85,8 @@ class Driver(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Release the driver's resources. Safe to call twice."""
+        """Release the driver's resources. Safe to call twice; afterwards every verb raises
+        ``RuntimeError`` (see ``closed_error``)."""
         ...
 
 
@@ -114,6 +117,16 @@ async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | byte
     await gather_bounded([functools.partial(driver.put, k, d if isinstance(d, bytes) else bytes(d))
                           for k, d in puts], concurrency)
     await driver.put(key, data, if_absent=True)
+
+
+def closed_error(name: str, facts: str = "") -> RuntimeError:
+    """The error of a verb called after ``aclose()``, the same in every driver.
+
+    A ``RuntimeError``, as for a run used after its block: the caller's mistake, not a
+    failure of the store (a ``BackendError`` would read as one, and a transient one would
+    be retried). ``facts`` (``key=value`` pairs) say which store the driver was for.
+    """
+    return RuntimeError(f"the {name} driver is closed" + (f": {facts}" if facts else ""))
 
 
 def check_key(key: str) -> str:

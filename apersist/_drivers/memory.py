@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from .base import ObjectExistsError, ObjectInfo, ObjectNotFoundError, check_key, check_range, slice_range
+from .base import (
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    check_key,
+    check_range,
+    closed_error,
+    slice_range,
+)
 
 __all__ = ["MemoryDriver"]
 
@@ -16,9 +24,15 @@ class MemoryDriver:
 
     def __init__(self, objects: dict[str, bytes]) -> None:
         self._objects = objects
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error(self.name)
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         check_key(key)
+        self._check_open()
         if if_absent and key in self._objects:
             raise ObjectExistsError(f"object already exists: key={key}")
         self._objects[key] = bytes(data)
@@ -26,6 +40,7 @@ class MemoryDriver:
     async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         check_key(key)
         check_range(start, end)  # arguments first: a bad range is a ValueError even for a missing key
+        self._check_open()
         try:
             data = self._objects[key]
         except KeyError:
@@ -33,6 +48,7 @@ class MemoryDriver:
         return slice_range(data, start, end)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        self._check_open()
         # A snapshot of the matching keys: later puts do not disturb a listing in progress.
         keys = sorted(k for k in self._objects if k.startswith(prefix))
         for key in keys:
@@ -42,10 +58,13 @@ class MemoryDriver:
 
     async def delete(self, keys: Sequence[str]) -> None:
         # Every key is checked before any is deleted: a bad argument has no partial effect.
-        for key in [check_key(k) for k in keys]:
+        checked = [check_key(k) for k in keys]
+        self._check_open()
+        for key in checked:
             self._objects.pop(key, None)
 
     async def aclose(self) -> None:
-        return None
+        # The objects stay: they are the backend's, shared by every driver made for it.
+        self._closed = True
 
 

@@ -59,7 +59,7 @@ class RetryingDriver:
       wait for its next object) is one attempt for the timeout.
 
     ``verify_conditional_writes`` tells a run to check, once when it opens the store for
-    writing, that the storage honours create-if-absent (see ``verify.py``). It is true by
+    writing, that the storage honours create-if-absent (see ``probe.py``). It is true by
     default: this wrapper is used for object stores, where that depends on the server.
     """
 

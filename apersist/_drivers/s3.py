@@ -38,6 +38,7 @@ from .base import (
     TransientBackendError,
     check_key,
     check_range,
+    closed_error,
 )
 
 __all__ = ["MIN_PART_BYTES", "S3Driver", "map_errors"]
@@ -267,7 +268,7 @@ class S3Driver:
             return self._client
         async with self._client_lock:
             if self._closed:
-                raise RuntimeError(f"the s3 driver is closed: bucket={self._bucket}")
+                raise closed_error(self.name, f"bucket={self._bucket} endpoint={self._endpoint}")
             if self._client is None:
                 stack = contextlib.AsyncExitStack()
                 try:

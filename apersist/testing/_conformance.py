@@ -424,6 +424,28 @@ async def aclose_twice(driver: Driver) -> None:
     await driver.aclose()
 
 
+@_check
+async def use_after_aclose(driver: Driver) -> None:
+    """After ``aclose()`` every verb raises ``RuntimeError``, in every driver: using a closed
+    driver is the caller's mistake, never an answer or a failure of the store."""
+    await driver.put("closed/key", b"x")
+    await driver.aclose()
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "put": lambda: driver.put("closed/new", b"y"),
+        "if_absent put": lambda: driver.put("closed/new", b"y", if_absent=True),
+        "get": lambda: driver.get("closed/key"),
+        "ranged get": lambda: driver.get("closed/key", start=0, end=1),
+        "list": lambda: _listing(driver, "closed/"),
+        "delete": lambda: driver.delete(["closed/key"]),
+        "put_then_create": lambda: put_then_create(driver, [("closed/segment", b"s")],
+                                                   "closed/record", b"r", concurrency=2),
+    }
+    for what, call in calls.items():
+        exc = await _expect_raises(RuntimeError, call, f"{what} after aclose")
+        _expect("closed" in str(exc), f"{what} after aclose: the message must say the driver "
+                                      f"is closed: {exc}")
+
+
 # --------------------------------------------------------------------------- runners
 
 
