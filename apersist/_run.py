@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -15,7 +15,8 @@ import anyio.lowlevel
 from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config
-from ._drivers import open_driver
+from ._drivers import Driver, open_driver
+from ._drivers.base import check_driver_object
 from ._drivers.probe import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._lifecycle import Lifecycle
@@ -148,8 +149,8 @@ class Run:
         return table
 
 
-@asynccontextmanager
-async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> AsyncIterator[Run]:
+def run(config: Config, *, clock_ms: Callable[[], int] | None = None,
+        driver: Driver | None = None) -> AbstractAsyncContextManager[Run]:
     """Open a persistent run over ``config``'s store.
 
     Entering loads the last committed state, takes the writer role (an older writer on the
@@ -159,12 +160,32 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
     ``clock_ms`` (milliseconds since the epoch) is injectable for tests; each reading must
     be an ``int`` in [0, 2**63) (``TypeError``/``ValueError`` at the call that read it,
     before anything is written).
+
+    ``driver``, an object that follows the driver protocol (``apersist.testing.Driver``), is
+    the storage the run uses instead of opening one for ``config.backend``: a test's fault
+    injector or counter, or a storage of the caller's own (as httpx takes ``transport=``).
+    It is used as it is: the run adds no retry layer (its retries, and settling an
+    ambiguous create, are the driver's), checks create-if-absent only if the driver asks
+    for it (a true ``verify_conditional_writes``), and never closes it: the caller opened
+    it, and closes it after the run, so one driver may serve several runs in turn.
+
+    Raises ``TypeError`` at the call for a ``config`` that is not a ``Config``, a
+    ``clock_ms`` that is not callable, or a ``driver`` without the protocol's members.
     """
     if not isinstance(config, Config):
         raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
     clock = wall_clock_ms if clock_ms is None else checked_clock(clock_ms)
+    if driver is not None:
+        check_driver_object(driver)
+    return _opened_run(config, clock, driver)
+
+
+@asynccontextmanager
+async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | None) -> AsyncIterator[Run]:
+    """``run()`` once its arguments are checked: open, yield the run, commit and close."""
     policy = Policy.of(config)
-    driver = open_driver(config.backend, config)
+    # A driver we open is ours to close; a driver we are given stays the caller's.
+    driver = open_driver(config.backend, config) if given is None else given
     try:
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency)
         opened = time.perf_counter()
@@ -236,5 +257,6 @@ async def run(config: Config, *, clock_ms: Callable[[], int] | None = None) -> A
             current_cache.reset(token)
             cache.close()
     finally:
-        with anyio.CancelScope(shield=True):
-            await driver.aclose()
+        if given is None:
+            with anyio.CancelScope(shield=True):
+                await driver.aclose()

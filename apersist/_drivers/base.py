@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from .._concurrency import gather_bounded
 from .._errors import BackendError
@@ -22,6 +22,7 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFoundError",
     "TransientBackendError",
+    "check_driver_object",
     "check_key",
     "check_range",
     "closed_error",
@@ -127,6 +128,23 @@ def closed_error(name: str, facts: str = "") -> RuntimeError:
     be retried). ``facts`` (``key=value`` pairs) say which store the driver was for.
     """
     return RuntimeError(f"the {name} driver is closed" + (f": {facts}" if facts else ""))
+
+
+#: What an object needs to be used as a driver: the protocol's members.
+_DRIVER_VERBS = ("put", "get", "list", "delete", "aclose")
+
+
+def check_driver_object(driver: object) -> Driver:
+    """Refuse, with ``TypeError``, an object given as a driver that lacks the protocol's
+    members: a ``str`` ``name`` and callable ``put``, ``get``, ``list``, ``delete`` and
+    ``aclose``. Checks names, not signatures (as ``isinstance`` on the protocol would)."""
+    missing = [verb for verb in _DRIVER_VERBS if not callable(getattr(driver, verb, None))]
+    if not isinstance(getattr(driver, "name", None), str):
+        missing.insert(0, "name")
+    if missing:
+        raise TypeError(f"driver must follow the driver protocol: missing={','.join(missing)} "
+                        f"got={type(driver).__name__}")
+    return cast(Driver, driver)
 
 
 def check_key(key: str) -> str:
