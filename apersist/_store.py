@@ -403,28 +403,24 @@ class Store:
 
     async def _put_created(self, key: str, data: bytes,
                            blobs: Sequence[SegmentBlob] = ()) -> None:
-        """Create-if-absent that settles an ambiguous retry by reading the object back.
+        """Create-if-absent of an epoch or commit record: ``ObjectExistsError`` if ``key``
+        is taken.
 
         With ``blobs``, they are put first and the create never becomes durable before
         them (``put_then_create``): upload before commit, a commit never names a segment
         that a crash could lose.
+
+        An "exists" is taken as the driver's answer that somebody else holds the key. An
+        ambiguous create (an attempt's reply lost, a later attempt meets "exists") is
+        settled below this layer, by whatever retried it: the retry layer reads the
+        object back (``retry.py``), and a driver that retries on its own must do the same.
+        Nothing here retries a create, so "exists" after a single attempt is never ours.
         """
-        try:
-            if blobs:
-                await put_then_create(self._driver, [(b.ref.key, b.data) for b in blobs],
-                                      key, data, concurrency=self._upload_concurrency)
-            else:
-                await self._driver.put(key, data, if_absent=True)
-        except ObjectExistsError as exists:
-            try:
-                existing = await self._driver.get(key)
-            except ObjectNotFoundError:
-                # It existed a moment ago and is gone (deleted by hand?): the number was
-                # taken, which is the answer that counts; never treat it as ours.
-                raise exists from None
-            if existing != data:
-                raise
-            # Our own earlier attempt landed: the bytes (with a unique token) are ours.
+        if blobs:
+            await put_then_create(self._driver, [(b.ref.key, b.data) for b in blobs],
+                                  key, data, concurrency=self._upload_concurrency)
+        else:
+            await self._driver.put(key, data, if_absent=True)
 
     def new_segment_key(self) -> str:
         assert self._epoch is not None, "segments are written only by the writer"

@@ -62,6 +62,10 @@ class Driver(Protocol):
     ``put`` is atomic: a reader sees the whole object or nothing. With ``if_absent=True`` it
     is a create-if-absent that raises ``ObjectExistsError`` when the key exists, and exactly
     one of several racing creators wins; this is what makes commits atomic and fencing work.
+    "Exists" must mean that the key was taken before this call: a driver that retries a
+    create inside the call settles its own ambiguous create, as the retry layer does (the
+    store takes "exists" as another writer's, and a lost reply misread so would end a run
+    with a spurious ``FencedError``, though nothing is lost).
 
     A driver may also offer one optional verb, ``put_then_create(puts, key, data)``: see
     ``put_then_create`` below, which falls back to the plain verbs for a driver without it.

@@ -50,7 +50,9 @@ class RetryingDriver:
       own earlier attempt landed, and the put succeeds; other bytes (or none) re-raise
       ``ObjectExistsError``. Callers that must tell their write from an identical one by
       somebody else write unique bytes (apersist's commit and epoch records carry a
-      random token).
+      random token). This is the one place that settles an ambiguous create: only the
+      layer that retried knows that an earlier attempt may have landed, and the store
+      above takes an ``ObjectExistsError`` as the answer (another writer has the key).
     - **Listing.** A retried ``list`` *resumes*: it lists the prefix again and skips every
       key up to the last one already yielded. The protocol lists in key order, so this
       yields no duplicate and loses no key that a single, uninterrupted paged listing would
