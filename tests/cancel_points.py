@@ -25,15 +25,15 @@ import asyncio
 import gc
 import inspect
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import anyio.lowlevel
-import pytest
+from helpers import driver_for
 
 import apersist
-import apersist._run
 from apersist._drivers import Driver, ObjectInfo
 
 PACKAGE_DIR = str(Path(apersist.__file__).parent)
@@ -193,11 +193,9 @@ class PausingDriver:
         await self.inner.aclose()
 
 
-def install_pausing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every run opened from now on goes through a ``PausingDriver``."""
-    real = apersist._run.open_driver
-
-    def open_pausing(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        return PausingDriver(real(backend, config))  # type: ignore[return-value]
-
-    monkeypatch.setattr(apersist._run, "open_driver", open_pausing)
+@asynccontextmanager
+async def pausing_run(config: apersist.Config) -> AsyncIterator[apersist.Run]:
+    """``apersist.run(config)`` over a ``PausingDriver`` around the driver it would open."""
+    async with driver_for(config, PausingDriver) as driver, \
+            apersist.run(config, driver=driver) as run:
+        yield run

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -39,8 +40,7 @@ import orjson
 from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
-import apersist._run
-from apersist._drivers import Driver
+from apersist._drivers import Driver, open_driver
 from apersist.testing import CRASH_POINTS, FaultyDriver
 
 EXIT_CHECK_FAILED = 3
@@ -66,18 +66,13 @@ def crash_now(point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install_crash(point: str, nth: int) -> None:
-    """Make every run opened from now on crash this process at ``point``, the nth time."""
-    real = apersist._run.open_driver
-
-    def open_crashing(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        # Around the whole real driver (retries included): the crash comes at a step of
-        # the commit protocol, whatever the driver did beneath to get there.
-        faulty = FaultyDriver(real(backend, config))
-        faulty.crash_at(point, nth=nth, on_crash=crash_now)
-        return faulty
-
-    apersist._run.open_driver = open_crashing
+def crashing_driver(config: apersist.Config, point: str, nth: int) -> Driver:
+    """The run's driver when it must crash this process at ``point``, the nth time."""
+    # Around the whole real driver (retries included): the crash comes at a step of the
+    # commit protocol, whatever the driver did beneath to get there.
+    faulty = FaultyDriver(open_driver(config.backend, config))
+    faulty.crash_at(point, nth=nth, on_crash=crash_now)
+    return faulty
 
 
 async def check_stream(run: apersist.Run, counts: apersist.Table, k: int) -> int:
@@ -113,7 +108,10 @@ async def main(args: argparse.Namespace) -> None:
                              max_segment_bytes=args.segment_bytes,
                              max_pending_bytes=args.pending_bytes,
                              retry=apersist.RetryPolicy(attempt_timeout_s=WORKER_ATTEMPT_TIMEOUT_S))
-    async with apersist.run(config) as run:
+    # The real driver, or a crashing one around it: given to the run, so closed here.
+    driver = (open_driver(backend, config) if args.crash_point is None
+              else crashing_driver(config, args.crash_point, args.crash_nth))
+    async with contextlib.aclosing(driver), apersist.run(config, driver=driver) as run:
         counts = await run.table("counts")
         streams = [run.stream(stream_name(k)) for k in range(args.streams)]
         n = [await check_stream(run, counts, k) for k in range(args.streams)]
@@ -169,8 +167,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args(sys.argv[1:])
-    if arguments.crash_point is not None:
-        install_crash(arguments.crash_point, arguments.crash_nth)
     try:
         asyncio.run(main(arguments))
     except CheckFailed as exc:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
 
 import anyio
-import pytest
 
 import apersist
-import apersist._run
 from apersist._drivers import Driver, ObjectInfo, open_driver
 
 VERBS = ("put", "get", "list", "delete")
@@ -76,18 +75,23 @@ class CountingDriver:
         await self.inner.aclose()
 
 
-def install_counting(monkeypatch: pytest.MonkeyPatch) -> list[CountingDriver]:
-    """Make every run opened from now on use a ``CountingDriver``; returns them, in order."""
-    made: list[CountingDriver] = []
-    real = apersist._run.open_driver
+D = TypeVar("D", bound=Driver)
 
-    def open_counting(backend: apersist.Backend, config: apersist.Config | None = None) -> CountingDriver:
-        driver = CountingDriver(real(backend, config))
-        made.append(driver)
-        return driver
 
-    monkeypatch.setattr(apersist._run, "open_driver", open_counting)
-    return made
+@asynccontextmanager
+async def driver_for(config: apersist.Config, wrap: Callable[[Driver], D]) -> AsyncIterator[D]:
+    """``wrap`` around the driver a run would open for ``config``, for ``run(driver=...)``;
+    closed when the block is left (a run never closes a driver it is given)."""
+    driver = wrap(open_driver(config.backend, config))
+    try:
+        yield driver
+    finally:
+        await driver.aclose()
+
+
+def counting(config: apersist.Config) -> AbstractAsyncContextManager[CountingDriver]:
+    """A ``CountingDriver`` around the driver a run would open for ``config``."""
+    return driver_for(config, CountingDriver)
 
 
 def config(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:

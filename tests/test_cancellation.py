@@ -52,8 +52,7 @@ from typing import Any
 import anyio
 import cancel_points
 import orjson
-import pytest
-from cancel_points import PausingDriver, SteppingTask, install_pausing
+from cancel_points import PausingDriver, SteppingTask, pausing_run
 
 import apersist
 from apersist import FencedError
@@ -198,7 +197,7 @@ class RecordManyScenario(RecordScenario):
 
 async def seed_table(backend: apersist.Backend, model: Model) -> None:
     """A table with a snapshot and deltas after it, in three commits."""
-    async with apersist.run(apersist.Config(backend)) as run:
+    async with pausing_run(apersist.Config(backend)) as run:
         tab = await run.table("tab")
         for i in range(5):
             model.set(tab, f"k{i}", i, this_run=False)
@@ -283,7 +282,7 @@ class SourceScenario(Scenario):
     async def seed(self, backend: apersist.Backend, model: Model) -> None:
         self.end = SOURCE_SEEDED
         self.received = set()
-        async with apersist.run(apersist.Config(backend)) as run:
+        async with pausing_run(apersist.Config(backend)) as run:
             await self.consume(run, model, this_run=False)
         self.end = SOURCE_END
 
@@ -310,7 +309,7 @@ class ReplayScenario(Scenario):
     name = "replay"
 
     async def seed(self, backend: apersist.Backend, model: Model) -> None:
-        async with apersist.run(apersist.Config(backend)) as run:
+        async with pausing_run(apersist.Config(backend)) as run:
             for _ in range(4):  # four segments: replay reads them ahead in a task of the run
                 await model.record(run, "s", 3, this_run=False)
                 await run.commit()
@@ -569,7 +568,7 @@ async def run_trial(make_store: Callable[[], apersist.Backend], scenario: Scenar
             step("seed runs")
             await scenario.seed(backend, model)
             step("open")
-            async with apersist.run(config) as run:
+            async with pausing_run(config) as run:
                 step("prepare")
                 await scenario.prepare(run, model)
                 step("the call")
@@ -620,7 +619,7 @@ async def verify_store(backend: apersist.Backend, scenario: Scenario, model: Mod
                        trial: Trial) -> None:
     """A read-only run: each stream, the table and the cache against the model."""
     config = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
+    async with pausing_run(config) as run:
         unsure_stored = 0
         for name in sorted(set(model.acked) | set(model.maybe)):
             stream = run.stream(name)
@@ -796,12 +795,6 @@ def report(kind: str, figures: dict[str, Figures], elapsed: float, points: int) 
     return total
 
 
-@pytest.fixture
-def pausing(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_pausing(monkeypatch)
-
-
-@pytest.mark.usefixtures("pausing")
 async def test_cancellation_campaign(backend_kind: str,
                                      backend_factory: Callable[[str], apersist.Backend]) -> None:
     made = iter(range(1_000_000))

@@ -20,7 +20,6 @@ import pytest
 from conftest import make_backend
 
 import apersist
-import apersist._run
 from apersist import _format as fmt
 from apersist._config import FilesystemBackend, MemoryBackend
 from apersist._drivers import Driver, MemoryDriver, open_driver
@@ -44,22 +43,20 @@ def config(backend: apersist.Backend) -> apersist.Config:
     return apersist.Config(backend, snapshot_interval_ms=3_600_000)
 
 
-def wrap_runs(monkeypatch: pytest.MonkeyPatch,
-              plan: Callable[[FaultyDriver], None] | None = None) -> list[FaultyDriver]:
-    """Every run opened from now on goes through ``FaultyDriver(real)``; ``plan`` is applied
-    to each before the run uses it. Returns the drivers made, in order."""
-    made: list[FaultyDriver] = []
-    real = apersist._run.open_driver
+class FaultyRuns:
+    """Drivers for runs that go through ``FaultyDriver(real)``: ``driver(config)`` makes
+    one (``plan`` is applied to each before the run uses it); ``made`` lists them in order."""
 
-    def open_faulty(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        faulty = FaultyDriver(real(backend, config))
-        if plan is not None:
-            plan(faulty)
-        made.append(faulty)
+    def __init__(self, plan: Callable[[FaultyDriver], None] | None = None) -> None:
+        self.plan = plan
+        self.made: list[FaultyDriver] = []
+
+    def driver(self, config: apersist.Config) -> FaultyDriver:
+        faulty = FaultyDriver(open_driver(config.backend, config))
+        if self.plan is not None:
+            self.plan(faulty)
+        self.made.append(faulty)
         return faulty
-
-    monkeypatch.setattr(apersist._run, "open_driver", open_faulty)
-    return made
 
 
 async def record_round(run: apersist.Run, c: int) -> None:
@@ -94,7 +91,7 @@ async def check_store(backend: apersist.Backend, rounds: int, ctx: str) -> None:
                 await run.commit()
 
 
-async def crash_in_commit(backend: apersist.Backend, made: list[FaultyDriver], point: str,
+async def crash_in_commit(backend: apersist.Backend, runs: FaultyRuns, point: str,
                           nth_commit: int) -> tuple[list[str], list[int], str]:
     """Commit rounds 1..N-1, then crash at ``point`` during the commit of round N.
 
@@ -104,11 +101,13 @@ async def crash_in_commit(backend: apersist.Backend, made: list[FaultyDriver], p
     crashes: list[str] = []
     acknowledged: list[int] = []
     message = "the commit returned"
+    cfg = config(backend)
+    driver = runs.driver(cfg)
     try:
-        async with apersist.run(config(backend)) as run:
+        async with apersist.run(cfg, driver=driver) as run:
             # Counted from now: the fence commit made while opening is none of the N.
             nth = ARRIVALS_PER_COMMIT[point] * (nth_commit - 1) + 1
-            made[-1].crash_at(point, nth=nth, on_crash=crashes.append)
+            driver.crash_at(point, nth=nth, on_crash=crashes.append)
             for c in range(1, nth_commit):
                 await record_round(run, c)
                 await run.commit()
@@ -122,6 +121,8 @@ async def crash_in_commit(backend: apersist.Backend, made: list[FaultyDriver], p
         pass  # leaving a crashed run fails too: its final commit meets the dead driver
     else:
         pytest.fail(f"leaving a crashed run did not fail: point={point} nth_commit={nth_commit}")
+    finally:
+        await driver.aclose()  # given to the run, so ours to close; never faulty
     return crashes, acknowledged, message
 
 
@@ -129,12 +130,11 @@ async def crash_in_commit(backend: apersist.Backend, made: list[FaultyDriver], p
 @pytest.mark.parametrize("point", COMMIT_POINTS)
 @pytest.mark.parametrize("nth_commit", [1, 3])
 async def test_crash_during_nth_commit(kind: str, point: str, nth_commit: int, tmp_path: Path,
-                                       request: pytest.FixtureRequest,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                       request: pytest.FixtureRequest) -> None:
     backend = make_backend(kind, tmp_path, request)
-    made = wrap_runs(monkeypatch)
-    crashes, acknowledged, message = await crash_in_commit(backend, made, point, nth_commit)
-    monkeypatch.undo()
+    runs = FaultyRuns()
+    made = runs.made
+    crashes, acknowledged, message = await crash_in_commit(backend, runs, point, nth_commit)
     ctx = f"kind={kind} point={point} nth_commit={nth_commit}"
     assert crashes == [point], ctx
     assert made[0].crashed == point, ctx
@@ -165,25 +165,29 @@ async def test_crash_during_nth_commit(kind: str, point: str, nth_commit: int, t
         assert 0 < torn < min(sizes.values()), f"{ctx}: torn={torn} whole={sizes}"
 
 
-async def open_and_leave(backend: apersist.Backend) -> None:
-    async with apersist.run(config(backend)):
-        pass
+async def open_and_leave(backend: apersist.Backend, runs: FaultyRuns) -> None:
+    cfg = config(backend)
+    driver = runs.driver(cfg)
+    try:
+        async with apersist.run(cfg, driver=driver):
+            pass
+    finally:
+        await driver.aclose()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("point", EPOCH_POINTS)
 async def test_crash_while_taking_the_writer_role(kind: str, point: str, tmp_path: Path,
-                                                  request: pytest.FixtureRequest,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  request: pytest.FixtureRequest) -> None:
     backend = make_backend(kind, tmp_path, request)
     async with apersist.run(config(backend)) as run:
         await record_round(run, 1)
     epochs_before = await objects(backend, EPOCHS)
     crashes: list[str] = []
-    made = wrap_runs(monkeypatch, lambda faulty: faulty.crash_at(point, on_crash=crashes.append))
+    runs = FaultyRuns(lambda faulty: faulty.crash_at(point, on_crash=crashes.append))
+    made = runs.made
     with pytest.raises(SimulatedCrash, match=f"point={point} "):
-        await open_and_leave(backend)
-    monkeypatch.undo()
+        await open_and_leave(backend, runs)
     assert crashes == [point]
     assert made[0].crashed == point
     # after_epoch_put: the epoch record is durable, though its writer never committed.

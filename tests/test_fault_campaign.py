@@ -29,9 +29,8 @@ import pytest
 from conftest import make_backend
 
 import apersist
-import apersist._run
 from apersist import BackendError, RetryPolicy
-from apersist._drivers import Driver
+from apersist._drivers import Driver, open_driver
 from apersist._drivers.retry import RetryingDriver
 from apersist.testing import FaultyDriver
 
@@ -70,17 +69,15 @@ async def read_store(backend: apersist.Backend) -> tuple[list[Any], dict[str, in
 
 @pytest.mark.parametrize("kind", list(WORK))
 async def test_fault_campaign_loses_nothing_acknowledged(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     seed = int(os.environ.get("APERSIST_FAULT_SEED", random.SystemRandom().getrandbits(32)))
     print(f"fault campaign ({kind}): seed={seed} runs={RUNS} (APERSIST_FAULT_SEED to reproduce)")
     backend = make_backend(kind, tmp_path, request)
     rng = random.Random(seed)
     made: list[FaultyDriver] = []
-    real = apersist._run.open_driver
 
-    def open_faulty(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        driver = real(backend, config)
+    def open_faulty(config: apersist.Config) -> Driver:
+        driver = open_driver(config.backend, config)
         if isinstance(driver, RetryingDriver):  # an object store's own retries: ours instead
             driver = driver.inner
         faulty = FaultyDriver(driver, seed=rng.getrandbits(32), max_latency_s=0.002, **RATES)
@@ -88,7 +85,6 @@ async def test_fault_campaign_loses_nothing_acknowledged(
         return RetryingDriver(faulty, POLICY, rng=random.Random(rng.getrandbits(32)),
                               sleep=_no_wait)
 
-    monkeypatch.setattr(apersist._run, "open_driver", open_faulty)
     batches, per_batch = WORK[kind]
     # Only our commit() calls commit, so the model knows every commit boundary.
     config = apersist.Config(backend, snapshot_interval_ms=3_600_000)
@@ -99,8 +95,9 @@ async def test_fault_campaign_loses_nothing_acknowledged(
     started = time.perf_counter()
     for number in range(RUNS):
         ctx = f"{kind}: seed={seed} run #{number}"
+        driver = open_faulty(config)
         try:
-            async with apersist.run(config) as run:
+            async with apersist.run(config, driver=driver) as run:
                 stream = run.stream("events")
                 table = await run.table("counts")
                 events = [e.value async for e in stream.replay()]
@@ -131,7 +128,8 @@ async def test_fault_campaign_loses_nothing_acknowledged(
         except BackendError as exc:
             # A permanent fault (or one the retries ran out on): the run is over.
             failures.append((ctx, exc))
-    monkeypatch.undo()
+        finally:
+            await driver.aclose()  # given to the run, so ours to close
     for ctx, exc in failures:  # each must be one of ours, not some other failure
         assert "injected" in f"{exc} {exc.__cause__}", f"{ctx}: a failure no fault explains: {exc!r}"
     events, table_state, offset = await read_store(backend)  # clean: the real driver

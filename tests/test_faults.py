@@ -10,7 +10,7 @@ itself, and the create-if-absent check a run makes before writing to an object s
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,17 @@ import anyio
 import anyio.lowlevel
 import pytest
 from conftest import make_backend
-from helpers import CountingDriver
+from helpers import CountingDriver, driver_for
 
 import apersist
-import apersist._run
 from apersist import BackendError, RetryPolicy
-from apersist._drivers import Driver, MemoryDriver, ObjectExistsError, TransientBackendError
+from apersist._drivers import (
+    Driver,
+    MemoryDriver,
+    ObjectExistsError,
+    TransientBackendError,
+    open_driver,
+)
 from apersist._drivers.filesystem import FilesystemDriver
 from apersist._drivers.probe import SCRATCH_PREFIX, verify_create_if_absent
 from apersist._drivers.retry import RetryingDriver
@@ -39,32 +44,50 @@ async def _no_wait(_seconds: float) -> None:
     await anyio.lowlevel.checkpoint()
 
 
-def install_faults(monkeypatch: pytest.MonkeyPatch, *, seed: int,
-                   **rates: float) -> list[FaultyDriver]:
-    """Every run opened from now on goes through RetryingDriver(FaultyDriver(real)).
+class Faults:
+    """Drivers for runs that go through ``RetryingDriver(FaultyDriver(real))``, as
+    ``apersist.run(config, driver=faults.driver(config))``; ``close()`` closes them all.
 
     Besides the random faults, the rarer cases are planned once per run, so that every
     run meets them whatever the draws: its listings of commits and segments break off
     part-way, a commit record lands but its answer is lost, a segment upload is torn.
     An object store's own ``RetryingDriver`` is replaced by ours, around the faults.
     """
-    made: list[FaultyDriver] = []
-    real = apersist._run.open_driver
 
-    def open_faulty(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        driver = real(backend, config)
+    def __init__(self, *, seed: int, **rates: float) -> None:
+        self.seed = seed
+        self.rates = rates
+        self.made: list[FaultyDriver] = []
+
+    def driver(self, config: apersist.Config) -> Driver:
+        driver = open_driver(config.backend, config)
         if isinstance(driver, RetryingDriver):
             driver = driver.inner
-        faulty = FaultyDriver(driver, seed=seed + len(made), **rates)
+        faulty = FaultyDriver(driver, seed=self.seed + len(self.made), **self.rates)
         faulty.fail_next("list", "lost_response", key="writers/0/commits/")
         faulty.fail_next("list", "lost_response", key="writers/0/segments/")
         faulty.fail_next("put", "lost_response", key="writers/0/commits/*")
         faulty.fail_next("put", "torn_write", key="writers/0/segments/*")
-        made.append(faulty)
-        return RetryingDriver(faulty, POLICY, rng=random.Random(seed), sleep=_no_wait)
+        self.made.append(faulty)
+        return RetryingDriver(faulty, POLICY, rng=random.Random(self.seed), sleep=_no_wait)
 
-    monkeypatch.setattr(apersist._run, "open_driver", open_faulty)
-    return made
+    async def close(self) -> None:
+        for faulty in self.made:
+            await faulty.aclose()
+
+
+@pytest.fixture
+async def faults() -> AsyncIterator[Callable[..., Faults]]:
+    """Makes ``Faults``; closes every driver they made when the test ends."""
+    made: list[Faults] = []
+
+    def make(*, seed: int, **rates: float) -> Faults:
+        made.append(Faults(seed=seed, **rates))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.close()
 
 
 def cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
@@ -97,14 +120,16 @@ def store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> ap
 
 
 async def test_transient_faults_are_retried_away(store_kind: str, store: apersist.Backend,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 faults: Callable[..., Faults]) -> None:
     backend = store
     runs, batches, events = WORKLOAD[store_kind]
-    made = install_faults(monkeypatch, seed=11, **TRANSIENT)
+    faulty_runs = faults(seed=11, **TRANSIENT)
+    made = faulty_runs.made
     recorded: list[Any] = []
     counts: dict[str, int] = {}
     for run_number in range(runs):
-        async with apersist.run(cfg(backend)) as run:
+        config = cfg(backend)
+        async with apersist.run(config, driver=faulty_runs.driver(config)) as run:
             stream = run.stream("events")
             # Each faulty run first replays, under faults, everything acknowledged before.
             assert [e.value async for e in stream.replay()] == recorded
@@ -122,7 +147,6 @@ async def test_transient_faults_are_retried_away(store_kind: str, store: apersis
                 assert stream.offset == len(recorded)  # acknowledged: durable now
             if run_number == 1:
                 await run.compact()
-    monkeypatch.undo()
     replayed, offset, table_state = await replay_all(backend)  # clean: the real driver
     assert len(made) == runs
     assert replayed == recorded
@@ -144,9 +168,10 @@ SEGMENTS, COMMITS = "writers/*/segments/*", "writers/*/commits/*"
     ("memory", SEGMENTS), ("memory", COMMITS), ("filesystem", SEGMENTS),
     ("filesystem", COMMITS), ("s3", COMMITS), ("azure", SEGMENTS)])
 async def test_permanent_fault_ends_the_run_and_loses_nothing_acknowledged(
-        store: apersist.Backend, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+        store: apersist.Backend, faults: Callable[..., Faults], target: str) -> None:
     backend = store
-    made = install_faults(monkeypatch, seed=5, **TRANSIENT)
+    faulty_runs = faults(seed=5, **TRANSIENT)
+    made = faulty_runs.made
     acknowledged: list[Any] = []
     recorded: list[Any] = []
     # A long interval: only our commit() calls commit, so "acknowledged" is exact.
@@ -155,7 +180,7 @@ async def test_permanent_fault_ends_the_run_and_loses_nothing_acknowledged(
 
     async def workload() -> None:
         nonlocal acknowledged
-        async with apersist.run(config) as run:
+        async with apersist.run(config, driver=faulty_runs.driver(config)) as run:
             stream = run.stream("events")
             for batch in range(6):
                 if batch == 4:
@@ -183,7 +208,7 @@ async def test_permanent_fault_ends_the_run_and_loses_nothing_acknowledged(
     assert ("put", "permanent") in {(op, kind) for op, _, kind in made[0].faults}
     assert len(acknowledged) == 40
 
-    monkeypatch.undo()  # the next runs are clean
+    # The next runs are clean: the real driver.
     events, offset, _ = await replay_all(backend)
     assert events == acknowledged
     assert offset == len(acknowledged)
@@ -412,25 +437,11 @@ async def test_verify_passes_backend_failures_through() -> None:
         await verify_create_if_absent(faulty)
 
 
-def _install_wrapped(monkeypatch: pytest.MonkeyPatch,
-                     wrap: Callable[[Driver], Driver]) -> list[Driver]:
-    made: list[Driver] = []
-    real = apersist._run.open_driver
-
-    def open_wrapped(backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        driver = wrap(real(backend, config))
-        made.append(driver)
-        return driver
-
-    monkeypatch.setattr(apersist._run, "open_driver", open_wrapped)
-    return made
-
-
-async def test_run_refuses_a_store_that_ignores_if_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_run_refuses_a_store_that_ignores_if_absent() -> None:
     backend = apersist.Backend.memory()
-    _install_wrapped(monkeypatch, lambda real: RetryingDriver(_IgnoresIfAbsent(backend.objects)))
+    driver = RetryingDriver(_IgnoresIfAbsent(backend.objects))
     with pytest.raises(BackendError, match="storage does not honour create-if-absent"):
-        async with apersist.run(cfg(backend)):
+        async with apersist.run(cfg(backend), driver=driver):
             raise AssertionError("the run must not open")
     assert backend.objects == {}  # refused before writing anything: no epoch, no commit
     # A read-only run writes nothing, so it makes no check.
@@ -438,37 +449,31 @@ async def test_run_refuses_a_store_that_ignores_if_absent(monkeypatch: pytest.Mo
     assert events == []
 
 
-async def test_run_checks_once_at_open_and_an_idle_run_stays_silent(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_run_checks_once_at_open_and_an_idle_run_stays_silent() -> None:
     backend = apersist.Backend.memory()
-    counting: list[CountingDriver] = []
-
-    def wrap(real: Driver) -> Driver:
-        counting.append(CountingDriver(real))
-        return RetryingDriver(counting[-1], POLICY)
-
-    _install_wrapped(monkeypatch, wrap)
-    async with apersist.run(cfg(backend)) as run:
-        checks = [key for verb, key in counting[0].keys if key.startswith(SCRATCH_PREFIX)]
-        assert [verb for verb, key in counting[0].keys if key.startswith(SCRATCH_PREFIX)] == [
+    counting = CountingDriver(open_driver(backend))
+    async with apersist.run(cfg(backend), driver=RetryingDriver(counting, POLICY)) as run:
+        checks = [key for verb, key in counting.keys if key.startswith(SCRATCH_PREFIX)]
+        assert [verb for verb, key in counting.keys if key.startswith(SCRATCH_PREFIX)] == [
             "put", "put", "get", "delete"]
         assert len(set(checks)) == 1
         await run.stream("s").record(1)
         await run.commit()
-        counting[0].reset()
+        counting.reset()
         await run.commit()  # nothing new to commit
         for _ in range(5):
             await anyio.lowlevel.checkpoint()
-        assert counting[0].requests == 0
+        assert counting.requests == 0
     assert not any(key.startswith(SCRATCH_PREFIX) for key in backend.objects)
 
 
-async def test_memory_and_filesystem_runs_make_no_check(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
-    made = _install_wrapped(monkeypatch, CountingDriver)
+async def test_memory_and_filesystem_runs_make_no_check(tmp_path: Path) -> None:
+    made: list[CountingDriver] = []
     for backend in (apersist.Backend.memory(), apersist.Backend.filesystem(tmp_path / "s")):
-        async with apersist.run(cfg(backend)):
-            pass
+        config = cfg(backend)
+        async with driver_for(config, CountingDriver) as driver, \
+                apersist.run(config, driver=driver):
+            made.append(driver)
     for driver in made:
         assert isinstance(driver, CountingDriver)
         assert not any(key.startswith(SCRATCH_PREFIX) for _, key in driver.keys)

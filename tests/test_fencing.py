@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import install_counting, replayed, table_state, wait_until
+from helpers import counting, replayed, table_state, wait_until
 
 import apersist
 
@@ -139,12 +139,12 @@ async def test_group_commit_mode_is_fenced_too(backend: apersist.Backend) -> Non
 
 
 async def test_a_commit_in_flight_during_the_takeover_is_fenced_and_invisible(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    drivers = install_counting(monkeypatch)
+        backend: apersist.Backend) -> None:
     outcome: list[BaseException] = []
+    cfg = apersist.Config(backend, snapshot_interval_ms=QUIET)
     with pytest.raises(apersist.FencedError):  # noqa: PT012 (raised by leaving the block)
-        async with apersist.run(apersist.Config(backend, snapshot_interval_ms=QUIET)) as older:
-            older_driver = drivers[0]
+        async with counting(cfg) as older_driver, \
+                apersist.run(cfg, driver=older_driver) as older:
             await older.stream("s").record("committed")
             await older.commit()
             gate = older_driver.hold_segment_puts()

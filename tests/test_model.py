@@ -46,9 +46,8 @@ from hypothesis.stateful import (
 )
 
 import apersist
-import apersist._run
 from apersist import PersistenceError
-from apersist._drivers import Driver
+from apersist._drivers import open_driver
 from apersist.testing import FakeClock, FaultyDriver, SimulatedCrash
 
 EXAMPLES = int(os.environ.get("APERSIST_MODEL_EXAMPLES", "15"))
@@ -94,16 +93,16 @@ def _ignore_crash(point: str) -> None:
 
 
 class Drivers:
-    """Replaces ``open_driver``: every run opened gets a ``FaultyDriver`` around the real one."""
+    """Every run the machine opens gets ``run(config, driver=drivers(config))``: a
+    ``FaultyDriver`` around the real one. The machine closes each after its run."""
 
-    def __init__(self, real: Callable[..., Driver]) -> None:
-        self.real = real
+    def __init__(self) -> None:
         self.last: FaultyDriver | None = None
         self.crash_on_open: str | None = None  # armed on the next driver made
         self.commit_crashes: Counter[str] = Counter()  # by point, over every example
 
-    def __call__(self, backend: apersist.Backend, config: apersist.Config | None = None) -> Driver:
-        faulty = FaultyDriver(self.real(backend, config))
+    def __call__(self, config: apersist.Config) -> FaultyDriver:
+        faulty = FaultyDriver(open_driver(config.backend, config))
         if self.crash_on_open is not None:
             faulty.crash_at(self.crash_on_open, on_crash=_ignore_crash)
             self.crash_on_open = None
@@ -130,6 +129,7 @@ class RunMachine(RuleBasedStateMachine):
         self._portal_cm = anyio.from_thread.start_blocking_portal()
         self.portal = self._portal_cm.__enter__()
         self._run_cm: contextlib.AbstractContextManager[apersist.Run] | None = None
+        self._driver: FaultyDriver | None = None  # the open run's, closed after it
         self.run: apersist.Run | None = None
         self.open_tables: set[str] = set()
         self.seen_offsets: dict[str, Any] = {}
@@ -141,14 +141,19 @@ class RunMachine(RuleBasedStateMachine):
         self.portal.call(self._check_store)
         if crash_point is not None:
             self.drivers.crash_on_open = crash_point
+            driver = self.drivers(self.config)
             doomed = self.portal.wrap_async_context_manager(
-                apersist.run(self.config, clock_ms=self.clock))
-            with pytest.raises(SimulatedCrash):
-                doomed.__enter__()
+                apersist.run(self.config, clock_ms=self.clock, driver=driver))
+            try:
+                with pytest.raises(SimulatedCrash):
+                    doomed.__enter__()
+            finally:
+                self.portal.call(driver.aclose)
             assert self.drivers.last is not None
             assert self.drivers.last.crashed == crash_point
+        self._driver = self.drivers(self.config)
         self._run_cm = self.portal.wrap_async_context_manager(
-            apersist.run(self.config, clock_ms=self.clock))
+            apersist.run(self.config, clock_ms=self.clock, driver=self._driver))
         self.run = self._run_cm.__enter__()
         self.open_tables = set()
         self.pending_deltas = 0
@@ -158,8 +163,13 @@ class RunMachine(RuleBasedStateMachine):
     def _close(self) -> None:
         """Leave the run's block, which commits what is pending (if the storage lets it)."""
         cm, self._run_cm, self.run = self._run_cm, None, None
+        driver, self._driver = self._driver, None
         assert cm is not None
-        cm.__exit__(None, None, None)
+        assert driver is not None
+        try:
+            cm.__exit__(None, None, None)
+        finally:
+            self.portal.call(driver.aclose)  # given to the run, so ours to close
 
     def teardown(self) -> None:
         try:
@@ -203,7 +213,8 @@ class RunMachine(RuleBasedStateMachine):
         is not compacted), so here is where each table is checked after every reopen.
         """
         config = apersist.Config(self.backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
-        async with apersist.run(config, clock_ms=self.clock) as reader:
+        async with contextlib.aclosing(self.drivers(config)) as driver, \
+                apersist.run(config, clock_ms=self.clock, driver=driver) as reader:
             await self._check_streams(reader)
             for name in STREAMS:
                 assert reader.stream(name).offset == self.acked.offset(name), f"stream {name}"
@@ -362,10 +373,8 @@ class RunMachine(RuleBasedStateMachine):
 
 
 @pytest.fixture
-def drivers(monkeypatch: pytest.MonkeyPatch) -> Drivers:
-    made = Drivers(apersist._run.open_driver)
-    monkeypatch.setattr(apersist._run, "open_driver", made)
-    return made
+def drivers() -> Drivers:
+    return Drivers()
 
 
 def _backends(kind: str, tmp_path: Path) -> Iterator[apersist.Backend]:

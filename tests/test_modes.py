@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import install_counting, replayed, stored_objects, table_state
+from helpers import counting, replayed, stored_objects, table_state
 
 import apersist
 from apersist.testing import FakeClock
@@ -178,13 +178,12 @@ async def test_record_cancelled_before_its_first_commit_leaves_the_old_history(
 
 
 async def test_replay_access_replays_and_writes_nothing_at_all(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+        backend: apersist.Backend) -> None:
     probe = Probe()
     last_seq = await seed(backend, probe)
     before = await stored_objects(backend)
-    drivers = install_counting(monkeypatch)
     cfg = apersist.Config(backend, snapshot_access=Access.REPLAY, snapshot_interval_ms=0)
-    async with apersist.run(cfg) as run:
+    async with counting(cfg) as driver, apersist.run(cfg, driver=driver) as run:
         stream = run.stream("s")
         got = [e async for e in run.source("s", probe.reader([("live", 4)]))]
         assert [(e.value, e.offset, e.replayed) for e in got] == (
@@ -203,7 +202,6 @@ async def test_replay_access_replays_and_writes_nothing_at_all(
         await run.compact()
         assert stream.offset == 3
         assert [(e.value, e.offset) async for e in stream.replay()] == SEED
-    (driver,) = drivers
     assert driver.calls["put"] == 0
     assert driver.calls["delete"] == 0
     assert await stored_objects(backend) == before  # byte for byte, and no epoch written

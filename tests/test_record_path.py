@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import apersist
 from apersist import _format as fmt
-from apersist._drivers import Driver
+from apersist._drivers import Driver, open_driver
 from apersist._scheduler import BATCH_ENTRIES
 from apersist.testing import FakeClock
 
@@ -121,25 +121,17 @@ class _FailingCommitRecords:
         await self._inner.put(key, data, if_absent=if_absent)
 
 
-async def test_record_after_a_commit_failed_raises_in_the_same_millisecond(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_record_after_a_commit_failed_raises_in_the_same_millisecond() -> None:
     """Events recorded while the failing commit was in flight were allowed the fast path
     after its cut; the failure must take it back."""
-    drivers: list[_FailingCommitRecords] = []
-    real = apersist._run.open_driver
-
-    def open_failing(backend: apersist.Backend, config: apersist.Config | None = None) -> Any:
-        drivers.append(_FailingCommitRecords(real(backend, config)))
-        return drivers[-1]
-
-    monkeypatch.setattr(apersist._run, "open_driver", open_failing)
     backend = apersist.Backend.memory()
+    driver = _FailingCommitRecords(open_driver(backend))
     with pytest.raises(apersist.BackendError):  # noqa: PT012 (the final commit fails too)
         async with apersist.run(apersist.Config(backend, snapshot_interval_ms=QUIET),
-                                clock_ms=FakeClock()) as run:
+                                clock_ms=FakeClock(), driver=driver) as run:
             stream = run.stream("s")
             await stream.record("committing")
-            drivers[0].armed = True
+            driver.armed = True
             async with anyio.create_task_group() as tg:
 
                 async def failing_commit() -> None:
@@ -151,7 +143,7 @@ async def test_record_after_a_commit_failed_raises_in_the_same_millisecond(
                                  run.stats["pending_deltas"] == 0, what="the cut")
                 await stream.record("during")  # allowed the fast path again
                 await stream.record("during, fast")
-                drivers[0].gate.set()
+                driver.gate.set()
             with pytest.raises(apersist.BackendError, match="injected"):
                 await stream.record("after the failure")
 

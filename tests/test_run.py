@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from helpers import install_counting, replayed, values, wait_until
+from helpers import counting, replayed, values, wait_until
 
 import apersist
 from apersist.testing import FakeClock
@@ -228,37 +228,36 @@ async def test_commit_info_is_frozen() -> None:
 
 @pytest.mark.parametrize("interval", [0, 10])
 async def test_an_idle_run_makes_no_backend_requests(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch, interval: int) -> None:
-    drivers = install_counting(monkeypatch)
+        backend: apersist.Backend, interval: int) -> None:
     cfg = apersist.Config(backend, snapshot_interval_ms=interval)
-    async with apersist.run(cfg) as run:
-        (driver,) = drivers
-        stream = run.stream("s")
-        table = await run.table("t")
-        await stream.record(1, offset=1)
-        table["a"] = 1
-        await run.commit()
-        await wait_until(lambda: run.stats["pending_deltas"] == 0, what="quiet")
-        driver.reset()
-        # Idle for many scheduler periods: nothing to commit, so nothing is asked of storage.
-        with anyio.move_on_after(0.2):
-            await anyio.sleep_forever()
+    async with counting(cfg) as driver:
+        async with apersist.run(cfg, driver=driver) as run:
+            stream = run.stream("s")
+            table = await run.table("t")
+            await stream.record(1, offset=1)
+            table["a"] = 1
+            await run.commit()
+            await wait_until(lambda: run.stats["pending_deltas"] == 0, what="quiet")
+            driver.reset()
+            # Idle for many scheduler periods: nothing to commit, so nothing is asked of storage.
+            with anyio.move_on_after(0.2):
+                await anyio.sleep_forever()
+            assert driver.requests == 0, driver.keys
+            info = await run.commit()
+            assert (info.deltas, info.bytes) == (0, 0)
+            assert stream.offset == 1
+            assert driver.requests == 0, driver.keys
         assert driver.requests == 0, driver.keys
-        info = await run.commit()
-        assert (info.deltas, info.bytes) == (0, 0)
-        assert stream.offset == 1
-        assert driver.requests == 0, driver.keys
-    assert driver.requests == 0, driver.keys
+        assert driver.calls["aclose"] == 0  # the driver was given: the run leaves it open
     assert driver.calls["aclose"] == 1
 
 
 async def test_a_fresh_store_run_with_nothing_recorded_writes_no_segments(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    drivers = install_counting(monkeypatch)
-    async with apersist.run(apersist.Config(backend)) as run:
+        backend: apersist.Backend) -> None:
+    cfg = apersist.Config(backend)
+    async with counting(cfg) as driver, apersist.run(cfg, driver=driver) as run:
         run.stream("s")
         await run.table("t")
-    (driver,) = drivers
     assert not [key for verb, key in driver.keys if verb == "put" and key.endswith(".seg")]
 
 

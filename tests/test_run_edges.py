@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import CountingDriver, install_counting, table_state, values, wait_until
+from helpers import CountingDriver, counting, table_state, values, wait_until
 
 import apersist
 
@@ -67,13 +67,12 @@ async def _cancel_while_uploading(how: str, driver: CountingDriver,
 
 @pytest.mark.parametrize("how", ["wait_for", "timeout", "cancel", "taskgroup"])
 async def test_a_commit_cancelled_by_its_caller_loses_nothing(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+        backend: apersist.Backend, how: str) -> None:
     """Cancelling the task awaiting commit() stops its wait, never the commit (item 1),
     and leaves no bytes counted as pending (item 2)."""
-    drivers = install_counting(monkeypatch)
     expected: dict[str, list[int]] = {"a": [], "b": []}
-    async with apersist.run(_cfg(backend, snapshot_interval_ms=60_000)) as run:
-        driver = drivers[0]
+    cfg = _cfg(backend, snapshot_interval_ms=60_000)
+    async with counting(cfg) as driver, apersist.run(cfg, driver=driver) as run:
         for round_ in range(3):
             for name in expected:  # two streams: a commit of two segments
                 for i in range(20):

@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import orjson
 import pytest
-from helpers import install_counting, replayed, stored_objects, wait_until
+from helpers import counting, replayed, stored_objects, wait_until
 
 import apersist
 from apersist import _format as fmt
@@ -43,10 +43,9 @@ async def test_group_commit_commits_soon_without_an_explicit_commit(
 
 
 async def test_group_commit_batches_what_was_recorded_during_a_commit(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    drivers = install_counting(monkeypatch)
-    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=0)) as run:
-        (driver,) = drivers
+        backend: apersist.Backend) -> None:
+    cfg = apersist.Config(backend, snapshot_interval_ms=0)
+    async with counting(cfg) as driver, apersist.run(cfg, driver=driver) as run:
         stream = run.stream("s")
         gate = driver.hold_segment_puts()
         await stream.record("first")

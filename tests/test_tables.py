@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
-from helpers import install_counting, table_state
+from helpers import counting, table_state
 
 import apersist
 from apersist._table import load_table_state
@@ -135,9 +135,7 @@ async def test_compacting_an_emptied_table_reopens_it_empty(backend: apersist.Ba
     assert await table_state(backend, "t") == {"c": 3}
 
 
-async def test_compaction_bounds_what_reopening_reads(
-        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    drivers = install_counting(monkeypatch)
+async def test_compaction_bounds_what_reopening_reads(backend: apersist.Backend) -> None:
     cfg = apersist.Config(backend, snapshot_interval_ms=QUIET)
     async with apersist.run(cfg) as run:
         table = await run.table("t")
@@ -150,8 +148,8 @@ async def test_compaction_bounds_what_reopening_reads(
         table["later"] = 2
     expected = {"k0": 36, "k1": 37, "k2": 38, "k3": 39, "late": 1, "later": 2}
 
-    async with apersist.run(apersist.Config(backend)) as run:
-        driver = drivers[-1]
+    reopen = apersist.Config(backend)
+    async with counting(reopen) as driver, apersist.run(reopen, driver=driver) as run:
         driver.reset()
         table = await run.table("t")
         assert dict(table) == expected

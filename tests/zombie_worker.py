@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -54,7 +55,6 @@ import orjson
 from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
-import apersist._run
 from apersist._drivers import Driver, ObjectInfo, open_driver
 
 EXIT_CHECK_FAILED = 3
@@ -203,15 +203,6 @@ async def main(args: argparse.Namespace) -> None:
     writer: str = args.writer
     backend = backend_from_spec(args.spec)
     pausing: list[PausingDriver] = []
-
-    def open_pausing(backend: apersist.Backend,
-                     config: apersist.Config | None = None) -> PausingDriver:
-        driver = PausingDriver(open_driver(backend, config), args.pause_at)
-        pausing.append(driver)
-        return driver
-
-    # Every run of this process (there is one) goes through a pausing driver.
-    setattr(apersist._run, "open_driver", open_pausing)  # noqa: B010 (patching a module)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -240,8 +231,12 @@ async def main(args: argparse.Namespace) -> None:
     # FencedError, which would bury it as that error's context.
     failure: CheckFailed | None = None
     left_error: str | None = None
+    # The run of this process (there is one) goes through a pausing driver; given to the
+    # run, so closed here.
+    pausing.append(PausingDriver(open_driver(backend, config), args.pause_at))
     try:
-        async with apersist.run(config) as run:
+        async with contextlib.aclosing(pausing[0]), \
+                apersist.run(config, driver=pausing[0]) as run:
             stream = run.stream(STREAM)
             counts = await run.table(TABLE)
             try:
