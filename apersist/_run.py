@@ -16,7 +16,7 @@ from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config
 from ._drivers import Driver, open_driver
-from ._drivers.base import check_driver_object
+from ._drivers.base import capabilities_of, check_driver_object
 from ._drivers.probe import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._lifecycle import Lifecycle
@@ -166,7 +166,7 @@ def run(config: Config, *, clock_ms: Callable[[], int] | None = None,
     injector or counter, or a storage of the caller's own (as httpx takes ``transport=``).
     It is used as it is: the run adds no retry layer (its retries, and settling an
     ambiguous create, are the driver's), checks create-if-absent only if the driver asks
-    for it (a true ``verify_conditional_writes``), and never closes it: the caller opened
+    for it (``Capabilities.verify_conditional_writes``), and never closes it: the caller opened
     it, and closes it after the run, so one driver may serve several runs in turn.
 
     Raises ``TypeError`` at the call for a ``config`` that is not a ``Config``, a
@@ -192,7 +192,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         await store.load()
         scheduler = None
         if policy.writer:
-            if getattr(driver, "verify_conditional_writes", False):
+            if capabilities_of(driver).verify_conditional_writes:
                 # Once, before writing anything: a store that lets two creators win would
                 # break commits and fencing silently.
                 await verify_create_if_absent(driver)

@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
-from ._drivers.base import put_then_create
+from ._drivers.base import capabilities_of, put_then_create
 from ._errors import CorruptDataError, FencedError, PersistenceError, SegmentCollectedError
 
 __all__ = ["LoggedSegment", "SegmentBlob", "Store"]
@@ -98,11 +98,11 @@ class Store:
     def accepts_buffers(self) -> bool:
         """Whether the driver takes a ``bytearray`` segment (``SegmentBlob.data``) as it is.
 
-        A driver says so with a true ``accepts_buffers`` attribute (the filesystem's commit
-        writes through a memoryview); others, wrappers included, get bytes (the Azure SDK
-        would stream a bytearray as an iterable of ints).
+        A driver declares it (``Capabilities.accepts_buffers``: the filesystem's commit writes
+        through a memoryview); others, wrappers included, get bytes (the Azure SDK would
+        stream a bytearray as an iterable of ints).
         """
-        return bool(getattr(self._driver, "accepts_buffers", False))
+        return capabilities_of(self._driver).accepts_buffers
 
     @property
     def last_seq(self) -> int:

@@ -35,6 +35,7 @@ from helpers import driver_for
 
 import apersist
 from apersist._drivers import Driver, ObjectInfo
+from apersist._drivers.base import capabilities_of
 
 PACKAGE_DIR = str(Path(apersist.__file__).parent)
 TESTS_DIR = str(Path(__file__).parent)
@@ -135,16 +136,10 @@ class PausingDriver:
         self.inner = inner
         self.name = inner.name
         self.calls = 0
-        if hasattr(inner, "put_then_create"):
+        # The wrapped driver's capabilities: it offers put_then_create when that does.
+        self.capabilities = capabilities_of(inner)
+        if self.capabilities.put_then_create:
             self.put_then_create = self._put_then_create
-
-    @property
-    def verify_conditional_writes(self) -> bool:
-        return bool(getattr(self.inner, "verify_conditional_writes", False))
-
-    @property
-    def accepts_buffers(self) -> bool:
-        return bool(getattr(self.inner, "accepts_buffers", False))
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         self.calls += 1

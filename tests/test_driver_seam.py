@@ -23,7 +23,14 @@ from apersist import RetryPolicy
 from apersist._drivers import open_driver
 from apersist._drivers.probe import SCRATCH_PREFIX
 from apersist._drivers.retry import RetryingDriver
-from apersist.testing import Driver, FaultyDriver, ObjectExistsError, ObjectInfo, SimulatedCrash
+from apersist.testing import (
+    Capabilities,
+    Driver,
+    FaultyDriver,
+    ObjectExistsError,
+    ObjectInfo,
+    SimulatedCrash,
+)
 
 QUIET = 3_600_000  # only our commit() calls commit
 POLICY = RetryPolicy(max_attempts=10, initial_backoff_s=0.0005, max_backoff_s=0.002)
@@ -71,7 +78,7 @@ async def test_the_given_driver_replaces_the_configs_backend() -> None:
 
 
 class _AsksForTheCheck(CountingDriver):
-    verify_conditional_writes = True
+    capabilities = Capabilities(verify_conditional_writes=True)
 
 
 async def test_the_create_if_absent_check_runs_only_when_the_driver_asks() -> None:

@@ -11,8 +11,8 @@ import pytest
 
 import apersist
 from apersist._drivers import FilesystemDriver, MemoryDriver, ObjectExistsError, open_driver
-from apersist._drivers.base import Driver
-from apersist.testing import DRIVER_CHECKS, DriverConformance, check_driver
+from apersist._drivers.base import NO_CAPABILITIES, Driver, capabilities_of
+from apersist.testing import DRIVER_CHECKS, Capabilities, DriverConformance, check_driver
 
 
 class TestMemoryDriver(DriverConformance):
@@ -43,6 +43,28 @@ def test_drivers_satisfy_the_protocol(tmp_path: Path) -> None:
     assert isinstance(FilesystemDriver(tmp_path), Driver)
     assert isinstance(open_driver(apersist.Backend.memory()), MemoryDriver)
     assert isinstance(open_driver(apersist.Backend.filesystem(tmp_path)), FilesystemDriver)
+
+
+def test_each_driver_declares_its_capabilities(tmp_path: Path) -> None:
+    """Declared beside the protocol, never probed for: the filesystem commits in one call
+    and takes buffers; S3 and Azure ask a writing run to check create-if-absent."""
+    from apersist._drivers.azure import AzureDriver
+    from apersist._drivers.s3 import S3Driver
+
+    assert capabilities_of(MemoryDriver({})) == Capabilities()
+    assert capabilities_of(FilesystemDriver(tmp_path)) == Capabilities(
+        put_then_create=True, accepts_buffers=True)
+    for cls in (S3Driver, AzureDriver):
+        assert cls.capabilities == Capabilities(verify_conditional_writes=True)
+    assert capabilities_of(object()) is NO_CAPABILITIES
+
+
+def test_a_wrong_capabilities_declaration_is_refused_at_the_call() -> None:
+    class Odd(MemoryDriver):
+        capabilities = ("put_then_create",)  # type: ignore[assignment]
+
+    with pytest.raises(TypeError, match="Capabilities"):
+        apersist.run(apersist.Config(apersist.Backend.memory()), driver=Odd({}))
 
 
 async def test_open_driver_shares_memory_objects() -> None:

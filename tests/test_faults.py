@@ -32,7 +32,7 @@ from apersist._drivers import (
 from apersist._drivers.filesystem import FilesystemDriver
 from apersist._drivers.probe import SCRATCH_PREFIX, verify_create_if_absent
 from apersist._drivers.retry import RetryingDriver
-from apersist.testing import FAULT_KINDS, FaultyDriver, check_driver
+from apersist.testing import FAULT_KINDS, Capabilities, FaultyDriver, check_driver
 
 TRANSIENT = {"lost_response": 0.06, "timeout": 0.05, "throttle": 0.05, "torn_write": 0.05,
              "latency": 0.05}
@@ -348,6 +348,7 @@ async def test_fail_next_targets_keys_and_can_last() -> None:
         FaultyDriver(inner, timeout=0.6, throttle=0.6)
     assert faulty.name == "memory"
     assert faulty.verify_conditional_writes is False
+    assert faulty.capabilities == Capabilities()  # faults go verb by verb: no put_then_create
 
 
 async def test_faulty_driver_without_faults_passes_the_conformance_suite() -> None:
@@ -364,6 +365,7 @@ class _IgnoresIfAbsent(MemoryDriver):
     """A store like s3rver: the condition is ignored, every create wins."""
 
     name = "ignores-if-absent"
+    capabilities = Capabilities(verify_conditional_writes=True)  # as an object store's
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         await anyio.lowlevel.checkpoint()  # a request's round trip: the racers interleave
@@ -452,6 +454,7 @@ async def test_run_refuses_a_store_that_ignores_if_absent() -> None:
 async def test_run_checks_once_at_open_and_an_idle_run_stays_silent() -> None:
     backend = apersist.Backend.memory()
     counting = CountingDriver(open_driver(backend))
+    counting.capabilities = Capabilities(verify_conditional_writes=True)  # as an object store's
     async with apersist.run(cfg(backend), driver=RetryingDriver(counting, POLICY)) as run:
         checks = [key for verb, key in counting.keys if key.startswith(SCRATCH_PREFIX)]
         assert [verb for verb, key in counting.keys if key.startswith(SCRATCH_PREFIX)] == [

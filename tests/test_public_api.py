@@ -148,7 +148,7 @@ def test_py_typed_marker_exists() -> None:
 
 
 TESTING = Path(apersist.testing.__file__).parent
-DRIVER_PROTOCOL = {"Driver", "ObjectExistsError", "ObjectInfo", "ObjectNotFoundError",
+DRIVER_PROTOCOL = {"Capabilities", "Driver", "ObjectExistsError", "ObjectInfo", "ObjectNotFoundError",
                    "TransientBackendError"}
 
 

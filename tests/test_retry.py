@@ -18,6 +18,7 @@ from apersist._drivers import (
     TransientBackendError,
 )
 from apersist._drivers.retry import RetryingDriver
+from apersist.testing import Capabilities
 
 # One scripted outcome of a call: "ok" (do it), "hang" (never answer), "land" (do it, then
 # lose the answer), an exception to raise without doing anything, or a coroutine function
@@ -384,8 +385,13 @@ async def test_wrapper_keeps_the_inner_name_and_closes_it() -> None:
     inner = ScriptedDriver()
     driver = RetryingDriver(inner, RetryPolicy())
     assert driver.name == "scripted"
-    assert driver.verify_conditional_writes is True
-    assert RetryingDriver(inner, verify_conditional_writes=False).verify_conditional_writes is False
+    # The wrapped driver's need for the create-if-absent check, and nothing more: it
+    # retries verb by verb, so it never offers put_then_create.
+    assert driver.capabilities == Capabilities()
+    everything = ScriptedDriver()
+    everything.capabilities = Capabilities(  # type: ignore[attr-defined]
+        put_then_create=True, accepts_buffers=True, verify_conditional_writes=True)
+    assert RetryingDriver(everything).capabilities == Capabilities(verify_conditional_writes=True)
     await driver.aclose()
     await driver.aclose()
     assert inner.closed == 2

@@ -56,6 +56,8 @@ from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
 from apersist._drivers import Driver, ObjectInfo, open_driver
+from apersist._drivers.base import capabilities_of
+from apersist.testing import Capabilities
 
 EXIT_CHECK_FAILED = 3
 STREAM = "z"
@@ -84,10 +86,15 @@ class PausingDriver:
         self._point = point
         self.armed = False
 
-    def __getattr__(self, name: str) -> Any:
+    @property
+    def capabilities(self) -> Capabilities:
         # Not the optional commit verb (nor the buffer capability that goes with it): the
         # pauses sit between the plain puts of a commit, which it would do in one call.
-        if name in ("put_then_create", "accepts_buffers"):
+        return Capabilities(
+            verify_conditional_writes=capabilities_of(self._inner).verify_conditional_writes)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "put_then_create":
             raise AttributeError(name)
         return getattr(self._inner, name)
 

@@ -41,6 +41,7 @@ from .._concurrency import gather_bounded
 from .._config import AzureBackend
 from .._errors import BackendError
 from .base import (
+    Capabilities,
     ObjectExistsError,
     ObjectInfo,
     ObjectNotFoundError,
@@ -114,6 +115,9 @@ class AzureDriver:
     """
 
     name = "azure"
+    # Some servers that speak this API ignore If-None-Match (or the Azure equivalent) and let
+    # every creator win: a run that writes checks the store once (probe.py).
+    capabilities = Capabilities(verify_conditional_writes=True)
 
     def __init__(self, backend: AzureBackend, *, multipart_bytes: int = 16 << 20,
                  max_connections: int = 16) -> None:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast, runtime_checkable
+from typing import Final, Protocol, cast, runtime_checkable
 
 from .._concurrency import gather_bounded
 from .._errors import BackendError
 
 __all__ = [
+    "NO_CAPABILITIES",
+    "Capabilities",
     "Driver",
     "ObjectExistsError",
     "ObjectInfo",
     "ObjectNotFoundError",
     "TransientBackendError",
+    "capabilities_of",
     "check_driver_object",
     "check_key",
     "check_range",
@@ -67,8 +70,8 @@ class Driver(Protocol):
     store takes "exists" as another writer's, and a lost reply misread so would end a run
     with a spurious ``FencedError``, though nothing is lost).
 
-    A driver may also offer one optional verb, ``put_then_create(puts, key, data)``: see
-    ``put_then_create`` below, which falls back to the plain verbs for a driver without it.
+    What a driver offers beyond these verbs it declares in a ``capabilities`` attribute
+    (``Capabilities``); a driver without one offers nothing more (``capabilities_of``).
     """
 
     name: str
@@ -95,6 +98,44 @@ class Driver(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a driver offers beyond the protocol's verbs, declared as ``driver.capabilities``.
+
+    apersist reads these and never probes a driver for optional members. A wrapper (retry,
+    fault injection) declares its own, usually some of the wrapped driver's: one that adds
+    work to each verb (a retry, a fault) must not claim ``put_then_create``, which would
+    skip its steps.
+
+    - ``put_then_create``: the driver has the verb ``put_then_create(puts, key, data)``, a
+      whole commit in one call with the contract of the function ``put_then_create`` below
+      (the filesystem makes it one worker-thread call). Without it that function uses the
+      plain verbs.
+    - ``accepts_buffers``: its ``put_then_create`` takes ``bytearray`` data as it is, so the
+      store hands it segments built in place, without a copy (``Store.accepts_buffers``).
+    - ``verify_conditional_writes``: the storage behind it may not honour create-if-absent
+      (some S3-compatible servers ignore ``If-None-Match``), so a run that writes checks it
+      once when it opens the store (``probe.py``). The S3 and Azure drivers declare it.
+    """
+
+    put_then_create: bool = False
+    accepts_buffers: bool = False
+    verify_conditional_writes: bool = False
+
+
+#: What a driver that declares nothing offers: the protocol's verbs and nothing more.
+NO_CAPABILITIES: Final = Capabilities()
+
+
+def capabilities_of(driver: object) -> Capabilities:
+    """``driver.capabilities``, or ``NO_CAPABILITIES`` for a driver that declares none."""
+    declared = getattr(driver, "capabilities", NO_CAPABILITIES)
+    if not isinstance(declared, Capabilities):
+        raise TypeError(f"driver.capabilities must be apersist.testing.Capabilities: "
+                        f"got={type(declared).__name__}")
+    return declared
+
+
 async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
                           data: bytes, *, concurrency: int) -> None:
     """Put every ``(key, data)`` of ``puts``, then create ``key`` with ``data``: a commit.
@@ -106,16 +147,15 @@ async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | byte
     one of ``puts`` torn under its key (never ``key``), so ``puts`` must be objects that
     nothing names yet, as a commit's segments are.
 
-    A driver that can do better offers this as its own verb (the filesystem does all of it
-    in one worker-thread call). Otherwise, and for wrappers that retry or inject faults
-    step by step (they do not offer it: retrying the whole call after its create landed
-    would put again segments that a durable commit names), the steps are the plain verbs:
-    the puts concurrently, at most ``concurrency`` at once, then ``put(key, data,
-    if_absent=True)``.
+    A driver that can do better offers this as its own verb (``Capabilities``; the
+    filesystem does all of it in one worker-thread call). Otherwise, and for wrappers that
+    retry or inject faults step by step (they do not offer it: retrying the whole call after
+    its create landed would put again segments that a durable commit names), the steps are
+    the plain verbs: the puts concurrently, at most ``concurrency`` at once, then
+    ``put(key, data, if_absent=True)``.
     """
-    own = getattr(driver, "put_then_create", None)
-    if own is not None:
-        await own(puts, key, data)
+    if capabilities_of(driver).put_then_create:
+        await driver.put_then_create(puts, key, data)  # type: ignore[attr-defined]
         return
     # A bytearray reaches only drivers that take one (Store.accepts_buffers); bytes() is
     # for any other, so that put() always gets the bytes it is typed for.
@@ -141,13 +181,15 @@ _DRIVER_VERBS = ("put", "get", "list", "delete", "aclose")
 def check_driver_object(driver: object) -> Driver:
     """Refuse, with ``TypeError``, an object given as a driver that lacks the protocol's
     members: a ``str`` ``name`` and callable ``put``, ``get``, ``list``, ``delete`` and
-    ``aclose``. Checks names, not signatures (as ``isinstance`` on the protocol would)."""
+    ``aclose``, and ``capabilities``, if present, a ``Capabilities``. Checks names, not
+    signatures (as ``isinstance`` on the protocol would)."""
     missing = [verb for verb in _DRIVER_VERBS if not callable(getattr(driver, verb, None))]
     if not isinstance(getattr(driver, "name", None), str):
         missing.insert(0, "name")
     if missing:
         raise TypeError(f"driver must follow the driver protocol: missing={','.join(missing)} "
                         f"got={type(driver).__name__}")
+    capabilities_of(driver)  # a wrong declaration fails here, not at the first commit
     return cast(Driver, driver)
 
 

@@ -28,7 +28,15 @@ import anyio
 import anyio.to_thread
 
 from .._errors import BackendError
-from .base import ObjectExistsError, ObjectInfo, ObjectNotFoundError, check_key, check_range, closed_error
+from .base import (
+    Capabilities,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    check_key,
+    check_range,
+    closed_error,
+)
 
 __all__ = ["FilesystemDriver"]
 
@@ -71,7 +79,7 @@ class FilesystemDriver:
     name = "filesystem"
     # put_then_create() writes a bytearray through a memoryview, as it is: segments for it
     # are built in place, with no copy that holds the GIL (Store.accepts_buffers).
-    accepts_buffers = True
+    capabilities = Capabilities(put_then_create=True, accepts_buffers=True)
 
     def __init__(self, root: Path) -> None:
         self._root = root

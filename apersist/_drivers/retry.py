@@ -25,7 +25,15 @@ import anyio
 
 from .._config import RetryPolicy
 from .._errors import BackendError
-from .base import Driver, ObjectExistsError, ObjectInfo, ObjectNotFoundError, TransientBackendError
+from .base import (
+    Capabilities,
+    Driver,
+    ObjectExistsError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    TransientBackendError,
+    capabilities_of,
+)
 
 __all__ = ["RetryingDriver"]
 
@@ -60,20 +68,20 @@ class RetryingDriver:
       which collecting each attempt's whole listing would not. Each step of a listing (the
       wait for its next object) is one attempt for the timeout.
 
-    ``verify_conditional_writes`` tells a run to check, once when it opens the store for
-    writing, that the storage honours create-if-absent (see ``probe.py``). It is true by
-    default: this wrapper is used for object stores, where that depends on the server.
+    Its ``capabilities`` are the wrapped driver's ``verify_conditional_writes`` only: it
+    retries each verb, so it does not offer ``put_then_create`` (a retry of the whole call
+    after its create landed would put again segments that a durable commit names).
     """
 
     def __init__(self, inner: Driver, policy: RetryPolicy | None = None, *,
                  rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[None]] | None = None,
-                 clock: Callable[[], float] | None = None,
-                 verify_conditional_writes: bool = True) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
         self.inner = inner
         self.name: str = inner.name
         self.policy = policy or RetryPolicy()
-        self.verify_conditional_writes = verify_conditional_writes
+        self.capabilities = Capabilities(
+            verify_conditional_writes=capabilities_of(inner).verify_conditional_writes)
         self._rng = rng or random.Random()
         self._sleep = sleep or anyio.sleep
         self._clock = clock or time.monotonic

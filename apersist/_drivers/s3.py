@@ -32,6 +32,7 @@ from botocore import exceptions as boto  # type: ignore[import-untyped]
 from .._config import S3Backend
 from .._errors import BackendError
 from .base import (
+    Capabilities,
     ObjectExistsError,
     ObjectInfo,
     ObjectNotFoundError,
@@ -208,6 +209,9 @@ class S3Driver:
     """
 
     name = "s3"
+    # Some servers that speak this API ignore If-None-Match (or the Azure equivalent) and let
+    # every creator win: a run that writes checks the store once (probe.py).
+    capabilities = Capabilities(verify_conditional_writes=True)
 
     def __init__(self, backend: S3Backend, *, multipart_bytes: int = 16 * _MIB,
                  max_connections: int = 16) -> None:

@@ -15,10 +15,10 @@
   (:data:`CRASH_POINTS`): the process is killed there, or, in-process, the storage freezes
   as a kill would leave it.
 
-- **The driver protocol** and its signals (:class:`Driver`, :class:`ObjectInfo`,
-  :class:`ObjectExistsError`, :class:`ObjectNotFoundError`,
-  :class:`TransientBackendError`), so that a driver written outside apersist imports
-  nothing private.
+- **The driver protocol**, its signals and its declared capabilities (:class:`Driver`,
+  :class:`ObjectInfo`, :class:`ObjectExistsError`, :class:`ObjectNotFoundError`,
+  :class:`TransientBackendError`, :class:`Capabilities`), so that a driver written outside
+  apersist imports nothing private.
 
 The kit is a package of private modules (``_conformance``, ``_clock``, ``_faults``), as
 ``trio.testing`` is; everything public is imported from here. None of it imports pytest:
@@ -26,6 +26,7 @@ it is importable wherever apersist is installed.
 """
 
 from .._drivers.base import (
+    Capabilities,
     Driver,
     ObjectExistsError,
     ObjectInfo,
@@ -40,6 +41,7 @@ __all__ = [
     "CRASH_POINTS",
     "DRIVER_CHECKS",
     "FAULT_KINDS",
+    "Capabilities",
     "Driver",
     "DriverCheck",
     "DriverConformance",

@@ -14,7 +14,13 @@ from typing import Any, Final
 import anyio
 
 from .. import _format as fmt
-from .._drivers.base import Driver, ObjectInfo, TransientBackendError
+from .._drivers.base import (
+    Capabilities,
+    Driver,
+    ObjectInfo,
+    TransientBackendError,
+    capabilities_of,
+)
 from .._errors import BackendError
 
 __all__ = ["CRASH_POINTS", "FAULT_KINDS", "FaultyDriver", "SimulatedCrash"]
@@ -135,9 +141,17 @@ class FaultyDriver:
         return f"FaultyDriver({self.inner!r}, faults={len(self.faults)})"
 
     @property
+    def capabilities(self) -> Capabilities:
+        """The wrapped driver's ``verify_conditional_writes`` (injecting faults does not
+        change the storage), and nothing else: faults are injected verb by verb, so this
+        wrapper does not offer ``put_then_create``."""
+        return Capabilities(
+            verify_conditional_writes=capabilities_of(self.inner).verify_conditional_writes)
+
+    @property
     def verify_conditional_writes(self) -> bool:
-        """The wrapped driver's answer: injecting faults does not change the storage."""
-        return bool(getattr(self.inner, "verify_conditional_writes", False))
+        """The wrapped driver's answer (``capabilities.verify_conditional_writes``)."""
+        return self.capabilities.verify_conditional_writes
 
     def fail_next(self, op: str, kind: str = "permanent", *, key: str | None = None,
                   times: int | None = 1) -> None:
