@@ -465,7 +465,7 @@ def measure_history(base: Place, commits: int, sizes: Sizes) -> dict[str, Any]:
     empty = base.child(f"empty-{commits}")
     long, short = base.child(f"long-{commits}"), base.child(f"baseline-{commits}")
     per_commit = sizes.baseline_divisor
-    row: dict[str, Any] = {"commits": commits, "events": commits}
+    row: dict[str, Any] = {"commits": commits, "events": commits, "loadavg_start": load_average()}
     try:
         log(f"{base.kind}: writing {commits:,} one-event commits")
         row["build"] = in_child(build, long, commits, 1)
@@ -490,6 +490,7 @@ def measure_history(base: Place, commits: int, sizes: Sizes) -> dict[str, Any]:
                 raise RuntimeError(f"{what}: replayed {row[what]['replayed']} of {commits} events")
         row["replay_ratio"] = row["long"]["replay_s"] / row["baseline"]["replay_s"]
         row["open_ratio"] = row["long"]["open_s"] / row["baseline"]["open_s"]
+        row["loadavg_end"] = load_average()
     finally:
         for place in (long, short, empty):
             asyncio.run(_delete_all(place))
@@ -513,6 +514,7 @@ def measure_backend(kind: str, sizes: Sizes, workdir: Path) -> Result:
             try:
                 figures = in_child(paced, place, rate, sizes.paced_seconds)
                 figures["objects"] = asyncio.run(_objects(place))
+                figures["loadavg_end"] = load_average()
                 result.paced.append(figures)
             except Exception as exc:
                 result.errors.append(f"{kind} paced {rate:g}/s: {type(exc).__name__}: {exc}")
@@ -580,11 +582,12 @@ def render(results: Sequence[Result], meta: dict[str, Any]) -> str:
                         f"| {o['objects']:,} | {size(o['bytes'])} |")
             add("")
             add("| commits | replay / baseline | open / baseline | ms per one-event commit "
-                "(build) |")
-            add("| ---: | ---: | ---: | ---: |")
+                "(build) | load average, start → end |")
+            add("| ---: | ---: | ---: | ---: | --- |")
             for row in result.history:
+                load = f"{row['loadavg_start'][0]} → {row['loadavg_end'][0]}" if "loadavg_end" in row else ""
                 add(f"| {row['commits']:,} | {row['replay_ratio']:.1f}x | {row['open_ratio']:.1f}x "
-                    f"| {row['build']['build_ms_per_commit']:.1f} |")
+                    f"| {row['build']['build_ms_per_commit']:.1f} | {load} |")
             compacted = [row for row in result.history if "objects_after" in row]
             if compacted:
                 add("")
@@ -637,15 +640,20 @@ def render(results: Sequence[Result], meta: dict[str, Any]) -> str:
 
 
 def apersist_commit() -> str:
+    """The checkout's HEAD and the last commit that changed apersist/ (what is measured)."""
     here = Path(apersist.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head, code = git("rev-parse", "--short=12", "HEAD"), git("log", "-1", "--format=%h", "--", ".")
+        dirty = git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + (" (apersist/ has uncommitted changes)" if dirty else "")
+    return (f"HEAD {head}, apersist/ last changed in {code}"
+            + (", with uncommitted changes" if dirty else ""))
 
 
 def _floats(text: str) -> list[float]:
