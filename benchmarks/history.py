@@ -182,17 +182,32 @@ async def _objects(place: Place) -> dict[str, Any]:
             "by_dir": {d: {"objects": c, "bytes": b} for d, (c, b) in sorted(by_dir.items())}}
 
 
-async def _delete_all(place: Place) -> None:
+def cleanup(place: Place) -> None:
+    """Delete a measured store, best effort: a failure is logged, never lost figures.
+
+    On a server this script started, nothing is deleted: the server keeps everything in
+    memory and is stopped when its backend is done. (Deleting is not free there: on
+    Azurite under load, one ``delete`` of 1,000 keys timed out after 120 s.)
+    """
     if place.kind == "filesystem":
         import shutil
 
         shutil.rmtree(place.root, ignore_errors=True)
         return
+    if not os.environ.get("APERSIST_S3_ENDPOINT" if place.kind == "s3" else "APERSIST_AZURE_ENDPOINT"):
+        return
+    try:
+        asyncio.run(_delete_all(place))
+    except Exception as exc:
+        log(f"cleanup of {place.root} failed, left in place: {type(exc).__name__}: {exc}")
+
+
+async def _delete_all(place: Place) -> None:
     driver = open_driver(place.backend())
     try:
         keys = [info.key async for info in driver.list("")]
-        for start in range(0, len(keys), 1000):
-            await driver.delete(keys[start:start + 1000])
+        for start in range(0, len(keys), 256):
+            await driver.delete(keys[start:start + 256])
     finally:
         await driver.aclose()
 
@@ -461,11 +476,12 @@ class Result:
     seconds: float = 0.0
 
 
-def measure_history(base: Place, commits: int, sizes: Sizes) -> dict[str, Any]:
+def measure_history(base: Place, commits: int, sizes: Sizes, row: dict[str, Any]) -> None:
+    """Fill ``row`` step by step: a step that fails leaves the figures of those before it."""
     empty = base.child(f"empty-{commits}")
     long, short = base.child(f"long-{commits}"), base.child(f"baseline-{commits}")
     per_commit = sizes.baseline_divisor
-    row: dict[str, Any] = {"commits": commits, "events": commits, "loadavg_start": load_average()}
+    row |= {"commits": commits, "events": commits, "loadavg_start": load_average()}
     try:
         log(f"{base.kind}: writing {commits:,} one-event commits")
         row["build"] = in_child(build, long, commits, 1)
@@ -493,21 +509,26 @@ def measure_history(base: Place, commits: int, sizes: Sizes) -> dict[str, Any]:
         row["loadavg_end"] = load_average()
     finally:
         for place in (long, short, empty):
-            asyncio.run(_delete_all(place))
-    return row
+            cleanup(place)
 
 
-def measure_backend(kind: str, sizes: Sizes, workdir: Path) -> Result:
-    result = Result(kind)
+def measure_backend(result: Result, sizes: Sizes, workdir: Path,
+                    saved: Callable[[], None] = lambda: None) -> None:
+    """Every figure of one backend, into ``result``; ``saved()`` after each step."""
+    kind = result.backend
     started = time.perf_counter()
     with places(kind, workdir) as base:
         for commits in sizes.commits[kind]:
+            row: dict[str, Any] = {}
+            result.history.append(row)
             try:
-                result.history.append(measure_history(base, commits, sizes))
+                measure_history(base, commits, sizes, row)
+                log(f"{kind}: {history_line(row)}")
             except Exception as exc:
-                result.errors.append(f"{kind} {commits} commits: {type(exc).__name__}: {exc}")
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                result.errors.append(f"{kind} {commits} commits: {row['error']}")
                 log(f"FAILED: {result.errors[-1]}")
-            _emit_progress(result)
+            saved()
         for rate in sizes.paced_rates if sizes.paced_seconds > 0 else ():
             place = base.child(f"paced-{rate:g}")
             log(f"{kind}: paced source, {rate:g} events/s for {sizes.paced_seconds:g} s")
@@ -520,14 +541,9 @@ def measure_backend(kind: str, sizes: Sizes, workdir: Path) -> Result:
                 result.errors.append(f"{kind} paced {rate:g}/s: {type(exc).__name__}: {exc}")
                 log(f"FAILED: {result.errors[-1]}")
             finally:
-                asyncio.run(_delete_all(place))
+                cleanup(place)
+            saved()
     result.seconds = time.perf_counter() - started
-    return result
-
-
-def _emit_progress(result: Result) -> None:
-    if result.history:
-        log(f"{result.backend}: {history_line(result.history[-1])}")
 
 
 # --------------------------------------------------------------------------- report
@@ -563,11 +579,12 @@ def render(results: Sequence[Result], meta: dict[str, Any]) -> str:
     add = out.append
     for result in results:
         add(f"\n## {result.backend}\n")
-        if result.history:
+        complete = [row for row in result.history if "replay_ratio" in row]
+        if complete:
             add(f"| commits (events) | built in | open, empty store | open (CPU) | replay (CPU) "
                 f"| events/s | open read-only | {_requests_label(result)}: open + replay | objects | bytes |")
             add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-            for row in result.history:
+            for row in complete:
                 for label, build_key, key, objects in (
                         ("long", "build", "long", "objects"),
                         (f"same events in {row['baseline_build']['commits']:,} commits",
@@ -584,11 +601,11 @@ def render(results: Sequence[Result], meta: dict[str, Any]) -> str:
             add("| commits | replay / baseline | open / baseline | ms per one-event commit "
                 "(build) | load average, start → end |")
             add("| ---: | ---: | ---: | ---: | --- |")
-            for row in result.history:
+            for row in complete:
                 load = f"{row['loadavg_start'][0]} → {row['loadavg_end'][0]}" if "loadavg_end" in row else ""
                 add(f"| {row['commits']:,} | {row['replay_ratio']:.1f}x | {row['open_ratio']:.1f}x "
                     f"| {row['build']['build_ms_per_commit']:.1f} | {load} |")
-            compacted = [row for row in result.history if "objects_after" in row]
+            compacted = [row for row in complete if "after" in row]
             if compacted:
                 add("")
                 add("| commits | objects before | bytes before | compact | gc | objects after "
@@ -725,14 +742,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "paced_rates": sizes.paced_rates, "paced_seconds": sizes.paced_seconds,
                          "compact": sizes.compact, "quick": args.quick},
         }
-        results = [measure_backend(kind, sizes, workdir) for kind in args.backends]
-    meta["loadavg_at_end"] = load_average()
-    doc = meta | {"results": [{"backend": r.backend, "history": r.history, "paced": r.paced,
-                               "errors": r.errors, "seconds": r.seconds} for r in results]}
-    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(data + b"\n")
+        results: list[Result] = []
+
+        def document() -> bytes:
+            meta["loadavg_at_end"] = load_average()
+            doc = meta | {"results": [{"backend": r.backend, "history": r.history, "paced": r.paced,
+                                       "errors": r.errors, "seconds": r.seconds} for r in results]}
+            return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
+
+        def save() -> None:
+            # After every step, so that a run cut short keeps what it measured.
+            if args.out is not None:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_bytes(document() + b"\n")
+
+        for kind in args.backends:
+            results.append(result := Result(kind))
+            try:
+                measure_backend(result, sizes, workdir, save)
+            except Exception as exc:  # the server did not start, ...: the others still run
+                result.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+                log(f"FAILED: {result.errors[-1]}")
+            save()
+    data = document()
     print(data.decode() if args.json else render(results, meta), flush=True)
     return 1 if any(r.errors for r in results) else 0
 
