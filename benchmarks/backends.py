@@ -1,6 +1,6 @@
 """The object-store workloads: S3 (moto_server) and Azure Blob (Azurite) on this machine.
 
-The servers are started by ``tests/servers.py`` (the same code the backend tests use) on
+The servers are started by ``tests/support/servers.py`` (the same code the backend tests use) on
 free ports of 127.0.0.1 and stopped at the end, also after an error or Ctrl-C. For each
 backend, one after the other (a server idles while the other works):
 
@@ -61,12 +61,12 @@ from .common import (
     version_of,
 )
 
-# The servers are the tests' own (tests/servers.py), imported under the one name the tests
-# give it: pytest and the campaigns' worker scripts import tests/'s support files from tests/.
-TESTS = str(Path(__file__).resolve().parent.parent / "tests")
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
-from servers import (  # noqa: E402 (importable once tests/ is on the path, just above)
+# The servers are the tests' own (tests/support/servers.py), imported under the one name the
+# tests give it: pytest and the campaigns' worker scripts import the support files from there.
+SUPPORT = str(Path(__file__).resolve().parent.parent / "tests" / "support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
+from servers import (  # noqa: E402 (importable once tests/support is on the path, just above)
     AZURITE_ACCOUNT,
     AZURITE_KEY,
     S3_KEY_ID,
@@ -710,7 +710,7 @@ def prepare_environment() -> None:
 
 @contextlib.contextmanager
 def servers(backends: Sequence[str], log_dir: Path, report: Report) -> Iterator[list[Under]]:
-    """moto_server and/or Azurite on loopback (``tests/servers.py``), stopped on the way out."""
+    """moto_server and/or Azurite on loopback (``tests/support/servers.py``), stopped on the way out."""
     prepare_environment()
     unders: list[Under] = []
     with contextlib.ExitStack() as stack:

@@ -18,7 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent  # tests/support: this file, the workers, the wrappers
+ROOT = SUPPORT.parent.parent  # the checkout
 AZURITE_ACCOUNT = "devstoreaccount1"
 # The worker processes of the campaigns abandon a request the server leaves unanswered after
 # this long and retry it (the default, 60 s, equals a campaign's whole wait for a worker to
@@ -134,6 +135,16 @@ def azure_server(log_dir: Path) -> Iterator[str]:
             "--inMemoryPersistence", "--blobHost", "127.0.0.1", "--blobPort", "{port}"]
     with _serve("azurite", argv, log_dir / "azurite.log") as port:
         yield f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for a support script run as a subprocess (``SUPPORT / "crash_worker.py"``):
+    this process's plus ``extra``, with this checkout, then ``tests/support``, first on
+    ``PYTHONPATH``, so the script imports this checkout's apersist, whichever one the venv
+    installed (a script's own folder only puts ``tests/support`` on its path)."""
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(SUPPORT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def backend_spec(backend: object) -> str:

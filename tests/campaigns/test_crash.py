@@ -48,12 +48,12 @@ from typing import Any
 import orjson
 import pytest
 from conftest import make_backend
-from servers import backend_spec
+from servers import SUPPORT, backend_spec, worker_env
 
 import apersist
 from apersist.testing import CRASH_POINTS
 
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = SUPPORT / "crash_worker.py"
 # The durable backends: the worker is another process, so memory stores cannot take part.
 CRASH_KINDS = ["filesystem", "s3", "azure"]
 STREAMS = 3
@@ -157,7 +157,7 @@ async def run_and_kill(kill: Kill) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(WORKER), *kill.args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, env=worker_env())
     assert proc.stdout is not None
     assert proc.stderr is not None
     ready = asyncio.Event()

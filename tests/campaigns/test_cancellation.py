@@ -827,7 +827,7 @@ async def test_a_stepping_task_counts_await_points_and_cancels_at_each() -> None
     plain = SteppingTask(_three_sleeps())
     await asyncio.wait([plain])
     assert (plain.result(), plain.steps, plain.delivered) == ("done", 3, None)
-    assert all(site.startswith("tests/test_cancellation.py:") for site in plain.sites)
+    assert all(site.startswith("tests/campaigns/test_cancellation.py:") for site in plain.sites)
     for k in range(4):  # 0: before it starts; 3: at its last await point
         task = SteppingTask(_three_sleeps(),
                             on_step=lambda t, k=k: t.cancel() if t.steps == k else None)

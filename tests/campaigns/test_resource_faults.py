@@ -22,13 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from servers import SUPPORT, worker_env
 
-WORKER = Path(__file__).with_name("resource_worker.py")
+WORKER = SUPPORT / "resource_worker.py"
 # Each scenario takes about a second; a hang (a commit that never returns) fails the test.
 TIMEOUT_S = 60.0
 MOUNT_FAILED = 97
@@ -55,7 +55,8 @@ def _scenario(name: str) -> Report | str:
         try:
             proc = subprocess.run(
                 ["unshare", "-m", "sh", "-c", script, "sh", top, TMPFS_SIZE, sys.executable,
-                 str(WORKER), name], capture_output=True, timeout=TIMEOUT_S, check=False)
+                 str(WORKER), name], capture_output=True, timeout=TIMEOUT_S, check=False,
+                env=worker_env())
         except subprocess.TimeoutExpired as exc:
             return (f"resource worker hung: scenario={name} timeout_s={TIMEOUT_S}\nstdout tail:\n"
                     f"{(exc.stdout or b'')[-3000:].decode(errors='replace')}")

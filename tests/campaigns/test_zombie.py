@@ -47,11 +47,11 @@ from typing import Any, NoReturn, TypeVar
 import orjson
 import pytest
 from conftest import make_backend
-from servers import backend_spec
+from servers import SUPPORT, backend_spec, worker_env
 
 import apersist
 
-WORKER = Path(__file__).with_name("zombie_worker.py")
+WORKER = SUPPORT / "zombie_worker.py"
 # The durable backends: the writers are other processes, so memory stores cannot take part.
 ZOMBIE_KINDS = ["filesystem", "s3", "azure"]
 ALL_VARIANTS = ("concurrent", "sigstop", "pause:before_segment_put", "pause:before_commit_put",
@@ -128,7 +128,7 @@ class Writer:
             sys.executable, str(WORKER), *self.args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "APERSIST_ZOMBIE_LOG": os.environ.get("APERSIST_ZOMBIE_LOG", "info")})
+            env=worker_env(APERSIST_ZOMBIE_LOG=os.environ.get("APERSIST_ZOMBIE_LOG", "info")))
         assert self.proc.stdout is not None
         assert self.proc.stderr is not None
         self._tasks = [asyncio.create_task(self._read_lines(self.proc.stdout)),

@@ -38,7 +38,7 @@ import orjson
 
 import apersist
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent.parent  # tests/, which holds golden/
 QUIET = 3_600_000  # commit only when told to: the commits are part of the golden bytes
 T0 = 1_700_000_000_000
 
@@ -187,7 +187,7 @@ async def replay_all(root: Path, expected: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     version = f"{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR}"
-    parser.add_argument("--out", type=Path, default=HERE / "golden" / f"format-{version}")
+    parser.add_argument("--out", type=Path, default=TESTS / "golden" / f"format-{version}")
     args = parser.parse_args(argv)
     out: Path = args.out
     if out.exists():

@@ -27,7 +27,7 @@ import apersist
 from apersist._drivers import open_driver
 from apersist._inspect import verify
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 VERSIONS = sorted(p.name for p in GOLDEN.glob("format-*"))
 CURRENT = f"format-{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR}"
 QUIET = 3_600_000

@@ -38,7 +38,7 @@ from apersist._drivers import Driver, ObjectInfo
 from apersist._drivers.base import capabilities_of
 
 PACKAGE_DIR = str(Path(apersist.__file__).parent)
-TESTS_DIR = str(Path(__file__).parent)
+TESTS_DIR = str(Path(__file__).parent.parent)  # tests/, above this support folder
 
 
 def _frames(awaitable: object) -> list[FrameType]:
