@@ -1,7 +1,7 @@
 """Format stability: the golden store of every released format version still reads.
 
 ``tests/golden/format-X.Y/`` holds a small store written by format version X.Y (made once
-by ``tests/make_golden.py``, never regenerated) and ``expected.json``, what it must read
+by ``tests/support/make_golden.py``, never regenerated) and ``expected.json``, what it must read
 back as. Every later version must replay each golden store to exactly those events,
 offsets, table states and cached results, on every backend, and go on writing to it; a
 copy whose version is bumped to a newer major must be refused with
@@ -112,7 +112,7 @@ def assert_exactly(got: dict[str, Any], expected: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- the store itself
 def test_there_is_a_golden_store_for_the_current_format_version() -> None:
-    assert CURRENT in VERSIONS, "run tests/make_golden.py and check the store in"
+    assert CURRENT in VERSIONS, "run tests/support/make_golden.py and check the store in"
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -1,6 +1,6 @@
 """Render the campaigns' JSON-lines report as the Markdown tables of docs/reliability.md.
 
-``python tests/campaign_report.py REPORT.jsonl``: one table per campaign, one row per
+``python tests/support/campaign_report.py REPORT.jsonl``: one table per campaign, one row per
 backend. The report is written by the campaign tests when ``APERSIST_*_REPORT`` names it
 (see ``.ci/campaigns``).
 """
@@ -18,7 +18,7 @@ import orjson
 Row = dict[str, Any]
 # Per campaign: (title, [(column, how to get it from a row)]).
 COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
-    "crash": ("kill -9 (tests/test_crash.py)", [
+    "crash": ("kill -9 (tests/campaigns/test_crash.py)", [
         ("kills", lambda r: r["kills"]),
         ("at random instants", lambda r: r["by_kind"].get("random", 0)),
         ("at named crash points", lambda r: sum(n for k, n in r["by_kind"].items() if k != "random")),
@@ -28,7 +28,7 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
         ("acknowledged events lost", lambda r: r.get("events_lost", 0)),
         ("time (s)", lambda r: r.get("elapsed_s", "")),
     ]),
-    "faults": ("injected storage faults (tests/test_fault_campaign.py)", [
+    "faults": ("injected storage faults (tests/campaigns/test_fault_campaign.py)", [
         ("runs", lambda r: r["runs"]),
         ("runs ended by a permanent fault", lambda r: r["failed_runs"]),
         ("commits acknowledged", lambda r: r["commits"]),
@@ -37,7 +37,7 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
         ("acknowledged events lost", lambda r: r["events_lost"]),
         ("time (s)", lambda r: r["elapsed_s"]),
     ]),
-    "corruption": ("corruption (tests/test_corruption.py)", [
+    "corruption": ("corruption (tests/campaigns/test_corruption.py)", [
         ("scope", lambda r: r["scope"]),
         ("damaged objects", lambda r: r["cases"]),
         ("detected (CorruptDataError, key and offset)", lambda r: r["detected"]),
@@ -45,7 +45,7 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
         ("undetectable: newest commit deleted", lambda r: r["undetectable_newest_commit_deleted"]),
         ("wrong values replayed", lambda r: r["wrong"]),
     ]),
-    "zombie": ("zombie writers (tests/test_zombie.py)", [
+    "zombie": ("zombie writers (tests/campaigns/test_zombie.py)", [
         ("rounds (takeovers)", lambda r: r["rounds"]),
         ("older writer fenced", lambda r: r["fenced"]),
         ("commits acknowledged", lambda r: r["commits_acked"]),
@@ -53,7 +53,7 @@ COLUMNS: dict[str, tuple[str, list[tuple[str, Callable[[Row], Any]]]]] = {
         ("result", lambda r: r["result"]),
         ("time (s)", lambda r: r.get("elapsed_s", "")),
     ]),
-    "cancellation": ("cancellation (tests/test_cancellation.py)", [
+    "cancellation": ("cancellation (tests/campaigns/test_cancellation.py)", [
         ("coroutines", lambda r: r["coroutines"]),
         ("await points", lambda r: r["await_points"]),
         ("sites cancelled at", lambda r: r["sites_covered"]),

@@ -1,10 +1,10 @@
 """Write the golden store of the current format version: ``tests/golden/format-X.Y/``.
 
 Run once per released format version and check the result in; never regenerate a released
-one (``tests/test_golden.py`` reads it with every later version)::
+one (``tests/campaigns/test_golden.py`` reads it with every later version)::
 
-    python tests/make_golden.py            # writes tests/golden/format-X.Y/ (the current)
-    python tests/make_golden.py --out DIR  # anywhere else (DIR must not exist)
+    python tests/support/make_golden.py            # writes tests/golden/format-X.Y/ (the current)
+    python tests/support/make_golden.py --out DIR  # anywhere else (DIR must not exist)
 
 The store is written on the filesystem backend by two runs (two writer epochs). It holds
 streams with offsets (unicode and nested values among them), a table with a compaction
