@@ -7,7 +7,7 @@
 
 A profile, not a race: the same figures before and after a change to how a store grows.
 For each backend (filesystem; S3 on moto_server; Azure on Azurite, both on 127.0.0.1
-through ``tests/servers.py``) and each commit count N:
+through ``tests/support/servers.py``) and each commit count N:
 
 1. **Open and replay against history.** A *long* store gets N events in N commits of one
    event each; a *baseline* store gets the same N events in N/100 commits (the
@@ -87,7 +87,9 @@ class Place:
     url: str = ""  # the server's endpoint (object stores)
 
     def backend(self) -> apersist.Backend:
-        from tests.servers import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
+        # The tests' servers module (tests/support/servers.py), through backends.py, which
+        # imports it under its one name, ``servers``.
+        from .backends import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
 
         if self.kind == "filesystem":
             return apersist.Backend.filesystem(self.root)
@@ -106,7 +108,7 @@ class Place:
 
     def cli(self) -> tuple[str, dict[str, str]]:
         """The root as ``apersist`` takes it on the command line, and the environment it needs."""
-        from tests.servers import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
+        from .backends import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
 
         if self.kind == "filesystem":
             return self.root, {}
@@ -126,9 +128,7 @@ def places(kind: str, workdir: Path) -> Iterator[Place]:
     if kind == "filesystem":
         yield Place(kind, str(workdir / base))
         return
-    from tests.servers import azure_server, s3_server
-
-    from .backends import prepare_environment
+    from .backends import azure_server, prepare_environment, s3_server
 
     prepare_environment()
     server = s3_server if kind == "s3" else azure_server
@@ -140,7 +140,7 @@ def places(kind: str, workdir: Path) -> Iterator[Place]:
 
 
 async def _create_bucket(kind: str, url: str) -> None:
-    from tests.servers import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
+    from .backends import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
 
     if kind == "s3":
         from aiobotocore.session import get_session  # type: ignore[import-untyped]
