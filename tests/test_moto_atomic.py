@@ -54,3 +54,28 @@ async def test_a_stalled_conditional_put_does_not_hold_other_creates(
         assert status_line.startswith(b"HTTP/1.1 "), status_line
     finally:
         writer.close()
+
+
+async def test_a_create_whose_client_went_away_mid_body_stores_nothing(
+        s3_endpoint: str, s3_bucket: str) -> None:
+    """A writer killed while sending a create (the crash campaign's kill -9) must not leave
+    the part it sent under the key: S3 stores nothing of an incomplete body. The test server
+    used to store it, and a 0-byte commit record made the store unopenable."""
+    url = urlsplit(s3_endpoint)
+    assert url.hostname is not None
+    assert url.port is not None
+    root = f"t/{uuid.uuid4().hex}"
+    _, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write((f"PUT /{s3_bucket}/{root}/torn HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                  f"If-None-Match: *\r\nContent-Length: 100\r\n\r\n").encode() + b"x" * 10)
+    await writer.drain()
+    writer.close()  # gone, as a killed process's socket is
+    await asyncio.sleep(0.5)  # the server has seen the end of the stream
+    driver = open_driver(apersist.Backend.s3(root, s3_settings(s3_endpoint, TEST_BUCKET)))
+    try:
+        assert [info async for info in driver.list("")] == []
+        await driver.put("torn", b"whole", if_absent=True)  # the key was never taken
+        assert await driver.get("torn") == b"whole"
+    finally:
+        await driver.aclose()
+

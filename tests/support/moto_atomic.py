@@ -8,6 +8,9 @@ application with every request carrying ``If-None-Match`` taken under one lock, 
 creates run one at a time; every other request stays concurrent. A request's body is read
 in full before it takes the lock: a client frozen in the middle of sending one (the zombie
 campaign stops writers with SIGSTOP at random instants) must not hold every other create.
+A create whose client went away before sending its whole body is refused, as S3 refuses
+it (``IncompleteBody``): passed on, moto stored the part it got, and a writer killed
+mid-request left a commit record of 0 bytes that made the store unopenable.
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ class AtomicConditionalWrites:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if "HTTP_IF_NONE_MATCH" not in environ:
             return self._app(environ, start_response)
-        body = _read_body(environ)
+        body, complete = _read_body(environ)
+        if not complete:
+            start_response("400 Bad Request", [("Content-Type", "application/xml")])
+            return [b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>IncompleteBody</Code>"
+                    b"<Message>You did not provide the number of bytes specified by the "
+                    b"Content-Length HTTP header.</Message></Error>"]
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         # werkzeug has already undone a chunked transfer: the body is now a plain one.
@@ -49,20 +57,21 @@ class AtomicConditionalWrites:
             return list(self._app(environ, start_response))
 
 
-def _read_body(environ: dict[str, Any]) -> bytes:
-    """The whole request body: ``CONTENT_LENGTH`` bytes, or up to the end of a chunked one."""
+def _read_body(environ: dict[str, Any]) -> tuple[bytes, bool]:
+    """The request body (``CONTENT_LENGTH`` bytes, or up to the end of a chunked one), and
+    whether it came whole: False when the client went away before sending all of it."""
     stream = environ["wsgi.input"]
     if environ.get("wsgi.input_terminated"):
-        return bytes(stream.read())
+        return bytes(stream.read()), True
     length = int(environ.get("CONTENT_LENGTH") or 0)
     chunks: list[bytes] = []
     while length > 0:
         chunk = stream.read(min(length, 1 << 20))
         if not chunk:
-            break  # the client went away: moto sees the short body, as it would have
+            return b"".join(chunks), False
         chunks.append(chunk)
         length -= len(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), True
 
 
 def main() -> None:
