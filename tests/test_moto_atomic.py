@@ -20,17 +20,23 @@ import apersist
 from apersist._drivers import ObjectExistsError, open_driver
 
 
-async def test_a_stalled_conditional_put_does_not_hold_other_creates(
-        s3_endpoint: str, s3_bucket: str) -> None:
+async def _start_a_create(s3_endpoint: str, bucket: str,
+                          key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send the headers of a create-if-absent of 100 bytes and the first 10 of them."""
     url = urlsplit(s3_endpoint)
     assert url.hostname is not None
     assert url.port is not None
-    stalled_key = f"t/{uuid.uuid4().hex}/stalled"
-    # Headers and the start of a body, then silence, as a client stopped by SIGSTOP.
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    writer.write((f"PUT /{s3_bucket}/{stalled_key} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+    writer.write((f"PUT /{bucket}/{key} HTTP/1.1\r\nHost: {url.netloc}\r\n"
                   f"If-None-Match: *\r\nContent-Length: 100\r\n\r\n").encode() + b"x" * 10)
     await writer.drain()
+    return reader, writer
+
+
+async def test_a_stalled_conditional_put_does_not_hold_other_creates(
+        s3_endpoint: str, s3_bucket: str) -> None:
+    # Headers and the start of a body, then silence, as a client stopped by SIGSTOP.
+    reader, writer = await _start_a_create(s3_endpoint, s3_bucket, f"t/{uuid.uuid4().hex}/stalled")
     await asyncio.sleep(0.5)  # the server has the headers and is waiting for the rest
     try:
         root = f"t/{uuid.uuid4().hex}"
@@ -61,14 +67,8 @@ async def test_a_create_whose_client_went_away_mid_body_stores_nothing(
     """A writer killed while sending a create (the crash campaign's kill -9) must not leave
     the part it sent under the key: S3 stores nothing of an incomplete body. The test server
     used to store it, and a 0-byte commit record made the store unopenable."""
-    url = urlsplit(s3_endpoint)
-    assert url.hostname is not None
-    assert url.port is not None
     root = f"t/{uuid.uuid4().hex}"
-    _, writer = await asyncio.open_connection(url.hostname, url.port)
-    writer.write((f"PUT /{s3_bucket}/{root}/torn HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                  f"If-None-Match: *\r\nContent-Length: 100\r\n\r\n").encode() + b"x" * 10)
-    await writer.drain()
+    _, writer = await _start_a_create(s3_endpoint, s3_bucket, f"{root}/torn")
     writer.close()  # gone, as a killed process's socket is
     await asyncio.sleep(0.5)  # the server has seen the end of the stream
     driver = open_driver(apersist.Backend.s3(root, s3_settings(s3_endpoint, TEST_BUCKET)))
