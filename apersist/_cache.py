@@ -24,7 +24,6 @@ from ._values import check_name, dumps_sorted, dumps_value
 __all__ = ["UdfCache", "cached", "current_cache"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_LOG = fmt.CACHE_LOG  # the one cache log of a writer
 
 #: The cache of the run whose block the current task is in (None outside any run).
 current_cache: ContextVar[UdfCache | None] = ContextVar("apersist_cache", default=None)
@@ -51,7 +50,7 @@ class UdfCache:
         self._loop_thread = threading.get_ident()
         self._entries = entries
         self._scheduler = scheduler
-        self._buffer = scheduler.buffer(fmt.KIND_CACHE, _LOG) if scheduler is not None else None
+        self._buffer = scheduler.buffer(fmt.KIND_CACHE, fmt.CACHE_LOG) if scheduler is not None else None
         self.flights: dict[str, _Flight] = {}
         self.hits = 0
         self.misses = 0
@@ -68,7 +67,7 @@ class UdfCache:
         """
         entries: dict[str, bytes] = {}
         if load:
-            refs = [s.ref for s in store.segments(fmt.KIND_CACHE, _LOG) if s.seq <= upto_seq]
+            refs = [s.ref for s in store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG) if s.seq <= upto_seq]
             pacer = Pacer()
             async for view in store.read_segments(refs):
                 for value, _off, _t in view.records():

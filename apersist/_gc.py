@@ -28,8 +28,6 @@ from ._store import Store
 __all__ = ["GcMarks", "GcPlan", "collect_garbage", "plan_gc", "read_marker"]
 
 _MARKS_TYPE = "gc-marks"
-# The one writer id of this format version (see docs/format.md, "Keys").
-_WRITER = fmt.WRITER
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +146,13 @@ async def plan_gc(driver: Driver, *, grace_ms: int, now_ms: int) -> GcPlan:
     """
     if grace_ms < 0:
         raise ValueError(f"the grace period must not be negative: grace_ms={grace_ms}")
-    store = Store(driver, writer=_WRITER, clock_ms=lambda: now_ms)
+    store = Store(driver, writer=fmt.WRITER, clock_ms=lambda: now_ms)
     await store.load()
-    marks, damaged = await _read_marks(driver, _WRITER)
+    marks, damaged = await _read_marks(driver, fmt.WRITER)
     due: list[str] = []
     waiting: dict[str, int] = {}
     new: list[str] = []
-    for key in await _garbage(store, driver, _WRITER):
+    for key in await _garbage(store, driver, fmt.WRITER):
         seen = marks.get(key)
         if seen is None or seen > now_ms:
             seen = now_ms
@@ -182,7 +180,7 @@ async def collect_garbage(driver: Driver, *, grace_ms: int, now_ms: int,
     if dry_run:
         return plan
     if plan.marker_changed:
-        await driver.put(fmt.gc_marks_key(_WRITER), GcMarks(_WRITER, plan.waiting).encode())
+        await driver.put(fmt.gc_marks_key(fmt.WRITER), GcMarks(fmt.WRITER, plan.waiting).encode())
     if plan.due:
         await driver.delete(list(plan.due))
     return plan

@@ -230,7 +230,8 @@ def azure_under(url: str) -> Under:
         root, AZURITE_ACCOUNT, AZURITE_KEY, CONTAINER, endpoint=url), url, server_pid(port))
 
 
-async def create_bucket(url: str) -> None:
+async def create_bucket(url: str, bucket: str = BUCKET) -> None:
+    """Create ``bucket`` on the S3 server at ``url`` unless it exists."""
     from aiobotocore.session import get_session  # type: ignore[import-untyped]
 
     async with get_session().create_client(
@@ -238,17 +239,18 @@ async def create_bucket(url: str) -> None:
             aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET) as client:
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
                                  client.exceptions.BucketAlreadyExists):
-            await client.create_bucket(Bucket=BUCKET)
+            await client.create_bucket(Bucket=bucket)
 
 
-async def create_container(url: str) -> None:
+async def create_container(url: str, container: str = CONTAINER) -> None:
+    """Create ``container`` on the Azure server at ``url`` unless it exists."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob.aio import BlobServiceClient
 
     credential = {"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY}
     async with BlobServiceClient(url, credential=credential) as service:
         with contextlib.suppress(ResourceExistsError):
-            await service.create_container(CONTAINER)
+            await service.create_container(container)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -140,25 +140,12 @@ def places(kind: str, workdir: Path) -> Iterator[Place]:
 
 
 async def _create_bucket(kind: str, url: str) -> None:
-    from .backends import AZURITE_ACCOUNT, AZURITE_KEY, S3_KEY_ID, S3_REGION, S3_SECRET
+    from .backends import create_bucket, create_container
 
     if kind == "s3":
-        from aiobotocore.session import get_session  # type: ignore[import-untyped]
-
-        async with get_session().create_client(
-                "s3", endpoint_url=url, region_name=S3_REGION,
-                aws_access_key_id=S3_KEY_ID, aws_secret_access_key=S3_SECRET) as client:
-            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
-                                     client.exceptions.BucketAlreadyExists):
-                await client.create_bucket(Bucket=BUCKET)
-        return
-    from azure.core.exceptions import ResourceExistsError
-    from azure.storage.blob.aio import BlobServiceClient
-
-    credential = {"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY}
-    async with BlobServiceClient(url, credential=credential) as service:
-        with contextlib.suppress(ResourceExistsError):
-            await service.create_container(CONTAINER)
+        await create_bucket(url, BUCKET)
+    else:
+        await create_container(url, CONTAINER)
 
 
 # --------------------------------------------------------------------------- objects

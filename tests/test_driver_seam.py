@@ -25,7 +25,6 @@ from apersist._drivers.probe import SCRATCH_PREFIX
 from apersist._drivers.retry import RetryingDriver
 from apersist.testing import (
     Capabilities,
-    Driver,
     FaultyDriver,
     ObjectExistsError,
     ObjectInfo,
@@ -276,34 +275,21 @@ async def test_a_retrying_faulty_driver_rides_out_lost_replies_of_every_create()
 # --------------------------------------------------------------------------- one owner
 
 
-class _ReportsOwnCreateAsTaken:
+class _ReportsOwnCreateAsTaken(CountingDriver):
     """A driver that retries a commit record's create inside itself and does not settle
     it: the first attempt lands, the second meets "exists", and that is reported."""
 
-    def __init__(self, inner: Driver) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.armed = False
-        self.gets: list[str] = []
+    armed = False
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        await self.inner.put(key, data, if_absent=if_absent)
+        await super().put(key, data, if_absent=if_absent)
         if self.armed and if_absent and "/commits/" in key:
             self.armed = False
             raise ObjectExistsError(f"object already exists: key={key}")
 
-    async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
-        self.gets.append(key)
-        return await self.inner.get(key, start=start, end=end)
-
-    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    async def delete(self, keys: Sequence[str]) -> None:
-        await self.inner.delete(keys)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    @property
+    def gets(self) -> list[str]:
+        return [key for verb, key in self.keys if verb == "get"]
 
 
 async def test_the_store_leaves_settling_an_ambiguous_create_to_the_driver() -> None:

@@ -136,10 +136,8 @@ class PausingDriver:
         self.inner = inner
         self.name = inner.name
         self.calls = 0
-        # The wrapped driver's capabilities: it offers put_then_create when that does.
+        # The wrapped driver's capabilities: its put_then_create is used when that offers one.
         self.capabilities = capabilities_of(inner)
-        if self.capabilities.put_then_create:
-            self.put_then_create = self._put_then_create
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         self.calls += 1
@@ -149,7 +147,7 @@ class PausingDriver:
         _note("put", key, "end")
         await anyio.lowlevel.checkpoint()
 
-    async def _put_then_create(self, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
+    async def put_then_create(self, puts: Sequence[tuple[str, bytes | bytearray]], key: str,
                                data: bytes) -> None:
         self.calls += 1
         _note("put_then_create", key, "start")

@@ -94,8 +94,6 @@ class PausingDriver:
             verify_conditional_writes=capabilities_of(self._inner).verify_conditional_writes)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "put_then_create":
-            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def _pause_if(self, point: str) -> None:
