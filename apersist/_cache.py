@@ -67,7 +67,7 @@ class UdfCache:
         """
         entries: dict[str, bytes] = {}
         if load:
-            refs = [s.ref for s in store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG) if s.seq <= upto_seq]
+            refs = [s.ref for s in store.segments_at(fmt.KIND_CACHE, fmt.CACHE_LOG, upto_seq)]
             pacer = Pacer()
             async for view in store.read_segments(refs):
                 for value, _off, _t in view.records():

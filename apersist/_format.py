@@ -21,13 +21,15 @@ from ._errors import CorruptDataError, IncompatibleFormatError
 __all__ = [
     "FORMAT_MAJOR",
     "FORMAT_MINOR",
+    "Checkpoint",
     "CommitRecord",
     "EpochRecord",
+    "Rewrite",
     "SegmentMeta",
     "SegmentRef",
 ]
 
-FORMAT_MAJOR: Final = 3
+FORMAT_MAJOR: Final = 4
 FORMAT_MINOR: Final = 0
 
 # The log kinds a segment can hold.
@@ -70,6 +72,37 @@ def segments_prefix(writer: str) -> str:
     return f"writers/{writer}/segments/"
 
 
+def checkpoints_prefix(writer: str) -> str:
+    return f"writers/{writer}/checkpoints/"
+
+
+def checkpoint_key(writer: str, seq: int) -> str:
+    """The checkpoint of the log folded up to commit ``seq``."""
+    return f"{checkpoints_prefix(writer)}{seq:0{_ID_WIDTH}d}.json"
+
+
+def head_key(writer: str) -> str:
+    """The hint naming the newest checkpoint, so that opening a store lists no history."""
+    return f"{writer_prefix(writer)}head.json"
+
+
+#: Keys are listed a *bucket* at a time: the keys whose number shares all digits but the
+#: last three, so that a listing starts near the number wanted and returns at most
+#: ``BUCKET`` keys, however long the history (every backend lists by prefix).
+BUCKET: Final = 1000
+_BUCKET_DIGITS: Final = _ID_WIDTH - 3
+
+
+def commit_bucket_prefix(writer: str, bucket: int) -> str:
+    """The prefix of the commit keys numbered ``bucket * BUCKET`` to ``bucket * BUCKET + 999``."""
+    return f"{commits_prefix(writer)}{bucket:0{_BUCKET_DIGITS}d}"
+
+
+def segment_bucket_prefix(writer: str, epoch: int, bucket: int) -> str:
+    """The prefix of one epoch's segment keys numbered ``bucket * BUCKET`` to ``+ 999``."""
+    return f"{segments_prefix(writer)}{epoch:0{_ID_WIDTH}d}-{bucket:0{_BUCKET_DIGITS}d}"
+
+
 def epoch_key(writer: str, epoch: int) -> str:
     return f"{epochs_prefix(writer)}{epoch:0{_ID_WIDTH}d}.json"
 
@@ -104,11 +137,13 @@ def parse_segment_key(key: str, writer: str) -> tuple[int, int] | None:
 
 
 #: What ``key_kind`` answers, by the folder under ``writers/<id>/``.
-_KEY_KINDS: Final = {"segments": "segment", "commits": "commit", "epochs": "epoch"}
+_KEY_KINDS: Final = {"segments": "segment", "commits": "commit", "epochs": "epoch",
+                     "checkpoints": "checkpoint"}
 
 
 def key_kind(key: str) -> str:
-    """Which object a key names: ``segment``, ``commit``, ``epoch`` or ``other``."""
+    """Which object a key names: ``segment``, ``commit``, ``epoch``, ``checkpoint`` or
+    ``other``."""
     parts = key.split("/", 3)
     if len(parts) == 4 and parts[0] == "writers":
         return _KEY_KINDS.get(parts[2], "other")
@@ -244,6 +279,7 @@ class CommitRecord:
     segments: tuple[SegmentRef, ...]
     offsets: Mapping[str, bytes]
     major: int = FORMAT_MAJOR
+    rewrites: tuple[Rewrite, ...] = ()
 
     @property
     def whole_offsets(self) -> bool:
@@ -279,6 +315,8 @@ class CommitRecord:
             "reset": self.reset, "segments": [s.to_json() for s in self.segments],
             "offset_changes": {name: orjson.Fragment(raw) for name, raw in self.offsets.items()},
         }
+        if self.rewrites:
+            body["rewrites"] = [r.to_json() for r in self.rewrites]
         return _encode_checked(body)
 
     @classmethod
@@ -286,18 +324,26 @@ class CommitRecord:
         body = _decode_checked(key, data)
         if body.get("type") != "commit":
             raise CorruptDataError(f"object is not a commit record: key={key} offset=0")
-        refs = []
-        for item in _field(key, body, "segments", list):
-            if not isinstance(item, dict):
-                raise CorruptDataError(f"commit names a malformed segment: key={key} offset=0")
-            ref = SegmentRef(_field(key, item, "key", str), _field(key, item, "kind", str),
-                             _field(key, item, "name", str), _field(key, item, "records", int),
-                             _field(key, item, "size", int))
-            if ref.kind not in KINDS:
-                raise IncompatibleFormatError(f"commit names a segment of an unknown kind: "
-                                              f"key={key} kind={ref.kind}")
-            refs.append(ref)
+        refs = [_segment_ref(key, item) for item in _field(key, body, "segments", list)]
         major: int = body["format"][0]  # checked by _decode_checked
+        rewrites: list[Rewrite] = []
+        if major >= _REWRITES_IN and "rewrites" in body:
+            for item in _field(key, body, "rewrites", list):
+                if not isinstance(item, dict):
+                    raise CorruptDataError(f"commit holds a malformed rewrite: key={key} offset=0")
+                kind = _field(key, item, "kind", str)
+                if kind not in KINDS:
+                    raise IncompatibleFormatError(f"commit rewrites a log of an unknown kind: "
+                                                  f"key={key} kind={kind}")
+                old = _field(key, item, "old", list)
+                if not old or not all(isinstance(k, str) for k in old):
+                    raise CorruptDataError(f"commit holds a malformed rewrite: key={key} offset=0")
+                new = tuple(_segment_ref(key, ref) for ref in _field(key, item, "new", list))
+                name = _field(key, item, "name", str)
+                if any((ref.kind, ref.name) != (kind, name) for ref in new):
+                    raise CorruptDataError(f"commit rewrites a log with another log's segment: "
+                                           f"key={key} offset=0 log={kind}/{name}")
+                rewrites.append(Rewrite(kind, name, tuple(old), new))
         # A 3.x record names only what changed, under a field that 2.x records lack: a 2.x
         # record's whole map is never taken for changes, nor changes for a whole map.
         field = "offset_changes" if major >= _OFFSETS_CHANGED_IN else "offsets"
@@ -306,7 +352,146 @@ class CommitRecord:
         return cls(_field(key, body, "writer", str), _field(key, body, "seq", int),
                    _field(key, body, "epoch", int), _field(key, body, "time_ms", int),
                    _field(key, body, "token", str), _field(key, body, "reset", bool),
-                   tuple(refs), offsets, major)
+                   tuple(refs), offsets, major, tuple(rewrites))
+
+
+def _segment_ref(key: str, item: object) -> SegmentRef:
+    """A segment reference of a commit record or checkpoint stored at ``key``, checked."""
+    if not isinstance(item, dict):
+        raise CorruptDataError(f"record names a malformed segment: key={key} offset=0")
+    ref = SegmentRef(_field(key, item, "key", str), _field(key, item, "kind", str),
+                     _field(key, item, "name", str), _field(key, item, "records", int),
+                     _field(key, item, "size", int))
+    if ref.kind not in KINDS:
+        raise IncompatibleFormatError(f"record names a segment of an unknown kind: "
+                                      f"key={key} kind={ref.kind}")
+    return ref
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Part of a commit: the run of segments ``old`` of one log replaced, in place, by ``new``.
+
+    Maintenance writes these: merged segments (the same records, fewer objects), and the
+    retention of a stream (the first segments dropped, ``new`` empty or holding the tail
+    of the last one dropped). ``old`` must be consecutive in the log when the commit is
+    applied; a reader that finds otherwise reports the commit as corrupt.
+    """
+
+    kind: str
+    name: str
+    old: tuple[str, ...]
+    new: tuple[SegmentRef, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "old": list(self.old),
+                "new": [ref.to_json() for ref in self.new]}
+
+
+# Format 4.0 commit records may hold ``rewrites``; a 3.x reader would ignore the field and
+# replay merged events twice, so it is a major version.
+_REWRITES_IN: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The commit log folded up to commit ``seq``: what opening a store starts from.
+
+    ``logs`` maps each live log ``(kind, name)`` to its segments as ``(seq, ref)``, ``seq``
+    being the commit that added the segment, in log order; a table's segments from before
+    its newest snapshot are already left out. ``offsets`` is the whole offset map after
+    ``seq``. ``fences`` lists the first commit of every epoch (the writer-role takeovers),
+    which garbage collection keeps for good: a fenced writer's next commit number is always
+    one of them. ``last_segment`` is the highest segment number of ``epoch`` that a commit
+    up to ``seq`` named. A checkpoint is a pure function of commits 1 to ``seq``, so any
+    writer (a fenced one too) writes the same content for the same ``seq``.
+    """
+
+    writer: str
+    seq: int
+    epoch: int
+    time_ms: int
+    token: str
+    commits: int
+    reset_time_ms: int | None
+    fences: tuple[int, ...]
+    last_segment: int
+    offsets: Mapping[str, bytes]
+    logs: Mapping[tuple[str, str], tuple[tuple[int, SegmentRef], ...]]
+
+    def encode(self) -> bytes:
+        logs = [{"kind": kind, "name": name,
+                 "segments": [[seq, ref.key, ref.records, ref.size] for seq, ref in segs]}
+                for (kind, name), segs in self.logs.items() if segs]
+        return _encode_checked({
+            "format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "checkpoint", "writer": self.writer,
+            "seq": self.seq, "epoch": self.epoch, "time_ms": self.time_ms, "token": self.token,
+            "commits": self.commits, "reset_time_ms": self.reset_time_ms,
+            "fences": list(self.fences), "last_segment": self.last_segment,
+            "offsets": {name: orjson.Fragment(raw) for name, raw in self.offsets.items()},
+            "logs": logs,
+        })
+
+    @classmethod
+    def decode(cls, key: str, data: bytes) -> Checkpoint:
+        body = _decode_checked(key, data)
+        if body.get("type") != "checkpoint":
+            raise CorruptDataError(f"object is not a checkpoint: key={key} offset=0")
+        reset_time = body.get("reset_time_ms")
+        fences = _field(key, body, "fences", list)
+        if ((reset_time is not None and (not isinstance(reset_time, int)
+                                         or isinstance(reset_time, bool)))
+                or not all(isinstance(f, int) and not isinstance(f, bool) for f in fences)):
+            raise CorruptDataError(f"checkpoint field has the wrong type: key={key} offset=0")
+        logs: dict[tuple[str, str], tuple[tuple[int, SegmentRef], ...]] = {}
+        for item in _field(key, body, "logs", list):
+            if not isinstance(item, dict):
+                raise CorruptDataError(f"checkpoint holds a malformed log: key={key} offset=0")
+            kind, name = _field(key, item, "kind", str), _field(key, item, "name", str)
+            if kind not in KINDS:
+                raise IncompatibleFormatError(f"checkpoint holds a log of an unknown kind: "
+                                              f"key={key} kind={kind}")
+            segs = []
+            for entry in _field(key, item, "segments", list):
+                if (not isinstance(entry, list) or len(entry) != 4
+                        or not isinstance(entry[1], str)
+                        or not all(isinstance(n, int) and not isinstance(n, bool)
+                                   for n in (entry[0], entry[2], entry[3]))):
+                    raise CorruptDataError(f"checkpoint names a malformed segment: key={key} "
+                                           f"offset=0 log={kind}/{name}")
+                segs.append((entry[0], SegmentRef(entry[1], kind, name, entry[2], entry[3])))
+            logs[(kind, name)] = tuple(segs)
+        offsets = {name: orjson.dumps(value)
+                   for name, value in _field(key, body, "offsets", dict).items()}
+        return cls(_field(key, body, "writer", str), _field(key, body, "seq", int),
+                   _field(key, body, "epoch", int), _field(key, body, "time_ms", int),
+                   _field(key, body, "token", str), _field(key, body, "commits", int),
+                   reset_time, tuple(fences), _field(key, body, "last_segment", int),
+                   offsets, logs)
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The hint object ``head_key``: the newest checkpoint its writer knew of.
+
+    Only a hint: it is overwritten with plain puts (a fenced writer may set it back), and
+    a reader that finds the checkpoint it names gone lists ``checkpoints/`` instead. Any
+    checkpoint that exists is a correct place to start (see ``Checkpoint``).
+    """
+
+    writer: str
+    checkpoint: int
+
+    def encode(self) -> bytes:
+        return _encode_checked({"format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "head",
+                                "writer": self.writer, "checkpoint": self.checkpoint})
+
+    @classmethod
+    def decode(cls, key: str, data: bytes) -> Head:
+        body = _decode_checked(key, data)
+        if body.get("type") != "head":
+            raise CorruptDataError(f"object is not a head record: key={key} offset=0")
+        return cls(_field(key, body, "writer", str), _field(key, body, "checkpoint", int))
 
 
 def offset_changes(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, bytes]:

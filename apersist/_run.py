@@ -203,6 +203,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             if policy.reset:
                 scheduler.request_reset()
         opened_seq = store.last_seq
+        store.mark_opened()
         cache = await UdfCache.from_store(store, load=policy.cache_load, upto_seq=opened_seq,
                                     scheduler=scheduler if policy.cache_persist else None)
         the_run = Run(config, store=store, scheduler=scheduler, policy=policy, cache=cache,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import uuid
 from collections import defaultdict
@@ -28,7 +29,7 @@ from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
 from ._drivers.base import capabilities_of, put_then_create
 from ._errors import CorruptDataError, FencedError, PersistenceError, SegmentCollectedError
 
-__all__ = ["LoggedSegment", "SegmentBlob", "Store"]
+__all__ = ["LoggedSegment", "PendingRewrite", "SegmentBlob", "Store"]
 
 logger = logging.getLogger("apersist")
 
@@ -62,8 +63,25 @@ class SegmentBlob:
     data: bytes | bytearray
 
 
+@dataclass(frozen=True, slots=True)
+class PendingRewrite:
+    """A rewrite on its way into a commit: the run ``old`` of a log and its replacement."""
+
+    kind: str
+    name: str
+    old: tuple[str, ...]
+    new: list[SegmentBlob]
+
+
 @dataclass(slots=True)
 class _State:
+    """The commit log folded up to ``last_seq``.
+
+    A log's list is appended to in place, but a rewrite or a table snapshot *replaces* it:
+    a view taken with ``dict(logs)`` (``Store.mark_opened``) keeps the lists as they were,
+    but for appends, which carry a newer ``seq``.
+    """
+
     last_seq: int = 0
     last_epoch: int = 0  # the epoch of the newest commit
     offsets: dict[str, bytes] = field(default_factory=dict)
@@ -71,6 +89,30 @@ class _State:
         default_factory=lambda: defaultdict(list))
     commits: int = 0  # live commits (since the last reset)
     reset_time_ms: int | None = None  # when the newest reset commit was written
+    fences: list[int] = field(default_factory=list)  # the first commit of every epoch
+    last_segment: int = 0  # the highest segment number of last_epoch a commit named
+    checkpoint: int = 0  # the checkpoint this state was read from (0: none)
+    checkpoint_epoch: int = 0  # that checkpoint's epoch
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: fmt.Checkpoint) -> _State:
+        logs: dict[tuple[str, str], list[LoggedSegment]] = defaultdict(list)
+        for log, segs in ckpt.logs.items():
+            logs[log] = [LoggedSegment(seq, ref) for seq, ref in segs]
+        return cls(ckpt.seq, ckpt.epoch, dict(ckpt.offsets), logs, ckpt.commits,
+                   ckpt.reset_time_ms, list(ckpt.fences), ckpt.last_segment, ckpt.seq,
+                   ckpt.epoch)
+
+    def live_keys(self) -> set[str]:
+        return {seg.ref.key for segs in self.logs.values() for seg in segs}
+
+
+def _position(log: Sequence[LoggedSegment], key: str) -> int | None:
+    """Where segment ``key`` is in ``log``; None if it is not there."""
+    for index in range(len(log) - 1, -1, -1):  # rewrites are mostly near the end
+        if log[index].ref.key == key:
+            return index
+    return None
 
 
 class Store:
@@ -92,6 +134,8 @@ class Store:
         self._segment_number = 0
         self._fenced: FencedError | None = None
         self._last_stamp = 0  # the newest good clock reading of a commit record
+        self._opened_logs: dict[tuple[str, str], list[LoggedSegment]] | None = None
+        self._opened_seq = 0
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -143,37 +187,110 @@ class Store:
         return sorted(name for (k, name), segs in self._state.logs.items() if k == kind and segs)
 
     async def load(self) -> None:
-        """Read the commit log and check that every named segment is present and sized right.
+        """Read the log: the newest checkpoint, then the commits after it.
 
-        Raises ``CorruptDataError`` for a damaged commit record, a gap in the numbering
-        followed by later commits, a commit naming a missing or mis-sized segment, or a live
-        commit whose epoch record is missing or damaged.
+        Checks that every live segment is present with its size, and the epoch records
+        the commits after the checkpoint stand on. Lists no more than the buckets of keys
+        it needs (``fmt.BUCKET``), so the cost follows the live state and the commits since
+        the newest checkpoint, never the length of the history.
+
+        Raises ``CorruptDataError`` for a damaged checkpoint or commit record, a gap in the
+        numbering followed by later commits, a commit naming a missing or mis-sized
+        segment, or a live commit whose epoch record is missing or damaged.
         """
-        prefix = fmt.commits_prefix(self._writer)
-        numbered: dict[int, str] = {}
-        async for info in self._driver.list(prefix):
-            seq = fmt.number_in_key(info.key, prefix)
-            if seq is not None:
-                numbered[seq] = info.key
-        seqs = sorted(numbered)
-        for expected, seq in enumerate(seqs, start=1):
-            if seq != expected:
-                raise CorruptDataError(
-                    f"commit record missing while later commits exist: "
-                    f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
-        keys = [numbered[s] for s in seqs]
+        state = await self._checkpoint_state()
+        keys = await self._commit_keys_after(state.last_seq)
         records = await gather_bounded([self._reader(key) for key in keys], self.read_concurrency)
-        state = _State()
-        live_from = 0  # index of the first live commit (the newest reset, else the first)
+        live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
             self._apply(state, key, record)
             if record.reset:
                 live_from = index
-        await self._check_segments_exist(state, records)
-        await self._check_epochs(keys[live_from:], records[live_from:])
+        await self._check_segments_exist(state)
+        epochs: dict[int, str] = {}
+        if state.checkpoint and state.commits > len(keys) - live_from:
+            # Live commits inside the checkpoint: its newest commit's epoch stands for them
+            # (the writer that wrote the checkpoint checked the others).
+            epochs[state.checkpoint_epoch] = fmt.checkpoint_key(self._writer, state.checkpoint)
+        for key, record in zip(keys[live_from:], records[live_from:], strict=True):
+            epochs.setdefault(record.epoch, key)
+        await self._check_epochs(epochs)
         self._state = state
-        logger.debug("store loaded: writer=%s commits=%d last_seq=%d",
-                     self._writer, state.commits, state.last_seq)
+        logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
+                     self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+
+    async def _checkpoint_state(self) -> _State:
+        """The state of the newest checkpoint (the one the head names, else the highest
+        listed), or an empty state for a store that has none."""
+        number = await self._head_checkpoint()
+        for _attempt in range(3):
+            if number is None:
+                numbers = [n async for n in self._numbers(fmt.checkpoints_prefix(self._writer))]
+                if not numbers:
+                    return _State()
+                number = max(numbers)
+            key = fmt.checkpoint_key(self._writer, number)
+            try:
+                data = await self._driver.get(key)
+            except ObjectNotFoundError:
+                number = None  # collected since the head or the listing named it: list again
+                continue
+            ckpt = fmt.Checkpoint.decode(key, data)
+            if ckpt.writer != self._writer or ckpt.seq != number:
+                raise CorruptDataError(f"checkpoint names another position: key={key} offset=0 "
+                                       f"writer={ckpt.writer} seq={ckpt.seq}")
+            return _State.of_checkpoint(ckpt)
+        raise CorruptDataError(f"checkpoints vanish while the store is opened: key="
+                               f"{fmt.checkpoints_prefix(self._writer)} offset=0")
+
+    async def _head_checkpoint(self) -> int | None:
+        key = fmt.head_key(self._writer)
+        try:
+            head = fmt.Head.decode(key, await self._driver.get(key))
+        except ObjectNotFoundError:
+            return None
+        except CorruptDataError as exc:
+            # Only a hint, rewritten in place: the checkpoints are listed instead.
+            logger.warning("store head is damaged; listing checkpoints instead: %s", exc)
+            return None
+        return head.checkpoint if head.writer == self._writer else None
+
+    async def _commit_keys_after(self, after: int) -> list[str]:
+        """The keys of commits ``after + 1``, ``after + 2``, ... up to the newest.
+
+        Lists a bucket of commit keys at a time, from the one that holds ``after + 1``, and
+        goes on to the next bucket while the commits may continue there. A missing number
+        followed by later commits is a ``CorruptDataError``.
+        """
+        prefix = fmt.commits_prefix(self._writer)
+        numbered: dict[int, str] = {}
+        bucket = (after + 1) // fmt.BUCKET
+        top = after
+        while True:
+            async for info in self._driver.list(fmt.commit_bucket_prefix(self._writer, bucket)):
+                seq = fmt.number_in_key(info.key, prefix)
+                if seq is not None and seq > after:
+                    numbered[seq] = info.key
+                    top = max(top, seq)
+            # The log may go on in the next bucket if this one holds its last number, or
+            # lacks only that one (then a later commit there is a gap, reported below).
+            if top < (bucket + 1) * fmt.BUCKET - 2:
+                break
+            bucket += 1
+            if bucket * fmt.BUCKET > top + 2:
+                # Listed once past the end: nothing more, or a gap to report.
+                async for info in self._driver.list(fmt.commit_bucket_prefix(self._writer, bucket)):
+                    seq = fmt.number_in_key(info.key, prefix)
+                    if seq is not None and seq > after:
+                        numbered[seq] = info.key
+                break
+        seqs = sorted(numbered)
+        for expected, seq in enumerate(seqs, start=after + 1):
+            if seq != expected:
+                raise CorruptDataError(
+                    f"commit record missing while later commits exist: "
+                    f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
+        return [numbered[seq] for seq in seqs]
 
     def _apply(self, state: _State, key: str, record: fmt.CommitRecord) -> None:
         """Add the commit ``record`` (read from ``key``) to ``state``, the next in the log."""
@@ -184,12 +301,40 @@ class Store:
             raise CorruptDataError(f"commit record has an older epoch than its predecessor: "
                                    f"key={key} offset=0 epoch={record.epoch} "
                                    f"previous={state.last_epoch}")
+        if record.epoch != state.last_epoch:
+            state.fences.append(record.seq)
+            state.last_segment = 0
         if record.reset:
             state.logs.clear()
             state.commits = 0
             state.reset_time_ms = record.time_ms
+        logs = state.logs
+        for rewrite in record.rewrites:
+            log = logs.get((rewrite.kind, rewrite.name), [])
+            start = _position(log, rewrite.old[0])
+            if start is None or [s.ref.key for s in log[start:start + len(rewrite.old)]] != list(
+                    rewrite.old):
+                raise CorruptDataError(f"commit rewrites segments its log does not hold in that "
+                                       f"order: key={key} offset=0 log={rewrite.kind}/"
+                                       f"{rewrite.name} first={rewrite.old[0]}")
+            # A new list: a view of the log taken before (mark_opened) keeps the old one.
+            logs[(rewrite.kind, rewrite.name)] = [
+                *log[:start], *(LoggedSegment(record.seq, ref) for ref in rewrite.new),
+                *log[start + len(rewrite.old):]]
+        snapshotted: set[str] = set()
         for ref in record.segments:
-            state.logs[(ref.kind, ref.name)].append(LoggedSegment(record.seq, ref))
+            if ref.kind == fmt.KIND_TABLE_SNAPSHOT and ref.name not in snapshotted:
+                # A table's newest snapshot supersedes its older segments: new lists, so
+                # that a view taken before keeps the old ones.
+                snapshotted.add(ref.name)
+                logs[(fmt.KIND_TABLE_SNAPSHOT, ref.name)] = []
+                logs.pop((fmt.KIND_TABLE, ref.name), None)
+            logs[(ref.kind, ref.name)].append(LoggedSegment(record.seq, ref))
+        for ref in itertools.chain(record.segments,
+                                   *(rewrite.new for rewrite in record.rewrites)):
+            parsed = fmt.parse_segment_key(ref.key, self._writer)
+            if parsed is not None and parsed[0] == record.epoch:
+                state.last_segment = max(state.last_segment, parsed[1])
         # What the commit changed, in place: a commit's cost to apply (and so a store's cost
         # to open) never grows with the streams it left alone.
         state.offsets = record.apply_offsets(state.offsets)
@@ -206,16 +351,35 @@ class Store:
             return fmt.CommitRecord.decode(key, data)
         return read
 
-    async def _check_segments_exist(self, state: _State,
-                                    records: Sequence[fmt.CommitRecord]) -> None:
-        named = {seg.ref.key: (seg, rec_key)
-                 for segs in state.logs.values() for seg in segs
-                 for rec_key in [fmt.commit_key(self._writer, seg.seq)]}
+    async def _check_segments_exist(self, state: _State) -> None:
+        """Check that every live segment exists with the size its commit names.
+
+        Lists only the buckets of segment keys that hold live segments (at most
+        ``fmt.BUCKET`` keys each), so the cost follows the live state, not the history.
+        """
+        named: dict[str, LoggedSegment] = {
+            seg.ref.key: seg for segs in state.logs.values() for seg in segs}
         if not named:
             return
-        sizes = {info.key: info.size
-                 async for info in self._driver.list(fmt.segments_prefix(self._writer))}
-        for key, (seg, commit) in named.items():
+        prefixes: set[str] = set()
+        for key in named:
+            parsed = fmt.parse_segment_key(key, self._writer)
+            prefixes.add(fmt.segments_prefix(self._writer) if parsed is None else
+                         fmt.segment_bucket_prefix(self._writer, parsed[0],
+                                                   parsed[1] // fmt.BUCKET))
+        if fmt.segments_prefix(self._writer) in prefixes:
+            prefixes = {fmt.segments_prefix(self._writer)}
+        sizes: dict[str, int] = {}
+
+        def lister(prefix: str) -> Callable[[], Awaitable[None]]:
+            async def list_one() -> None:
+                async for info in self._driver.list(prefix):
+                    sizes[info.key] = info.size
+            return list_one
+
+        await gather_bounded([lister(p) for p in sorted(prefixes)], self.read_concurrency)
+        for key, seg in named.items():
+            commit = fmt.commit_key(self._writer, seg.seq)
             size = sizes.get(key)
             if size is None:
                 raise CorruptDataError(f"commit names a missing segment: key={key} offset=0 "
@@ -225,16 +389,14 @@ class Store:
                                        f"offset={min(size, seg.ref.size)} size={size} "
                                        f"expected={seg.ref.size} commit={commit}")
 
-    async def _check_epochs(self, keys: Sequence[str], records: Sequence[fmt.CommitRecord]) -> None:
+    async def _check_epochs(self, first_commit: Mapping[int, str]) -> None:
         """Check the epoch record of every epoch that a live commit names: one GET each.
 
-        A writer creates its epoch record before its first commit, so a live commit's epoch
+        ``first_commit`` maps each epoch to the commit (or checkpoint) that needs it. A
+        writer creates its epoch record before its first commit, so a live commit's epoch
         always has one. A missing, damaged or misplaced record is lost or damaged data (the
         proof of the writer role those commits stand on), never a store that is merely older.
         """
-        first_commit: dict[int, str] = {}
-        for key, record in zip(keys, records, strict=True):
-            first_commit.setdefault(record.epoch, key)
         await gather_bounded(
             [functools.partial(self.read_epoch, epoch, commit=commit)
              for epoch, commit in first_commit.items()], self.read_concurrency)
@@ -287,20 +449,19 @@ class Store:
         compaction superseded it). None if a live commit still names it (lost data), or if
         the log does not read whole (then the missing segment is reported as it is).
 
-        Reads the whole commit log: only the error path of a missing segment calls this.
+        Opens the store anew: only the error path of a missing segment calls this.
         """
-        prefix = fmt.commits_prefix(self._writer)
-        state = _State()
+        fresh = Store(self._driver, writer=self._writer, clock_ms=self._clock_ms,
+                      read_concurrency=self.read_concurrency)
         try:
-            keys = [info.key async for info in self._driver.list(prefix)
-                    if fmt.number_in_key(info.key, prefix) is not None]
-            records = await gather_bounded([self._reader(k) for k in keys], self.read_concurrency)
+            state = await fresh._checkpoint_state()
+            keys = await fresh._commit_keys_after(state.last_seq)
+            records = await gather_bounded([fresh._reader(k) for k in keys], self.read_concurrency)
             for record_key, record in zip(keys, records, strict=True):
-                self._apply(state, record_key, record)
+                fresh._apply(state, record_key, record)
         except PersistenceError:
             return None
-        if state.last_seq < self._state.last_seq or any(
-                seg.ref.key == key for segs in state.logs.values() for seg in segs):
+        if state.last_seq < self._state.last_seq or key in state.live_keys():
             return None
         return state.last_seq
 
@@ -428,21 +589,28 @@ class Store:
         return fmt.segment_key(self._writer, self._epoch, self._segment_number)
 
     async def commit(self, blobs: Sequence[SegmentBlob], offsets: Mapping[str, bytes], *,
-                     reset: bool) -> int:
+                     reset: bool, rewrites: Sequence[PendingRewrite] = ()) -> int:
         """Upload ``blobs`` concurrently, then write the commit record that names them.
 
         ``offsets`` is every stream's offset after the commit (for a reset, those of the new
         history); the record holds only what differs from the current ``offsets``.
-        Returns the commit's number once it is durable. Raises ``FencedError`` if a newer
-        writer owns the store (nothing of this commit is visible then); after that every
-        later call raises it too.
+        ``rewrites`` replace runs of segments of a log in place (maintenance); one whose
+        run is no longer in its log as it was (a reset came between) is left out, its
+        segments not uploaded. Returns the commit's number once it is durable. Raises
+        ``FencedError`` if a newer writer owns the store (nothing of this commit is visible
+        then); after that every later call raises it too.
         """
         if self._fenced is not None:
             raise self._fenced
         if self._epoch is None:
             raise RuntimeError("commit on a store that does not hold the writer role")
+        kept = [] if reset else [r for r in rewrites if self._holds_run(r.kind, r.name, r.old)]
         record = self._next_record(blobs, self._offset_changes(offsets, reset=reset),
-                                   reset=reset)
+                                   reset=reset,
+                                   rewrites=[fmt.Rewrite(r.kind, r.name, tuple(r.old),
+                                                         tuple(b.ref for b in r.new))
+                                             for r in kept])
+        blobs = [*blobs, *(b for r in kept for b in r.new)]
         key = fmt.commit_key(self._writer, record.seq)
         if not await self._publish(key, record, blobs):
             theirs = await self._epoch_of(key)
@@ -476,12 +644,92 @@ class Store:
         return self._last_stamp
 
     def _next_record(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
-                     reset: bool) -> fmt.CommitRecord:
+                     reset: bool, rewrites: Sequence[fmt.Rewrite] = ()) -> fmt.CommitRecord:
         assert self._epoch is not None, "commits are written only by the writer"
         return fmt.CommitRecord(
             writer=self._writer, seq=self._state.last_seq + 1, epoch=self._epoch,
             time_ms=self._stamp(), token=uuid.uuid4().hex, reset=reset,
-            segments=tuple(b.ref for b in blobs), offsets=offsets)
+            segments=tuple(b.ref for b in blobs), offsets=offsets, rewrites=tuple(rewrites))
+
+    def _holds_run(self, kind: str, name: str, keys: Sequence[str]) -> bool:
+        """Whether the log ``(kind, name)`` holds the segments ``keys``, consecutively."""
+        log = self._state.logs.get((kind, name), [])
+        start = _position(log, keys[0]) if keys else None
+        return start is not None and [s.ref.key for s in log[start:start + len(keys)]] == list(keys)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_seq(self) -> int:
+        """The newest checkpoint this store read or wrote (0: none)."""
+        return self._state.checkpoint
+
+    @property
+    def fences(self) -> list[int]:
+        """The first commit of every epoch, in order (a copy)."""
+        return list(self._state.fences)
+
+    @property
+    def last_segment(self) -> int:
+        """The highest segment number of the newest commit's epoch that a commit named."""
+        return self._state.last_segment
+
+    def live_keys(self) -> set[str]:
+        """Every segment key a live commit (or the checkpoint) names."""
+        return self._state.live_keys()
+
+    async def write_checkpoint(self) -> int:
+        """Fold the log as it is now into a checkpoint, and point the head at it.
+
+        The checkpoint is created if absent: one of that number already there (written
+        by an earlier attempt, or by another writer) holds the same log, so it stands.
+        Returns its commit number (0 for an empty log: nothing is written).
+        """
+        state = self._state
+        if state.last_seq == 0:
+            return 0
+        ckpt = fmt.Checkpoint(
+            self._writer, state.last_seq, state.last_epoch, self._stamp(), uuid.uuid4().hex,
+            state.commits, state.reset_time_ms, tuple(state.fences), state.last_segment,
+            dict(state.offsets),
+            {log: tuple((seg.seq, seg.ref) for seg in segs)
+             for log, segs in state.logs.items() if segs})
+        # The state was copied without awaiting: the rest may run while commits go on.
+        if sum(len(segs) for segs in ckpt.logs.values()) > 2_000:
+            data = await anyio.to_thread.run_sync(ckpt.encode)
+        else:
+            data = ckpt.encode()
+        with contextlib.suppress(ObjectExistsError):
+            await self._driver.put(fmt.checkpoint_key(self._writer, ckpt.seq), data,
+                                   if_absent=True)
+        await self._driver.put(fmt.head_key(self._writer),
+                               fmt.Head(self._writer, ckpt.seq).encode())
+        if state.checkpoint < ckpt.seq:
+            state.checkpoint, state.checkpoint_epoch = ckpt.seq, ckpt.epoch
+        logger.debug("checkpoint written: writer=%s seq=%d logs=%d", self._writer, ckpt.seq,
+                     len(ckpt.logs))
+        return ckpt.seq
+
+    def mark_opened(self) -> None:
+        """Keep a view of the logs as they are now, for ``segments_at``."""
+        self._opened_logs = dict(self._state.logs)
+        self._opened_seq = self._state.last_seq
+
+    def segments_at(self, kind: str, name: str, seq: int) -> list[LoggedSegment]:
+        """The segments of one log as they were at commit ``seq`` (a copy): the newest
+        commit, or any commit since ``mark_opened``.
+
+        Appends since then are in the opened view's lists too, with a newer ``seq``, and
+        are left out here. Rewrites and snapshots since then made new lists, so the view
+        still holds the segments they replaced (which garbage collection keeps for its
+        grace period).
+        """
+        if seq >= self._state.last_seq or self._opened_logs is None:
+            logs = self._state.logs
+        elif seq >= self._opened_seq:
+            logs = self._opened_logs
+        else:
+            raise ValueError(f"the log is known from commit {self._opened_seq} on: seq={seq}")
+        return [s for s in logs.get((kind, name), ()) if s.seq <= seq]
 
     async def _publish(self, key: str, record: fmt.CommitRecord,
                        blobs: Sequence[SegmentBlob] = ()) -> bool:

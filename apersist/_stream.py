@@ -261,8 +261,8 @@ class Stream:
         self._life.check("replay()")
         if not self._policy.replay:
             return
-        segments = [s.ref for s in self._store.segments(fmt.KIND_EVENTS, self.name)
-                    if s.seq <= self._opened_seq]
+        segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
+                                                               self._opened_seq)]
         realtime = self._policy.realtime
         first_ms: int | None = None
         started = 0.0

@@ -52,7 +52,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
     """
     if keep_records is None:
         keep_records = store.epoch is not None
-    snapshots = [s for s in store.segments(fmt.KIND_TABLE_SNAPSHOT, name) if s.seq <= upto_seq]
+    snapshots = store.segments_at(fmt.KIND_TABLE_SNAPSHOT, name, upto_seq)
     state = TableState()
     records: dict[str, bytes] = {}
     if keep_records:
@@ -75,7 +75,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
                 if keep_records:
                     records[key] = value
         since = last_seq
-    deltas = [s.ref for s in store.segments(fmt.KIND_TABLE, name) if since < s.seq <= upto_seq]
+    deltas = [s.ref for s in store.segments_at(fmt.KIND_TABLE, name, upto_seq) if since < s.seq]
     async for view in store.read_segments(deltas):
         for value, _off, _t in view.records():
             delta = loads(value)

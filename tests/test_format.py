@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import struct
 import zlib
@@ -460,11 +462,38 @@ def test_the_map_of_one_version_is_never_read_as_the_other(major: int) -> None:
 
 
 def test_this_format_is_a_new_major_version() -> None:
-    """A 2.x reader ignores unknown fields, so it would take a 3.0 commit's changes for the
-    whole map and lose every other stream's offset: it must refuse the store instead, and
-    refuses only a newer major version."""
-    assert fmt.FORMAT_MAJOR == 3
-    assert orjson.loads(COMMIT.encode())["body"]["format"] == [3, fmt.FORMAT_MINOR]
+    """A 3.x reader ignores unknown fields, so it would keep the segments a 4.0 commit's
+    ``rewrites`` replace and replay merged events twice: it must refuse the store instead."""
+    assert fmt.FORMAT_MAJOR == 4
+    assert orjson.loads(COMMIT.encode())["body"]["format"] == [4, fmt.FORMAT_MINOR]
+
+
+def test_a_commit_with_rewrites_round_trips_and_a_3x_one_has_none() -> None:
+    new = fmt.SegmentRef(fmt.segment_key("0", 2, 9), fmt.KIND_EVENTS, "orders", 7, 300)
+    record = dataclasses.replace(COMMIT, rewrites=(fmt.Rewrite(
+        fmt.KIND_EVENTS, "orders", (fmt.segment_key("0", 1, 1), fmt.segment_key("0", 1, 2)),
+        (new,)),))
+    assert fmt.CommitRecord.decode(COMMIT_KEY, record.encode()) == record
+    body = orjson.loads(record.encode())["body"]
+    body["format"] = [3, 0]  # a 3.x record's "rewrites" would be a field it does not know
+    assert fmt.CommitRecord.decode(COMMIT_KEY, _checked(body)).rewrites == ()
+    body = orjson.loads(record.encode())["body"]
+    body["rewrites"][0]["new"][0]["name"] = "other"
+    with pytest.raises(CorruptDataError, match="another log"):
+        fmt.CommitRecord.decode(COMMIT_KEY, _checked(body))
+
+
+def test_a_checkpoint_round_trips_and_damage_is_reported() -> None:
+    ref = fmt.SegmentRef(fmt.segment_key("0", 1, 1), fmt.KIND_EVENTS, "orders", 2, 201)
+    ckpt = fmt.Checkpoint("0", 5, 2, 1_700_000_000_000, "t" * 32, 4, None, (1, 3), 1,
+                          {"orders": b"7"}, {(fmt.KIND_EVENTS, "orders"): ((2, ref),)})
+    key = fmt.checkpoint_key("0", 5)
+    assert fmt.Checkpoint.decode(key, ckpt.encode()) == ckpt
+    data = bytearray(ckpt.encode())
+    data[40] ^= 1
+    with pytest.raises(CorruptDataError, match=f"key={key}"):
+        fmt.Checkpoint.decode(key, bytes(data))
+    assert fmt.key_kind(key) == "checkpoint"
 
 
 @pytest.mark.parametrize("version", [[fmt.FORMAT_MAJOR + 1, 0], [99, 7]])
