@@ -14,6 +14,7 @@ from ._config import (
     Backend,
     Config,
     PersistenceMode,
+    Retention,
     RetryPolicy,
     SnapshotAccess,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "IncompatibleFormatError",
     "PersistenceError",
     "PersistenceMode",
+    "Retention",
     "RetryPolicy",
     "Run",
     "SegmentCollectedError",

@@ -23,6 +23,7 @@ __all__ = [
     "FilesystemBackend",
     "MemoryBackend",
     "PersistenceMode",
+    "Retention",
     "RetryPolicy",
     "S3Backend",
     "SnapshotAccess",
@@ -336,6 +337,34 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True, init=False)
+class Retention:
+    """Which events of a stream are kept: the last ``max_events``, and those whose
+    ``time_ms`` is within ``max_age_ms`` of the run's clock; an event is kept only if every
+    bound keeps it. ``None`` means no bound, so ``Retention()`` keeps every event.
+
+    ``max_events=0`` keeps offsets only. Offsets, tables and ``stream.offset`` are never
+    affected. Events are dropped by maintenance (``run.compact()``, and the writer's own
+    in the background), from the start of the stream: replay may yield more than the
+    bounds allow until the next maintenance, and exactly the kept events right after
+    ``await run.compact()``. An event older than ``max_age_ms`` that follows a younger one
+    (a clock set back) is kept until every event before it is dropped.
+    """
+
+    max_events: int | None
+    max_age_ms: int | None
+
+    def __init__(self, *, max_events: int | None = None, max_age_ms: int | None = None) -> None:
+        setter = object.__setattr__
+        for name, value in (("max_events", max_events), ("max_age_ms", max_age_ms)):
+            setter(self, name, None if value is None else _non_negative_int(
+                value, name, minimum=0))
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.max_events is None and self.max_age_ms is None
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Config:
     """Everything a run needs to know: where to persist and how.
 
@@ -358,6 +387,7 @@ class Config:
     upload_concurrency: int
     retry: RetryPolicy
     multipart_bytes: int
+    retention: Retention
 
     def __init__(
         self,
@@ -372,6 +402,7 @@ class Config:
         upload_concurrency: int = 16,
         retry: RetryPolicy | None = None,
         multipart_bytes: int = _DEFAULT_MULTIPART_BYTES,
+        retention: Retention | None = None,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -400,6 +431,10 @@ class Config:
         # S3 parts must be at least 5 MiB (except the last one).
         setter(self, "multipart_bytes",
                _non_negative_int(multipart_bytes, "multipart_bytes", minimum=5 << 20))
+        if retention is not None and not isinstance(retention, Retention):
+            raise TypeError(f"retention must be an apersist.Retention: "
+                            f"got={type(retention).__name__}")
+        setter(self, "retention", retention or Retention())
 
     @classmethod
     def simple_config(

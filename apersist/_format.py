@@ -654,6 +654,11 @@ class SegmentView:
             raise CorruptDataError(f"segment body checksum mismatch: key={key} "
                                    f"offset={self._body_start}")
 
+    def body(self) -> memoryview:
+        """The checked body: the framed records, which another segment's body may take on
+        as they are (format 2.0 and later; a 1.x body's records are framed otherwise)."""
+        return memoryview(self._data)[self._body_start:self._body_end]
+
     def _raise_at_first_damaged_record(self) -> None:
         """Walk the records checking each CRC; raise naming the first damaged one's offset."""
         data, pos, end, key = self._data, self._body_start, self._body_end, self.key

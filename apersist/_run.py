@@ -14,12 +14,13 @@ import anyio.lowlevel
 
 from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
-from ._config import Config
+from ._config import Config, Retention
 from ._drivers import Driver, open_driver
 from ._drivers.base import capabilities_of, check_driver_object
 from ._drivers.probe import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._lifecycle import Lifecycle
+from ._maintenance import Maintainer
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._store import Store
@@ -49,6 +50,8 @@ class Run:
         self._tables: dict[str, Table] = {}
         self._table_lock = anyio.Lock()
         self._life = Lifecycle()
+        self._retentions: dict[str, Retention] = {}
+        self._maintainer: Maintainer | None = None
         # Starts background work (replay read-ahead) in the run's task group; set on entry.
         self._spawn: Callable[..., object] | None = None
 
@@ -95,20 +98,44 @@ class Run:
         return await self._scheduler.commit()
 
     async def compact(self) -> None:
-        """Fold every open table's deltas into a snapshot now, in one commit."""
-        self._life.check("compact()")
-        if self._scheduler is None or not self._policy.tables_persist:
-            return
-        for table in self._tables.values():
-            table.request_compaction()
-        if self._tables:
-            self._scheduler.request_commit()
-            await self._scheduler.commit()
+        """Do all maintenance now, in one commit, then write a checkpoint.
 
-    def stream(self, name: str) -> Stream:
-        """The stream called ``name`` (the same object on every call)."""
+        Folds every table's deltas into a snapshot (the store's tables are opened for it),
+        applies every stream's ``Retention``, merges small segments, keeps only the
+        ``@cached`` entries of the versions in use (see ``docs/operations.md``), and
+        checkpoints the log. Right after it, replay yields exactly the retained events. A
+        run that does not write (``SnapshotAccess.REPLAY``) does nothing.
+        """
+        self._life.check("compact()")
+        if self._scheduler is None or self._maintainer is None:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._policy.tables_persist and self._policy.tables_load:
+            for name in self._store.table_names():
+                await self.table(name)
+        if self._policy.tables_persist:
+            for table in self._tables.values():
+                table.request_compaction()
+        await self._maintainer.compact()
+
+    def _retention_of(self, stream: str) -> Retention:
+        return self._retentions.get(stream, self._config.retention)
+
+    def stream(self, name: str, *, retention: Retention | None = None) -> Stream:
+        """The stream called ``name`` (the same object on every call).
+
+        ``retention`` bounds the events the store keeps for it (``apersist.Retention``);
+        by default the config's ``retention``. Given again, the newest one applies.
+        """
         # Looked up only once it is a str: check_name gives anything else its ValueError.
         stream = self._streams.get(name) if type(name) is str else None
+        if retention is not None:
+            if not isinstance(retention, Retention):
+                raise TypeError(f"retention must be an apersist.Retention: "
+                                f"got={type(retention).__name__}")
+            if stream is None:
+                check_name(name, "stream")
+            self._retentions[name] = retention
         if stream is None:
             check_name(name, "stream")
             stream = self._streams[name] = Stream(
@@ -117,16 +144,20 @@ class Run:
                 life=self._life)
         return stream
 
-    def source(self, name: str, reader: Callable[[Any], Any]) -> AsyncIterator[Event]:
+    def source(self, name: str, reader: Callable[[Any], Any], *,
+               retention: Retention | None = None) -> AsyncIterator[Event]:
         """Replay the stream's committed events, then read and record live ones.
 
         ``reader(offset)`` is called with the stream's last committed offset (``None`` under
         ``UDF_CACHING``) and returns an async iterable of values or ``(value, offset)``
         pairs. With ``continue_after_replay=False`` the iteration ends after the replay.
+        ``retention`` is the stream's, as in ``stream()``: with ``Retention(max_events=0)``
+        only the offsets are kept, and the source resumes from them.
         """
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
-        return self.stream(name)._source(reader, self._config.continue_after_replay)
+        return self.stream(name, retention=retention)._source(
+            reader, self._config.continue_after_replay)
 
     async def table(self, name: str) -> Table:
         """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
@@ -218,6 +249,11 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
                 the_run._spawn = tg.start_soon
                 if scheduler is not None:
                     tg.start_soon(scheduler.run, name="apersist-scheduler")
+                    maintainer = the_run._maintainer = Maintainer(
+                        store, scheduler, max_segment_bytes=config.max_segment_bytes,
+                        retention_of=the_run._retention_of, clock_ms=clock,
+                        cache=cache if policy.cache_persist else None)
+                    tg.start_soon(maintainer.run, name="apersist-maintenance")
                 try:
                     yield the_run
                 except Exception as body_exc:

@@ -28,7 +28,7 @@ from ._barrier import Held, SourceBarrier
 from ._buffer import LogBuffer
 from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
-from ._store import SegmentBlob, Store
+from ._store import PendingRewrite, SegmentBlob, Store
 
 __all__ = ["BATCH_ENTRIES", "CommitInfo", "Scheduler", "SnapshotBuilder", "SnapshotSource"]
 
@@ -80,6 +80,9 @@ class Scheduler:
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
         self.recorded_offsets: dict[str, bytes] = {}  # OFFSETS_ONLY: the newest of this run
         self._snapshot_sources: dict[str, SnapshotSource] = {}
+        # Maintenance's rewrites, waiting for the next commit: (kind, name, old keys, bodies).
+        self._rewrites: list[tuple[str, str, tuple[str, ...], list[tuple[bytearray, int]]]] = []
+        self._rewrites_inflight = False
         self._reset_pending = False
         self._forced = False
         # Live source events being processed (``_barrier``); ``_held`` is its set, read on
@@ -218,6 +221,30 @@ class Scheduler:
         """Make the next ``commit()`` write even with no new deltas (e.g. for compaction)."""
         self._forced = True
         self._pending_event.set()
+
+    def add_rewrite(self, kind: str, name: str, old: tuple[str, ...],
+                    bodies: list[tuple[bytearray, int]]) -> None:
+        """Replace the run of segments ``old`` of a log by segments of ``bodies`` (framed
+        records, count) in the next commit that writes: maintenance's merges and retention.
+
+        Does not make a commit by itself (``request_commit`` does): an idle run writes
+        nothing. Dropped, its segments never uploaded, if a reset comes first.
+        """
+        self._rewrites.append((kind, name, old, bodies))
+
+    @property
+    def rewrites_busy(self) -> bool:
+        """Whether rewrites wait for a commit or ride on the one in flight: the log does not
+        show them yet, so maintenance plans nothing new."""
+        return bool(self._rewrites) or self._rewrites_inflight
+
+    def commit_done(self) -> anyio.Event:
+        """An event set when the next commit (or failure, or the run's end) is done."""
+        return self._done_event
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def register_snapshot(self, table: str, source: SnapshotSource) -> None:
         """``source()`` returns a table's whole state (body, count) when it wants compacting."""
@@ -424,6 +451,8 @@ class Scheduler:
                 batches.append((buf, body, count))
         offsets.update(self._offset_updates)
         self._offset_updates = {}
+        rewrites, self._rewrites = ([] if reset else self._rewrites), []
+        self._rewrites_inflight = bool(rewrites)
         snapshots: list[tuple[str, SnapshotBuilder]] = []
         for table, source in self._snapshot_sources.items():
             builder = source()
@@ -448,10 +477,14 @@ class Scheduler:
                     batches.extend((holder, body, count) for body, count in await builder())
                 blobs = [await self._build(buf.kind, buf.name, body, count)
                          for buf, body, count in batches]
-                self._uploads = len(blobs)
-                seq = await self._store.commit(blobs, offsets, reset=reset)
+                pending = [PendingRewrite(kind, name, old, [
+                    await self._build(kind, name, body, count) for body, count in new])
+                    for kind, name, old, new in rewrites]
+                self._uploads = len(blobs) + sum(len(r.new) for r in pending)
+                seq = await self._store.commit(blobs, offsets, reset=reset, rewrites=pending)
             finally:
                 self._uploads = 0
+                self._rewrites_inflight = False
         written = sum(len(b.data) for b in blobs)
         self.inflight_bytes -= moved
         self.durable = target

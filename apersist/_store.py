@@ -183,6 +183,11 @@ class Store:
         """The committed segments of one log, in commit order (a copy)."""
         return list(self._state.logs.get((kind, name), ()))
 
+    def table_names(self) -> list[str]:
+        """The tables that have a segment in the live log."""
+        return sorted({name for (kind, name), segs in self._state.logs.items()
+                       if kind in (fmt.KIND_TABLE, fmt.KIND_TABLE_SNAPSHOT) and segs})
+
     def log_names(self, kind: str) -> list[str]:
         return sorted(name for (k, name), segs in self._state.logs.items() if k == kind and segs)
 

@@ -1,0 +1,287 @@
+"""Maintenance of a writing run's store: merging, retention, the cache's versions, checkpoints.
+
+A store's cost to open and replay must follow its live state, never the number of commits
+that produced it. The writer keeps it so on its own, in a task of the run:
+
+- **Merging.** Runs of ``FANOUT`` consecutive small segments of one event log (or of the
+  cache's log) of the same size *tier* are rewritten into one segment holding the same
+  records, byte for byte (same order, ``time_ms`` and offsets), and swapped in by a commit
+  (a ``Rewrite``). Tiers grow by ``FANOUT``, as in a size-tiered LSM tree, so an event is
+  rewritten about log16(segment size / event size) times, and a log holds at most
+  ``FANOUT - 1`` segments per tier.
+- **Retention.** A stream's ``Retention`` drops its oldest events: whole segments, and
+  the first records of the segment the bound falls in (rewritten with the rest).
+- **The cache.** ``compact()`` rewrites the cache's log with one entry per key, and only
+  the entries of the versions in use (see ``_cache_versions``).
+- **Checkpoints.** Every ``CHECKPOINT_EVERY`` commits the log is folded into a checkpoint,
+  so that opening reads one checkpoint and fewer than that many commit records.
+
+Rewrites ride on the next commit that writes anything (``Scheduler.add_rewrite``): an idle
+run makes no request for maintenance, and a rewrite made stale by a reset is dropped. One
+step runs at a time; a step holds at most one merged segment's records (``max_segment_bytes``)
+and yields to the loop between segments. Cancelled with the run, it leaves nothing half
+done that a reader could see: a rewrite lands whole with its commit or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import anyio
+import anyio.lowlevel
+import orjson
+
+from . import _format as fmt
+from ._cache import UdfCache, _split_entry
+from ._config import Retention
+from ._scheduler import Scheduler
+from ._store import LoggedSegment, Store
+
+__all__ = ["CHECKPOINT_EVERY", "FANOUT", "Maintainer"]
+
+logger = logging.getLogger("apersist")
+
+#: Segments merged into one, and the size ratio between tiers.
+FANOUT = 16
+#: Segments under this size are tier 0; tier t holds sizes below ``TIER_BASE * FANOUT**t``.
+TIER_BASE = 4 << 10
+#: Commits between two checkpoints: opening reads fewer commit records than this.
+CHECKPOINT_EVERY = 128
+#: Commits between two looks for segments to merge.
+MERGE_LOOK_EVERY = 8
+#: The logs whose segments are merged: tables are folded into snapshots instead.
+_MERGED_KINDS = (fmt.KIND_EVENTS, fmt.KIND_CACHE)
+
+Bodies = list[tuple[bytearray, int]]
+
+
+def tier(size: int) -> int:
+    """The size tier of a segment of ``size`` bytes."""
+    level, limit = 0, TIER_BASE
+    while size >= limit:
+        level += 1
+        limit *= FANOUT
+    return level
+
+
+def plan_merges(log: Sequence[LoggedSegment], max_bytes: int) -> list[list[fmt.SegmentRef]]:
+    """Groups of ``FANOUT`` consecutive segments of one tier, each group at most
+    ``max_bytes`` in all: what merging rewrites, one segment per group."""
+    groups: list[list[fmt.SegmentRef]] = []
+    start = 0
+    while start < len(log):
+        level = tier(log[start].ref.size)
+        end = start + 1
+        while end < len(log) and tier(log[end].ref.size) == level:
+            end += 1
+        for first in range(start, end - FANOUT + 1, FANOUT):
+            group = [seg.ref for seg in log[first:first + FANOUT]]
+            if sum(ref.size for ref in group) <= max_bytes:
+                groups.append(group)
+        start = end
+    return groups
+
+
+def _reframe(body: bytearray, view: fmt.SegmentView, skip: int = 0) -> int:
+    """Append ``view``'s records to ``body`` without their first ``skip`` entries; return
+    how many entries were appended. A batch cut by ``skip`` keeps its tail as a batch."""
+    if skip == 0 and view.major >= 2:
+        body += view.body()  # the same framing: the records as they are
+        return int(view.count)
+    added = 0
+    for value, offset, time_ms, count, _at in view.frames():
+        if skip >= count:
+            skip -= count
+            continue
+        if skip:
+            values = orjson.loads(value)[skip:]
+            offsets = None if offset is None else orjson.loads(offset)[skip:]
+            joined, joined_offsets = fmt.join_batch(
+                [orjson.dumps(v) for v in values],
+                None if offsets is None else [b"" if o is None else orjson.dumps(o)
+                                              for o in offsets])
+            count -= skip
+            skip = 0
+            fmt.append_record(body, joined, joined_offsets, time_ms, count)
+        else:
+            fmt.append_record(body, value, offset or b"", time_ms, count)
+        added += count
+    return added
+
+
+class Maintainer:
+    """A writing run's maintenance: one step at a time, in the background or on demand."""
+
+    def __init__(self, store: Store, scheduler: Scheduler, *, max_segment_bytes: int,
+                 retention_of: Callable[[str], Retention], clock_ms: Callable[[], int],
+                 cache: UdfCache | None) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._max_bytes = max_segment_bytes
+        self._retention_of = retention_of
+        self._clock_ms = clock_ms
+        self._cache = cache
+        self._lock = anyio.Lock()
+        self._looked_at = store.last_seq
+
+    async def run(self) -> None:
+        """The background loop: after commits, merge what is due, and checkpoint."""
+        scheduler, store = self._scheduler, self._store
+        while not scheduler.stopped:
+            await scheduler.commit_done().wait()
+            if scheduler.stopped or scheduler.rewrites_busy:
+                continue
+            due_checkpoint = store.last_seq - store.checkpoint_seq >= CHECKPOINT_EVERY
+            if due_checkpoint or store.last_seq - self._looked_at >= MERGE_LOOK_EVERY:
+                async with self._lock:
+                    await self._step(retention=due_checkpoint, cache=False,
+                                     checkpoint=due_checkpoint)
+
+    async def compact(self) -> None:
+        """All of it now (``run.compact()``): retention, merges, the cache; one commit
+        (with the table snapshots the caller asked for), then a checkpoint."""
+        async with self._lock:
+            await self._step(retention=True, cache=True, checkpoint=True, commit=True)
+
+    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool,
+                    commit: bool = False) -> None:
+        store, scheduler = self._store, self._scheduler
+        self._looked_at = store.last_seq
+        planned = 0
+        if retention:
+            for name in store.log_names(fmt.KIND_EVENTS):
+                planned += await self._retain(name, self._retention_of(name))
+        if cache:
+            planned += await self._compact_cache()
+        for kind in _MERGED_KINDS:
+            for name in store.log_names(kind):
+                planned += await self._merge(kind, name)
+        if planned:
+            logger.debug("maintenance: %d rewrite(s) for the next commit", planned)
+        if commit or (planned and checkpoint):
+            scheduler.request_commit()
+            await scheduler.commit()
+        if checkpoint:
+            await store.write_checkpoint()
+
+    async def _merge(self, kind: str, name: str) -> int:
+        """Attach a rewrite per group of segments due for merging; return how many."""
+        log = self._store.segments(kind, name)
+        if len(log) < FANOUT:
+            return 0
+        groups = plan_merges(log, self._max_bytes)
+        for group in groups:
+            body = bytearray()
+            count = 0
+            async for view in self._store.read_segments(group):
+                count += _reframe(body, view)
+                await anyio.lowlevel.checkpoint()
+            self._scheduler.add_rewrite(kind, name, tuple(ref.key for ref in group),
+                                        [(body, count)])
+        return len(groups)
+
+    async def _retain(self, name: str, retention: Retention) -> int:
+        """Attach the rewrite that drops the events ``retention`` does not keep (0 or 1)."""
+        if retention.keeps_everything:
+            return 0
+        log = [seg.ref for seg in self._store.segments(fmt.KIND_EVENTS, name)]
+        total = sum(ref.records for ref in log)
+        drop = 0 if retention.max_events is None else max(0, total - retention.max_events)
+        if retention.max_age_ms is not None and drop < total:
+            drop += await self._count_old(log, drop, self._clock_ms() - retention.max_age_ms)
+        if drop == 0:
+            return 0
+        # Whole segments go; the one the bound falls in is rewritten with its tail.
+        whole, before = 0, 0
+        while whole < len(log) and before + log[whole].records <= drop:
+            before += log[whole].records
+            whole += 1
+        bodies: Bodies = []
+        old = log[:whole]
+        if before < drop:
+            boundary = log[whole]
+            old.append(boundary)
+            body = bytearray()
+            async for view in self._store.read_segments([boundary]):
+                count = _reframe(body, view, skip=drop - before)
+            bodies.append((body, count))
+        self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, tuple(ref.key for ref in old), bodies)
+        return 1
+
+    async def _count_old(self, log: list[fmt.SegmentRef], skip: int, cutoff_ms: int) -> int:
+        """How many events after the first ``skip`` are older than ``cutoff_ms``, up to the
+        first younger one: read segment by segment, from the one event ``skip`` is in."""
+        before, index = 0, 0
+        while index < len(log) and before + log[index].records <= skip:
+            before += log[index].records
+            index += 1
+        old = 0
+        position = before
+        async for view in self._store.read_segments(log[index:]):
+            for _value, _offset, time_ms, count, _at in view.frames():
+                if position + count <= skip:
+                    position += count
+                    continue
+                if time_ms >= cutoff_ms:
+                    return old
+                # A batch shares one time_ms: past the skip, all of it is old.
+                old += position + count - max(position, skip)
+                position += count
+            await anyio.lowlevel.checkpoint()
+        return old
+
+    async def _compact_cache(self) -> int:
+        """Attach the rewrite of the cache's log to one entry per key, of the versions in
+        use (0 or 1)."""
+        log = [seg.ref for seg in self._store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG)]
+        if not log:
+            return 0
+        entries: dict[str, bytes] = {}
+        stored = 0
+        async for view in self._store.read_segments(log):
+            for value, _offset, _time_ms in view.records():
+                key, _result = _split_entry(value)
+                entries.pop(key, None)  # the newest entry, in the order it was written
+                entries[key] = bytes(value)
+                stored += 1
+            await anyio.lowlevel.checkpoint()
+        keep = _cache_versions(entries, {} if self._cache is None else self._cache.versions)
+        kept = [value for key, value in entries.items() if keep(key)]
+        if len(kept) == stored and len(log) == 1:
+            return 0
+        bodies: Bodies = []
+        body, count = bytearray(), 0
+        for value in kept:
+            if count and len(body) + len(value) > self._max_bytes:
+                bodies.append((body, count))
+                body, count = bytearray(), 0
+            fmt.append_record(body, value, b"", 0)
+            count += 1
+        if count:
+            bodies.append((body, count))
+        self._scheduler.add_rewrite(fmt.KIND_CACHE, fmt.CACHE_LOG, tuple(r.key for r in log),
+                                    bodies)
+        return 1
+
+
+def _function_version(entry_key: str) -> tuple[str, int] | None:
+    """``(name, version)`` of an entry key ``<name>@<version>:<hex>``; None if malformed."""
+    head = entry_key.rpartition(":")[0]
+    name, at, version = head.rpartition("@")
+    return (name, int(version)) if at and version.isdigit() else None
+
+
+def _cache_versions(entries: dict[str, bytes], in_use: dict[str, int]) -> Callable[[str], bool]:
+    """Which entries compaction keeps: of a function called in this run, the entries of
+    the version it was called with; of any other, those of its highest version."""
+    newest: dict[str, int] = dict(in_use)
+    for key in entries:
+        parsed = _function_version(key)
+        if parsed is not None and parsed[0] not in in_use:
+            newest[parsed[0]] = max(newest.get(parsed[0], parsed[1]), parsed[1])
+
+    def keep(key: str) -> bool:
+        parsed = _function_version(key)
+        return parsed is None or newest.get(parsed[0]) == parsed[1]
+    return keep
