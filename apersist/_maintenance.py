@@ -35,6 +35,7 @@ import orjson
 from . import _format as fmt
 from ._cache import UdfCache, _split_entry
 from ._config import Retention
+from ._errors import PersistenceError
 from ._scheduler import Scheduler
 from ._store import LoggedSegment, Store
 
@@ -138,36 +139,58 @@ class Maintainer:
                     await self._step(retention=due_checkpoint, cache=False,
                                      checkpoint=due_checkpoint)
 
-    async def compact(self) -> None:
-        """All of it now (``run.compact()``): retention, merges, the cache; one commit
-        (with the table snapshots the caller asked for), then a checkpoint."""
+    async def at_end(self) -> None:
+        """The run's commits are over: checkpoint if one is due, so that the next open
+        reads fewer than ``CHECKPOINT_EVERY`` commit records. A failure is only logged:
+        everything the run recorded is committed already."""
+        store = self._store
+        if store.last_seq - store.checkpoint_seq < CHECKPOINT_EVERY:
+            return
         async with self._lock:
-            await self._step(retention=True, cache=True, checkpoint=True, commit=True)
+            try:
+                await store.write_checkpoint()
+            except PersistenceError as exc:
+                logger.warning("checkpoint at the end of the run failed: %s", exc)
 
-    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool,
-                    commit: bool = False) -> None:
+    async def compact(self) -> None:
+        """All of it now (``run.compact()``): a commit of what is recorded (with the table
+        snapshots the caller asked for); then retention, merges and the cache in a second
+        one; then a checkpoint."""
+        async with self._lock:
+            # First what is recorded (and the table snapshots asked for), so that the
+            # plans see every event.
+            self._scheduler.request_commit()
+            await self._scheduler.commit()
+            await self._step(retention=True, cache=True, checkpoint=True)
+
+    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool) -> None:
         store, scheduler = self._store, self._scheduler
         self._looked_at = store.last_seq
         planned = 0
+        # Segments an earlier rewrite of this step replaces: merges plan around them.
+        taken: set[str] = set()
         if retention:
             for name in store.log_names(fmt.KIND_EVENTS):
-                planned += await self._retain(name, self._retention_of(name))
+                planned += await self._retain(name, self._retention_of(name), taken)
         if cache:
-            planned += await self._compact_cache()
+            planned += await self._compact_cache(taken)
         for kind in _MERGED_KINDS:
             for name in store.log_names(kind):
-                planned += await self._merge(kind, name)
+                planned += await self._merge(kind, name, taken)
         if planned:
             logger.debug("maintenance: %d rewrite(s) for the next commit", planned)
-        if commit or (planned and checkpoint):
+        if planned and checkpoint:
             scheduler.request_commit()
             await scheduler.commit()
         if checkpoint:
             await store.write_checkpoint()
 
-    async def _merge(self, kind: str, name: str) -> int:
-        """Attach a rewrite per group of segments due for merging; return how many."""
-        log = self._store.segments(kind, name)
+    async def _merge(self, kind: str, name: str, taken: set[str]) -> int:
+        """Attach a rewrite per group of segments due for merging; return how many.
+
+        Segments in ``taken`` (a retention's run, at the start of the log) are left out:
+        what follows them stays consecutive."""
+        log = [seg for seg in self._store.segments(kind, name) if seg.ref.key not in taken]
         if len(log) < FANOUT:
             return 0
         groups = plan_merges(log, self._max_bytes)
@@ -181,7 +204,7 @@ class Maintainer:
                                         [(body, count)])
         return len(groups)
 
-    async def _retain(self, name: str, retention: Retention) -> int:
+    async def _retain(self, name: str, retention: Retention, taken: set[str]) -> int:
         """Attach the rewrite that drops the events ``retention`` does not keep (0 or 1)."""
         if retention.keeps_everything:
             return 0
@@ -206,6 +229,7 @@ class Maintainer:
             async for view in self._store.read_segments([boundary]):
                 count = _reframe(body, view, skip=drop - before)
             bodies.append((body, count))
+        taken.update(ref.key for ref in old)
         self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, tuple(ref.key for ref in old), bodies)
         return 1
 
@@ -231,7 +255,7 @@ class Maintainer:
             await anyio.lowlevel.checkpoint()
         return old
 
-    async def _compact_cache(self) -> int:
+    async def _compact_cache(self, taken: set[str]) -> int:
         """Attach the rewrite of the cache's log to one entry per key, of the versions in
         use (0 or 1)."""
         log = [seg.ref for seg in self._store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG)]
@@ -260,6 +284,7 @@ class Maintainer:
             count += 1
         if count:
             bodies.append((body, count))
+        taken.update(ref.key for ref in log)
         self._scheduler.add_rewrite(fmt.KIND_CACHE, fmt.CACHE_LOG, tuple(r.key for r in log),
                                     bodies)
         return 1

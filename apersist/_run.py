@@ -273,6 +273,8 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
                 else:
                     if scheduler is not None:
                         await scheduler.finish(by_exception=False)
+                    if the_run._maintainer is not None:
+                        await the_run._maintainer.at_end()
                 finally:
                     the_run._life.ended = True
                     if scheduler is not None:

@@ -609,7 +609,7 @@ class Store:
             raise self._fenced
         if self._epoch is None:
             raise RuntimeError("commit on a store that does not hold the writer role")
-        kept = [] if reset else [r for r in rewrites if self._holds_run(r.kind, r.name, r.old)]
+        kept = [] if reset else self._applicable(rewrites)
         record = self._next_record(blobs, self._offset_changes(offsets, reset=reset),
                                    reset=reset,
                                    rewrites=[fmt.Rewrite(r.kind, r.name, tuple(r.old),
@@ -656,11 +656,30 @@ class Store:
             time_ms=self._stamp(), token=uuid.uuid4().hex, reset=reset,
             segments=tuple(b.ref for b in blobs), offsets=offsets, rewrites=tuple(rewrites))
 
-    def _holds_run(self, kind: str, name: str, keys: Sequence[str]) -> bool:
-        """Whether the log ``(kind, name)`` holds the segments ``keys``, consecutively."""
-        log = self._state.logs.get((kind, name), [])
-        start = _position(log, keys[0]) if keys else None
-        return start is not None and [s.ref.key for s in log[start:start + len(keys)]] == list(keys)
+    def _applicable(self, rewrites: Sequence[PendingRewrite]) -> list[PendingRewrite]:
+        """The rewrites that apply, one after the other, to the log as it is: each one's run
+        is consecutive in its log once the rewrites before it are applied. The others are
+        left out (a reset came between, or they overlap), so that a commit record never
+        holds a rewrite its readers would refuse."""
+        logs: dict[tuple[str, str], list[str]] = {}
+        kept = []
+        for rewrite in rewrites:
+            log_id = (rewrite.kind, rewrite.name)
+            keys = logs.get(log_id)
+            if keys is None:
+                keys = logs[log_id] = [seg.ref.key for seg in self._state.logs.get(log_id, ())]
+            old = list(rewrite.old)
+            try:
+                start = keys.index(old[0]) if old else -1
+            except ValueError:
+                start = -1
+            if start < 0 or keys[start:start + len(old)] != old:
+                logger.debug("rewrite left out: its run is not in the log: log=%s/%s first=%s",
+                             rewrite.kind, rewrite.name, old[:1])
+                continue
+            keys[start:start + len(old)] = [blob.ref.key for blob in rewrite.new]
+            kept.append(rewrite)
+        return kept
 
     # ------------------------------------------------------------------ checkpoints
     @property

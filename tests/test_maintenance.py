@@ -1,0 +1,270 @@
+"""Long-lived stores: checkpoints, merging, retention, the cache's versions, run.compact().
+
+Opening a store must cost what its live state costs, not what its history cost: these
+tests count the requests an open makes, check that merged and retained logs replay exactly
+the events they should (values, offsets and ``time_ms``), and that damage to the new
+objects (a checkpoint, the head hint) is reported or worked around as docs/format.md says.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import counting, replayed, table_state
+
+import apersist
+from apersist import _format as fmt
+from apersist._maintenance import CHECKPOINT_EVERY, FANOUT, plan_merges, tier
+from apersist._store import LoggedSegment, PendingRewrite, Store
+from apersist.testing import FakeClock
+
+
+async def _one_event_commits(backend: apersist.Backend, count: int, *, start: int = 0,
+                             clock: FakeClock | None = None, **config: Any) -> None:
+    async with apersist.run(apersist.Config(backend, **config), clock_ms=clock) as run:
+        stream = run.stream("s")
+        for i in range(start, start + count):
+            if clock is not None:
+                clock.advance(1_000)
+            await stream.record({"i": i}, offset=None if i % 3 == 0 else i)
+            await run.commit()
+
+
+def _expected(count: int, start: int = 0) -> list[tuple[Any, Any]]:
+    return [({"i": i}, None if i % 3 == 0 else i) for i in range(start, start + count)]
+
+
+async def test_opening_reads_one_checkpoint_and_a_bounded_number_of_commits(
+        backend: apersist.Backend) -> None:
+    await _one_event_commits(backend, 3 * CHECKPOINT_EVERY + 20)
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with counting(cfg) as driver, apersist.run(cfg, driver=driver) as run:
+        opened = list(driver.keys)
+        events = [(e.value, e.offset) async for e in run.stream("s").replay()]
+    commit_gets = [k for verb, k in opened if verb == "get" and fmt.key_kind(k) == "commit"]
+    checkpoint_gets = [k for verb, k in opened if verb == "get" and fmt.key_kind(k) == "checkpoint"]
+    lists = [k for verb, k in opened if verb == "list"]
+    assert len(commit_gets) < CHECKPOINT_EVERY
+    assert len(checkpoint_gets) == 1
+    # A bucket of commit keys (and perhaps the next), the live segments' buckets, epochs.
+    assert len(lists) <= 4, lists
+    assert events == _expected(3 * CHECKPOINT_EVERY + 20)
+
+
+async def test_merging_keeps_every_event_with_its_offset_and_time(backend: apersist.Backend) -> None:
+    clock = FakeClock(1_700_000_000_000)
+    await _one_event_commits(backend, 300, clock=clock)
+    events = await replayed(backend, "s")
+    assert [(e.value, e.offset) for e in events] == _expected(300)
+    assert [e.time_ms for e in events] == [1_700_000_000_000 + 1_000 * (i + 1) for i in range(300)]
+    async with apersist.run(apersist.Config(backend,
+                                            snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        live = run._store.segments(fmt.KIND_EVENTS, "s")
+    # 300 one-event commits, merged by tiers of FANOUT: far fewer segments than commits.
+    assert len(live) < 2 * FANOUT, len(live)
+
+
+async def test_replay_yields_the_log_as_opened_while_the_run_merges_it() -> None:
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, FANOUT - 1)
+    async with apersist.run(apersist.Config(backend)) as run:
+        stream = run.stream("s")
+        for i in range(FANOUT - 1, 4 * FANOUT):
+            await stream.record({"i": i}, offset=i)
+            await run.commit()
+        await run.compact()
+        merged = run._store.segments(fmt.KIND_EVENTS, "s")
+        assert len(merged) < FANOUT
+        # The segments this run opened with were merged away in its own commits.
+        replay = [(e.value, e.offset) async for e in stream.replay()]
+    assert replay == _expected(FANOUT - 1)
+
+
+def test_merge_plan_takes_runs_of_one_tier_and_respects_the_size_bound() -> None:
+    def segs(*sizes: int) -> list[LoggedSegment]:
+        return [LoggedSegment(1, fmt.SegmentRef(f"k{i}", fmt.KIND_EVENTS, "s", 1, size))
+                for i, size in enumerate(sizes)]
+    assert tier(100) == 0 and tier(4 << 10) == 1 and tier(64 << 10) == 2
+    small = [100] * FANOUT
+    assert [len(g) for g in plan_merges(segs(*small), 1 << 20)] == [FANOUT]
+    assert plan_merges(segs(*small[:-1]), 1 << 20) == []
+    # A bigger segment in the middle breaks the run.
+    assert plan_merges(segs(*small[:8], 50_000, *small[8:]), 1 << 20) == []
+    assert plan_merges(segs(*[70_000] * FANOUT), 1 << 20) == []  # would exceed the bound
+
+
+async def test_retention_by_count_keeps_exactly_the_last_events_after_compact(
+        backend: apersist.Backend) -> None:
+    cfg = apersist.Config(backend, retention=apersist.Retention(max_events=7))
+    async with apersist.run(cfg) as run:
+        stream = run.stream("s")
+        table = await run.table("t")
+        for i in range(20):
+            await stream.record({"i": i}, offset=i)
+            table[str(i)] = i
+        await run.commit()
+        # One batch of 10: the bound falls inside it.
+        await stream.record_many([{"i": i} for i in range(20, 30)],
+                                 offsets=list(range(20, 30)))
+        await run.commit()
+        await run.compact()
+    events = await replayed(backend, "s")
+    assert [(e.value, e.offset) for e in events] == [({"i": i}, i) for i in range(23, 30)]
+    assert await table_state(backend, "t") == {str(i): i for i in range(20)}
+    async with apersist.run(apersist.Config(backend)) as run:
+        assert run.stream("s").offset == 29
+
+
+async def test_retention_by_age_uses_the_run_clock() -> None:
+    backend = apersist.Backend.memory()
+    clock = FakeClock(1_000_000)
+    await _one_event_commits(backend, 100, clock=clock)  # times 1,001,000 .. 1,100,000
+    cfg = apersist.Config(backend, retention=apersist.Retention(max_age_ms=10_000))
+    async with apersist.run(cfg, clock_ms=clock) as run:
+        await run.compact()
+    events = await replayed(backend, "s")
+    assert [e.time_ms for e in events] == [1_000_000 + 1_000 * (i + 1) for i in range(89, 100)]
+
+
+async def test_both_bounds_keep_only_what_each_allows() -> None:
+    backend = apersist.Backend.memory()
+    clock = FakeClock(1_000_000)
+    await _one_event_commits(backend, 50, clock=clock)
+    cfg = apersist.Config(backend)
+    async with apersist.run(cfg, clock_ms=clock) as run:
+        run.stream("s", retention=apersist.Retention(max_events=20, max_age_ms=5_000))
+        await run.compact()
+    # Within 5 s of the clock (1,050,000): times 1,045,000 (event 44) and later.
+    assert [e.value["i"] for e in await replayed(backend, "s")] == list(range(44, 50))
+
+
+async def test_a_source_with_max_events_0_keeps_offsets_only() -> None:
+    backend = apersist.Backend.memory()
+    seen: list[Any] = []
+
+    def reader(offset: Any) -> Any:
+        seen.append(offset)
+        start = 0 if offset is None else offset + 1
+
+        async def gen() -> Any:
+            for i in range(start, 10):
+                yield {"i": i}, i
+        return gen()
+
+    cfg = apersist.Config(backend)
+    keep_offsets = apersist.Retention(max_events=0)
+    async with apersist.run(cfg) as run:
+        assert [e.value["i"] async for e in run.source("orders", reader,
+                                                         retention=keep_offsets)] == list(range(10))
+        await run.compact()
+    async with apersist.run(cfg) as run:
+        assert [e async for e in run.source("orders", reader, retention=keep_offsets)] == []
+        assert run.stream("orders").offset == 9
+    assert seen == [None, 9]
+
+
+async def test_compact_drops_cached_entries_of_versions_no_longer_in_use() -> None:
+    backend = apersist.Backend.memory()
+    calls: list[int] = []
+
+    def make(version: int) -> Any:
+        @apersist.cached(name="f", version=version)
+        def f(x: int) -> int:
+            calls.append(x)
+            return x * version
+        return f
+
+    async with apersist.run(apersist.Config(backend)) as run:
+        f1 = make(1)
+        assert [f1(x) for x in (1, 2, 3)] == [1, 2, 3]
+    async with apersist.run(apersist.Config(backend)) as run:
+        f2 = make(2)
+        assert f2(1) == 2
+        await run.compact()
+    async with apersist.run(apersist.Config(backend)) as run:
+        assert len(run._cache) == 1  # version 1's three entries are gone
+        assert f2(1) == 2
+        assert calls == [1, 2, 3, 1]
+
+
+async def test_compact_folds_tables_the_run_did_not_open() -> None:
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        table = await run.table("t")
+        for i in range(5):
+            table["k"] = i
+            await run.commit()
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.compact()
+        assert run._store.segments(fmt.KIND_TABLE, "t") == []
+        assert len(run._store.segments(fmt.KIND_TABLE_SNAPSHOT, "t")) == 1
+    assert await table_state(backend, "t") == {"k": 4}
+
+
+async def test_a_rewrite_whose_run_left_the_log_is_dropped() -> None:
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, 3)
+    from apersist._drivers import open_driver
+    driver = open_driver(backend)
+    store = Store(driver, clock_ms=lambda: 0)
+    await store.load()
+    await store.acquire_writer()
+    before = store.segments(fmt.KIND_EVENTS, "s")
+    stale = PendingRewrite(fmt.KIND_EVENTS, "s", ("writers/0/segments/not-there.seg",), [])
+    await store.commit([], dict(store.offsets), reset=False, rewrites=[stale])
+    assert store.segments(fmt.KIND_EVENTS, "s") == before
+    await driver.aclose()
+
+
+async def test_a_damaged_checkpoint_is_reported_and_the_head_is_only_a_hint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "store"
+    backend = apersist.Backend.filesystem(root)
+    await _one_event_commits(backend, CHECKPOINT_EVERY + 5)
+    head = root / fmt.head_key("0")
+    checkpoints = sorted((root / fmt.checkpoints_prefix("0")).iterdir())
+    assert head.exists() and checkpoints
+    # A damaged head is ignored (with a warning): the checkpoints are listed instead.
+    head.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="apersist"):
+        assert [v for v, _ in [(e.value, e.offset) for e in await replayed(backend, "s")]] == [
+            v for v, _ in _expected(CHECKPOINT_EVERY + 5)]
+    assert "head is damaged" in caplog.text
+    # A head naming a checkpoint that is gone: the same.
+    head.write_bytes(fmt.Head("0", 1).encode())
+    assert len(await replayed(backend, "s")) == CHECKPOINT_EVERY + 5
+    # A damaged checkpoint is damage: never skipped.
+    newest = checkpoints[-1]
+    data = bytearray(newest.read_bytes())
+    data[30] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with pytest.raises(apersist.CorruptDataError, match=newest.name):
+        await replayed(backend, "s")
+
+
+async def test_a_missing_commit_at_a_bucket_boundary_is_reported() -> None:
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, fmt.BUCKET + 3)
+    objects = backend.objects  # type: ignore[attr-defined]
+    for key in [k for k in objects if fmt.key_kind(k) == "checkpoint" or k.endswith("head.json")]:
+        del objects[key]
+    del objects[fmt.commit_key("0", fmt.BUCKET - 1)]
+    with pytest.raises(apersist.CorruptDataError, match="commit record missing"):
+        await replayed(backend, "s")
+
+
+async def test_retention_argument_errors() -> None:
+    with pytest.raises(ValueError, match="max_events"):
+        apersist.Retention(max_events=-1)
+    with pytest.raises(TypeError, match="max_age_ms"):
+        apersist.Retention(max_age_ms=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retention"):
+        apersist.Config(apersist.Backend.memory(), retention=5)  # type: ignore[arg-type]
+    async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
+        with pytest.raises(TypeError, match="retention"):
+            run.stream("s", retention={"max_events": 1})  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            run.stream("bad name", retention=apersist.Retention())
