@@ -361,6 +361,7 @@ class Retention:
 
     @property
     def keeps_everything(self) -> bool:
+        """Whether no bound is set (``Retention()``): maintenance drops nothing."""
         return self.max_events is None and self.max_age_ms is None
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from . import _format as fmt
-from ._drivers import Driver
+from ._drivers import Driver, ObjectNotFoundError
 from ._errors import PersistenceError
 from ._gc import plan_gc, read_marker
 from ._store import Store
@@ -85,6 +86,24 @@ async def verify(driver: Driver) -> list[str]:
             await store.read_epoch(number)
         except PersistenceError as exc:
             problems.append(str(exc))
+    # Every commit record and checkpoint, those a checkpoint folds included (opening reads
+    # only the newest checkpoint and the commits after it), and the head hint.
+    for prefix, decode in ((fmt.commits_prefix(fmt.WRITER), fmt.CommitRecord.decode),
+                           (fmt.checkpoints_prefix(fmt.WRITER), fmt.Checkpoint.decode)):
+        for info in [i async for i in driver.list(prefix)]:
+            number = fmt.number_in_key(info.key, prefix)
+            if number is None:
+                continue
+            problem = await _check_numbered(driver, info.key, number, decode)
+            if problem:
+                problems.append(problem)
+    head_key = fmt.head_key(fmt.WRITER)
+    try:
+        fmt.Head.decode(head_key, await driver.get(head_key))
+    except ObjectNotFoundError:
+        pass
+    except PersistenceError as exc:
+        problems.append(str(exc))
     # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
     try:
         await read_marker(driver, fmt.WRITER)
@@ -103,6 +122,22 @@ async def verify(driver: Driver) -> list[str]:
                 except PersistenceError as exc:
                     problems.append(str(exc))
     return problems
+
+
+async def _check_numbered(driver: Driver, key: str, number: int,
+                          decode: Callable[[str, bytes], fmt.CommitRecord | fmt.Checkpoint]
+                          ) -> str | None:
+    """Why the commit record or checkpoint at ``key`` is damaged, or None if it is good."""
+    try:
+        record = decode(key, await driver.get(key))
+    except ObjectNotFoundError:
+        return None  # collected since it was listed
+    except PersistenceError as exc:
+        return str(exc)
+    if record.seq != number or record.writer != fmt.WRITER:
+        return (f"record names another position: key={key} offset=0 seq={record.seq} "
+                f"writer={record.writer}")
+    return None
 
 
 async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[str]:

@@ -135,9 +135,18 @@ class Maintainer:
                 continue
             due_checkpoint = store.last_seq - store.checkpoint_seq >= CHECKPOINT_EVERY
             if due_checkpoint or store.last_seq - self._looked_at >= MERGE_LOOK_EVERY:
-                async with self._lock:
-                    await self._step(retention=due_checkpoint, cache=False,
-                                     checkpoint=due_checkpoint)
+                try:
+                    async with self._lock:
+                        await self._step(retention=due_checkpoint, cache=False,
+                                         checkpoint=due_checkpoint)
+                except Exception as exc:
+                    # Background work must not end the user's run: what it could not do
+                    # is only later; damage it met is reported again by whoever reads it.
+                    if isinstance(exc, PersistenceError):
+                        logger.error("background maintenance stopped: %s", exc)
+                    else:
+                        logger.exception("background maintenance stopped unexpectedly")
+                    return
 
     async def at_end(self) -> None:
         """The run's commits are over: checkpoint if one is due, so that the next open

@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +41,12 @@ _THREAD_CHECK_BYTES = 256 << 10
 _READ_CONCURRENCY = 16
 # Segments read ahead together by read_segments() hold at most this many bytes.
 _WINDOW_BYTES = 8 << 20
+# Commit keys asked for at once when a driver has point lookups (``_probe_commits_after``).
+_PROBE = 256
+# A writer keeps the bytes of the small segments it committed lately, up to this much, for
+# merging them without reading them back; a segment is small up to _RECENT_SEGMENT_BYTES.
+_RECENT_BYTES = 4 << 20
+_RECENT_SEGMENT_BYTES = 256 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,9 @@ class Store:
         self._last_stamp = 0  # the newest good clock reading of a commit record
         self._opened_logs: dict[tuple[str, str], list[LoggedSegment]] | None = None
         self._opened_seq = 0
+        # Small segments this writer committed lately, by key (see _remember).
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._recent_bytes = 0
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -267,6 +276,8 @@ class Store:
         goes on to the next bucket while the commits may continue there. A missing number
         followed by later commits is a ``CorruptDataError``.
         """
+        if capabilities_of(self._driver).point_lookups:
+            return await self._probe_commits_after(after)
         prefix = fmt.commits_prefix(self._writer)
         numbered: dict[int, str] = {}
         bucket = (after + 1) // fmt.BUCKET
@@ -296,6 +307,32 @@ class Store:
                     f"commit record missing while later commits exist: "
                     f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
         return [numbered[seq] for seq in seqs]
+
+    async def _probe_commits_after(self, after: int) -> list[str]:
+        """``_commit_keys_after`` on a driver with point lookups (``sizes``): the commit keys
+        after ``after`` are asked for ``_PROBE`` at a time, with no listing. The window
+        after the first missing number is asked too: a commit there is a gap."""
+        keys: list[str] = []
+        start = after + 1
+        while True:
+            window = [fmt.commit_key(self._writer, n) for n in range(start, start + _PROBE)]
+            found = await self._driver.sizes(window)  # type: ignore[attr-defined]
+            present = [key in found for key in window]
+            run = present.index(False) if False in present else len(window)
+            keys += window[:run]
+            if run == len(window):
+                start += _PROBE
+                continue
+            later = [key for key in window[run:] if key in found]
+            if not later:
+                beyond = [fmt.commit_key(self._writer, n)
+                          for n in range(start + _PROBE, start + 2 * _PROBE)]
+                later = sorted(await self._driver.sizes(beyond))  # type: ignore[attr-defined]
+            if later:
+                raise CorruptDataError(
+                    f"commit record missing while later commits exist: key={window[run]} "
+                    f"offset=0 later={fmt.number_in_key(later[0], fmt.commits_prefix(self._writer))}")
+            return keys
 
     def _apply(self, state: _State, key: str, record: fmt.CommitRecord) -> None:
         """Add the commit ``record`` (read from ``key``) to ``state``, the next in the log."""
@@ -366,6 +403,10 @@ class Store:
             seg.ref.key: seg for segs in state.logs.values() for seg in segs}
         if not named:
             return
+        if capabilities_of(self._driver).point_lookups:
+            found = await self._driver.sizes(list(named))  # type: ignore[attr-defined]
+            self._check_sizes(named, found)
+            return
         prefixes: set[str] = set()
         for key in named:
             parsed = fmt.parse_segment_key(key, self._writer)
@@ -383,6 +424,9 @@ class Store:
             return list_one
 
         await gather_bounded([lister(p) for p in sorted(prefixes)], self.read_concurrency)
+        self._check_sizes(named, sizes)
+
+    def _check_sizes(self, named: Mapping[str, LoggedSegment], sizes: Mapping[str, int]) -> None:
         for key, seg in named.items():
             commit = fmt.commit_key(self._writer, seg.seq)
             size = sizes.get(key)
@@ -432,6 +476,10 @@ class Store:
         commit names it any more, so ``apersist gc`` could collect it) raises
         ``SegmentCollectedError`` instead.
         """
+        data = self._recent.pop(ref.key, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+            return fmt.SegmentView(ref, data)
         try:
             data = await self._driver.get(ref.key)
         except ObjectNotFoundError:
@@ -625,7 +673,21 @@ class Store:
             logger.warning("%s", self._fenced)
             raise self._fenced
         self._apply(self._state, key, record)
+        self._remember(blobs)
         return record.seq
+
+    def _remember(self, blobs: Sequence[SegmentBlob]) -> None:
+        """Keep the bytes of small segments just committed, newest first out of a bounded
+        memory, so that merging them (``_maintenance``) reads them without a request: on
+        an object store, a paced source's merges would otherwise GET every small segment."""
+        recent = self._recent
+        for blob in blobs:
+            if len(blob.data) <= _RECENT_SEGMENT_BYTES:
+                recent[blob.ref.key] = bytes(blob.data)
+                self._recent_bytes += len(blob.data)
+        while self._recent_bytes > _RECENT_BYTES:
+            _key, data = recent.popitem(last=False)
+            self._recent_bytes -= len(data)
 
     def _offset_changes(self, offsets: Mapping[str, bytes], *,
                         reset: bool) -> dict[str, bytes]:

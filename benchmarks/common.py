@@ -87,7 +87,7 @@ class Series:
 
     label: str
     samples: list[float]
-    role: str = "other"  # "apersist", "floor", "aiofiles", "aiosqlite" or "other"
+    role: str = "other"  # "apersist", "floor", "aiofiles", "aiosqlite", "batched" or "other"
 
     @property
     def value(self) -> float:
@@ -405,6 +405,7 @@ class Settings:
     cache_calls: int
     backend_events: int  # record/replay on S3 and Azure
     backends: tuple[str, ...]
+    history_commits: tuple[int, ...] = (1000, 5000, 20000)  # open and replay against history
 
     @property
     def warmup_events(self) -> int:

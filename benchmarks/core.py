@@ -715,6 +715,69 @@ async def section_table(settings: Settings, stores: Stores, report: Report) -> N
     report.series["table_rebuild_ms"] = plot
 
 
+# --------------------------------------------------------------------------- history
+
+HISTORY_BATCH = 100  # events per commit of the baseline store: the same events, 1/100 the commits
+HISTORY_TARGET = 3.0  # issue 12: replay (and open) within 3x of the same events in 1/100 the commits
+
+
+async def write_history(root: Path, events: int, per_commit: int) -> None:
+    """``events`` small events in commits of ``per_commit``, as a paced service writes them."""
+    async with apersist.run(config(root)) as run:
+        stream = run.stream("s")
+        for i in range(events):
+            await stream.record({"user": f"u{i % 1000}", "n": i}, offset=i)
+            if (i + 1) % per_commit == 0:
+                await run.commit()
+
+
+async def open_and_replay(root: Path, events: int) -> tuple[float, float]:
+    """Seconds to open the store read-only, and to replay every event in that run."""
+    start = time.perf_counter()
+    async with apersist.run(config(root, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        opened = time.perf_counter()
+        count = 0
+        async for _event in run.stream("s").replay():
+            count += 1
+        replayed = time.perf_counter()
+    if count != events:
+        raise RuntimeError(f"replayed {count} events, expected {events}")
+    return opened - start, replayed - opened
+
+
+async def section_history(settings: Settings, stores: Stores, report: Report) -> None:
+    """Open and replay time against the number of commits that wrote the same events
+    (issue 12): N one-event commits beside N/100 commits of 100 events."""
+    plot: dict[str, dict[str, float]] = {}
+    for commits in settings.history_commits:
+        log(f"history: {commits:,} one-event commits")
+        long_root = stores.new(f"history-{commits}")
+        await write_history(long_root / "store", commits, 1)
+        base_root = stores.new(f"history-base-{commits}")
+        await write_history(base_root / "store", commits, HISTORY_BATCH)
+        d: dict[str, list[float]] = {"open": [], "replay": [], "base open": [], "base replay": []}
+        for rep in range(settings.repeats):
+            for name, root in rotated([("", long_root), ("base ", base_root)], rep):
+                opened, replayed = await open_and_replay(root / "store", commits)
+                d[f"{name}open"].append(opened * 1000)
+                d[f"{name}replay"].append(replayed * 1000)
+        stores.drop(long_root)
+        stores.drop(base_root)
+        same = f"the same events in {max(1, commits // HISTORY_BATCH):,} commits"
+        report.rows.append(Row(
+            f"open after {commits:,} one-event commits", "history", "ms",
+            Series("enter apersist.run (read-only)", d["open"], "apersist"),
+            [Series(same, d["base open"], "batched")],
+            [Target("batched", at_most=HISTORY_TARGET)]))
+        report.rows.append(Row(
+            f"replay after {commits:,} one-event commits", "history", "ms",
+            Series("replay every event", d["replay"], "apersist"),
+            [Series(same, d["base replay"], "batched")],
+            [Target("batched", at_most=HISTORY_TARGET)]))
+        plot[str(commits)] = {name: median(v) for name, v in d.items()}
+    report.series["history_ms"] = plot
+
+
 # --------------------------------------------------------------------------- @cached
 
 

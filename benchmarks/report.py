@@ -176,6 +176,22 @@ def write_plots(report: Report, directory: Path) -> list[Path]:
         ax.set_title(f"Table rebuild against state size{tag}", fontsize=11)
         ax.legend(fontsize=8)
         save(fig, "table_rebuild.png")
+    if "history_ms" in series:
+        data = series["history_ms"]
+        commits = [int(n) for n in data]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        labels = {"open": "open, N one-event commits", "base open": "open, N/100 commits",
+                  "replay": "replay, N one-event commits", "base replay": "replay, N/100 commits"}
+        for name, label in labels.items():
+            ax.plot(commits, [data[str(n)][name] for n in commits],
+                    "o-" if "base" not in name else "o--", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("events N (one commit each in the long store)")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"Open and replay against history, filesystem{tag}", fontsize=11)
+        ax.legend(fontsize=8)
+        save(fig, "history.png")
     if "peak_rss_mib" in series:
         data = series["peak_rss_mib"]
         fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -28,15 +28,16 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ("record", "replay", "commit", "stall", "memory", "table", "cached", "state",
-             "backends")
+             "history", "backends")
 BACKENDS = ("filesystem", "s3", "azure")
 FULL = {"events": 1_000_000, "repeats": 3, "batch": 1024, "streams": 16, "commit_samples": 200,
         "producers": "1,8,64", "memory_events": "1000000,10000000",
         "table_sizes": "1000,10000,100000,1000000", "state_keys": "100000,1000000",
-        "cache_calls": 20_000, "backend_events": 200_000}
+        "cache_calls": 20_000, "backend_events": 200_000, "history_commits": "1000,5000,20000"}
 QUICK = {"events": 20_000, "repeats": 2, "batch": 1024, "streams": 16, "commit_samples": 10,
          "producers": "1,8,64", "memory_events": "10000,100000", "table_sizes": "100,1000,3000",
-         "state_keys": "2000,20000", "cache_calls": 2_000, "backend_events": 2_000}
+         "state_keys": "2000,20000", "cache_calls": 2_000, "backend_events": 2_000,
+         "history_commits": "100,400"}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -88,6 +89,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     knobs.add_argument("--state-keys", type=int_list,
                        help="table and cache sizes for memory, open time and stall, "
                             "subprocesses (100000,1000000; 2000,20000)")
+    knobs.add_argument("--history-commits", type=int_list,
+                       help="one-event commits of the long-history stores: open and replay time "
+                            "against history (1000,5000,20000; 100,400)")
     knobs.add_argument("--cache-calls", type=int, help="@cached calls per sample (20,000; 2,000)")
     knobs.add_argument("--backend-events", type=int,
                        help="small events recorded/replayed on S3 and Azure (200,000; 2,000)")

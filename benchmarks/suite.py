@@ -49,7 +49,8 @@ def make_settings(args: argparse.Namespace, root: Path) -> Settings:
                     producers=args.producers, memory_events=args.memory_events,
                     table_sizes=args.table_sizes, state_keys=args.state_keys,
                     cache_calls=args.cache_calls,
-                    backend_events=args.backend_events, backends=args.backends)
+                    backend_events=args.backend_events, backends=args.backends,
+                    history_commits=args.history_commits)
 
 
 async def record_replay(values: list[Any], floor: RecordFloor, settings: Settings, stores: Stores,
@@ -91,6 +92,9 @@ async def filesystem_workloads(settings: Settings, only: tuple[str, ...], stores
     if "cached" in only:
         with workload_scope(report, "@cached"):
             await guarded(report, "@cached", core.section_cached(settings, stores, report))
+    if "history" in only:
+        with workload_scope(report, "history"):
+            await guarded(report, "history", core.section_history(settings, stores, report))
 
 
 def run_suite(args: argparse.Namespace, root: Path) -> Report:

@@ -64,8 +64,9 @@ class Faults:
         if isinstance(driver, RetryingDriver):
             driver = driver.inner
         faulty = FaultyDriver(driver, seed=self.seed + len(self.made), **self.rates)
-        faulty.fail_next("list", "lost_response", key="writers/0/commits/")
-        faulty.fail_next("list", "lost_response", key="writers/0/segments/")
+        # Format 4.0 lists a bucket of keys at a time: its prefix goes on past the folder.
+        faulty.fail_next("list", "lost_response", key="writers/0/commits/*")
+        faulty.fail_next("list", "lost_response", key="writers/0/segments/*")
         faulty.fail_next("put", "lost_response", key="writers/0/commits/*")
         faulty.fail_next("put", "torn_write", key="writers/0/segments/*")
         self.made.append(faulty)

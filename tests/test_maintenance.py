@@ -87,7 +87,7 @@ def test_merge_plan_takes_runs_of_one_tier_and_respects_the_size_bound() -> None
     def segs(*sizes: int) -> list[LoggedSegment]:
         return [LoggedSegment(1, fmt.SegmentRef(f"k{i}", fmt.KIND_EVENTS, "s", 1, size))
                 for i, size in enumerate(sizes)]
-    assert tier(100) == 0 and tier(4 << 10) == 1 and tier(64 << 10) == 2
+    assert [tier(100), tier(4 << 10), tier(64 << 10)] == [0, 1, 2]
     small = [100] * FANOUT
     assert [len(g) for g in plan_merges(segs(*small), 1 << 20)] == [FANOUT]
     assert plan_merges(segs(*small[:-1]), 1 << 20) == []
@@ -226,7 +226,8 @@ async def test_a_damaged_checkpoint_is_reported_and_the_head_is_only_a_hint(
     await _one_event_commits(backend, CHECKPOINT_EVERY + 5)
     head = root / fmt.head_key("0")
     checkpoints = sorted((root / fmt.checkpoints_prefix("0")).iterdir())
-    assert head.exists() and checkpoints
+    assert head.exists()
+    assert checkpoints
     # A damaged head is ignored (with a warning): the checkpoints are listed instead.
     head.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="apersist"):
@@ -245,15 +246,26 @@ async def test_a_damaged_checkpoint_is_reported_and_the_head_is_only_a_hint(
         await replayed(backend, "s")
 
 
-async def test_a_missing_commit_at_a_bucket_boundary_is_reported() -> None:
+@pytest.mark.parametrize("lookups", ["point lookups", "listing"])
+@pytest.mark.parametrize("missing", [fmt.BUCKET - 2, fmt.BUCKET - 1, fmt.BUCKET, fmt.BUCKET + 1])
+async def test_a_missing_commit_followed_by_later_ones_is_reported(lookups: str,
+                                                                   missing: int) -> None:
+    """Around a bucket's end too, by point lookups (memory, filesystem) or by listing a
+    bucket at a time (a driver without ``sizes``: S3, Azure, wrappers)."""
     backend = apersist.Backend.memory()
     await _one_event_commits(backend, fmt.BUCKET + 3)
     objects = backend.objects  # type: ignore[attr-defined]
     for key in [k for k in objects if fmt.key_kind(k) == "checkpoint" or k.endswith("head.json")]:
         del objects[key]
-    del objects[fmt.commit_key("0", fmt.BUCKET - 1)]
-    with pytest.raises(apersist.CorruptDataError, match="commit record missing"):
-        await replayed(backend, "s")
+    del objects[fmt.commit_key("0", missing)]
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    with pytest.raises(apersist.CorruptDataError, match=f"commit record missing.*later={missing + 1}"):
+        if lookups == "listing":
+            async with counting(cfg) as driver, apersist.run(cfg, driver=driver):
+                pass
+        else:
+            async with apersist.run(cfg):
+                pass
 
 
 async def test_retention_argument_errors() -> None:
@@ -266,5 +278,5 @@ async def test_retention_argument_errors() -> None:
     async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
         with pytest.raises(TypeError, match="retention"):
             run.stream("s", retention={"max_events": 1})  # type: ignore[arg-type]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid stream name"):
             run.stream("bad name", retention=apersist.Retention())

@@ -116,11 +116,18 @@ class Capabilities:
     - ``verify_conditional_writes``: the storage behind it may not honour create-if-absent
       (some S3-compatible servers ignore ``If-None-Match``), so a run that writes checks it
       once when it opens the store (``probe.py``). The S3 and Azure drivers declare it.
+    - ``point_lookups``: the driver has the verb ``sizes(keys)``, which returns the size of
+      each of ``keys`` that exists (a dict; absent keys are left out), at a cost that
+      follows the number of keys asked, not the objects under their prefix. Opening a store
+      then finds its commits and checks its live segments with it instead of listing (on
+      the filesystem, a listing costs a walk of the whole directory). The filesystem and
+      memory drivers declare it.
     """
 
     put_then_create: bool = False
     accepts_buffers: bool = False
     verify_conditional_writes: bool = False
+    point_lookups: bool = False
 
 
 #: What a driver that declares nothing offers: the protocol's verbs and nothing more.

@@ -79,7 +79,7 @@ class FilesystemDriver:
     name = "filesystem"
     # put_then_create() writes a bytearray through a memoryview, as it is: segments for it
     # are built in place, with no copy that holds the GIL (Store.accepts_buffers).
-    capabilities = Capabilities(put_then_create=True, accepts_buffers=True)
+    capabilities = Capabilities(put_then_create=True, accepts_buffers=True, point_lookups=True)
 
     def __init__(self, root: Path) -> None:
         self._root = root
@@ -250,6 +250,21 @@ class FilesystemDriver:
                 return f.read() if end is None else f.read(end - (start or 0))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(f"object not found: key={key}") from None
+
+    async def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """The size of each of ``keys`` that exists (one ``stat`` each, in one thread call)."""
+        paths = [(key, self._root / check_key(key)) for key in keys]
+        return await self._call("sizes", ",".join(keys[:3]), lambda: self._sizes_sync(paths))
+
+    @staticmethod
+    def _sizes_sync(paths: builtins.list[tuple[str, Path]]) -> dict[str, int]:
+        found = {}
+        for key, path in paths:
+            try:
+                found[key] = os.stat(path).st_size
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return found
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         infos = await self._call("list", prefix, lambda: self._list_sync(prefix), label="prefix")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 from .base import (
+    Capabilities,
     ObjectExistsError,
     ObjectInfo,
     ObjectNotFoundError,
@@ -21,6 +22,7 @@ class MemoryDriver:
     """Objects in a plain dict. Every verb is atomic: none of them awaits mid-way."""
 
     name = "memory"
+    capabilities = Capabilities(point_lookups=True)
 
     def __init__(self, objects: dict[str, bytes]) -> None:
         self._objects = objects
@@ -46,6 +48,12 @@ class MemoryDriver:
         except KeyError:
             raise ObjectNotFoundError(f"object not found: key={key}") from None
         return slice_range(data, start, end)
+
+    async def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """The size of each of ``keys`` that exists."""
+        self._check_open()
+        objects = self._objects
+        return {key: len(objects[key]) for key in keys if key in objects}
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         self._check_open()

@@ -18,6 +18,7 @@ from .._drivers.base import (
     Driver,
     ObjectExistsError,
     ObjectNotFoundError,
+    capabilities_of,
     put_then_create,
 )
 from .._errors import BackendError
@@ -234,6 +235,18 @@ async def put_then_create_commits(driver: Driver) -> None:
     _expect(set(listed) <= {*(k for k, _ in puts), *(k for k, _ in late), "commit/commits/1",
                             "commit/commits/2"}, f"list after put_then_create: {listed}")
     _expect("commit/commits/2" in listed, f"record created with no puts is listed: {listed}")
+
+
+@_check
+async def sizes_of_keys(driver: Driver) -> None:
+    """A driver that declares ``point_lookups`` answers ``sizes(keys)``: the size of each key
+    that exists, and nothing for the others. A driver that does not declare it passes."""
+    if not capabilities_of(driver).point_lookups:
+        return
+    await driver.put("sizes/a", b"12345")
+    await driver.put("sizes/b", b"")
+    found = await driver.sizes(["sizes/a", "sizes/missing", "sizes/b"])  # type: ignore[attr-defined]
+    _expect_equal(found, {"sizes/a": 5, "sizes/b": 0}, "sizes of two present keys and an absent one")
 
 
 # --------------------------------------------------------------------------- get

@@ -15,7 +15,12 @@ of these ways:
   or a newer snapshot of its table superseded it (such damage may also be reported);
 - the one damage no reader can tell from a normal store, the newest commit record
   deleted (exactly what a commit that was never made looks like): the replay as of the
-  commit before it, with no error and no wrong value.
+  commit before it, with no error and no wrong value;
+- worked around, the undamaged replay exactly: any damage to the head (a hint: the
+  checkpoints are listed instead), and the newest checkpoint deleted (a reader starts
+  from an older one, or from the first commit). Commit records a checkpoint folds, older
+  checkpoints and the epoch records only those commits name are never read, so their
+  damage is ignored like that of history before a reset (``apersist verify`` names it).
 
 Anything else fails: a wrong value, fewer events or entries without an error, another
 exception, a hang. The campaign lists every failing case, then prints a summary line
@@ -58,6 +63,7 @@ TABLE = "t"
 NEEDED = "needed"              # read by the replay: damage must raise CorruptDataError
 SUPERSEDED = "superseded"      # named by a live commit, but a newer table snapshot covers it
 UNREFERENCED = "unreferenced"  # named by no live commit: damage must be ignored
+HINT = "hint"                  # the head: any damage must be worked around (checkpoints listed)
 
 CALLS: list[int] = []
 
@@ -176,7 +182,12 @@ async def build_store(backend: apersist.Backend, driver: Driver) -> tuple[State,
             expected.events["d"] += [(value, None, T2) for value in batch]
             await run.commit()
         table["k06"] = expected.table["k06"] = 6.5
-        await run.compact()  # the second snapshot supersedes the first
+        await run.compact()  # the second snapshot supersedes the first; a checkpoint
+        # A commit after the checkpoint, so that a reader reads two commit records.
+        await c.record("after", offset=20)
+        expected.events["c"].append(("after", 20, T2))
+        expected.offsets["c"] = 20
+        await run.commit()
         before_last = copy.deepcopy(expected)
         await run.stream("a").record("last", offset=100)
         expected.events["a"].append(("last", 100, T2))
@@ -210,30 +221,42 @@ async def observe(backend: apersist.Backend) -> State:
 # ----------------------------------------------------------------------------- the objects
 
 COMMIT_RE = re.compile(r"writers/0/commits/(\d{20})\.json")
+CHECKPOINT_RE = re.compile(r"writers/0/checkpoints/(\d{20})\.json")
+HEAD = fmt.head_key("0")
 EPOCH_RE = re.compile(r"writers/0/epochs/(\d{20})\.json")
 
 
 @dataclass(frozen=True)
 class StoredObject:
     key: str
-    kind: str  # commit, epoch, or the log kind of a segment ("segment" if no commit names it)
-    role: str  # NEEDED, SUPERSEDED or UNREFERENCED
+    kind: str  # commit, epoch, checkpoint, head, or the log kind of a segment ("segment" if
+    # no commit names it)
+    role: str  # NEEDED, SUPERSEDED, UNREFERENCED or HINT
     data: bytes
 
 
 def classify(objects: dict[str, bytes]) -> list[StoredObject]:
     """Every object of the store, with what the replay may do when it is damaged.
 
-    Decided from the commit records as the format defines them (plain JSON here), not by
-    apersist's own reader.
+    Decided from the commit records and checkpoint keys as the format defines them (plain
+    JSON here), not by apersist's own reader. A reader starts from the newest checkpoint
+    (the head is only a hint to find it), so the commit records it folds are never read,
+    nor the older checkpoints, nor the epoch records only those commits name.
     """
     commits = sorted(key for key in objects if COMMIT_RE.fullmatch(key))
     bodies = [orjson.loads(objects[key])["body"] for key in commits]
+    checkpoints = sorted(key for key in objects if CHECKPOINT_RE.fullmatch(key))
+    folded = int(CHECKPOINT_RE.fullmatch(checkpoints[-1]).group(1)) if checkpoints else 0  # type: ignore[union-attr]
     live = bodies[max(i for i, body in enumerate(bodies) if body["reset"]):]
     snapshot_seq = max(body["seq"] for body in live
                        if any(s["kind"] == fmt.KIND_TABLE_SNAPSHOT for s in body["segments"]))
     segments: dict[str, tuple[str, str]] = {}
     for body in live:
+        for rewrite in body.get("rewrites", []):  # maintenance: runs of segments replaced
+            for key in rewrite["old"]:
+                segments.pop(key, None)
+            for ref in rewrite["new"]:
+                segments[ref["key"]] = (ref["kind"], NEEDED)
         for ref in body["segments"]:
             role = NEEDED
             if ref["kind"] == fmt.KIND_TABLE_SNAPSHOT and body["seq"] != snapshot_seq:
@@ -241,11 +264,20 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
             if ref["kind"] == fmt.KIND_TABLE and body["seq"] <= snapshot_seq:
                 role = SUPERSEDED
             segments[ref["key"]] = (ref["kind"], role)
-    live_epochs = {body["epoch"] for body in live}
+    read = [body for body in live if body["seq"] > folded]
+    live_epochs = {body["epoch"] for body in read}
+    if folded and any(body["seq"] <= folded for body in live):
+        live_epochs.add(bodies[folded - 1]["epoch"])  # the checkpoint's own epoch
     found = []
     for key, data in sorted(objects.items()):
         if key in commits:
-            found.append(StoredObject(key, "commit", NEEDED, data))
+            role = NEEDED if int(COMMIT_RE.fullmatch(key).group(1)) > folded else UNREFERENCED  # type: ignore[union-attr]
+            found.append(StoredObject(key, "commit", role, data))
+        elif key in checkpoints:
+            role = NEEDED if key == checkpoints[-1] else UNREFERENCED
+            found.append(StoredObject(key, "checkpoint", role, data))
+        elif key == HEAD:
+            found.append(StoredObject(key, "head", HINT, data))
         elif match := EPOCH_RE.fullmatch(key):
             role = NEEDED if int(match.group(1)) in live_epochs else UNREFERENCED
             found.append(StoredObject(key, "epoch", role, data))
@@ -280,16 +312,16 @@ def _points(obj: StoredObject) -> dict[str, int]:
             "crc-digits": cut + 9, "end": len(data) - 1}
 
 
-def _substitutes(obj: StoredObject, objects: list[StoredObject]) -> tuple[StoredObject, StoredObject]:
-    """Another object of the same kind (a segment of the same size if there is one) and one
-    of another kind."""
+def _substitutes(obj: StoredObject, objects: list[StoredObject]) -> list[StoredObject]:
+    """Another object of the same kind (a segment of the same size if there is one), if
+    there is one (there is one head), and one of another kind."""
     family = (lambda o: o.key.endswith(".seg")) if obj.key.endswith(".seg") else (
         lambda o: o.kind == obj.kind)
     same = [o for o in objects if family(o) and o.key != obj.key]
     same.sort(key=lambda o: (abs(len(o.data) - len(obj.data)), o.key))
     other_kind = "epoch" if obj.kind == "commit" else "commit"
     other = next(o for o in objects if o.kind == other_kind)
-    return same[0], other
+    return [*same[:1], other]
 
 
 def damages(obj: StoredObject, objects: list[StoredObject], *, full: bool) -> Iterator[Damage]:
@@ -313,9 +345,10 @@ def damages(obj: StoredObject, objects: list[StoredObject], *, full: bool) -> It
         if zeroed != data:
             yield Damage(f"zero-fill offset={start} size={size}", zeroed)
     yield Damage("delete", None)
-    same, other = _substitutes(obj, objects)
-    yield Damage(f"replace with the bytes of {same.key} (same kind)", same.data)
-    yield Damage(f"replace with the bytes of {other.key} (another kind)", other.data)
+    for substitute in _substitutes(obj, objects):
+        kind = "same kind" if substitute.kind == obj.kind or (obj.key.endswith(".seg") and (
+            substitute.key.endswith(".seg"))) else "another kind"
+        yield Damage(f"replace with the bytes of {substitute.key} ({kind})", substitute.data)
 
 
 def representatives(objects: list[StoredObject]) -> list[StoredObject]:
@@ -328,6 +361,8 @@ def representatives(objects: list[StoredObject]) -> list[StoredObject]:
     chosen += [commits[len(commits) // 2], commits[-1]]
     chosen.append([o for o in needed if o.kind == "epoch"][-1])
     chosen.append(next(o for o in objects if o.kind == "segment"))
+    chosen += [o for o in objects if o.kind == "head"]
+    chosen.append([o for o in objects if o.kind == "checkpoint"][-1])
     return chosen
 
 
@@ -368,10 +403,12 @@ async def run_campaign(backend: apersist.Backend, *, full: bool) -> tuple[Counte
         objects = classify(originals)
         roles = Counter((o.kind, o.role) for o in objects)
         # The store has what the campaign promises to damage.
-        for needed in ("commit", "epoch", fmt.KIND_EVENTS, fmt.KIND_TABLE,
+        for needed in ("commit", "epoch", "checkpoint", fmt.KIND_EVENTS, fmt.KIND_TABLE,
                        fmt.KIND_TABLE_SNAPSHOT, fmt.KIND_CACHE):
-            assert roles[(needed, NEEDED)] >= (2 if needed in ("epoch", "commit") else 1), roles
+            assert roles[(needed, NEEDED)] >= (2 if needed == "commit" else 1), roles
         for kind_and_role in [("epoch", UNREFERENCED), ("segment", UNREFERENCED),
+                              ("commit", UNREFERENCED), ("checkpoint", UNREFERENCED),
+                              ("head", HINT),
                               (fmt.KIND_TABLE, SUPERSEDED), (fmt.KIND_TABLE_SNAPSHOT, SUPERSEDED)]:
             assert roles[kind_and_role], roles
         sizes = Counter(len(o.data) for o in objects if o.key.endswith(".seg"))
@@ -390,7 +427,7 @@ async def run_campaign(backend: apersist.Backend, *, full: bool) -> tuple[Counte
                 await restore(driver, originals, obj.key)
                 tally["cases"] += 1
                 if outcome in ("detected", "ignored_unreferenced", "ignored_superseded",
-                               "undetectable_newest_commit_deleted"):
+                               "undetectable_newest_commit_deleted", "worked_around"):
                     tally[outcome] += 1
                 else:
                     tally["wrong"] += 1
@@ -408,7 +445,8 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
     """Damage ``obj``, let a new run replay; return the outcome, or why it is a failure.
 
     ``with_verify``: ``apersist verify`` must also name the damaged object, unless it is a
-    segment no live commit names (verify checks live segments), an unreferenced object
+    segment no live state names (verify checks live segments: a superseded table segment
+    is not one), an unreferenced object
     deleted (nothing names it), or the deleted newest commit record (no reader can see it).
     """
     await apply(driver, obj, damage)
@@ -419,8 +457,12 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
         except TimeoutError:
             return f"hang: verify gave no answer within {CASE_TIMEOUT_S}s"
         deleted = damage.data is None
-        invisible = (obj.kind == "segment" or (obj.role == UNREFERENCED and deleted)
-                     or (obj.key == newest_commit and deleted))
+        # A superseded table segment is out of the live state, like one no commit names:
+        # garbage that gc collects, which verify does not read.
+        invisible = (obj.kind == "segment" or obj.role == SUPERSEDED
+                     or (obj.role == UNREFERENCED and deleted)
+                     or (obj.key == newest_commit and deleted)
+                     or (obj.kind in ("head", "checkpoint") and deleted))
         if invisible and problems:
             return f"verify reported an undamaged store: {problems}"
         if not invisible and not any(names_key_and_offset(p, obj.key) for p in problems):
@@ -429,8 +471,10 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
         with anyio.fail_after(CASE_TIMEOUT_S):
             seen = await observe(backend)
     except apersist.CorruptDataError as exc:
-        if obj.role == UNREFERENCED:
+        if obj.role in (UNREFERENCED, HINT):
             return f"damage to an object no live commit names was reported: {exc}"
+        if obj.kind == "checkpoint" and damage.data is None:
+            return f"a deleted checkpoint was not worked around: {exc}"
         if not names_key_and_offset(str(exc), obj.key):
             return f"the error does not name the object and an offset: {exc}"
         return "detected"
@@ -446,6 +490,10 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
     differences = seen.differences(expected)
     if differences:
         return "; ".join(differences)
+    if obj.role == HINT or (obj.kind == "checkpoint" and damage.data is None):
+        # The head is a hint; without the newest checkpoint, a reader starts from an older
+        # one or from the first commit: every commit record is still there.
+        return "worked_around"
     if obj.role == NEEDED:
         return "damage to an object the replay reads went unnoticed"
     return "ignored_superseded" if obj.role == SUPERSEDED else "ignored_unreferenced"
@@ -457,12 +505,13 @@ def report(kind: str, scope: str, tally: Counter[str]) -> None:
                "detected": tally["detected"], "ignored_unreferenced": ignored,
                "ignored_superseded": tally["ignored_superseded"],
                "undetectable_newest_commit_deleted": tally["undetectable_newest_commit_deleted"],
-               "wrong": tally["wrong"]}
+               "worked_around": tally["worked_around"], "wrong": tally["wrong"]}
     print(f"\ncorruption campaign: backend={kind} scope={scope} cases={tally['cases']} "
           f"detected={tally['detected']} ignored_unreferenced={ignored} wrong={tally['wrong']} "
           f"(ignored_unreferenced includes superseded table segments="
           f"{tally['ignored_superseded']}; undetectable: newest commit deleted="
-          f"{tally['undetectable_newest_commit_deleted']})")
+          f"{tally['undetectable_newest_commit_deleted']}; worked around: a damaged head or a "
+          f"deleted checkpoint={tally['worked_around']})")
     path = os.environ.get("APERSIST_CORRUPTION_REPORT")
     if path:
         with Path(path).open("ab") as out:
