@@ -259,13 +259,17 @@ async def test_a_missing_commit_followed_by_later_ones_is_reported(lookups: str,
         del objects[key]
     del objects[fmt.commit_key("0", missing)]
     cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
-    with pytest.raises(apersist.CorruptDataError, match=f"commit record missing.*later={missing + 1}"):
+
+    async def open_store() -> None:
         if lookups == "listing":
             async with counting(cfg) as driver, apersist.run(cfg, driver=driver):
                 pass
         else:
             async with apersist.run(cfg):
                 pass
+
+    with pytest.raises(apersist.CorruptDataError, match=f"commit record missing.*later={missing + 1}"):
+        await open_store()
 
 
 async def test_retention_argument_errors() -> None:
