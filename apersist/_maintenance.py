@@ -12,7 +12,7 @@ that produced it. The writer keeps it so on its own, in a task of the run:
 - **Retention.** A stream's ``Retention`` drops its oldest events: whole segments, and
   the first records of the segment the bound falls in (rewritten with the rest).
 - **The cache.** ``compact()`` rewrites the cache's log with one entry per key, and only
-  the entries of the versions in use (see ``_cache_versions``).
+  the entries of the versions in use (see ``_compact_cache``).
 - **Checkpoints.** Every ``CHECKPOINT_EVERY`` commits the log is folded into a checkpoint,
   so that opening reads one checkpoint and fewer than that many commit records.
 
@@ -36,6 +36,7 @@ from . import _format as fmt
 from ._cache import UdfCache, _split_entry
 from ._config import Retention
 from ._errors import PersistenceError
+from ._pacing import Pacer
 from ._scheduler import Scheduler
 from ._store import LoggedSegment, Store
 
@@ -84,14 +85,17 @@ def plan_merges(log: Sequence[LoggedSegment], max_bytes: int) -> list[list[fmt.S
     return groups
 
 
-def _reframe(body: bytearray, view: fmt.SegmentView, skip: int = 0) -> int:
+async def _reframe(body: bytearray, view: fmt.SegmentView, pacer: Pacer, skip: int = 0) -> int:
     """Append ``view``'s records to ``body`` without their first ``skip`` entries; return
-    how many entries were appended. A batch cut by ``skip`` keeps its tail as a batch."""
+    how many entries were appended. A batch cut by ``skip`` keeps its tail as a batch.
+    Yields to the loop as ``pacer`` says (a record at a time when records are re-framed)."""
     if skip == 0 and view.major >= 2:
         body += view.body()  # the same framing: the records as they are
         return int(view.count)
     added = 0
     for value, offset, time_ms, count, _at in view.frames():
+        if pacer.due():
+            await pacer.pause()
         if skip >= count:
             skip -= count
             continue
@@ -206,8 +210,9 @@ class Maintainer:
         for group in groups:
             body = bytearray()
             count = 0
+            pacer = Pacer()
             async for view in self._store.read_segments(group):
-                count += _reframe(body, view)
+                count += await _reframe(body, view, pacer)
                 await anyio.lowlevel.checkpoint()
             self._scheduler.add_rewrite(kind, name, tuple(ref.key for ref in group),
                                         [(body, count)])
@@ -235,8 +240,9 @@ class Maintainer:
             boundary = log[whole]
             old.append(boundary)
             body = bytearray()
+            count = 0
             async for view in self._store.read_segments([boundary]):
-                count = _reframe(body, view, skip=drop - before)
+                count = await _reframe(body, view, Pacer(), skip=drop - before)
             bodies.append((body, count))
         taken.update(ref.key for ref in old)
         self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, tuple(ref.key for ref in old), bodies)
@@ -251,8 +257,11 @@ class Maintainer:
             index += 1
         old = 0
         position = before
+        pacer = Pacer()
         async for view in self._store.read_segments(log[index:]):
             for _value, _offset, time_ms, count, _at in view.frames():
+                if pacer.due():
+                    await pacer.pause()
                 if position + count <= skip:
                     position += count
                     continue
@@ -266,33 +275,45 @@ class Maintainer:
 
     async def _compact_cache(self, taken: set[str]) -> int:
         """Attach the rewrite of the cache's log to one entry per key, of the versions in
-        use (0 or 1)."""
+        use (0 or 1): of a function called in this run, the version it was called with; of
+        any other, its highest version."""
         log = [seg.ref for seg in self._store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG)]
         if not log:
             return 0
-        entries: dict[str, bytes] = {}
+        in_use = {} if self._cache is None else dict(self._cache.versions)
+        newest: dict[str, int] = {}
+        entries: dict[str, tuple[bytes, tuple[str, int] | None]] = {}
         stored = 0
+        pacer = Pacer()
         async for view in self._store.read_segments(log):
             for value, _offset, _time_ms in view.records():
+                if pacer.due():
+                    await pacer.pause()
                 key, _result = _split_entry(value)
+                function = _function_version(key)
+                if function is not None and function[0] not in in_use:
+                    newest[function[0]] = max(newest.get(function[0], function[1]), function[1])
                 entries.pop(key, None)  # the newest entry, in the order it was written
-                entries[key] = bytes(value)
+                entries[key] = (bytes(value), function)
                 stored += 1
-            await anyio.lowlevel.checkpoint()
-        keep = _cache_versions(entries, {} if self._cache is None else self._cache.versions)
-        kept = [value for key, value in entries.items() if keep(key)]
-        if len(kept) == stored and len(log) == 1:
-            return 0
+        newest.update(in_use)
         bodies: Bodies = []
-        body, count = bytearray(), 0
-        for value in kept:
+        body, count, kept = bytearray(), 0, 0
+        for value, function in entries.values():
+            if pacer.due():
+                await pacer.pause()
+            if function is not None and newest.get(function[0]) != function[1]:
+                continue
             if count and len(body) + len(value) > self._max_bytes:
                 bodies.append((body, count))
                 body, count = bytearray(), 0
             fmt.append_record(body, value, b"", 0)
             count += 1
+            kept += 1
         if count:
             bodies.append((body, count))
+        if kept == stored and len(log) == 1:
+            return 0  # one segment, nothing to drop: a rewrite would change nothing
         taken.update(ref.key for ref in log)
         self._scheduler.add_rewrite(fmt.KIND_CACHE, fmt.CACHE_LOG, tuple(r.key for r in log),
                                     bodies)
@@ -304,18 +325,3 @@ def _function_version(entry_key: str) -> tuple[str, int] | None:
     head = entry_key.rpartition(":")[0]
     name, at, version = head.rpartition("@")
     return (name, int(version)) if at and version.isdigit() else None
-
-
-def _cache_versions(entries: dict[str, bytes], in_use: dict[str, int]) -> Callable[[str], bool]:
-    """Which entries compaction keeps: of a function called in this run, the entries of
-    the version it was called with; of any other, those of its highest version."""
-    newest: dict[str, int] = dict(in_use)
-    for key in entries:
-        parsed = _function_version(key)
-        if parsed is not None and parsed[0] not in in_use:
-            newest[parsed[0]] = max(newest.get(parsed[0], parsed[1]), parsed[1])
-
-    def keep(key: str) -> bool:
-        parsed = _function_version(key)
-        return parsed is None or newest.get(parsed[0]) == parsed[1]
-    return keep

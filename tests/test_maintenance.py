@@ -284,3 +284,25 @@ async def test_retention_argument_errors() -> None:
             run.stream("s", retention={"max_events": 1})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="invalid stream name"):
             run.stream("bad name", retention=apersist.Retention())
+
+
+async def test_damage_met_by_background_maintenance_is_logged_and_the_run_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, FANOUT - 1)
+    objects = backend.objects  # type: ignore[attr-defined]
+    damaged = sorted(k for k in objects if k.endswith(".seg"))[3]
+    data = bytearray(objects[damaged])
+    data[-40] ^= 0x01  # the body: its checksum fails
+    objects[damaged] = bytes(data)
+    with caplog.at_level(logging.ERROR, logger="apersist"):
+        async with apersist.run(apersist.Config(backend)) as run:
+            stream = run.stream("s")
+            for i in range(FANOUT - 1, 3 * FANOUT):
+                await stream.record({"i": i}, offset=i)
+                await run.commit()
+            assert stream.offset == 3 * FANOUT - 1  # committed: the run went on
+    assert "background maintenance stopped" in caplog.text
+    assert damaged in caplog.text
+    with pytest.raises(apersist.CorruptDataError, match=damaged):
+        await replayed(backend, "s")  # never skipped: the replay reports it
