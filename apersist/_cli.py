@@ -107,12 +107,12 @@ async def _dump(root: str, stream: str) -> int:
 
 async def _compact(root: str) -> int:
     async with run(Config(backend_from_root(root))) as r:
-        names = set(r._store.log_names(fmt.KIND_TABLE))
-        names |= set(r._store.log_names(fmt.KIND_TABLE_SNAPSHOT))
-        for name in sorted(names):
-            await r.table(name)
-        await r.compact()
-        print(f"compacted {len(names)} table(s); last seq {r._store.last_seq}")
+        tables = r._store.table_names()
+        await r.compact()  # opens every table of the store to fold it
+        segments = sum(len(r._store.segments(kind, name)) for kind in sorted(fmt.KINDS)
+                       for name in r._store.log_names(kind))
+        print(f"compacted {len(tables)} table(s); {segments} live segment(s); checkpoint at "
+              f"seq {r._store.checkpoint_seq}; last seq {r._store.last_seq}")
     return 0
 
 
@@ -172,8 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="one JSON line per committed event of a stream")
     p.add_argument("root")
     p.add_argument("stream")
-    p = sub.add_parser("compact", help="fold every table's deltas into a snapshot (takes the "
-                                       "writer role: a running writer is fenced)")
+    p = sub.add_parser("compact", help="all maintenance: fold tables, merge small segments, drop "
+                                       "old cache versions, checkpoint (takes the writer role: "
+                                       "a running writer is fenced)")
     p.add_argument("root")
     p = sub.add_parser("gc", help="mark segments no live commit names and no writer can commit; "
                                   "delete those marked at least the grace period ago")
