@@ -81,11 +81,6 @@ def checkpoint_key(writer: str, seq: int) -> str:
     return f"{checkpoints_prefix(writer)}{seq:0{_ID_WIDTH}d}.json"
 
 
-def head_key(writer: str) -> str:
-    """The hint naming the newest checkpoint, so that opening a store lists no history."""
-    return f"{writer_prefix(writer)}head.json"
-
-
 #: Keys are listed a *bucket* at a time: the keys whose number shares all digits but the
 #: last three, so that a listing starts near the number wanted and returns at most
 #: ``BUCKET`` keys, however long the history (every backend lists by prefix).
@@ -468,30 +463,6 @@ class Checkpoint:
                    _field(key, body, "token", str), _field(key, body, "commits", int),
                    reset_time, tuple(fences), _field(key, body, "last_segment", int),
                    offsets, logs)
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    """The hint object ``head_key``: the newest checkpoint its writer knew of.
-
-    Only a hint: it is overwritten with plain puts (a fenced writer may set it back), and
-    a reader that finds the checkpoint it names gone lists ``checkpoints/`` instead. Any
-    checkpoint that exists is a correct place to start (see ``Checkpoint``).
-    """
-
-    writer: str
-    checkpoint: int
-
-    def encode(self) -> bytes:
-        return _encode_checked({"format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "head",
-                                "writer": self.writer, "checkpoint": self.checkpoint})
-
-    @classmethod
-    def decode(cls, key: str, data: bytes) -> Head:
-        body = _decode_checked(key, data)
-        if body.get("type") != "head":
-            raise CorruptDataError(f"object is not a head record: key={key} offset=0")
-        return cls(_field(key, body, "writer", str), _field(key, body, "checkpoint", int))
 
 
 def offset_changes(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, bytes]:

@@ -87,7 +87,7 @@ async def verify(driver: Driver) -> list[str]:
         except PersistenceError as exc:
             problems.append(str(exc))
     # Every commit record and checkpoint, those a checkpoint folds included (opening reads
-    # only the newest checkpoint and the commits after it), and the head hint.
+    # only the newest checkpoint and the commits after it).
     for prefix, decode in ((fmt.commits_prefix(fmt.WRITER), fmt.CommitRecord.decode),
                            (fmt.checkpoints_prefix(fmt.WRITER), fmt.Checkpoint.decode)):
         for info in [i async for i in driver.list(prefix)]:
@@ -97,13 +97,6 @@ async def verify(driver: Driver) -> list[str]:
             problem = await _check_numbered(driver, info.key, number, decode)
             if problem:
                 problems.append(problem)
-    head_key = fmt.head_key(fmt.WRITER)
-    try:
-        fmt.Head.decode(head_key, await driver.get(head_key))
-    except ObjectNotFoundError:
-        pass
-    except PersistenceError as exc:
-        problems.append(str(exc))
     # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
     try:
         await read_marker(driver, fmt.WRITER)

@@ -234,21 +234,23 @@ class Store:
                      self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
 
     async def _checkpoint_state(self) -> _State:
-        """The state of the newest checkpoint (the one the head names, else the highest
-        listed), or an empty state for a store that has none."""
-        number = await self._head_checkpoint()
+        """The state of the newest checkpoint, or an empty state for a store that has none.
+
+        The newest is found by listing ``checkpoints/``, never by a pointer a writer
+        overwrites: a fenced writer could set a pointer back to a checkpoint whose later
+        commits gc has collected, and the store would open silently older. Garbage
+        collection keeps the listing short (it deletes every checkpoint but the newest).
+        """
         for _attempt in range(3):
-            if number is None:
-                numbers = [n async for n in self._numbers(fmt.checkpoints_prefix(self._writer))]
-                if not numbers:
-                    return _State()
-                number = max(numbers)
+            numbers = [n async for n in self._numbers(fmt.checkpoints_prefix(self._writer))]
+            if not numbers:
+                return _State()
+            number = max(numbers)
             key = fmt.checkpoint_key(self._writer, number)
             try:
                 data = await self._driver.get(key)
             except ObjectNotFoundError:
-                number = None  # collected since the head or the listing named it: list again
-                continue
+                continue  # collected since it was listed: a newer one exists
             ckpt = fmt.Checkpoint.decode(key, data)
             if ckpt.writer != self._writer or ckpt.seq != number:
                 raise CorruptDataError(f"checkpoint names another position: key={key} offset=0 "
@@ -256,18 +258,6 @@ class Store:
             return _State.of_checkpoint(ckpt)
         raise CorruptDataError(f"checkpoints vanish while the store is opened: key="
                                f"{fmt.checkpoints_prefix(self._writer)} offset=0")
-
-    async def _head_checkpoint(self) -> int | None:
-        key = fmt.head_key(self._writer)
-        try:
-            head = fmt.Head.decode(key, await self._driver.get(key))
-        except ObjectNotFoundError:
-            return None
-        except CorruptDataError as exc:
-            # Only a hint, rewritten in place: the checkpoints are listed instead.
-            logger.warning("store head is damaged; listing checkpoints instead: %s", exc)
-            return None
-        return head.checkpoint if head.writer == self._writer else None
 
     async def _commit_keys_after(self, after: int) -> list[str]:
         """The keys of commits ``after + 1``, ``after + 2``, ... up to the newest.
@@ -764,7 +754,7 @@ class Store:
         return self._state.live_keys()
 
     async def write_checkpoint(self) -> int:
-        """Fold the log as it is now into a checkpoint, and point the head at it.
+        """Fold the log as it is now into a checkpoint.
 
         The checkpoint is created if absent: one of that number already there (written
         by an earlier attempt, or by another writer) holds the same log, so it stands.
@@ -787,8 +777,6 @@ class Store:
         with contextlib.suppress(ObjectExistsError):
             await self._driver.put(fmt.checkpoint_key(self._writer, ckpt.seq), data,
                                    if_absent=True)
-        await self._driver.put(fmt.head_key(self._writer),
-                               fmt.Head(self._writer, ckpt.seq).encode())
         if state.checkpoint < ckpt.seq:
             state.checkpoint, state.checkpoint_epoch = ckpt.seq, ckpt.epoch
         logger.debug("checkpoint written: writer=%s seq=%d logs=%d", self._writer, ckpt.seq,

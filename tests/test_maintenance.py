@@ -219,30 +219,27 @@ async def test_a_rewrite_whose_run_left_the_log_is_dropped() -> None:
     await driver.aclose()
 
 
-async def test_a_damaged_checkpoint_is_reported_and_the_head_is_only_a_hint(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_damaged_checkpoint_is_reported_and_a_deleted_one_worked_around(
+        tmp_path: Path) -> None:
     root = tmp_path / "store"
     backend = apersist.Backend.filesystem(root)
-    await _one_event_commits(backend, CHECKPOINT_EVERY + 5)
-    head = root / fmt.head_key("0")
+    await _one_event_commits(backend, 2 * CHECKPOINT_EVERY + 5)
     checkpoints = sorted((root / fmt.checkpoints_prefix("0")).iterdir())
-    assert head.exists()
-    assert checkpoints
-    # A damaged head is ignored (with a warning): the checkpoints are listed instead.
-    head.write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="apersist"):
-        assert [v for v, _ in [(e.value, e.offset) for e in await replayed(backend, "s")]] == [
-            v for v, _ in _expected(CHECKPOINT_EVERY + 5)]
-    assert "head is damaged" in caplog.text
-    # A head naming a checkpoint that is gone: the same.
-    head.write_bytes(fmt.Head("0", 1).encode())
-    assert len(await replayed(backend, "s")) == CHECKPOINT_EVERY + 5
-    # A damaged checkpoint is damage: never skipped.
+    assert len(checkpoints) >= 2
     newest = checkpoints[-1]
-    data = bytearray(newest.read_bytes())
-    data[30] ^= 0x01
-    newest.write_bytes(bytes(data))
+    data = newest.read_bytes()
+    # Deleted: a reader starts from the one before (every commit record is still there).
+    newest.unlink()
+    assert len(await replayed(backend, "s")) == 2 * CHECKPOINT_EVERY + 5
+    # Damaged: damage, never skipped.
+    damaged = bytearray(data)
+    damaged[30] ^= 0x01
+    newest.write_bytes(bytes(damaged))
     with pytest.raises(apersist.CorruptDataError, match=newest.name):
+        await replayed(backend, "s")
+    # Another checkpoint's bytes under its key: its position says so.
+    newest.write_bytes(checkpoints[0].read_bytes())
+    with pytest.raises(apersist.CorruptDataError, match="another position"):
         await replayed(backend, "s")
 
 
@@ -306,3 +303,18 @@ async def test_damage_met_by_background_maintenance_is_logged_and_the_run_goes_o
     assert damaged in caplog.text
     with pytest.raises(apersist.CorruptDataError, match=damaged):
         await replayed(backend, "s")  # never skipped: the replay reports it
+
+
+async def test_opening_starts_from_the_newest_checkpoint_as_gc_leaves_the_log() -> None:
+    """Gc deletes the commit records a checkpoint folds (but each epoch's first): a reader
+    must find the newest checkpoint by listing, never start from an older one whose later
+    commits are gone (that store would open silently older)."""
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, 2 * CHECKPOINT_EVERY + 10)
+    objects = backend.objects  # type: ignore[attr-defined]
+    numbers = sorted(int(k[-25:-5]) for k in objects if fmt.key_kind(k) == "checkpoint")
+    assert len(numbers) >= 2
+    for seq in range(2, numbers[-1] + 1):  # the fence, commit 1, stays
+        objects.pop(fmt.commit_key("0", seq), None)
+    events = await replayed(backend, "s")
+    assert [(e.value, e.offset) for e in events] == _expected(2 * CHECKPOINT_EVERY + 10)

@@ -16,9 +16,8 @@ of these ways:
 - the one damage no reader can tell from a normal store, the newest commit record
   deleted (exactly what a commit that was never made looks like): the replay as of the
   commit before it, with no error and no wrong value;
-- worked around, the undamaged replay exactly: any damage to the head (a hint: the
-  checkpoints are listed instead), and the newest checkpoint deleted (a reader starts
-  from an older one, or from the first commit). Commit records a checkpoint folds, older
+- worked around, the undamaged replay exactly: the newest checkpoint deleted (a reader
+  starts from an older one, or from the first commit). Commit records a checkpoint folds, older
   checkpoints and the epoch records only those commits name are never read, so their
   damage is ignored like that of history before a reset (``apersist verify`` names it).
 
@@ -63,7 +62,6 @@ TABLE = "t"
 NEEDED = "needed"              # read by the replay: damage must raise CorruptDataError
 SUPERSEDED = "superseded"      # named by a live commit, but a newer table snapshot covers it
 UNREFERENCED = "unreferenced"  # named by no live commit: damage must be ignored
-HINT = "hint"                  # the head: any damage must be worked around (checkpoints listed)
 
 CALLS: list[int] = []
 
@@ -222,16 +220,15 @@ async def observe(backend: apersist.Backend) -> State:
 
 COMMIT_RE = re.compile(r"writers/0/commits/(\d{20})\.json")
 CHECKPOINT_RE = re.compile(r"writers/0/checkpoints/(\d{20})\.json")
-HEAD = fmt.head_key("0")
 EPOCH_RE = re.compile(r"writers/0/epochs/(\d{20})\.json")
 
 
 @dataclass(frozen=True)
 class StoredObject:
     key: str
-    kind: str  # commit, epoch, checkpoint, head, or the log kind of a segment ("segment" if
-    # no commit names it)
-    role: str  # NEEDED, SUPERSEDED, UNREFERENCED or HINT
+    kind: str  # commit, epoch, checkpoint, or the log kind of a segment ("segment" if no
+    # commit names it)
+    role: str  # NEEDED, SUPERSEDED or UNREFERENCED
     data: bytes
 
 
@@ -239,9 +236,9 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
     """Every object of the store, with what the replay may do when it is damaged.
 
     Decided from the commit records and checkpoint keys as the format defines them (plain
-    JSON here), not by apersist's own reader. A reader starts from the newest checkpoint
-    (the head is only a hint to find it), so the commit records it folds are never read,
-    nor the older checkpoints, nor the epoch records only those commits name.
+    JSON here), not by apersist's own reader. A reader starts from the newest checkpoint,
+    so the commit records it folds are never read, nor the older checkpoints, nor the
+    epoch records only those commits name.
     """
     commits = sorted(key for key in objects if COMMIT_RE.fullmatch(key))
     bodies = [orjson.loads(objects[key])["body"] for key in commits]
@@ -276,8 +273,6 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
         elif key in checkpoints:
             role = NEEDED if key == checkpoints[-1] else UNREFERENCED
             found.append(StoredObject(key, "checkpoint", role, data))
-        elif key == HEAD:
-            found.append(StoredObject(key, "head", HINT, data))
         elif match := EPOCH_RE.fullmatch(key):
             role = NEEDED if int(match.group(1)) in live_epochs else UNREFERENCED
             found.append(StoredObject(key, "epoch", role, data))
@@ -314,7 +309,7 @@ def _points(obj: StoredObject) -> dict[str, int]:
 
 def _substitutes(obj: StoredObject, objects: list[StoredObject]) -> list[StoredObject]:
     """Another object of the same kind (a segment of the same size if there is one), if
-    there is one (there is one head), and one of another kind."""
+    there is one, and one of another kind."""
     family = (lambda o: o.key.endswith(".seg")) if obj.key.endswith(".seg") else (
         lambda o: o.kind == obj.kind)
     same = [o for o in objects if family(o) and o.key != obj.key]
@@ -361,7 +356,6 @@ def representatives(objects: list[StoredObject]) -> list[StoredObject]:
     chosen += [commits[len(commits) // 2], commits[-1]]
     chosen.append([o for o in needed if o.kind == "epoch"][-1])
     chosen.append(next(o for o in objects if o.kind == "segment"))
-    chosen += [o for o in objects if o.kind == "head"]
     chosen.append([o for o in objects if o.kind == "checkpoint"][-1])
     return chosen
 
@@ -408,7 +402,6 @@ async def run_campaign(backend: apersist.Backend, *, full: bool) -> tuple[Counte
             assert roles[(needed, NEEDED)] >= (2 if needed == "commit" else 1), roles
         for kind_and_role in [("epoch", UNREFERENCED), ("segment", UNREFERENCED),
                               ("commit", UNREFERENCED), ("checkpoint", UNREFERENCED),
-                              ("head", HINT),
                               (fmt.KIND_TABLE, SUPERSEDED), (fmt.KIND_TABLE_SNAPSHOT, SUPERSEDED)]:
             assert roles[kind_and_role], roles
         sizes = Counter(len(o.data) for o in objects if o.key.endswith(".seg"))
@@ -462,7 +455,7 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
         invisible = (obj.kind == "segment" or obj.role == SUPERSEDED
                      or (obj.role == UNREFERENCED and deleted)
                      or (obj.key == newest_commit and deleted)
-                     or (obj.kind in ("head", "checkpoint") and deleted))
+                     or (obj.kind == "checkpoint" and deleted))
         if invisible and problems:
             return f"verify reported an undamaged store: {problems}"
         if not invisible and not any(names_key_and_offset(p, obj.key) for p in problems):
@@ -471,7 +464,7 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
         with anyio.fail_after(CASE_TIMEOUT_S):
             seen = await observe(backend)
     except apersist.CorruptDataError as exc:
-        if obj.role in (UNREFERENCED, HINT):
+        if obj.role == UNREFERENCED:
             return f"damage to an object no live commit names was reported: {exc}"
         if obj.kind == "checkpoint" and damage.data is None:
             return f"a deleted checkpoint was not worked around: {exc}"
@@ -490,9 +483,9 @@ async def one_case(backend: apersist.Backend, driver: Driver, obj: StoredObject,
     differences = seen.differences(expected)
     if differences:
         return "; ".join(differences)
-    if obj.role == HINT or (obj.kind == "checkpoint" and damage.data is None):
-        # The head is a hint; without the newest checkpoint, a reader starts from an older
-        # one or from the first commit: every commit record is still there.
+    if obj.kind == "checkpoint" and damage.data is None:
+        # Without the newest checkpoint, a reader starts from an older one or from the
+        # first commit: every commit record is still there.
         return "worked_around"
     if obj.role == NEEDED:
         return "damage to an object the replay reads went unnoticed"
@@ -510,8 +503,8 @@ def report(kind: str, scope: str, tally: Counter[str]) -> None:
           f"detected={tally['detected']} ignored_unreferenced={ignored} wrong={tally['wrong']} "
           f"(ignored_unreferenced includes superseded table segments="
           f"{tally['ignored_superseded']}; undetectable: newest commit deleted="
-          f"{tally['undetectable_newest_commit_deleted']}; worked around: a damaged head or a "
-          f"deleted checkpoint={tally['worked_around']})")
+          f"{tally['undetectable_newest_commit_deleted']}; worked around: the newest "
+          f"checkpoint deleted={tally['worked_around']})")
     path = os.environ.get("APERSIST_CORRUPTION_REPORT")
     if path:
         with Path(path).open("ab") as out:
