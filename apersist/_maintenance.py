@@ -52,6 +52,10 @@ TIER_BASE = 4 << 10
 CHECKPOINT_EVERY = 128
 #: Commits between two looks for segments to merge.
 MERGE_LOOK_EVERY = 8
+#: Merges one log gets in one step (one commit): a step's reads, writes and the work of
+#: applying its commit stay bounded; a long backlog (a store written before merging
+#: existed) is worked off over several steps.
+MERGES_PER_STEP = 64
 #: The logs whose segments are merged: tables are folded into snapshots instead.
 _MERGED_KINDS = (fmt.KIND_EVENTS, fmt.KIND_CACHE)
 
@@ -67,19 +71,21 @@ def tier(size: int) -> int:
     return level
 
 
-def plan_merges(log: Sequence[LoggedSegment], max_bytes: int) -> list[list[fmt.SegmentRef]]:
+def plan_merges(log: Sequence[LoggedSegment], max_bytes: int,
+                limit: int = 1 << 30) -> list[list[fmt.SegmentRef]]:
     """Groups of ``FANOUT`` consecutive segments of one tier, each group at most
-    ``max_bytes`` in all: what merging rewrites, one segment per group."""
+    ``max_bytes`` in all, at most ``limit`` of them from the start of the log: what
+    merging rewrites, one segment per group."""
     groups: list[list[fmt.SegmentRef]] = []
     start = 0
-    while start < len(log):
+    while start < len(log) and len(groups) < limit:
         level = tier(log[start].ref.size)
         end = start + 1
         while end < len(log) and tier(log[end].ref.size) == level:
             end += 1
         for first in range(start, end - FANOUT + 1, FANOUT):
             group = [seg.ref for seg in log[first:first + FANOUT]]
-            if sum(ref.size for ref in group) <= max_bytes:
+            if sum(ref.size for ref in group) <= max_bytes and len(groups) < limit:
                 groups.append(group)
         start = end
     return groups
@@ -174,9 +180,16 @@ class Maintainer:
             # plans see every event.
             self._scheduler.request_commit()
             await self._scheduler.commit()
-            await self._step(retention=True, cache=True, checkpoint=True)
+            planned = await self._step(retention=True, cache=True, checkpoint=False)
+            while planned:  # a backlog of merges bigger than one step's share
+                self._scheduler.request_commit()
+                await self._scheduler.commit()
+                planned = await self._step(retention=False, cache=False, checkpoint=False)
+            await self._store.write_checkpoint()
 
-    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool) -> None:
+    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool) -> int:
+        """Plan and attach what is due; with ``checkpoint``, commit it and checkpoint.
+        Returns the number of rewrites attached."""
         store, scheduler = self._store, self._scheduler
         self._looked_at = store.last_seq
         planned = 0
@@ -197,6 +210,7 @@ class Maintainer:
             await scheduler.commit()
         if checkpoint:
             await store.write_checkpoint()
+        return planned
 
     async def _merge(self, kind: str, name: str, taken: set[str]) -> int:
         """Attach a rewrite per group of segments due for merging; return how many.
@@ -206,7 +220,7 @@ class Maintainer:
         log = [seg for seg in self._store.segments(kind, name) if seg.ref.key not in taken]
         if len(log) < FANOUT:
             return 0
-        groups = plan_merges(log, self._max_bytes)
+        groups = plan_merges(log, self._max_bytes, MERGES_PER_STEP)
         for group in groups:
             body = bytearray()
             count = 0

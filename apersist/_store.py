@@ -113,14 +113,6 @@ class _State:
         return {seg.ref.key for segs in self.logs.values() for seg in segs}
 
 
-def _position(log: Sequence[LoggedSegment], key: str) -> int | None:
-    """Where segment ``key`` is in ``log``; None if it is not there."""
-    for index in range(len(log) - 1, -1, -1):  # rewrites are mostly near the end
-        if log[index].ref.key == key:
-            return index
-    return None
-
-
 class Store:
     """One writer's log in a store root, over a driver it does not own."""
 
@@ -324,6 +316,44 @@ class Store:
                     f"offset=0 later={fmt.number_in_key(later[0], fmt.commits_prefix(self._writer))}")
             return keys
 
+    @staticmethod
+    def _apply_rewrites(logs: dict[tuple[str, str], list[LoggedSegment]], key: str,
+                        record: fmt.CommitRecord) -> None:
+        """Replace each rewrite's run of segments, in place in its log, by its new ones.
+
+        One pass over each log a rewrite touches, however many rewrites it has: a store
+        written before merging existed may have a log of many thousand small segments.
+        Each log gets a new list, so a view taken before (``mark_opened``) keeps the old.
+        """
+        by_log: dict[tuple[str, str], list[fmt.Rewrite]] = defaultdict(list)
+        for rewrite in record.rewrites:
+            by_log[(rewrite.kind, rewrite.name)].append(rewrite)
+        for log_id, rewrites in by_log.items():
+            log = logs.get(log_id, [])
+            where = {seg.ref.key: index for index, seg in enumerate(log)}
+            runs: list[tuple[int, fmt.Rewrite]] = []
+            for rewrite in rewrites:
+                start = where.get(rewrite.old[0])
+                if start is None or [s.ref.key for s in log[start:start + len(rewrite.old)]] != \
+                        list(rewrite.old):
+                    raise CorruptDataError(f"commit rewrites segments its log does not hold in "
+                                           f"that order: key={key} offset=0 log={log_id[0]}/"
+                                           f"{log_id[1]} first={rewrite.old[0]}")
+                runs.append((start, rewrite))
+            runs.sort(key=lambda run: run[0])
+            rebuilt: list[LoggedSegment] = []
+            done = 0
+            for start, rewrite in runs:
+                if start < done:
+                    raise CorruptDataError(f"commit rewrites overlapping runs of segments: "
+                                           f"key={key} offset=0 log={log_id[0]}/{log_id[1]} "
+                                           f"first={rewrite.old[0]}")
+                rebuilt += log[done:start]
+                rebuilt += [LoggedSegment(record.seq, ref) for ref in rewrite.new]
+                done = start + len(rewrite.old)
+            rebuilt += log[done:]
+            logs[log_id] = rebuilt
+
     def _apply(self, state: _State, key: str, record: fmt.CommitRecord) -> None:
         """Add the commit ``record`` (read from ``key``) to ``state``, the next in the log."""
         if record.seq != state.last_seq + 1 or record.writer != self._writer:
@@ -341,18 +371,8 @@ class Store:
             state.commits = 0
             state.reset_time_ms = record.time_ms
         logs = state.logs
-        for rewrite in record.rewrites:
-            log = logs.get((rewrite.kind, rewrite.name), [])
-            start = _position(log, rewrite.old[0])
-            if start is None or [s.ref.key for s in log[start:start + len(rewrite.old)]] != list(
-                    rewrite.old):
-                raise CorruptDataError(f"commit rewrites segments its log does not hold in that "
-                                       f"order: key={key} offset=0 log={rewrite.kind}/"
-                                       f"{rewrite.name} first={rewrite.old[0]}")
-            # A new list: a view of the log taken before (mark_opened) keeps the old one.
-            logs[(rewrite.kind, rewrite.name)] = [
-                *log[:start], *(LoggedSegment(record.seq, ref) for ref in rewrite.new),
-                *log[start + len(rewrite.old):]]
+        if record.rewrites:
+            self._apply_rewrites(logs, key, record)
         snapshotted: set[str] = set()
         for ref in record.segments:
             if ref.kind == fmt.KIND_TABLE_SNAPSHOT and ref.name not in snapshotted:
@@ -709,27 +729,26 @@ class Store:
             segments=tuple(b.ref for b in blobs), offsets=offsets, rewrites=tuple(rewrites))
 
     def _applicable(self, rewrites: Sequence[PendingRewrite]) -> list[PendingRewrite]:
-        """The rewrites that apply, one after the other, to the log as it is: each one's run
-        is consecutive in its log once the rewrites before it are applied. The others are
-        left out (a reset came between, or they overlap), so that a commit record never
-        holds a rewrite its readers would refuse."""
-        logs: dict[tuple[str, str], list[str]] = {}
+        """The rewrites that apply to the log as it is: each one's run is consecutive in
+        its log, and no two runs share a segment. The others are left out (a reset came
+        between, or they overlap), so that a commit record never holds a rewrite its
+        readers would refuse."""
+        # Per log: where each key is, and the keys taken by a rewrite already kept.
+        logs: dict[tuple[str, str], tuple[list[str], dict[str, int], set[str]]] = {}
         kept = []
         for rewrite in rewrites:
             log_id = (rewrite.kind, rewrite.name)
-            keys = logs.get(log_id)
-            if keys is None:
-                keys = logs[log_id] = [seg.ref.key for seg in self._state.logs.get(log_id, ())]
+            if log_id not in logs:
+                keys = [seg.ref.key for seg in self._state.logs.get(log_id, ())]
+                logs[log_id] = (keys, {k: i for i, k in enumerate(keys)}, set())
+            keys, where, taken = logs[log_id]
             old = list(rewrite.old)
-            try:
-                start = keys.index(old[0]) if old else -1
-            except ValueError:
-                start = -1
-            if start < 0 or keys[start:start + len(old)] != old:
+            start = where.get(old[0], -1) if old else -1
+            if start < 0 or keys[start:start + len(old)] != old or taken.intersection(old):
                 logger.debug("rewrite left out: its run is not in the log: log=%s/%s first=%s",
                              rewrite.kind, rewrite.name, old[:1])
                 continue
-            keys[start:start + len(old)] = [blob.ref.key for blob in rewrite.new]
+            taken.update(old)
             kept.append(rewrite)
         return kept
 
