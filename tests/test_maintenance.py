@@ -87,7 +87,7 @@ def test_merge_plan_takes_runs_of_one_tier_and_respects_the_size_bound() -> None
     def segs(*sizes: int) -> list[LoggedSegment]:
         return [LoggedSegment(1, fmt.SegmentRef(f"k{i}", fmt.KIND_EVENTS, "s", 1, size))
                 for i, size in enumerate(sizes)]
-    assert tier(100) == 0 and tier(4 << 10) == 1 and tier(64 << 10) == 2
+    assert [tier(100), tier(4 << 10), tier(64 << 10)] == [0, 1, 2]
     small = [100] * FANOUT
     assert [len(g) for g in plan_merges(segs(*small), 1 << 20)] == [FANOUT]
     assert plan_merges(segs(*small[:-1]), 1 << 20) == []
@@ -226,7 +226,8 @@ async def test_a_damaged_checkpoint_is_reported_and_the_head_is_only_a_hint(
     await _one_event_commits(backend, CHECKPOINT_EVERY + 5)
     head = root / fmt.head_key("0")
     checkpoints = sorted((root / fmt.checkpoints_prefix("0")).iterdir())
-    assert head.exists() and checkpoints
+    assert head.exists()
+    assert checkpoints
     # A damaged head is ignored (with a warning): the checkpoints are listed instead.
     head.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="apersist"):
@@ -266,5 +267,5 @@ async def test_retention_argument_errors() -> None:
     async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
         with pytest.raises(TypeError, match="retention"):
             run.stream("s", retention={"max_events": 1})  # type: ignore[arg-type]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="invalid stream name"):
             run.stream("bad name", retention=apersist.Retention())
