@@ -6,8 +6,11 @@ commit (or of taking the writer role), as a kill -9 would leave the storage. The
 on the real driver, must open without error and replay exactly the commits that became
 durable: the in-flight commit is absent unless its record landed (``after_commit_put``:
 present, although the writer never got the ack); leftover segment objects, whole or torn,
-are ignored. Also: the same seed and calls give the same faults and the same crash; bad
-plans raise ``ValueError``; a frozen driver refuses every call and changes nothing.
+are ignored. The maintenance points strike inside ``run.compact()`` (its commit carrying
+merges, its checkpoint, its head hint): the store opens on a stale head, a checkpoint no
+head names, or merged segments no commit names. Also: the same seed and calls give the
+same faults and the same crash; bad plans raise ``ValueError``; a frozen driver refuses
+every call and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from conftest import make_backend
 
 import apersist
 from apersist import _format as fmt
+from apersist import _maintenance as maintenance
 from apersist._config import FilesystemBackend, MemoryBackend
-from apersist._drivers import Driver, MemoryDriver, open_driver
+from apersist._drivers import Driver, MemoryDriver, ObjectNotFoundError, open_driver
 from apersist.testing import CRASH_POINTS, FaultyDriver, SimulatedCrash
 
 KINDS = ["memory", "filesystem"]
 STREAMS = ("a", "b")  # two streams: every commit of these tests uploads exactly two segments
 EPOCH_POINTS = ("before_epoch_put", "after_epoch_put")
-COMMIT_POINTS = tuple(p for p in CRASH_POINTS if p not in EPOCH_POINTS)
+MAINTENANCE_POINTS = ("before_rewrite_commit_put", "after_rewrite_commit_put",
+                      "after_checkpoint_put", "after_head_put")
+COMMIT_POINTS = tuple(p for p in CRASH_POINTS
+                      if p not in EPOCH_POINTS and p not in MAINTENANCE_POINTS)
 # How often a commit of two segments reaches each point, whichever order the uploads start
 # and land in (mid_commit: when the second starts after the first landed, or when the first
 # lands while the second is in flight; only one of the two can happen).
@@ -36,6 +43,8 @@ ARRIVALS_PER_COMMIT = {"after_segment_put": 2, "torn_segment": 2, "mid_commit": 
                        "before_commit_put": 1, "after_commit_put": 1}
 SEGMENTS = fmt.segments_prefix("0")
 EPOCHS = fmt.epochs_prefix("0")
+CHECKPOINTS = fmt.checkpoints_prefix("0")
+HEAD = fmt.head_key("0")
 
 
 def config(backend: apersist.Backend) -> apersist.Config:
@@ -338,4 +347,90 @@ async def _drain(driver: Driver, prefix: str) -> list[str]:
 
 def test_every_crash_point_is_one_the_campaign_knows() -> None:
     # The campaign and these tests cover CRASH_POINTS by name: a new point needs both.
-    assert set(CRASH_POINTS) == set(EPOCH_POINTS) | set(ARRIVALS_PER_COMMIT)
+    assert set(CRASH_POINTS) == (set(EPOCH_POINTS) | set(ARRIVALS_PER_COMMIT)
+                                 | set(MAINTENANCE_POINTS))
+
+
+# ------------------------------------------------------------------ maintenance
+
+
+async def head_names(backend: apersist.Backend) -> int | None:
+    """The checkpoint the store's head hint names; None if there is no head."""
+    driver = open_driver(backend)
+    try:
+        return fmt.Head.decode(HEAD, await driver.get(HEAD)).checkpoint
+    except ObjectNotFoundError:
+        return None
+    finally:
+        await driver.aclose()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("point", MAINTENANCE_POINTS)
+async def test_crash_during_compact(kind: str, point: str, tmp_path: Path,
+                                    request: pytest.FixtureRequest,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.compact()`` (a commit, a commit carrying merges, a checkpoint, the head)
+    crashed at each of its steps, the second time it runs: the store opens on what the
+    crash left (a stale head, a checkpoint without a head, merged segments no commit
+    names) and replays every committed round once."""
+    # Only compact() merges and checkpoints: the background's timing decides nothing here.
+    monkeypatch.setattr(maintenance, "MERGE_LOOK_EVERY", 1 << 30)
+    backend = make_backend(kind, tmp_path, request)
+    rounds = 2 * (maintenance.FANOUT + 4)
+    crashes: list[str] = []
+    cfg = config(backend)
+    runs = FaultyRuns()
+    driver = runs.driver(cfg)
+    first_checkpoint = 0
+    message = "compact() returned"
+    try:
+        async with apersist.run(cfg, driver=driver) as run:
+            for c in range(1, rounds + 1):
+                await record_round(run, c)
+                await run.commit()
+                if c == rounds // 2:
+                    # A clean compact first: the crash below leaves its head and checkpoint.
+                    await run.compact()
+                    first_checkpoint = run._store.checkpoint_seq
+            merged_before = len(run._store.segments(fmt.KIND_EVENTS, "a"))
+            driver.crash_at(point, on_crash=crashes.append)
+            try:
+                await run.compact()
+            except SimulatedCrash as exc:
+                message = str(exc)
+    except SimulatedCrash:
+        pass  # leaving a crashed run fails too: its final commit meets the dead driver
+    finally:
+        await driver.aclose()
+    ctx = f"kind={kind} point={point}"
+    assert crashes == [point], ctx
+    assert f" point={point} " in message, f"{ctx}: compact did not fail at the crash: {message}"
+    assert first_checkpoint > 0, ctx
+
+    # What the crash left, before the next open.
+    checkpoints = sorted(await objects(backend, CHECKPOINTS))
+    head = await head_names(backend)
+    if point in ("before_rewrite_commit_put", "after_rewrite_commit_put"):
+        assert checkpoints == [fmt.checkpoint_key("0", first_checkpoint)], ctx
+        assert head == first_checkpoint, f"{ctx}: the head is the first compact's"
+    else:
+        assert len(checkpoints) == 2, f"{ctx}: checkpoints={checkpoints}"
+        newest = fmt.number_in_key(checkpoints[-1], CHECKPOINTS)
+        assert head == (first_checkpoint if point == "after_checkpoint_put" else newest), ctx
+    # The store reads the rewrite commit if its record landed, and never its leftovers.
+    segments = (await store_segments(backend))["a"]
+    if point == "before_rewrite_commit_put":
+        assert len(segments) == merged_before, f"{ctx}: no merge landed"
+    else:
+        assert len(segments) < merged_before, f"{ctx}: the merge landed"
+    await check_store(backend, rounds, ctx)
+
+
+async def store_segments(backend: apersist.Backend) -> dict[str, list[str]]:
+    """Each stream's live segment keys, as a run opening the store now reads them."""
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(cfg) as run:
+        store = run._store
+        return {name: [seg.ref.key for seg in store.segments(fmt.KIND_EVENTS, name)]
+                for name in STREAMS}

@@ -11,9 +11,9 @@
 - **FaultyDriver.** A driver wrapper that injects faults (lost responses, timeouts,
   throttling, permanent errors, latency, torn writes) at random but reproducibly from a
   seed, or on demand, and records each one, so every layer above the drivers can be
-  tested against failure. It also *crashes* at named steps of a commit
-  (:data:`CRASH_POINTS`): the process is killed there, or, in-process, the storage freezes
-  as a kill would leave it.
+  tested against failure. It also *crashes* at named steps of a commit, of taking the
+  writer role and of maintenance (:data:`CRASH_POINTS`): the process is killed there, or,
+  in-process, the storage freezes as a kill would leave it.
 
 - **The driver protocol**, its signals and its declared capabilities (:class:`Driver`,
   :class:`ObjectInfo`, :class:`ObjectExistsError`, :class:`ObjectNotFoundError`,

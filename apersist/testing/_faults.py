@@ -1,4 +1,5 @@
-"""``FaultyDriver``: a driver wrapper that injects faults and crashes at named commit steps."""
+"""``FaultyDriver``: a driver wrapper that injects faults and crashes at named steps of
+commits, of taking the writer role and of maintenance."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .._drivers.base import (
     TransientBackendError,
     capabilities_of,
 )
-from .._errors import BackendError
+from .._errors import BackendError, PersistenceError
 
 __all__ = ["CRASH_POINTS", "FAULT_KINDS", "FaultyDriver", "SimulatedCrash"]
 
@@ -53,8 +54,38 @@ _VERBS: Final = ("put", "get", "list", "delete")
 #:   (``after``: durable, but the writer never hears so).
 #: - ``before_epoch_put`` / ``after_epoch_put``: around the epoch record of a writer taking
 #:   over the store.
+#:
+#: And the steps of maintenance (``apersist._maintenance``: merging, retention, checkpoints):
+#:
+#: - ``before_rewrite_commit_put``: every segment of a commit that carries ``rewrites`` has
+#:   landed (the merged or retained segments among them), its record has not: the steps
+#:   of ``before_commit_put``, counted only for such commits.
+#: - ``after_rewrite_commit_put``: that commit record has landed, before anything after it
+#:   (``run.compact()``'s checkpoint comes next).
+#: - ``after_checkpoint_put``: a checkpoint object has landed; the head hint that names it
+#:   has not been written.
+#: - ``after_head_put``: the head hint has landed.
 CRASH_POINTS: Final = ("after_segment_put", "mid_commit", "torn_segment", "before_commit_put",
-                       "after_commit_put", "before_epoch_put", "after_epoch_put")
+                       "after_commit_put", "before_epoch_put", "after_epoch_put",
+                       "before_rewrite_commit_put", "after_rewrite_commit_put",
+                       "after_checkpoint_put", "after_head_put")
+# The points that need a commit record decoded: does it carry rewrites?
+_REWRITE_POINTS: Final = frozenset(("before_rewrite_commit_put", "after_rewrite_commit_put"))
+
+
+def _is_head(key: str) -> bool:
+    """Whether ``key`` is a writer's head hint, ``writers/<id>/head.json``."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "writers" and parts[2] == "head.json"
+
+
+def _has_rewrites(key: str, data: bytes | bytearray) -> bool:
+    """Whether the commit record ``data`` carries rewrites (false if it does not decode:
+    the driver's own tests write commit-shaped keys with any bytes)."""
+    try:
+        return bool(fmt.CommitRecord.decode(key, bytes(data)).rewrites)
+    except PersistenceError:
+        return False
 
 
 class SimulatedCrash(BackendError):
@@ -298,14 +329,24 @@ class FaultyDriver:
                 self._at("mid_commit", key)  # this one landed, others of the commit have not
             self._at("after_segment_put", key)
             return
+        rewrites = (obj == "commit" and self._crash_point in _REWRITE_POINTS
+                    and _has_rewrites(key, data))
         if obj in ("commit", "epoch"):
             self._at(f"before_{obj}_put", key)
+        if rewrites:
+            self._at("before_rewrite_commit_put", key)
         await self._put(key, data, if_absent=if_absent)
         self._check_alive("put", key)
         if obj == "commit":
             self._segments_landed = 0
         if obj in ("commit", "epoch"):
             self._at(f"after_{obj}_put", key)
+        if rewrites:
+            self._at("after_rewrite_commit_put", key)
+        elif obj == "checkpoint":
+            self._at("after_checkpoint_put", key)
+        elif _is_head(key):
+            self._at("after_head_put", key)
 
     async def _put(self, key: str, data: bytes, *, if_absent: bool) -> None:
         kind = self._decide("put", [key], tearable=not if_absent)

@@ -10,11 +10,15 @@ the same store and kills it each time, in one of two ways:
   it opens the store and takes the writer role);
 - **at a named crash point** (``apersist.testing.CRASH_POINTS``): the worker wraps its
   driver in ``FaultyDriver`` and SIGKILLs itself the nth time it reaches that step of the
-  commit protocol. The kills cycle through every point; the epoch points are taken at open
-  (nth=1), the segment and commit points at a seeded random nth, in a later commit, often
-  one of many segments (``--segment-bytes`` down to 1 KiB). Such a worker must die by
-  SIGKILL on its own, right after saying which point it reached: ending normally, failing
-  a check or timing out is a failure.
+  commit protocol or of maintenance. The kills cycle through every point; the epoch points
+  are taken at open (nth=1), the segment and commit points at a seeded random nth, in a
+  later commit, often one of many segments (``--segment-bytes`` down to 1 KiB). The
+  maintenance points (a commit carrying merged segments, before and after its record; a
+  checkpoint before its head hint; the head) are taken at a seeded nth by a worker set up
+  for maintenance: segments of 64 KiB, so that runs of small ones fit in one merged
+  segment, small batches, and ``run.compact()`` in about one round of four. Such a worker
+  must die by SIGKILL on its own, right after saying which point it reached: ending
+  normally, failing a check or timing out is a failure.
 
 After every kill the test opens the store in-process and checks that every stream replays
 0..n-1 exactly once, in order; that n covers every acknowledged event; that
@@ -22,8 +26,13 @@ After every kill the test opens the store in-process and checks that every strea
 varies ``snapshot_interval_ms``, ``max_segment_bytes``, ``max_pending_bytes``
 (back-pressure cuts commits mid-batch) and batch sizes (large ones make long commits).
 
-Size: ``APERSIST_CRASH_KILLS`` kills per backend (default 26: 5 at random instants, 3 at
-each crash point); after ``APERSIST_CRASH_KILLS_PER_STORE`` kills (default 100) the
+Every worker also runs the writer's background maintenance (merges of small segments, a
+checkpoint every 128 commits) and calls ``run.compact()`` now and then, so random kills
+and the other points strike during maintenance too; retention stays off, so every
+acknowledged event must survive.
+
+Size: ``APERSIST_CRASH_KILLS`` kills per backend (default 28: 5 at random instants, 2 or 3
+at each crash point); after ``APERSIST_CRASH_KILLS_PER_STORE`` kills (default 100) the
 campaign goes on with a fresh store, so that a long campaign does not replay an ever
 longer history. Reproduce a run's choices with ``APERSIST_CRASH_SEED`` (printed at the
 start; the timing of random kills still varies). A summary per backend is printed; if
@@ -57,7 +66,7 @@ WORKER = SUPPORT / "crash_worker.py"
 # The durable backends: the worker is another process, so memory stores cannot take part.
 CRASH_KINDS = ["filesystem", "s3", "azure"]
 STREAMS = 3
-KILLS = int(os.environ.get("APERSIST_CRASH_KILLS", "26"))
+KILLS = int(os.environ.get("APERSIST_CRASH_KILLS", "28"))
 KILLS_PER_STORE = int(os.environ.get("APERSIST_CRASH_KILLS_PER_STORE", "100"))
 REPORT = os.environ.get("APERSIST_CRASH_REPORT")
 # Long enough for a slow CI machine to import and open the store; a hang fails the test.
@@ -72,6 +81,11 @@ CRASH_MAX_EVENTS = 100_000
 RANDOM = "random"  # the kind of a kill at a random instant; the others are crash points
 EPOCH_POINTS = frozenset(p for p in CRASH_POINTS if "epoch" in p)
 SEGMENT_POINTS = frozenset(p for p in CRASH_POINTS if "segment" in p or p == "mid_commit")
+MAINTENANCE_POINTS = frozenset(("before_rewrite_commit_put", "after_rewrite_commit_put",
+                                "after_checkpoint_put", "after_head_put"))
+# A maintenance worker compacts in about one round of four: a checkpoint (and its head)
+# within a few rounds, merges within a few dozen commits.
+MAINTENANCE_COMPACT_RATE = 0.25
 
 
 def kill_kinds(kills: int) -> list[str]:
@@ -269,10 +283,16 @@ def plan_kill(number: int, kind: str, rng: random.Random, root: str) -> Kill:
     # Small segments: a commit of a large batch spans dozens of them (and every later check
     # reads each one: more would make the campaign slow, not better).
     segment_bytes = rng.choice((1 << 10, 4 << 10, 64 << 10))
+    compact_rate = 0.05
+    if kind in MAINTENANCE_POINTS:
+        # Merging rewrites runs of small segments into one no bigger than a segment: room
+        # for 16 of them, each small (small batches), and a compact() every few rounds.
+        segment_bytes, max_batch, compact_rate = 64 << 10, 64, MAINTENANCE_COMPACT_RATE
     kill = Kill(number, worker_seed, [
         root, "--seed", str(worker_seed), "--streams", str(STREAMS),
         "--interval-ms", str(interval_ms), "--segment-bytes", str(segment_bytes),
-        "--max-batch", str(max_batch), "--pending-bytes", str(pending_bytes)])
+        "--max-batch", str(max_batch), "--pending-bytes", str(pending_bytes),
+        "--compact-rate", str(compact_rate)])
     if kind == RANDOM:
         kill.from_ready = rng.random() < 0.8
         kill.delay_s = rng.uniform(0.02, 0.3) if kill.from_ready else rng.uniform(0.15, 0.6)
@@ -285,6 +305,10 @@ def plan_kill(number: int, kind: str, rng: random.Random, root: str) -> Kill:
         # table's): the crash comes within a few commits, so the history each later check
         # replays grows no faster than with random kills.
         kill.nth = rng.randint(1, 16)
+    elif kind in MAINTENANCE_POINTS:
+        # Counted from the worker's start: its first, second or third merge commit or
+        # checkpoint.
+        kill.nth = rng.randint(1, 3)
     else:
         kill.nth = rng.randint(2, 6)  # commit record 1 is the fence written while opening
     kill.args += ["--crash-point", kind, "--crash-nth", str(kill.nth),

@@ -4,7 +4,8 @@
 by ``tests/support/make_golden.py``, never regenerated) and ``expected.json``, what it must read
 back as. Every later version must replay each golden store to exactly those events,
 offsets, table states and cached results, on every backend, and go on writing to it; a
-copy whose version is bumped to a newer major must be refused with
+copy whose version is bumped to a newer major (in any object a reader reads: a commit or
+epoch record, a segment, from 4.0 on the checkpoint and the head hint) must be refused with
 ``IncompatibleFormatError``, and one bumped to a newer minor must still be read (see
 "Compatibility" in docs/format.md). The golden files are uploaded to a fresh store first:
 no run ever writes into ``tests/``.
@@ -138,13 +139,24 @@ def test_golden_store_is_small_and_covers_the_format(version: str) -> None:
             partial = partial or bool(changed and have - changed)
             have |= changed
         assert partial, "no commit leaves a stream's offset alone"
+    if int(version.removeprefix("format-").partition(".")[0]) >= 4:
+        # Checkpoints, the head hint naming the newest, a commit that merges segments, and
+        # commits after the newest checkpoint: opening reads a checkpoint and then records.
+        checkpoints = checkpoint_keys(objects)
+        assert len(checkpoints) >= 2, "no older checkpoint beside the newest"
+        head = orjson.loads(_body(objects[head_key(objects)]))
+        assert head["checkpoint"] == orjson.loads(_body(objects[checkpoints[-1]]))["seq"]
+        merges = [r for c in commits for r in c.get("rewrites", [])
+                  if len(r["old"]) > len(r["new"]) >= 1]
+        assert merges, "no commit merges segments"
+        assert any(c["seq"] > head["checkpoint"] and c["segments"] for c in commits)
 
 
 def _without_token(key: str, data: bytes) -> bytes:
     if not key.endswith(".json") or "/writers/" not in f"/{key}":
         return data
     body = orjson.loads(_body(data))
-    body.pop("token")
+    body.pop("token", None)  # the head hint has none
     return orjson.dumps(body)
 
 
@@ -189,7 +201,8 @@ async def test_golden_store_takes_new_commits_and_keeps_its_history(
         await run.commit()
         await run.compact()
     after = await stored(backend)
-    assert all(after[key] == data for key, data in objects.items())  # nothing rewritten
+    # Nothing rewritten, but the head hint: compact() wrote a newer checkpoint.
+    assert all(after[key] == data for key, data in objects.items() if not is_head(key))
     assert len(after) > len(objects)
     want = orjson.loads(orjson.dumps(expected))
     want["streams"]["orders"]["events"].append([{"new": "ü"}, {"new": 1}, clock_ms])
@@ -236,6 +249,31 @@ def epoch_keys(objects: dict[str, bytes]) -> list[str]:
     return sorted(k for k in objects if re.search(r"/epochs/\d{20}\.json$", k))
 
 
+def checkpoint_keys(objects: dict[str, bytes]) -> list[str]:
+    return sorted(k for k in objects if re.search(r"/checkpoints/\d{20}\.json$", k))
+
+
+def is_head(key: str) -> bool:
+    return re.fullmatch(r"writers/[^/]+/head\.json", key) is not None
+
+
+def head_key(objects: dict[str, bytes]) -> str:
+    heads = [k for k in objects if is_head(k)]
+    assert len(heads) == 1, f"the golden store has no head, or several: {heads}"
+    return heads[0]
+
+
+def first_read_commit(objects: dict[str, bytes]) -> str:
+    """The first commit record a reader opening the store reads: the first after the
+    checkpoint the head names (the commits folded into it are never read), else the
+    first of all."""
+    commits = commit_keys(objects)
+    if not checkpoint_keys(objects):
+        return commits[0]
+    start = orjson.loads(_body(objects[head_key(objects)]))["checkpoint"]
+    return next(k for k in commits if orjson.loads(_body(objects[k]))["seq"] > start)
+
+
 def segment_of_kind(objects: dict[str, bytes], kind: str) -> str:
     """The newest segment of ``kind``: it is live (older table deltas are superseded by the
     snapshot, so a reader rightly never opens them)."""
@@ -250,7 +288,7 @@ FAST_KINDS = ["memory", "filesystem"]
 
 
 @pytest.mark.parametrize("kind", FAST_KINDS)
-@pytest.mark.parametrize("where", ["first-commit", "last-commit", "epoch",
+@pytest.mark.parametrize("where", ["first-commit", "last-commit", "epoch", "checkpoint", "head",
                                    *(f"segment:{k}" for k in SEGMENT_KINDS)])
 async def test_a_newer_major_version_is_refused(
         kind: str, where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -259,9 +297,13 @@ async def test_a_newer_major_version_is_refused(
         key = segment_of_kind(objects, where.partition(":")[2])
         objects[key] = bump_segment(objects[key], apersist.FORMAT_MAJOR + 1, 0)
     else:
-        commits = commit_keys(objects)
-        key = {"first-commit": commits[0], "last-commit": commits[-1],
-               "epoch": epoch_keys(objects)[-1]}[where]
+        # The first commit a reader reads (from 4.0 on, the first after the checkpoint),
+        # the last, the newest epoch, the checkpoint the head names, the head.
+        key = {"first-commit": lambda: first_read_commit(objects),
+               "last-commit": lambda: commit_keys(objects)[-1],
+               "epoch": lambda: epoch_keys(objects)[-1],
+               "checkpoint": lambda: checkpoint_keys(objects)[-1],
+               "head": lambda: head_key(objects)}[where]()
         objects[key] = bump_record(objects[key], apersist.FORMAT_MAJOR + 1, 0)
     backend = make_backend(kind, tmp_path, request)
     await upload(backend, objects)
@@ -303,11 +345,19 @@ async def test_a_newer_minor_version_is_read_and_written_to(
     def newer(body: dict[str, Any]) -> None:
         body["format"] = [apersist.FORMAT_MAJOR, minor]
         body["added_in_minor"] = {"x": [1, 2]}  # a field this version does not know
-        for ref in body.get("segments", []):
+        refs = [*body.get("segments", []),
+                *(ref for rewrite in body.get("rewrites", []) for ref in rewrite["new"])]
+        for ref in refs:
             ref["size"] = len(objects[ref["key"]])
             ref["added_in_minor"] = True
+        for log in body.get("logs", []):  # a checkpoint's: [seq, key, records, size]
+            for seg in log["segments"]:
+                seg[3] = len(objects[seg[1]])
+            log["added_in_minor"] = True
 
-    for key in commit_keys(objects) + epoch_keys(objects):
+    records = commit_keys(objects) + epoch_keys(objects) + checkpoint_keys(objects)
+    records += [k for k in objects if is_head(k)]
+    for key in records:
         objects[key] = rewrite_record(objects[key], newer)
     backend = make_backend(kind, tmp_path, request)
     await upload(backend, objects)

@@ -5,7 +5,10 @@ store at ROOT, replays every stream and checks what it finds (event ``i`` of str
 is ``{"s": k, "i": i}`` at offset ``i``; ``stream.offset`` is the last one; the ``counts``
 table holds each stream's event count), then continues every sequence where the last
 commit left it, like a source resuming from its committed offset. In a loop it records a
-batch of random size across the streams, updating the table with each event, and commits.
+batch of random size across the streams, updating the table with each event, and commits;
+now and then (``--compact-rate``, per round) it calls ``run.compact()`` first. The run's own
+maintenance goes on in the background: many small commits get their segments merged
+(when ``--segment-bytes`` leaves room for it) and a checkpoint every 128 commits.
 
 Protocol on stdout, one JSON document per line, each flushed:
 
@@ -132,7 +135,7 @@ async def main(args: argparse.Namespace) -> None:
                     # Let the snapshot scheduler run mid-batch: background commits.
                     await asyncio.sleep(0)
             recorded += size
-            if rng.random() < 0.05:
+            if rng.random() < args.compact_rate:
                 await run.compact()
             emit({"ev": "commit", "n": n})
             info = await run.commit()
@@ -155,6 +158,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pending-bytes", type=int, default=64 << 20,
                         help="back-pressure bound: record() waits for a commit past it")
     parser.add_argument("--max-events", type=int, default=1 << 62)
+    parser.add_argument("--compact-rate", type=float, default=0.05,
+                        help="the chance that a round calls run.compact() before its commit")
     parser.add_argument("--crash-point", choices=CRASH_POINTS,
                         help="SIGKILL this process when the driver reaches this step")
     parser.add_argument("--crash-nth", type=int, default=1,

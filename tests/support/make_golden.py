@@ -14,12 +14,19 @@ records: a ``record_many`` batch with and without offsets, and ``record()`` call
 millisecond, which share one record. From format 3.0 on, where a commit record holds only
 the offsets it changed, it also holds a stream whose offset is set by the first run and
 left alone by the second (which records an event without an offset on it), so that the
-second run's commit names some streams' offsets and not others'. ``expected.json`` next to ``store/`` lists
-what a reader must get back: each stream's events (value, offset, time_ms) and final
-offset, each table's state and the cached results.
+second run's commit names some streams' offsets and not others'. From format 4.0 on a third
+run (a third epoch) makes ``FANOUT + 4`` commits of one event each to one stream, then
+``run.compact()``: a commit with a new table snapshot, a commit whose ``rewrites`` merge the
+first ``FANOUT`` of those segments into one, a checkpoint and the head hint naming it (run 1's
+``compact()`` wrote an older checkpoint and head); then more events and a table delta,
+committed as the run ends, after the newest checkpoint. ``expected.json`` next to
+``store/`` lists what a reader must get back: each stream's events (value, offset, time_ms)
+and final offset, each table's state and the cached results.
 
-The output is byte-for-byte reproducible: the clock is injected and the random tokens of
-the commit and epoch records come from a seeded generator.
+The output is byte-for-byte reproducible: the clock is injected, the random tokens of the
+commit, epoch and checkpoint records come from a seeded generator, and the writer's
+background maintenance is held off while the store is written (only ``run.compact()``
+merges and checkpoints), so that no task's timing decides which commit carries a merge.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 import orjson
 
 import apersist
+from apersist import _maintenance
 
 TESTS = Path(__file__).resolve().parent.parent  # tests/, which holds golden/
 QUIET = 3_600_000  # commit only when told to: the commits are part of the golden bytes
@@ -68,6 +76,11 @@ BURST = [{"burst": i, "s": "ë" * i} for i in range(6)]  # record() calls in one
 # Format 3.0: an offset set in run 1 that run 2's commits leave alone.
 TICKS_RUN1: list[tuple[Any, Any]] = [("tick-1", {"tick": 1, "at": "ŧ"})]
 TICKS_RUN2: list[tuple[Any, Any]] = [("tick-2 (no offset)", None)]
+# Format 4.0: one-event commits, enough for compact() to merge a run of them (FANOUT), then
+# events and a table delta after the checkpoint.
+SMALL_COMMITS = _maintenance.FANOUT + 4
+SMALL_AFTER = 2
+TABLE_RUN3 = {"grace": {"ŋ": [4]}, "alice": 3}
 
 
 def square(x: Any) -> Any:
@@ -155,7 +168,24 @@ async def write_store(root: Path) -> dict[str, Any]:
             table[key] = value
         del table["carol"]
         clock.now += 1_000
-    state = {**TABLE_RUN1_BEFORE, **TABLE_RUN1_AFTER, **TABLE_RUN2}
+    # Run 3 (epoch 3): many small commits, merged and checkpointed by compact(); then more.
+    # Segments of the default size: 16 small ones fit in one merged segment.
+    config3 = apersist.Config(backend, snapshot_interval_ms=QUIET)
+    async with apersist.run(config3, clock_ms=clock) as run:
+        small = run.stream("small")
+        events["small"] = []
+        for i in range(SMALL_COMMITS):
+            await record(small, {"small": i}, {"n": i})
+            await run.commit()
+        clock.now += 1_000
+        await run.compact()  # a commit (the table's snapshot), a commit of the merge, a checkpoint
+        for i in range(SMALL_COMMITS, SMALL_COMMITS + SMALL_AFTER):
+            await record(small, {"small": i, "after": "the checkpoint"}, {"n": i})
+        table = await run.table("counts")
+        for key, value in TABLE_RUN3.items():
+            table[key] = value
+        clock.now += 1_000
+    state = {**TABLE_RUN1_BEFORE, **TABLE_RUN1_AFTER, **TABLE_RUN2, **TABLE_RUN3}
     del state["dave"], state["carol"]
     return {
         "format": [apersist.FORMAT_MAJOR, apersist.FORMAT_MINOR],
@@ -196,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(20260101)
     real_uuid4 = uuid.uuid4
     uuid.uuid4 = lambda: seeded_uuid4(rng)  # the records' tokens, made reproducible
+    # The background maintenance never looks for merges: compact() alone decides them.
+    real_look = _maintenance.MERGE_LOOK_EVERY
+    _maintenance.MERGE_LOOK_EVERY = 1 << 30
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "store"
@@ -209,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(root, out / "store")
     finally:
         uuid.uuid4 = real_uuid4
+        _maintenance.MERGE_LOOK_EVERY = real_look
     (out / "expected.json").write_bytes(orjson.dumps(expected, option=orjson.OPT_INDENT_2) + b"\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"golden store written: path={out} bytes={total}")
