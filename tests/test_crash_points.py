@@ -7,8 +7,8 @@ on the real driver, must open without error and replay exactly the commits that 
 durable: the in-flight commit is absent unless its record landed (``after_commit_put``:
 present, although the writer never got the ack); leftover segment objects, whole or torn,
 are ignored. The maintenance points strike inside ``run.compact()`` (its commit carrying
-merges, its checkpoint, its head hint): the store opens on a stale head, a checkpoint no
-head names, or merged segments no commit names. Also: the same seed and calls give the
+merges, its checkpoint): the store opens on the older checkpoint, or with merged segments
+no commit names. Also: the same seed and calls give the
 same faults and the same crash; bad plans raise ``ValueError``; a frozen driver refuses
 every call and changes nothing.
 """
@@ -26,14 +26,14 @@ import apersist
 from apersist import _format as fmt
 from apersist import _maintenance as maintenance
 from apersist._config import FilesystemBackend, MemoryBackend
-from apersist._drivers import Driver, MemoryDriver, ObjectNotFoundError, open_driver
+from apersist._drivers import Driver, MemoryDriver, open_driver
 from apersist.testing import CRASH_POINTS, FaultyDriver, SimulatedCrash
 
 KINDS = ["memory", "filesystem"]
 STREAMS = ("a", "b")  # two streams: every commit of these tests uploads exactly two segments
 EPOCH_POINTS = ("before_epoch_put", "after_epoch_put")
 MAINTENANCE_POINTS = ("before_rewrite_commit_put", "after_rewrite_commit_put",
-                      "after_checkpoint_put", "after_head_put")
+                      "after_checkpoint_put")
 COMMIT_POINTS = tuple(p for p in CRASH_POINTS
                       if p not in EPOCH_POINTS and p not in MAINTENANCE_POINTS)
 # How often a commit of two segments reaches each point, whichever order the uploads start
@@ -44,7 +44,6 @@ ARRIVALS_PER_COMMIT = {"after_segment_put": 2, "torn_segment": 2, "mid_commit": 
 SEGMENTS = fmt.segments_prefix("0")
 EPOCHS = fmt.epochs_prefix("0")
 CHECKPOINTS = fmt.checkpoints_prefix("0")
-HEAD = fmt.head_key("0")
 
 
 def config(backend: apersist.Backend) -> apersist.Config:
@@ -354,26 +353,15 @@ def test_every_crash_point_is_one_the_campaign_knows() -> None:
 # ------------------------------------------------------------------ maintenance
 
 
-async def head_names(backend: apersist.Backend) -> int | None:
-    """The checkpoint the store's head hint names; None if there is no head."""
-    driver = open_driver(backend)
-    try:
-        return fmt.Head.decode(HEAD, await driver.get(HEAD)).checkpoint
-    except ObjectNotFoundError:
-        return None
-    finally:
-        await driver.aclose()
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("point", MAINTENANCE_POINTS)
 async def test_crash_during_compact(kind: str, point: str, tmp_path: Path,
                                     request: pytest.FixtureRequest,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """``run.compact()`` (a commit, a commit carrying merges, a checkpoint, the head)
-    crashed at each of its steps, the second time it runs: the store opens on what the
-    crash left (a stale head, a checkpoint without a head, merged segments no commit
-    names) and replays every committed round once."""
+    """``run.compact()`` (a commit, a commit carrying merges, a checkpoint) crashed at each
+    of its steps, the second time it runs: the store opens on what the crash left (the
+    older checkpoint, merged segments no commit names) and replays every committed round
+    once."""
     # Only compact() merges and checkpoints: the background's timing decides nothing here.
     monkeypatch.setattr(maintenance, "MERGE_LOOK_EVERY", 1 << 30)
     backend = make_backend(kind, tmp_path, request)
@@ -390,7 +378,7 @@ async def test_crash_during_compact(kind: str, point: str, tmp_path: Path,
                 await record_round(run, c)
                 await run.commit()
                 if c == rounds // 2:
-                    # A clean compact first: the crash below leaves its head and checkpoint.
+                    # A clean compact first: the crash below leaves its checkpoint.
                     await run.compact()
                     first_checkpoint = run._store.checkpoint_seq
             merged_before = len(run._store.segments(fmt.KIND_EVENTS, "a"))
@@ -410,14 +398,10 @@ async def test_crash_during_compact(kind: str, point: str, tmp_path: Path,
 
     # What the crash left, before the next open.
     checkpoints = sorted(await objects(backend, CHECKPOINTS))
-    head = await head_names(backend)
     if point in ("before_rewrite_commit_put", "after_rewrite_commit_put"):
         assert checkpoints == [fmt.checkpoint_key("0", first_checkpoint)], ctx
-        assert head == first_checkpoint, f"{ctx}: the head is the first compact's"
     else:
         assert len(checkpoints) == 2, f"{ctx}: checkpoints={checkpoints}"
-        newest = fmt.number_in_key(checkpoints[-1], CHECKPOINTS)
-        assert head == (first_checkpoint if point == "after_checkpoint_put" else newest), ctx
     # The store reads the rewrite commit if its record landed, and never its leftovers.
     segments = (await store_segments(backend))["a"]
     if point == "before_rewrite_commit_put":

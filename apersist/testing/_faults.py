@@ -62,21 +62,14 @@ _VERBS: Final = ("put", "get", "list", "delete")
 #:   of ``before_commit_put``, counted only for such commits.
 #: - ``after_rewrite_commit_put``: that commit record has landed, before anything after it
 #:   (``run.compact()``'s checkpoint comes next).
-#: - ``after_checkpoint_put``: a checkpoint object has landed; the head hint that names it
-#:   has not been written.
-#: - ``after_head_put``: the head hint has landed.
+#: - ``after_checkpoint_put``: a checkpoint object has landed.
 CRASH_POINTS: Final = ("after_segment_put", "mid_commit", "torn_segment", "before_commit_put",
                        "after_commit_put", "before_epoch_put", "after_epoch_put",
                        "before_rewrite_commit_put", "after_rewrite_commit_put",
-                       "after_checkpoint_put", "after_head_put")
+                       "after_checkpoint_put")
 # The points that need a commit record decoded: does it carry rewrites?
 _REWRITE_POINTS: Final = frozenset(("before_rewrite_commit_put", "after_rewrite_commit_put"))
 
-
-def _is_head(key: str) -> bool:
-    """Whether ``key`` is a writer's head hint, ``writers/<id>/head.json``."""
-    parts = key.split("/")
-    return len(parts) == 3 and parts[0] == "writers" and parts[2] == "head.json"
 
 
 def _has_rewrites(key: str, data: bytes | bytearray) -> bool:
@@ -345,8 +338,6 @@ class FaultyDriver:
             self._at("after_rewrite_commit_put", key)
         elif obj == "checkpoint":
             self._at("after_checkpoint_put", key)
-        elif _is_head(key):
-            self._at("after_head_put", key)
 
     async def _put(self, key: str, data: bytes, *, if_absent: bool) -> None:
         kind = self._decide("put", [key], tearable=not if_absent)

@@ -14,7 +14,7 @@ the same store and kills it each time, in one of two ways:
   are taken at open (nth=1), the segment and commit points at a seeded random nth, in a
   later commit, often one of many segments (``--segment-bytes`` down to 1 KiB). The
   maintenance points (a commit carrying merged segments, before and after its record; a
-  checkpoint before its head hint; the head) are taken at a seeded nth by a worker set up
+  checkpoint) are taken at a seeded nth by a worker set up
   for maintenance: segments of 64 KiB, so that runs of small ones fit in one merged
   segment, small batches, and ``run.compact()`` in about one round of four. Such a worker
   must die by SIGKILL on its own, right after saying which point it reached: ending
@@ -82,8 +82,8 @@ RANDOM = "random"  # the kind of a kill at a random instant; the others are cras
 EPOCH_POINTS = frozenset(p for p in CRASH_POINTS if "epoch" in p)
 SEGMENT_POINTS = frozenset(p for p in CRASH_POINTS if "segment" in p or p == "mid_commit")
 MAINTENANCE_POINTS = frozenset(("before_rewrite_commit_put", "after_rewrite_commit_put",
-                                "after_checkpoint_put", "after_head_put"))
-# A maintenance worker compacts in about one round of four: a checkpoint (and its head)
+                                "after_checkpoint_put"))
+# A maintenance worker compacts in about one round of four: a checkpoint
 # within a few rounds, merges within a few dozen commits.
 MAINTENANCE_COMPACT_RATE = 0.25
 

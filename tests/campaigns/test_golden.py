@@ -5,7 +5,7 @@ by ``tests/support/make_golden.py``, never regenerated) and ``expected.json``, w
 back as. Every later version must replay each golden store to exactly those events,
 offsets, table states and cached results, on every backend, and go on writing to it; a
 copy whose version is bumped to a newer major (in any object a reader reads: a commit or
-epoch record, a segment, from 4.0 on the checkpoint and the head hint) must be refused with
+epoch record, a segment, from 4.0 on the newest checkpoint) must be refused with
 ``IncompatibleFormatError``, and one bumped to a newer minor must still be read (see
 "Compatibility" in docs/format.md). The golden files are uploaded to a fresh store first:
 no run ever writes into ``tests/``.
@@ -140,23 +140,22 @@ def test_golden_store_is_small_and_covers_the_format(version: str) -> None:
             have |= changed
         assert partial, "no commit leaves a stream's offset alone"
     if int(version.removeprefix("format-").partition(".")[0]) >= 4:
-        # Checkpoints, the head hint naming the newest, a commit that merges segments, and
-        # commits after the newest checkpoint: opening reads a checkpoint and then records.
+        # Checkpoints, a commit that merges segments, and commits after the newest
+        # checkpoint: opening reads a checkpoint and then records.
         checkpoints = checkpoint_keys(objects)
         assert len(checkpoints) >= 2, "no older checkpoint beside the newest"
-        head = orjson.loads(_body(objects[head_key(objects)]))
-        assert head["checkpoint"] == orjson.loads(_body(objects[checkpoints[-1]]))["seq"]
+        newest = orjson.loads(_body(objects[checkpoints[-1]]))["seq"]
         merges = [r for c in commits for r in c.get("rewrites", [])
                   if len(r["old"]) > len(r["new"]) >= 1]
         assert merges, "no commit merges segments"
-        assert any(c["seq"] > head["checkpoint"] and c["segments"] for c in commits)
+        assert any(c["seq"] > newest and c["segments"] for c in commits)
 
 
 def _without_token(key: str, data: bytes) -> bytes:
     if not key.endswith(".json") or "/writers/" not in f"/{key}":
         return data
     body = orjson.loads(_body(data))
-    body.pop("token", None)  # the head hint has none
+    body.pop("token", None)
     return orjson.dumps(body)
 
 
@@ -201,8 +200,8 @@ async def test_golden_store_takes_new_commits_and_keeps_its_history(
         await run.commit()
         await run.compact()
     after = await stored(backend)
-    # Nothing rewritten, but the head hint: compact() wrote a newer checkpoint.
-    assert all(after[key] == data for key, data in objects.items() if not is_head(key))
+    # Nothing rewritten: compact() wrote a newer checkpoint beside the others.
+    assert all(after[key] == data for key, data in objects.items())
     assert len(after) > len(objects)
     want = orjson.loads(orjson.dumps(expected))
     want["streams"]["orders"]["events"].append([{"new": "ü"}, {"new": 1}, clock_ms])
@@ -253,24 +252,13 @@ def checkpoint_keys(objects: dict[str, bytes]) -> list[str]:
     return sorted(k for k in objects if re.search(r"/checkpoints/\d{20}\.json$", k))
 
 
-def is_head(key: str) -> bool:
-    return re.fullmatch(r"writers/[^/]+/head\.json", key) is not None
-
-
-def head_key(objects: dict[str, bytes]) -> str:
-    heads = [k for k in objects if is_head(k)]
-    assert len(heads) == 1, f"the golden store has no head, or several: {heads}"
-    return heads[0]
-
-
 def first_read_commit(objects: dict[str, bytes]) -> str:
     """The first commit record a reader opening the store reads: the first after the
-    checkpoint the head names (the commits folded into it are never read), else the
-    first of all."""
+    newest checkpoint (the commits folded into it are never read), else the first of all."""
     commits = commit_keys(objects)
     if not checkpoint_keys(objects):
         return commits[0]
-    start = orjson.loads(_body(objects[head_key(objects)]))["checkpoint"]
+    start = orjson.loads(_body(objects[checkpoint_keys(objects)[-1]]))["seq"]
     return next(k for k in commits if orjson.loads(_body(objects[k]))["seq"] > start)
 
 
@@ -288,7 +276,7 @@ FAST_KINDS = ["memory", "filesystem"]
 
 
 @pytest.mark.parametrize("kind", FAST_KINDS)
-@pytest.mark.parametrize("where", ["first-commit", "last-commit", "epoch", "checkpoint", "head",
+@pytest.mark.parametrize("where", ["first-commit", "last-commit", "epoch", "checkpoint",
                                    *(f"segment:{k}" for k in SEGMENT_KINDS)])
 async def test_a_newer_major_version_is_refused(
         kind: str, where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -298,12 +286,11 @@ async def test_a_newer_major_version_is_refused(
         objects[key] = bump_segment(objects[key], apersist.FORMAT_MAJOR + 1, 0)
     else:
         # The first commit a reader reads (from 4.0 on, the first after the checkpoint),
-        # the last, the newest epoch, the checkpoint the head names, the head.
+        # the last, the newest epoch, the newest checkpoint.
         key = {"first-commit": lambda: first_read_commit(objects),
                "last-commit": lambda: commit_keys(objects)[-1],
                "epoch": lambda: epoch_keys(objects)[-1],
-               "checkpoint": lambda: checkpoint_keys(objects)[-1],
-               "head": lambda: head_key(objects)}[where]()
+               "checkpoint": lambda: checkpoint_keys(objects)[-1]}[where]()
         objects[key] = bump_record(objects[key], apersist.FORMAT_MAJOR + 1, 0)
     backend = make_backend(kind, tmp_path, request)
     await upload(backend, objects)
@@ -356,7 +343,6 @@ async def test_a_newer_minor_version_is_read_and_written_to(
             log["added_in_minor"] = True
 
     records = commit_keys(objects) + epoch_keys(objects) + checkpoint_keys(objects)
-    records += [k for k in objects if is_head(k)]
     for key in records:
         objects[key] = rewrite_record(objects[key], newer)
     backend = make_backend(kind, tmp_path, request)

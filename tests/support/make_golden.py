@@ -17,8 +17,8 @@ left alone by the second (which records an event without an offset on it), so th
 second run's commit names some streams' offsets and not others'. From format 4.0 on a third
 run (a third epoch) makes ``FANOUT + 4`` commits of one event each to one stream, then
 ``run.compact()``: a commit with a new table snapshot, a commit whose ``rewrites`` merge the
-first ``FANOUT`` of those segments into one, a checkpoint and the head hint naming it (run 1's
-``compact()`` wrote an older checkpoint and head); then more events and a table delta,
+first ``FANOUT`` of those segments into one, and a checkpoint (run 1's ``compact()`` wrote
+an older one); then more events and a table delta,
 committed as the run ends, after the newest checkpoint. ``expected.json`` next to
 ``store/`` lists what a reader must get back: each stream's events (value, offset, time_ms)
 and final offset, each table's state and the cached results.
