@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
-from ._config import AwsS3Settings, Backend, Config, SnapshotAccess
+from ._config import AwsS3Settings, Backend, Config, Retention, SnapshotAccess
 from ._drivers import open_driver
 from ._errors import PersistenceError
 from ._gc import collect_garbage
@@ -105,8 +105,9 @@ async def _dump(root: str, stream: str) -> int:
     return 0
 
 
-async def _compact(root: str) -> int:
-    async with run(Config(backend_from_root(root))) as r:
+async def _compact(root: str, max_events: int | None, max_age_ms: int | None) -> int:
+    retention = Retention(max_events=max_events, max_age_ms=max_age_ms)
+    async with run(Config(backend_from_root(root), retention=retention)) as r:
         tables = r._store.table_names()
         await r.compact()  # opens every table of the store to fold it
         segments = sum(len(r._store.segments(kind, name)) for kind in sorted(fmt.KINDS)
@@ -176,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
                                        "old cache versions, checkpoint (takes the writer role: "
                                        "a running writer is fenced)")
     p.add_argument("root")
+    p.add_argument("--max-events", type=int, default=None,
+                   help="retention of every stream: keep its last N events (0: offsets only)")
+    p.add_argument("--max-age-ms", type=int, default=None,
+                   help="retention of every stream: keep the events this recent, by this "
+                        "machine's clock")
     p = sub.add_parser("gc", help="mark segments no live commit names and no writer can commit; "
                                   "delete those marked at least the grace period ago")
     p.add_argument("root")
@@ -204,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dump":
             return asyncio.run(_dump(args.root, args.stream))
         if args.command == "compact":
-            return asyncio.run(_compact(args.root))
+            return asyncio.run(_compact(args.root, args.max_events, args.max_age_ms))
         if args.command == "gc":
             return asyncio.run(_gc(args.root, args.dry_run, args.grace_seconds))
         from ._demo import run_demo  # the demo pulls in subprocess handling; load it lazily

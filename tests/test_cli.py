@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,3 +188,24 @@ def test_console_script_help() -> None:
                          env={**os.environ, "PYTHONWARNINGS": "error"})
     for command in ("inspect", "verify", "dump", "compact", "gc", "demo"):
         assert command in out.stdout
+
+
+def test_compact_applies_the_retention_it_is_given(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+
+    async def write() -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            for i in range(10):
+                await run.stream("s").record(i, offset=i)
+                await run.commit()
+
+    asyncio.run(write())
+    assert main(["compact", str(root), "--max-events", "3"]) == 0
+    assert main(["compact", str(root), "--max-events", "-1"]) == 2  # refused, store unharmed
+
+    async def read() -> tuple[list[Any], Any]:
+        cfg = apersist.Config(apersist.Backend.filesystem(root), snapshot_access="replay")
+        async with apersist.run(cfg) as run:
+            return [e.value async for e in run.stream("s").replay()], run.stream("s").offset
+
+    assert asyncio.run(read()) == ([7, 8, 9], 9)
