@@ -150,6 +150,8 @@ class Maintainer:
                         await self._step(retention=due_checkpoint, cache=False,
                                          checkpoint=due_checkpoint)
                 except Exception as exc:
+                    if scheduler.stopped:
+                        return  # the run ended under the step: nothing more to commit
                     # Background work must not end the user's run: what it could not do
                     # is only later; damage it met is reported again by whoever reads it.
                     if isinstance(exc, PersistenceError):
