@@ -213,7 +213,18 @@ class Store:
         segment, or a live commit whose epoch record is missing or damaged.
         """
         state = await self._checkpoint_state()
-        keys = await self._commit_keys_after(state.last_seq)
+        try:
+            keys = await self._commit_keys_after(state.last_seq)
+        except CorruptDataError:
+            # The head is only a hint, and a fenced writer may have set it back to an older
+            # checkpoint since ``apersist gc`` collected commits that a newer one folds: a
+            # gap after the head's checkpoint is then no damage. Start from the newest
+            # checkpoint listed; a gap after that one is.
+            newest = await self._checkpoint_state(use_head=False)
+            if newest.last_seq <= state.last_seq:
+                raise
+            state = newest
+            keys = await self._commit_keys_after(state.last_seq)
         records = await gather_bounded([self._reader(key) for key in keys], self.read_concurrency)
         live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
@@ -233,10 +244,11 @@ class Store:
         logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
                      self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
 
-    async def _checkpoint_state(self) -> _State:
+    async def _checkpoint_state(self, *, use_head: bool = True) -> _State:
         """The state of the newest checkpoint (the one the head names, else the highest
-        listed), or an empty state for a store that has none."""
-        number = await self._head_checkpoint()
+        listed; the highest listed without ``use_head``), or an empty state for a store
+        that has none."""
+        number = await self._head_checkpoint() if use_head else None
         for _attempt in range(3):
             if number is None:
                 numbers = [n async for n in self._numbers(fmt.checkpoints_prefix(self._writer))]
