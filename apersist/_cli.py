@@ -127,7 +127,7 @@ async def _gc(root: str, dry_run: bool, grace_s: float) -> int:
         await driver.aclose()
     if plan.damaged_marker is not None:
         print(f"apersist gc: the gc marker is damaged and was {'not ' if dry_run else ''}"
-              f"replaced; every garbage segment counts as first seen now: "
+              f"replaced; every garbage key counts as first seen now: "
               f"{plan.damaged_marker}", file=sys.stderr)
     would = "would " if dry_run else ""
     for key in plan.due:
@@ -141,10 +141,10 @@ async def _gc(root: str, dry_run: bool, grace_s: float) -> int:
             print(f"keep {key} (first seen {(plan.now_ms - seen) / 1000:.0f} s ago, "
                   f"deletable in {left_s:.0f} s)")
     if dry_run:
-        print(f"{len(plan.due)} unreferenced segment(s) would be deleted, "
+        print(f"{len(plan.due)} garbage object(s) would be deleted, "
               f"{len(plan.waiting)} marked; nothing written (dry run)")
     else:
-        print(f"{len(plan.due)} unreferenced segment(s) deleted, {len(plan.waiting)} marked "
+        print(f"{len(plan.due)} garbage object(s) deleted, {len(plan.waiting)} marked "
               f"(deleted by a later gc once garbage for {grace_s:g} s)")
     return 0
 
@@ -182,13 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age-ms", type=int, default=None,
                    help="retention of every stream: keep the events this recent, by this "
                         "machine's clock")
-    p = sub.add_parser("gc", help="mark segments no live commit names and no writer can commit; "
-                                  "delete those marked at least the grace period ago")
+    p = sub.add_parser("gc", help="mark what no checkpoint or live commit needs (old segments, "
+                                  "folded commit records, old checkpoints, leftovers); delete "
+                                  "what was marked at least the grace period ago")
     p.add_argument("root")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be deleted and marked; write and delete nothing")
     p.add_argument("--grace-seconds", type=_grace_seconds, default=3600.0,
-                   help="delete a segment only once an earlier gc run saw it as garbage at "
+                   help="delete an object only once an earlier gc run saw it as garbage at "
                         "least this long ago, by gc's own clock, so that readers that opened "
                         "before it became garbage keep it (default 3600; 0 deletes at once)")
     p = sub.add_parser("demo", help="word counts persisted on the filesystem, killed with "

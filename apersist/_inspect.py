@@ -134,7 +134,7 @@ async def _check_numbered(driver: Driver, key: str, number: int,
 
 
 async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[str]:
-    """The segments a gc run at ``now_ms`` (gc's clock) would delete; writes nothing.
+    """The keys a gc run at ``now_ms`` (gc's clock) would delete, in order; writes nothing.
 
     Garbage is dated by the gc marker, never by writers' clocks (see ``_gc``): with no
     marker only ``grace_ms`` 0 finds anything due. ``apersist gc`` is ``collect_garbage``.

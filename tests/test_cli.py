@@ -106,7 +106,7 @@ def test_gc_marks_first_and_deletes_only_what_an_earlier_run_marked_a_grace_peri
     marker = store / "writers/0/gc/marks.json"
     # Epoch 1 is still the newest commit's epoch: its orphan may be a commit in flight.
     assert main(["gc", str(store), "--grace-seconds", "0"]) == 0
-    assert "0 unreferenced segment(s) deleted, 0 marked" in capsys.readouterr().out
+    assert "0 garbage object(s) deleted, 0 marked" in capsys.readouterr().out
     assert orphan.exists()
     assert not marker.exists()
     asyncio.run(_fill(store))  # a new writer (epoch 2) takes over: epoch 1 is fenced
@@ -115,13 +115,13 @@ def test_gc_marks_first_and_deletes_only_what_an_earlier_run_marked_a_grace_peri
     assert main(["gc", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"would mark {key} (deletable in 3600 s)" in out
-    assert "0 unreferenced segment(s) would be deleted, 1 marked; nothing written (dry run)" in out
+    assert "0 garbage object(s) would be deleted, 1 marked; nothing written (dry run)" in out
     assert _files(store) == before
     # The first run only marks, by its own clock; nothing is old enough yet.
     assert main(["gc", str(store)]) == 0
     out = capsys.readouterr().out
     assert f"mark {key}" in out
-    assert "0 unreferenced segment(s) deleted, 1 marked" in out
+    assert "0 garbage object(s) deleted, 1 marked" in out
     assert orphan.exists()
     assert marker.exists()
     assert main(["gc", str(store)]) == 0
@@ -133,7 +133,7 @@ def test_gc_marks_first_and_deletes_only_what_an_earlier_run_marked_a_grace_peri
     assert main(["gc", str(store), "--grace-seconds", "0"]) == 0
     out = capsys.readouterr().out
     assert f"delete {key}" in out
-    assert "1 unreferenced segment(s) deleted, 0 marked" in out
+    assert "1 garbage object(s) deleted, 0 marked" in out
     assert not orphan.exists()
     assert main(["verify", str(store)]) == 0
 

@@ -54,7 +54,7 @@ def test_each_driver_declares_its_capabilities(tmp_path: Path) -> None:
 
     assert capabilities_of(MemoryDriver({})) == Capabilities(point_lookups=True)
     assert capabilities_of(FilesystemDriver(tmp_path)) == Capabilities(
-        put_then_create=True, accepts_buffers=True, point_lookups=True)
+        put_then_create=True, accepts_buffers=True, point_lookups=True, temporary_files=True)
     for cls in (S3Driver, AzureDriver):
         assert cls.capabilities == Capabilities(verify_conditional_writes=True)
     assert capabilities_of(object()) is NO_CAPABILITIES

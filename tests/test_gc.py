@@ -311,12 +311,229 @@ async def test_a_negative_grace_period_is_refused(backend: apersist.Backend) -> 
 
 
 def test_the_marker_round_trips_and_refuses_damage() -> None:
-    marker = GcMarks("0", {fmt.segment_key("0", 2, 1): T0, fmt.segment_key("0", 1, 7): 5})
+    marker = GcMarks("0", {fmt.segment_key("0", 2, 1): T0, fmt.segment_key("0", 1, 7): 5,
+                           fmt.commit_key("0", 3): 6, fmt.checkpoint_key("0", 2): 7,
+                           "_check/" + "a" * 32: 8, "writers/0/segments/.tmp-" + "b" * 32: 9})
     data = marker.encode()
     assert GcMarks.decode(MARKS, data) == marker
     assert data.startswith(b'{"body":{"format":[')
     assert b'"type":"gc-marks"' in data
-    for bad in ({"writers/0/commits/00000000000000000001.json": 1},  # not a segment
+    for bad in ({"writers/1/commits/00000000000000000001.json": 1},  # another writer's
+                {"elsewhere/x": 1},  # neither a writer's key nor a scratch key
                 {fmt.segment_key("0", 1, 1): -1}, {fmt.segment_key("0", 1, 1): True}):
         with pytest.raises(apersist.CorruptDataError, match="malformed mark"):
             GcMarks.decode(MARKS, GcMarks("0", bad).encode())
+
+
+# ------------------------------------------------------------------ everything no checkpoint needs
+async def contents(backend: apersist.Backend) -> tuple[list[object], dict[str, object], object]:
+    """What a reader gets: the events of ``orders``, the table ``counts``, the offset."""
+    async with apersist.run(apersist.Config(backend, snapshot_access=REPLAY)) as reader:
+        orders = reader.stream("orders")
+        events = [e.value async for e in orders.replay()]
+        return events, dict(await reader.table("counts")), orders.offset
+
+
+async def keys_under(backend: apersist.Backend, prefix: str) -> set[str]:
+    return {k for k in await stored_objects(backend) if k.startswith(prefix)}
+
+
+async def checkpointed_history(backend: apersist.Backend) -> tuple[int, int]:
+    """Two writers (epochs 1 and 2); the second commits, checkpoints, commits, checkpoints
+    again and commits once more. Returns the two checkpoints' numbers."""
+    await fill(backend)
+    async with apersist.run(apersist.Config(backend)) as run:
+        orders, counts = run.stream("orders"), await run.table("counts")
+        checkpoints = []
+        for round_ in range(2):
+            for i in range(3):
+                await orders.record({"r": round_, "i": i}, offset=10 * round_ + i)
+                counts[f"k{round_}"] = i
+                await run.commit()
+            checkpoints.append(await run._store.write_checkpoint())
+        await orders.record("after", offset=99)
+        await run.commit()
+    return checkpoints[0], checkpoints[1]
+
+
+async def test_folded_commit_records_and_older_checkpoints_go_after_the_grace_period_fences_stay(
+        backend: apersist.Backend) -> None:
+    old_ckpt, ckpt = await checkpointed_history(backend)
+    before = await contents(backend)
+    commits = await keys_under(backend, fmt.commits_prefix("0"))
+    fences = {fmt.commit_key("0", 1), fmt.commit_key("0", 3)}  # epoch 1's and epoch 2's
+    assert fences <= commits
+    folded = {fmt.commit_key("0", n) for n in range(1, ckpt + 1)} - fences
+    first = await gc(backend, now_ms=T0)
+    assert first.checkpoint_seq == ckpt
+    assert first.due == ()
+    assert set(first.new) == folded | {fmt.checkpoint_key("0", old_ckpt)}
+    assert (await gc(backend, now_ms=T0 + GRACE_MS - 1)).due == ()  # kept within the grace
+    assert await keys_under(backend, fmt.commits_prefix("0")) == commits
+    late = await gc(backend, now_ms=T0 + GRACE_MS)
+    # Old checkpoints first, then the commit records that the newest checkpoint folds.
+    assert late.due == (fmt.checkpoint_key("0", old_ckpt), *sorted(folded))
+    assert await keys_under(backend, fmt.commits_prefix("0")) == commits - folded
+    assert await keys_under(backend, fmt.checkpoints_prefix("0")) == {fmt.checkpoint_key("0", ckpt)}
+    assert await contents(backend) == before
+    async with driver_of(backend) as driver:
+        assert await verify(driver) == []
+    await fill(backend)  # a writer continues the collected store
+    after = await contents(backend)
+    assert after[0][:len(before[0])] == before[0]
+
+
+async def test_superseded_segments_of_the_current_epoch_go_after_the_grace_period(
+        backend: apersist.Backend) -> None:
+    """A table's snapshot supersedes its deltas: committed once, in the newest commit's own
+    epoch, so only their numbers (at most the last committed one) say they are garbage."""
+    async with apersist.run(apersist.Config(backend)) as run:
+        counts = await run.table("counts")
+        for i in range(3):
+            counts[f"k{i}"] = i
+            await run.commit()
+        deltas = {seg.ref.key for seg in run._store.segments(fmt.KIND_TABLE, "counts")}
+        await run.compact()  # folds the table into a snapshot, writes a checkpoint
+        await run.stream("orders").record("x")
+    assert len(deltas) == 3
+    orphan = fmt.segment_key("0", 1, 999)  # numbered above every committed one: in flight
+    async with driver_of(backend) as driver:
+        await driver.put(orphan, b"junk")
+    before = await contents(backend)
+    first = await gc(backend, now_ms=T0)
+    assert deltas <= set(first.new)
+    assert orphan not in first.new
+    assert (await gc(backend, now_ms=T0 + GRACE_MS - 1)).due == ()
+    assert deltas <= set(await segment_keys(backend))
+    late = await gc(backend, now_ms=T0 + GRACE_MS)
+    assert deltas <= set(late.due)
+    assert not deltas & set(await segment_keys(backend))
+    assert orphan in await segment_keys(backend)
+    assert await contents(backend) == before == (["x"], {"k0": 0, "k1": 1, "k2": 2}, None)
+
+
+async def test_leftover_scratch_keys_go_only_at_a_second_sighting_even_with_no_grace(
+        backend: apersist.Backend) -> None:
+    await fill(backend)
+    scratch = "_check/" + "c" * 32
+    async with driver_of(backend) as driver:
+        await driver.put(scratch, b"apersist create-if-absent check: racer=0 token=x")
+    before = await contents(backend)
+    first = await gc(backend, now_ms=T0, grace_ms=0)
+    assert first.due == ()
+    assert first.waiting == {scratch: T0}  # a probe may be in progress: never at once
+    assert await marks(backend) == {scratch: T0}
+    assert (await gc(backend, now_ms=T0 + GRACE_MS - 1)).due == ()
+    assert scratch in await stored_objects(backend)
+    assert (await gc(backend, now_ms=T0 + GRACE_MS)).due == (scratch,)
+    assert scratch not in await stored_objects(backend)
+    assert await contents(backend) == before
+
+
+async def test_a_fenced_writers_old_checkpoint_written_again_after_gc_is_never_a_start(
+        backend: apersist.Backend) -> None:
+    """A fenced writer may write the checkpoint of its own (older) state again after gc
+    collected the commits that follow it: readers (and gc) start from the newest one, so
+    the store neither opens older nor reports a gap; the next gc collects it again."""
+    old_ckpt, ckpt = await checkpointed_history(backend)
+    before = await contents(backend)
+    async with driver_of(backend) as driver:
+        old = await driver.get(fmt.checkpoint_key("0", old_ckpt))
+    assert (await gc(backend, now_ms=T0, grace_ms=0)).checkpoint_seq == ckpt
+    assert fmt.commit_key("0", old_ckpt + 1) not in await stored_objects(backend)  # a gap
+    async with driver_of(backend) as driver:
+        await driver.put(fmt.checkpoint_key("0", old_ckpt), old)  # the zombie's, again
+    assert await contents(backend) == before
+    again = await gc(backend, now_ms=T0, grace_ms=0)
+    assert again.checkpoint_seq == ckpt
+    assert fmt.checkpoint_key("0", old_ckpt) in again.due
+    assert await contents(backend) == before
+
+
+@pytest.mark.parametrize("kind", ["filesystem"])  # the only driver with temporary files
+async def test_leftover_temporary_files_go_only_at_a_second_sighting_even_with_no_grace(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    assert isinstance(backend, FilesystemBackend)
+    await fill(backend)
+    names = ["writers/0/segments/.tmp-" + "a" * 32, "writers/0/commits/.tmp-" + "b" * 32]
+    for name in names:
+        (backend.path / name).write_bytes(b"torn")
+    before = await contents(backend)
+    first = await gc(backend, now_ms=T0, grace_ms=0)
+    assert first.due == ()
+    assert first.waiting == dict.fromkeys(names, T0)
+    assert await marks(backend) == dict.fromkeys(names, T0)
+    assert (await gc(backend, now_ms=T0 + GRACE_MS - 1)).due == ()
+    assert all((backend.path / name).exists() for name in names)
+    assert set((await gc(backend, now_ms=T0 + GRACE_MS)).due) == set(names)
+    assert not any((backend.path / name).exists() for name in names)
+    assert await marks(backend) == {}
+    assert await contents(backend) == before
+
+
+async def test_the_filesystem_driver_deletes_only_temporary_files_with_that_verb(
+        tmp_path: Path) -> None:
+    driver = open_driver(FilesystemBackend(tmp_path))
+    try:
+        await driver.put("writers/0/x", b"x")
+        (tmp_path / "writers/0/.tmp-1").write_bytes(b"t")
+        found = await driver.list_temporary()  # type: ignore[attr-defined]
+        assert [(i.key, i.size) for i in found] == [("writers/0/.tmp-1", 1)]
+        assert [i.key async for i in driver.list("")] == ["writers/0/x"]
+        for bad in ("writers/0/x", "writers/../.tmp-1", ".tmp-", "/writers/.tmp-1"):
+            with pytest.raises(ValueError, match="not a temporary file"):
+                await driver.delete_temporary([bad])  # type: ignore[attr-defined]
+        await driver.delete_temporary(["writers/0/.tmp-1", "writers/0/.tmp-2"])  # type: ignore[attr-defined]
+        assert await driver.list_temporary() == []  # type: ignore[attr-defined]
+        assert await driver.get("writers/0/x") == b"x"
+    finally:
+        await driver.aclose()
+
+
+# ------------------------------------------------------------------ the zombie boundary
+async def test_a_zombie_cannot_land_a_commit_once_gc_collected_the_folded_commits(
+        backend: apersist.Backend) -> None:
+    """Writer A (epoch 1) is taken over by B, which commits many times and checkpoints; gc
+    with no grace deletes every folded commit record but the fence commits. A's next
+    commit number is B's fence commit, kept: A is fenced and lands nothing."""
+    config = apersist.Config(backend)
+    facts: dict[str, int] = {}
+
+    async def a_is_taken_over() -> None:
+        async with apersist.run(config) as a:
+            a_orders = a.stream("orders")
+            for i in range(3):
+                await a_orders.record(f"a{i}", offset=i)
+                await a.commit()
+            assert a._store.epoch is not None
+            facts.update(epoch=a._store.epoch, last=a._store.last_seq)
+            async with apersist.run(config) as b:
+                b_fence = b._store.fences[-1]
+                for i in range(10):
+                    await b.stream("orders").record(f"b{i}", offset=100 + i)
+                    await b.commit()
+                ckpt = await b._store.write_checkpoint()
+            plan = await gc(backend, now_ms=T0, grace_ms=0)
+            assert plan.checkpoint_seq == ckpt
+            assert b_fence == facts["last"] + 1  # A's next number: B's fence commit
+            kept = {fmt.commit_key("0", 1), fmt.commit_key("0", b_fence)}
+            assert set(plan.due) >= {fmt.commit_key("0", n) for n in range(1, ckpt + 1)} - kept
+            assert await keys_under(backend, fmt.commits_prefix("0")) == kept
+            await a_orders.record("zombie", offset=999)
+            with pytest.raises(apersist.FencedError):
+                await a.commit()
+            facts["fenced"] = 1
+            # Leaving A's block commits again, and raises FencedError too.
+
+    with pytest.raises(apersist.FencedError):
+        await a_is_taken_over()
+    assert facts["fenced"] == 1
+    a_epoch, a_last = facts["epoch"], facts["last"]
+    events, _table, offset = await contents(backend)
+    assert events == [f"a{i}" for i in range(3)] + [f"b{i}" for i in range(10)]
+    assert offset == 109
+    async with driver_of(backend) as driver:
+        for key in await keys_under(backend, fmt.commits_prefix("0")):
+            record = fmt.CommitRecord.decode(key, await driver.get(key))
+            assert record.epoch != a_epoch or record.seq <= a_last, key

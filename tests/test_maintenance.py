@@ -3,7 +3,7 @@
 Opening a store must cost what its live state costs, not what its history cost: these
 tests count the requests an open makes, check that merged and retained logs replay exactly
 the events they should (values, offsets and ``time_ms``), and that damage to the new
-objects (a checkpoint, the head hint) is reported or worked around as docs/format.md says.
+objects (a checkpoint) is reported or worked around as docs/format.md says.
 """
 
 from __future__ import annotations

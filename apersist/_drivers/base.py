@@ -122,12 +122,20 @@ class Capabilities:
       then finds its commits and checks its live segments with it instead of listing (on
       the filesystem, a listing costs a walk of the whole directory). The filesystem and
       memory drivers declare it.
+    - ``temporary_files``: the driver writes each object through a temporary file that a
+      crash can leave behind and that ``list`` skips, and has the verbs
+      ``list_temporary()``, which returns those left now (an ``ObjectInfo`` each, named
+      by its path under the root like a key, e.g. ``writers/0/segments/.tmp-<32 hex>``),
+      and ``delete_temporary(paths)``, which deletes such paths (absent ones are ignored;
+      anything else is refused). ``apersist gc`` collects them with these. The filesystem
+      driver declares it; object stores publish whole objects and leave none.
     """
 
     put_then_create: bool = False
     accepts_buffers: bool = False
     verify_conditional_writes: bool = False
     point_lookups: bool = False
+    temporary_files: bool = False
 
 
 #: What a driver that declares nothing offers: the protocol's verbs and nothing more.

@@ -73,13 +73,28 @@ def _raise_unless_absent(exc: OSError) -> None:
         raise exc
 
 
+def _check_temporary(path: str) -> str:
+    """Refuse a path that is not a temporary file's: ``<a key's folder>/.tmp-<name>``."""
+    folder, _, name = path.rpartition("/")
+    valid = name.startswith(_TMP_PREFIX) and len(name) > len(_TMP_PREFIX)
+    if valid and folder:
+        try:
+            check_key(folder)
+        except ValueError:
+            valid = False
+    if not valid:
+        raise ValueError(f"not a temporary file's path: path={path!r}")
+    return path
+
+
 class FilesystemDriver:
     """Objects as files under ``root``; keys map to relative paths."""
 
     name = "filesystem"
     # put_then_create() writes a bytearray through a memoryview, as it is: segments for it
     # are built in place, with no copy that holds the GIL (Store.accepts_buffers).
-    capabilities = Capabilities(put_then_create=True, accepts_buffers=True, point_lookups=True)
+    capabilities = Capabilities(put_then_create=True, accepts_buffers=True, point_lookups=True,
+                                temporary_files=True)
 
     def __init__(self, root: Path) -> None:
         self._root = root
@@ -307,6 +322,35 @@ class FilesystemDriver:
                 pass  # absent, also when a parent "directory" is an object: nothing to delete
         for parent in parents:
             _fsync_dir(parent)
+
+    # ---------------------------------------------------------------- temporary files
+    async def list_temporary(self) -> builtins.list[ObjectInfo]:
+        """The temporary files under the root (``Capabilities.temporary_files``): those of
+        puts in progress, and those a crash left behind. Each is named by its path under
+        the root, like a key (``list`` never yields them)."""
+        return await self._call("list", "", self._list_temporary_sync, label="prefix")
+
+    def _list_temporary_sync(self) -> builtins.list[ObjectInfo]:
+        found: builtins.list[ObjectInfo] = []
+        for dirpath, _dirs, files in os.walk(self._root, onerror=_raise_unless_absent):
+            rel = os.path.relpath(dirpath, self._root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue  # its put finished meanwhile
+                    found.append(ObjectInfo(rel + name, size))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    async def delete_temporary(self, paths: Sequence[str]) -> None:
+        """Delete temporary files named as ``list_temporary`` names them; absent ones are
+        ignored. Refuses (``ValueError``) a path that is not a temporary file's: this
+        verb deletes nothing else."""
+        checked = [self._root / _check_temporary(path) for path in paths]
+        await self._call("delete", ",".join(paths[:3]), lambda: self._delete_sync(checked))
 
     async def aclose(self) -> None:
         self._closed = True

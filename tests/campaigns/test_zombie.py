@@ -16,9 +16,13 @@ is read in-process by a read-only run while the new writer goes on committing, a
 stream's history must be exactly each fenced writer's durable commits, in takeover order,
 followed by a prefix of the live writer's events that holds all it acknowledged; the new
 writer's own replay on opening must be exactly the fenced writers' part. The new writer is
-the old one of the next round. Some writers commit in the background as well
-(``snapshot_interval_ms=0``); the others commit only when asked, so that each ack line
-marks exactly what is durable.
+the old one of the next round. In every round, before the old writer wakes (or, while
+it goes on committing, once the new one is ready), the new writer writes a checkpoint and
+``apersist gc`` runs with no grace period: it deletes every commit record the checkpoint
+folds but the fence commits, and the old writer must still be fenced; after the round no
+commit of an older epoch may sit above the new writer's fence commit. Some writers commit
+in the background as well (``snapshot_interval_ms=0``); the others commit only when asked,
+so that each ack line marks exactly what is durable.
 
 Size: ``APERSIST_ZOMBIE_ROUNDS`` (default: each kind of round once, 5 per backend);
 ``APERSIST_ZOMBIE_VARIANTS`` (comma-separated) limits the kinds of round. The order of
@@ -50,6 +54,9 @@ from conftest import make_backend
 from servers import SUPPORT, backend_spec, worker_env
 
 import apersist
+from apersist import _format as fmt
+from apersist._drivers import open_driver
+from apersist._gc import collect_garbage
 
 WORKER = SUPPORT / "zombie_worker.py"
 # The durable backends: the writers are other processes, so memory stores cannot take part.
@@ -367,6 +374,49 @@ async def check_live_history(campaign: Campaign, live: Writer, ctx: str) -> None
                            f"got offset={offset} counts={counts}", live)
 
 
+async def checkpoint_and_collect(campaign: Campaign, new: Writer, ctx: str) -> None:
+    """The new writer checkpoints; gc (grace 0) then deletes what the checkpoint folds."""
+    new.signal(signal.SIGURG)
+    ckpt = await new.wait_line("checkpoint")
+    driver = open_driver(campaign.backend)
+    try:
+        plan = await collect_garbage(driver, grace_ms=0, now_ms=time.time_ns() // 1_000_000)
+        fence = fmt.commit_key(fmt.WRITER, int((new.first("ready") or {})["fence"]))
+        await driver.get(fence)  # ObjectNotFoundError (a PersistenceError) if collected
+        if fence in plan.due:
+            campaign.fail(ctx, f"gc deleted the new writer's fence commit: key={fence}", new)
+    except apersist.PersistenceError as exc:
+        campaign.fail(ctx, f"gc failed: error={exc!r}", new)
+    finally:
+        await driver.aclose()
+    if plan.checkpoint_seq < int(ckpt["seq"]):
+        campaign.fail(ctx, f"gc did not load the new checkpoint: checkpoint={ckpt['seq']} "
+                           f"loaded={plan.checkpoint_seq}", new)
+    for key in plan.due:
+        campaign.figures[f"gc_deleted_{fmt.key_kind(key)}s"] += 1
+
+
+async def check_no_zombie_commit(campaign: Campaign, new: Writer, ctx: str) -> None:
+    """No commit record of an older epoch than the new writer's lies above its fence."""
+    ready = new.first("ready")
+    assert ready is not None
+    epoch, fence = int(ready["epoch"]), int(ready["fence"])
+    prefix = fmt.commits_prefix(fmt.WRITER)
+    driver = open_driver(campaign.backend)
+    try:
+        async for info in driver.list(prefix):
+            seq = fmt.number_in_key(info.key, prefix)
+            if seq is None or seq <= fence:
+                continue
+            record = fmt.CommitRecord.decode(info.key, await driver.get(info.key))
+            if record.epoch < epoch:
+                campaign.fail(ctx, f"a fenced writer landed a commit after the takeover: "
+                                   f"key={info.key} epoch={record.epoch} fence={fence} "
+                                   f"new_epoch={epoch}", *campaign.writers[-2:])
+    finally:
+        await driver.aclose()
+
+
 async def fence_round(campaign: Campaign, number: int, variant: str, old: Writer,
                       new: Writer) -> None:
     """One takeover of ``old`` by ``new`` in the way ``variant`` names; check both."""
@@ -399,8 +449,13 @@ async def fence_round(campaign: Campaign, number: int, variant: str, old: Writer
                            f"old_last_seq={(old.last('ack') or {}).get('seq')}", new, old)
     marks.append(("new_ready", time.perf_counter()))
     if variant != "concurrent":
-        # The new writer has taken over and committed data; now the stalled one wakes.
         await new.wait_acks(ACKS_BEFORE_WAKE)
+    # The fence commit is all that stops the old writer: gc must keep it, however much
+    # else the new writer's checkpoint lets it delete.
+    await checkpoint_and_collect(campaign, new, ctx)
+    marks.append(("collected", time.perf_counter()))
+    if variant != "concurrent":
+        # The new writer has taken over and committed data; now the stalled one wakes.
         old.woken_at = len(old.lines)
         old.signal(signal.SIGCONT)
     marks.append(("old_woken", time.perf_counter()))
@@ -441,6 +496,7 @@ async def fence_round(campaign: Campaign, number: int, variant: str, old: Writer
         campaign.fail(ctx, f"the woken writer's acks after the takeover are not the ones its "
                            f"stop allows: acks_after_wake={acks_after_wake} "
                            f"allowed={allowed}", old)
+    await check_no_zombie_commit(campaign, new, ctx)
     campaign.landed.append((old.name, durable))
     campaign.floor = 0
     check_new_writer_view(campaign, new, ctx)
@@ -530,6 +586,9 @@ async def test_a_fenced_writer_lands_nothing_after_the_takeover(
                "commits_acked": campaign.figures["commits_acked"],
                "events_verified": campaign.figures["events_verified"],
                "history_events": sum(count for _, count in campaign.landed),
+               "gc_deleted_commits": campaign.figures["gc_deleted_commits"],
+               "gc_deleted_checkpoints": campaign.figures["gc_deleted_checkpoints"],
+               "gc_deleted_segments": campaign.figures["gc_deleted_segments"],
                "writers": len(campaign.writers),
                "variants": {v: campaign.figures[f"variant_{v}"] for v in VARIANTS},
                "elapsed_s": round(time.perf_counter() - started, 1)}

@@ -11,7 +11,8 @@ leaving the block raise ``FencedError`` too, and exits.
 
 Signals from the parent: SIGUSR1 arms a self-stop at ``--pause-at`` inside the next commit
 (the worker prints a ``paused`` line, then sends itself SIGSTOP; the parent wakes it with
-SIGCONT); SIGUSR2 ends the loop, and the run is left normally. The worker commits every
+SIGCONT); SIGUSR2 ends the loop, and the run is left normally; SIGURG asks for a
+checkpoint of the log after the next commit (the parent then runs gc). The worker commits every
 ``--pace-ms`` at most for its first ``--burst-s`` seconds, then every ``--idle-pace-ms``;
 SIGWINCH starts another burst (the parent sends it when a round begins, so that a takeover
 meets a busy writer while the history stays bounded on a slow machine). SIGHUP prints the
@@ -20,11 +21,13 @@ sends both to a writer that hangs, before it kills it).
 
 Protocol on stdout, one JSON document per line, each flushed:
 
-- ``{"ev": "ready", "runs": [[w, first_i, count], ...], "offset": o, "counts": {...}}``:
-  the run is open (the takeover is done); ``runs`` is the replayed history of ``z``,
-  run-length encoded by writer, ``offset`` the stream's offset and ``counts`` the table.
+- ``{"ev": "ready", "runs": [[w, first_i, count], ...], "offset": o, "counts": {...},
+  "epoch": e, "fence": f}``: the run is open (the takeover is done); ``runs`` is the
+  replayed history of ``z``, run-length encoded by writer, ``offset`` the stream's offset
+  and ``counts`` the table; ``e`` is this writer's epoch and ``f`` its fence commit.
 - ``{"ev": "ack", "seq": S, "n": n, "durable": d}``: a commit returned: this writer's
   events ``0..n-1`` are durable; ``d`` is the count that ``stream.offset`` says is durable.
+- ``{"ev": "checkpoint", "seq": s}``: the checkpoint SIGURG asked for is written, at ``s``.
 - ``{"ev": "paused", "point": p}``: the next thing the worker does is SIGSTOP itself.
 - ``{"ev": "fenced", "where": "commit" | "record", "n": n, "durable": d, "acked": a}``: the
   first ``FencedError``: ``n`` events recorded (the batch that raised included), ``d``
@@ -223,6 +226,8 @@ async def main(args: argparse.Namespace) -> None:
         burst_until = loop.time() + args.burst_s
 
     loop.add_signal_handler(signal.SIGWINCH, burst)
+    checkpoint_due = asyncio.Event()
+    loop.add_signal_handler(signal.SIGURG, checkpoint_due.set)
     loop.add_signal_handler(signal.SIGUSR2, stop.set)
     loop.add_signal_handler(signal.SIGHUP, dump_tasks)
 
@@ -247,7 +252,8 @@ async def main(args: argparse.Namespace) -> None:
             try:
                 runs = await replay_runs(stream)
                 emit({"ev": "ready", "runs": runs, "offset": stream.offset,
-                      "counts": dict(counts)})
+                      "counts": dict(counts), "epoch": run._store.epoch,
+                      "fence": run._store.fences[-1]})
                 while not stop.is_set():
                     where = "record"
                     try:
@@ -276,6 +282,9 @@ async def main(args: argparse.Namespace) -> None:
                                           f"event: durable={durable} acked={n} "
                                           f"offset={stream.offset!r}")
                     emit({"ev": "ack", "seq": info.seq, "n": n, "durable": durable})
+                    if checkpoint_due.is_set():
+                        checkpoint_due.clear()
+                        emit({"ev": "checkpoint", "seq": await run._store.write_checkpoint()})
                     # A writer between inputs; also bounds the history later rounds replay.
                     pace_ms = args.pace_ms if loop.time() < burst_until else args.idle_pace_ms
                     await asyncio.sleep(rng.uniform(pace_ms / 4, pace_ms) / 1000)
