@@ -204,8 +204,25 @@ class Store:
         numbering followed by later commits, a commit naming a missing or mis-sized
         segment, or a live commit whose epoch record is missing or damaged.
         """
-        state = await self._checkpoint_state()
-        keys = await self._commit_keys_after(state.last_seq)
+        for attempt in range(3):
+            state = await self._checkpoint_state()
+            try:
+                keys = await self._commit_keys_after(state.last_seq)
+            except CorruptDataError:
+                if attempt < 2 and await self._newer_checkpoint(state.checkpoint):
+                    continue
+                raise
+            # ``apersist gc`` with no grace may have collected the commits after our
+            # checkpoint while we were opening (a newer checkpoint folds them): the commits
+            # found then stop short (at a fence commit gc keeps, or at none), with no gap to
+            # tell. A checkpoint past the last commit found says so: start again from it.
+            if not await self._newer_checkpoint(state.last_seq + len(keys)):
+                break
+        else:
+            raise CorruptDataError(
+                f"the store's checkpoints moved on under every attempt to open it (apersist gc "
+                f"with no grace period beside a busy writer?): key="
+                f"{fmt.checkpoints_prefix(self._writer)} offset=0")
         records = await gather_bounded([self._reader(key) for key in keys], self.read_concurrency)
         live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
@@ -250,6 +267,10 @@ class Store:
             return _State.of_checkpoint(ckpt)
         raise CorruptDataError(f"checkpoints vanish while the store is opened: key="
                                f"{fmt.checkpoints_prefix(self._writer)} offset=0")
+
+    async def _newer_checkpoint(self, than: int) -> bool:
+        """Whether a checkpoint newer than ``than`` is listed now."""
+        return any([n > than async for n in self._numbers(fmt.checkpoints_prefix(self._writer))])
 
     async def _commit_keys_after(self, after: int) -> list[str]:
         """The keys of commits ``after + 1``, ``after + 2``, ... up to the newest.
@@ -601,8 +622,19 @@ class Store:
             fence = self._next_record([], {}, reset=False)
             key = fmt.commit_key(self._writer, fence.seq)
             if await self._publish(key, fence):
-                self._apply(self._state, key, fence)
-                break
+                if not await self._newer_checkpoint(fence.seq - 1):
+                    self._apply(self._state, key, fence)
+                    break
+                # Our fence landed under a number a checkpoint already folds: gc with no
+                # grace collected the commit there while we were opening, so our state is
+                # old. Readers never read that number; read the store again and fence anew.
+                logger.warning("fence commit landed below a checkpoint; reopening: key=%s", key)
+                await self.load()
+                if self._state.last_epoch > epoch:
+                    raise FencedError(f"a newer writer took over while this one was starting: "
+                                      f"epoch={epoch} current={self._state.last_epoch}")
+                raced = True
+                continue
             # Someone committed under the number we wanted: an older writer still committing
             # (catch up with its commits, one read each, and fence the next number: a full
             # reload per lost race would let a busy older writer win every race) or a newer

@@ -318,3 +318,67 @@ async def test_opening_starts_from_the_newest_checkpoint_as_gc_leaves_the_log() 
         objects.pop(fmt.commit_key("0", seq), None)
     events = await replayed(backend, "s")
     assert [(e.value, e.offset) for e in events] == _expected(2 * CHECKPOINT_EVERY + 10)
+
+
+async def test_a_writer_whose_fence_lands_in_the_folded_past_fences_again() -> None:
+    """Gc with no grace collects the commit records a checkpoint folds while a writer is
+    opening: the number its (stale) fence takes may be free again. Its fence then lands
+    where no reader looks; it must notice, read the store again and fence anew, so that
+    what it commits afterwards is read."""
+    from apersist._drivers import open_driver
+    from apersist._gc import collect_garbage
+
+    backend = apersist.Backend.memory()
+    driver = open_driver(backend)
+    late = Store(driver, clock_ms=lambda: 1)
+    async with apersist.run(apersist.Config(backend)) as run:
+        stream = run.stream("s")
+        for i in range(25):
+            await stream.record({"i": i})
+            await run.commit()
+            if i == 4:
+                await late.load()  # ... and then it is slow to take the writer role
+        await run.compact()
+    plan = await collect_garbage(driver, grace_ms=0, now_ms=1)
+    assert fmt.commit_key("0", late.last_seq + 1) in plan.due  # its fence number is free
+    await late.acquire_writer()
+    assert late.last_seq > 25
+    await late.commit([], {"s": b"99"}, reset=False)  # offsets only: it must be read
+    async with apersist.run(apersist.Config(backend,
+                                            snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        assert run.stream("s").offset == 99
+        assert [e.value["i"] async for e in run.stream("s").replay()] == list(range(25))
+    await driver.aclose()
+
+
+async def test_a_reader_that_read_an_older_checkpoint_before_gc_starts_again() -> None:
+    """A reader lists the checkpoints and reads the newest; gc with no grace then collects
+    the commits after it (a newer checkpoint folds them). The reader finds no commit after
+    its checkpoint, or a gap: it starts again from the newer one, never opens older."""
+    from apersist._drivers import open_driver
+    from apersist._gc import collect_garbage
+
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, CHECKPOINT_EVERY + 5)
+    driver = open_driver(backend)
+    stale = Store(driver, clock_ms=lambda: 1)
+    stale_state = await stale._checkpoint_state()  # what the reader read first
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("s").record({"i": CHECKPOINT_EVERY + 5}, offset=CHECKPOINT_EVERY + 5)
+        await run.compact()
+    await collect_garbage(driver, grace_ms=0, now_ms=1)
+    calls = 0
+    real = Store._checkpoint_state
+
+    async def first_stale(self: Store) -> Any:
+        nonlocal calls
+        calls += 1
+        return stale_state if calls == 1 else await real(self)
+
+    reader = Store(driver, clock_ms=lambda: 1)
+    reader._checkpoint_state = first_stale.__get__(reader)  # type: ignore[method-assign]
+    await reader.load()
+    assert calls == 2
+    assert reader.offsets["s"] == str(CHECKPOINT_EVERY + 5).encode()
+    assert sum(s.ref.records for s in reader.segments(fmt.KIND_EVENTS, "s")) == CHECKPOINT_EVERY + 6
+    await driver.aclose()
