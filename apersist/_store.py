@@ -296,13 +296,6 @@ class Store:
             if top < (bucket + 1) * fmt.BUCKET - 2:
                 break
             bucket += 1
-            if bucket * fmt.BUCKET > top + 2:
-                # Listed once past the end: nothing more, or a gap to report.
-                async for info in self._driver.list(fmt.commit_bucket_prefix(self._writer, bucket)):
-                    seq = fmt.number_in_key(info.key, prefix)
-                    if seq is not None and seq > after:
-                        numbered[seq] = info.key
-                break
         seqs = sorted(numbered)
         for expected, seq in enumerate(seqs, start=after + 1):
             if seq != expected:
