@@ -52,9 +52,9 @@ class UdfCache:
         self._scheduler = scheduler
         self._buffer = scheduler.buffer(fmt.KIND_CACHE, fmt.CACHE_LOG) if scheduler is not None else None
         self.flights: dict[str, _Flight] = {}
-        # The version of every cached function called in this run: compaction keeps only
-        # these versions' entries (and, for functions not called, the highest version).
-        self.versions: dict[str, int] = {}
+        # (name, version) of every cached function called in this run: compaction keeps
+        # these versions' entries (and, of functions not called, the highest version's).
+        self.versions: set[tuple[str, int]] = set()
         self.hits = 0
         self.misses = 0
 
@@ -199,7 +199,7 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> A
                 if cache is None:
                     return await func(*args, **kwargs)
                 key = _entry_key(key_name, version, args, kwargs)
-                cache.versions[key_name] = version
+                cache.versions.add((key_name, version))
                 while True:
                     stored = cache.get(key)
                     if stored is not None:
@@ -233,7 +233,7 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> A
             if cache is None:
                 return func(*args, **kwargs)
             key = _entry_key(key_name, version, args, kwargs)
-            cache.versions[key_name] = version
+            cache.versions.add((key_name, version))
             stored = cache.get(key)
             if stored is not None:
                 cache.hits += 1

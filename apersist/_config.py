@@ -347,7 +347,8 @@ class Retention:
     in the background), from the start of the stream: replay may yield more than the
     bounds allow until the next maintenance, and exactly the kept events right after
     ``await run.compact()``. An event older than ``max_age_ms`` that follows a younger one
-    (a clock set back) is kept until every event before it is dropped.
+    (a clock set back) is dropped by ``run.compact()``, which reads every segment of such
+    a stream; the background drops only up to the first event young enough.
     """
 
     max_events: int | None

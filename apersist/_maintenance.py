@@ -52,12 +52,35 @@ TIER_BASE = 4 << 10
 CHECKPOINT_EVERY = 128
 #: Commits between two looks for segments to merge.
 MERGE_LOOK_EVERY = 8
-#: Merges one log gets in one step (one commit): a step's reads, writes and the work of
-#: applying its commit stay bounded; a long backlog (a store written before merging
-#: existed) is worked off over several steps.
-MERGES_PER_STEP = 64
-#: The logs whose segments are merged: tables are folded into snapshots instead.
-_MERGED_KINDS = (fmt.KIND_EVENTS, fmt.KIND_CACHE)
+#: Rewrites one step attaches in all (and so one commit carries), whatever the number of
+#: logs: a step's reads, writes, memory and the work of its commit stay bounded. A step
+#: also stops once its new segments hold ``max_segment_bytes``. A longer backlog (many
+#: streams, or a store written before merging existed) is worked off over several steps.
+REWRITES_PER_STEP = 64
+#: Commits between a failed background step and the next try (doubling up to the last).
+RETRY_AFTER = (8, 4096)
+#: The logs whose segments are merged: event logs, a table's deltas since its snapshot
+#: (a table updated one key per commit would otherwise keep a segment per commit until
+#: it folds), and the cache.
+_MERGED_KINDS = (fmt.KIND_EVENTS, fmt.KIND_TABLE, fmt.KIND_CACHE)
+
+
+class _Budget:
+    """What one step may still attach: rewrites, and bytes of new segments."""
+
+    __slots__ = ("bytes", "rewrites")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.rewrites = REWRITES_PER_STEP
+        self.bytes = max_bytes
+
+    @property
+    def spent(self) -> bool:
+        return self.rewrites <= 0 or self.bytes <= 0
+
+    def take(self, bodies: Bodies) -> None:
+        self.rewrites -= 1
+        self.bytes -= sum(len(body) for body, _count in bodies)
 
 Bodies = list[tuple[bytearray, int]]
 
@@ -91,11 +114,13 @@ def plan_merges(log: Sequence[LoggedSegment], max_bytes: int,
     return groups
 
 
-async def _reframe(body: bytearray, view: fmt.SegmentView, pacer: Pacer, skip: int = 0) -> int:
-    """Append ``view``'s records to ``body`` without their first ``skip`` entries; return
-    how many entries were appended. A batch cut by ``skip`` keeps its tail as a batch.
-    Yields to the loop as ``pacer`` says (a record at a time when records are re-framed)."""
-    if skip == 0 and view.major >= 2:
+async def _reframe(body: bytearray, view: fmt.SegmentView, pacer: Pacer, skip: int = 0,
+                   cutoff_ms: int | None = None) -> int:
+    """Append ``view``'s records to ``body`` without their first ``skip`` entries, nor
+    (with ``cutoff_ms``) the records older than it; return how many entries were
+    appended. A batch cut by ``skip`` keeps its tail as a batch. Yields to the loop as
+    ``pacer`` says (a record at a time when records are re-framed)."""
+    if skip == 0 and cutoff_ms is None and view.major >= 2:
         body += view.body()  # the same framing: the records as they are
         return int(view.count)
     added = 0
@@ -104,6 +129,9 @@ async def _reframe(body: bytearray, view: fmt.SegmentView, pacer: Pacer, skip: i
             await pacer.pause()
         if skip >= count:
             skip -= count
+            continue
+        if cutoff_ms is not None and time_ms < cutoff_ms:
+            skip = 0
             continue
         if skip:
             values = orjson.loads(value)[skip:]
@@ -135,30 +163,38 @@ class Maintainer:
         self._cache = cache
         self._lock = anyio.Lock()
         self._looked_at = store.last_seq
+        self._backlog = False  # the last step stopped at its budget: more is due
 
     async def run(self) -> None:
         """The background loop: after commits, merge what is due, and checkpoint."""
         scheduler, store = self._scheduler, self._store
+        retry_after, paused_until = RETRY_AFTER[0], 0
         while not scheduler.stopped:
             await scheduler.commit_done().wait()
-            if scheduler.stopped or scheduler.rewrites_busy:
+            if scheduler.stopped or scheduler.rewrites_busy or store.last_seq < paused_until:
                 continue
             due_checkpoint = store.last_seq - store.checkpoint_seq >= CHECKPOINT_EVERY
-            if due_checkpoint or store.last_seq - self._looked_at >= MERGE_LOOK_EVERY:
+            if (due_checkpoint or self._backlog
+                    or store.last_seq - self._looked_at >= MERGE_LOOK_EVERY):
                 try:
                     async with self._lock:
                         await self._step(retention=due_checkpoint, cache=False,
                                          checkpoint=due_checkpoint)
+                    retry_after = RETRY_AFTER[0]
                 except Exception as exc:
                     if scheduler.stopped:
                         return  # the run ended under the step: nothing more to commit
-                    # Background work must not end the user's run: what it could not do
-                    # is only later; damage it met is reported again by whoever reads it.
+                    # Background work must not end the user's run, nor stop for good over
+                    # one failed request: it tries again some commits later. Damage it met
+                    # is reported again by whoever reads it.
+                    paused_until = store.last_seq + retry_after
                     if isinstance(exc, PersistenceError):
-                        logger.error("background maintenance stopped: %s", exc)
+                        logger.error("background maintenance failed; it tries again after "
+                                     "%d commits: %s", retry_after, exc)
                     else:
-                        logger.exception("background maintenance stopped unexpectedly")
-                    return
+                        logger.exception("background maintenance failed unexpectedly; it tries "
+                                         "again after %d commits", retry_after)
+                    retry_after = min(2 * retry_after, RETRY_AFTER[1])
 
     async def at_end(self) -> None:
         """The run's commits are over: checkpoint if one is due, so that the next open
@@ -182,29 +218,40 @@ class Maintainer:
             # plans see every event.
             self._scheduler.request_commit()
             await self._scheduler.commit()
-            planned = await self._step(retention=True, cache=True, checkpoint=False)
-            while planned:  # a backlog of merges bigger than one step's share
+            planned = await self._step(retention=True, cache=True, checkpoint=False, exact=True)
+            while planned:  # more than one step's share: one more commit, one more step
                 self._scheduler.request_commit()
                 await self._scheduler.commit()
-                planned = await self._step(retention=False, cache=False, checkpoint=False)
+                planned = await self._step(retention=True, cache=False, checkpoint=False,
+                                           exact=True)
             await self._store.write_checkpoint()
 
-    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool) -> int:
-        """Plan and attach what is due; with ``checkpoint``, commit it and checkpoint.
-        Returns the number of rewrites attached."""
+    async def _step(self, *, retention: bool, cache: bool, checkpoint: bool,
+                    exact: bool = False) -> int:
+        """Plan and attach what is due, within one step's ``_Budget``; with ``checkpoint``,
+        commit it and checkpoint. ``exact``: retention by age drops every event older than
+        the bound, not only those before the first younger one (which costs reading every
+        segment of the stream). Returns the number of rewrites attached."""
         store, scheduler = self._store, self._scheduler
         self._looked_at = store.last_seq
+        budget = _Budget(self._max_bytes)
         planned = 0
-        # Segments an earlier rewrite of this step replaces: merges plan around them.
+        # Segments an earlier rewrite of this step replaces: later ones plan around them.
         taken: set[str] = set()
         if retention:
             for name in store.log_names(fmt.KIND_EVENTS):
-                planned += await self._retain(name, self._retention_of(name), taken)
-        if cache:
-            planned += await self._compact_cache(taken)
+                if budget.spent:
+                    break
+                planned += await self._retain(name, self._retention_of(name), taken, budget,
+                                              exact=exact)
+        if cache and not budget.spent:
+            planned += await self._compact_cache(taken, budget)
         for kind in _MERGED_KINDS:
             for name in store.log_names(kind):
-                planned += await self._merge(kind, name, taken)
+                if budget.spent:
+                    break
+                planned += await self._merge(kind, name, taken, budget)
+        self._backlog = budget.spent
         if planned:
             logger.debug("maintenance: %d rewrite(s) for the next commit", planned)
         if planned and checkpoint:
@@ -214,35 +261,60 @@ class Maintainer:
             await store.write_checkpoint()
         return planned
 
-    async def _merge(self, kind: str, name: str, taken: set[str]) -> int:
-        """Attach a rewrite per group of segments due for merging; return how many.
+    async def _merge(self, kind: str, name: str, taken: set[str], budget: _Budget) -> int:
+        """Attach a rewrite per group of segments due for merging, within ``budget``;
+        return how many.
 
-        Segments in ``taken`` (a retention's run, at the start of the log) are left out:
-        what follows them stays consecutive."""
+        Segments in ``taken`` (rewritten by retention in this step) are left out: runs of
+        the others stay consecutive, and no two rewrites of a commit share a segment."""
         log = [seg for seg in self._store.segments(kind, name) if seg.ref.key not in taken]
         if len(log) < FANOUT:
             return 0
-        groups = plan_merges(log, self._max_bytes, MERGES_PER_STEP)
-        for group in groups:
+        planned = 0
+        for group in plan_merges(log, self._max_bytes, budget.rewrites):
+            if budget.spent:
+                break
             body = bytearray()
             count = 0
             pacer = Pacer()
             async for view in self._store.read_segments(group):
                 count += await _reframe(body, view, pacer)
                 await anyio.lowlevel.checkpoint()
+            budget.take([(body, count)])
+            taken.update(ref.key for ref in group)
             self._scheduler.add_rewrite(kind, name, tuple(ref.key for ref in group),
                                         [(body, count)])
-        return len(groups)
+            planned += 1
+        return planned
 
-    async def _retain(self, name: str, retention: Retention, taken: set[str]) -> int:
-        """Attach the rewrite that drops the events ``retention`` does not keep (0 or 1)."""
+    async def _retain(self, name: str, retention: Retention, taken: set[str], budget: _Budget,
+                      *, exact: bool) -> int:
+        """Attach the rewrites that drop the events ``retention`` does not keep: the first
+        ones (whole segments, and the head of the segment the bound falls in), and with
+        ``exact`` every later event older than ``max_age_ms`` too (a clock set back put it
+        after a younger one). Returns how many."""
         if retention.keeps_everything:
             return 0
+        cutoff = (None if retention.max_age_ms is None
+                  else self._clock_ms() - retention.max_age_ms)
+        planned = await self._retain_prefix(name, retention, taken, budget, cutoff,
+                                            filter_boundary=exact)
+        if exact and cutoff is not None:
+            planned += await self._drop_old(name, cutoff, taken, budget)
+        return planned
+
+    async def _retain_prefix(self, name: str, retention: Retention, taken: set[str],
+                             budget: _Budget, cutoff_ms: int | None, *,
+                             filter_boundary: bool) -> int:
+        """The rewrite of the first events ``retention`` does not keep (0 or 1): those not
+        among the last ``max_events``, then those older than ``cutoff_ms`` up to the first
+        younger one. With ``filter_boundary`` the segment the bound falls in also loses its
+        later records older than ``cutoff_ms``."""
         log = [seg.ref for seg in self._store.segments(fmt.KIND_EVENTS, name)]
         total = sum(ref.records for ref in log)
         drop = 0 if retention.max_events is None else max(0, total - retention.max_events)
-        if retention.max_age_ms is not None and drop < total:
-            drop += await self._count_old(log, drop, self._clock_ms() - retention.max_age_ms)
+        if cutoff_ms is not None and drop < total:
+            drop += await self._count_old(log, drop, cutoff_ms)
         if drop == 0:
             return 0
         # Whole segments go; the one the bound falls in is rewritten with its tail.
@@ -258,11 +330,42 @@ class Maintainer:
             body = bytearray()
             count = 0
             async for view in self._store.read_segments([boundary]):
-                count = await _reframe(body, view, Pacer(), skip=drop - before)
+                count = await _reframe(body, view, Pacer(), skip=drop - before,
+                                       cutoff_ms=cutoff_ms if filter_boundary else None)
             bodies.append((body, count))
         taken.update(ref.key for ref in old)
+        budget.take(bodies)
         self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, tuple(ref.key for ref in old), bodies)
         return 1
+
+    async def _drop_old(self, name: str, cutoff_ms: int, taken: set[str],
+                        budget: _Budget) -> int:
+        """Rewrite each segment that still holds an event older than ``cutoff_ms`` without
+        those events (a batch shares one ``time_ms``: it goes whole or stays whole).
+        Reads every segment of the stream that is not ``taken`` already."""
+        log = [seg.ref for seg in self._store.segments(fmt.KIND_EVENTS, name)
+               if seg.ref.key not in taken]
+        planned = 0
+        pacer = Pacer()
+        for ref in log:
+            if budget.spent:
+                break
+            async for view in self._store.read_segments([ref]):
+                if all(time_ms >= cutoff_ms for _v, _o, time_ms, _c, _a in view.frames()):
+                    continue
+                body, count = bytearray(), 0
+                for value, offset, time_ms, records, _at in view.frames():
+                    if pacer.due():
+                        await pacer.pause()
+                    if time_ms >= cutoff_ms:
+                        fmt.append_record(body, value, offset or b"", time_ms, records)
+                        count += records
+                bodies: Bodies = [(body, count)] if count else []
+                taken.add(ref.key)
+                budget.take(bodies)
+                self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, (ref.key,), bodies)
+                planned += 1
+        return planned
 
     async def _count_old(self, log: list[fmt.SegmentRef], skip: int, cutoff_ms: int) -> int:
         """How many events after the first ``skip`` are older than ``cutoff_ms``, up to the
@@ -289,14 +392,16 @@ class Maintainer:
             await anyio.lowlevel.checkpoint()
         return old
 
-    async def _compact_cache(self, taken: set[str]) -> int:
+    async def _compact_cache(self, taken: set[str], budget: _Budget) -> int:
         """Attach the rewrite of the cache's log to one entry per key, of the versions in
         use (0 or 1): of a function called in this run, the version it was called with; of
         any other, its highest version."""
         log = [seg.ref for seg in self._store.segments(fmt.KIND_CACHE, fmt.CACHE_LOG)]
         if not log:
             return 0
-        in_use = {} if self._cache is None else dict(self._cache.versions)
+        in_use: dict[str, set[int]] = {}
+        for name, version in ([] if self._cache is None else list(self._cache.versions)):
+            in_use.setdefault(name, set()).add(version)
         newest: dict[str, int] = {}
         entries: dict[str, tuple[bytes, tuple[str, int] | None]] = {}
         stored = 0
@@ -312,13 +417,14 @@ class Maintainer:
                 entries.pop(key, None)  # the newest entry, in the order it was written
                 entries[key] = (bytes(value), function)
                 stored += 1
-        newest.update(in_use)
         bodies: Bodies = []
         body, count, kept = bytearray(), 0, 0
         for value, function in entries.values():
             if pacer.due():
                 await pacer.pause()
-            if function is not None and newest.get(function[0]) != function[1]:
+            if function is not None and (function[1] not in in_use[function[0]]
+                                         if function[0] in in_use
+                                         else newest.get(function[0]) != function[1]):
                 continue
             if count and len(body) + len(value) > self._max_bytes:
                 bodies.append((body, count))
@@ -331,6 +437,7 @@ class Maintainer:
         if kept == stored and len(log) == 1:
             return 0  # one segment, nothing to drop: a rewrite would change nothing
         taken.update(ref.key for ref in log)
+        budget.take(bodies)  # the whole cache at once: it may go past the budget
         self._scheduler.add_rewrite(fmt.KIND_CACHE, fmt.CACHE_LOG, tuple(r.key for r in log),
                                     bodies)
         return 1

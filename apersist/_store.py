@@ -45,8 +45,8 @@ _WINDOW_BYTES = 8 << 20
 _PROBE = 256
 # A writer keeps the bytes of the small segments it committed lately, up to this much, for
 # merging them without reading them back; a segment is small up to _RECENT_SEGMENT_BYTES.
-_RECENT_BYTES = 4 << 20
-_RECENT_SEGMENT_BYTES = 256 << 10
+_RECENT_BYTES = 2 << 20
+_RECENT_SEGMENT_BYTES = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
