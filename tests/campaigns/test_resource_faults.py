@@ -221,10 +221,11 @@ def test_a_root_the_user_cannot_read_is_an_error_not_an_empty_store() -> None:
     report = scenario("eacces")
     step = report["open_unreadable"]
     # Listing used to swallow EACCES (os.walk ignores errors), so this replayed nothing.
-    # Opening first reads the head hint (format 4.0): that read is refused.
+    # Opening first lists the checkpoints (format 4.0): that listing is refused.
     for run in ("replay", "writer"):
         assert step[run]["stage"] == "open", (run, step[run])
-        assert_backend_error(step[run]["error"], "EACCES", verb="get", key="writers/0/head.json",
+        assert_backend_error(step[run]["error"], "EACCES", verb="list",
+                             key="writers/0/checkpoints/",
                              path=f"{report['start']['top']}/secret-store")
 
 

@@ -165,6 +165,16 @@ class PausingDriver:
         await anyio.lowlevel.checkpoint()
         return data
 
+    async def sizes(self, keys: Sequence[str]) -> dict[str, int]:
+        """Point lookups, when the wrapped driver has them (``Capabilities.point_lookups``)."""
+        self.calls += 1
+        _note("sizes", ",".join(keys[:3]), "start")
+        await anyio.lowlevel.checkpoint()
+        found: dict[str, int] = await self.inner.sizes(keys)  # type: ignore[attr-defined]
+        _note("sizes", ",".join(keys[:3]), "end")
+        await anyio.lowlevel.checkpoint()
+        return found
+
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         self.calls += 1
         _note("list", prefix, "start")
