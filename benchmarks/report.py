@@ -161,37 +161,36 @@ def write_plots(report: Report, directory: Path) -> list[Path]:
         ax.set_title(f"Commit latency, snapshot_interval_ms=0 ({subtitle})", fontsize=11)
         ax.legend(fontsize=7, ncol=2)
         save(fig, "commit_latency.png")
+    def log_log(data: dict[str, dict[str, float]], labels: dict[str, str], xlabel: str,
+                ylabel: str, title: str, name: str, dashed: str = "") -> None:
+        """Lines of ``data`` (x -> series -> y) on log-log axes; series named with
+        ``dashed`` in them are dashed (a baseline)."""
+        xs = [int(x) for x in data]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for key, label in labels.items():
+            style = "o--" if dashed and dashed in key else "o-"
+            ax.plot(xs, [data[str(x)][key] for x in xs], style, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=11)
+        ax.legend(fontsize=8)
+        save(fig, name)
+
     if "table_rebuild_ms" in series:
-        data = series["table_rebuild_ms"]
-        keys = [int(k) for k in data]
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        labels = {"apersist": "apersist run.table()", "long": "apersist, 4x longer history",
-                  "floor": "orjson.loads into a dict (floor)", "sqlite": "aiosqlite SELECT + loads"}
-        for name, label in labels.items():
-            ax.plot(keys, [data[str(k)][name] for k in keys], "o-", label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("keys in the table (state size)")
-        ax.set_ylabel("rebuild time, ms (log)")
-        ax.set_title(f"Table rebuild against state size{tag}", fontsize=11)
-        ax.legend(fontsize=8)
-        save(fig, "table_rebuild.png")
+        log_log(series["table_rebuild_ms"],
+                {"apersist": "apersist run.table()", "long": "apersist, 4x longer history",
+                 "floor": "orjson.loads into a dict (floor)", "sqlite": "aiosqlite SELECT + loads"},
+                "keys in the table (state size)", "rebuild time, ms (log)",
+                f"Table rebuild against state size{tag}", "table_rebuild.png")
     if "history_ms" in series:
-        data = series["history_ms"]
-        commits = [int(n) for n in data]
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        labels = {"open": "open, N one-event commits", "base open": "open, N/100 commits",
-                  "replay": "replay, N one-event commits", "base replay": "replay, N/100 commits"}
-        for name, label in labels.items():
-            ax.plot(commits, [data[str(n)][name] for n in commits],
-                    "o-" if "base" not in name else "o--", label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("events N (one commit each in the long store)")
-        ax.set_ylabel("ms (log)")
-        ax.set_title(f"Open and replay against history, filesystem{tag}", fontsize=11)
-        ax.legend(fontsize=8)
-        save(fig, "history.png")
+        log_log(series["history_ms"],
+                {"open": "open, N one-event commits", "base open": "open, N/100 commits",
+                 "replay": "replay, N one-event commits", "base replay": "replay, N/100 commits"},
+                "events N (one commit each in the long store)", "ms (log)",
+                f"Open and replay against history, filesystem{tag}", "history.png",
+                dashed="base")
     if "peak_rss_mib" in series:
         data = series["peak_rss_mib"]
         fig, ax = plt.subplots(figsize=(7, 4.2))
