@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import PersistenceError
 from ._gc import plan_gc, read_marker
@@ -90,13 +92,11 @@ async def verify(driver: Driver) -> list[str]:
     # only the newest checkpoint and the commits after it).
     for prefix, decode in ((fmt.commits_prefix(fmt.WRITER), fmt.CommitRecord.decode),
                            (fmt.checkpoints_prefix(fmt.WRITER), fmt.Checkpoint.decode)):
-        for info in [i async for i in driver.list(prefix)]:
-            number = fmt.number_in_key(info.key, prefix)
-            if number is None:
-                continue
-            problem = await _check_numbered(driver, info.key, number, decode)
-            if problem:
-                problems.append(problem)
+        checks = [functools.partial(_check_numbered, driver, info.key, number, decode)
+                  async for info in driver.list(prefix)
+                  if (number := fmt.number_in_key(info.key, prefix)) is not None]
+        # A few at once, as opening reads commit records: one round trip each otherwise.
+        problems += [p for p in await gather_bounded(checks, store.read_concurrency) if p]
     # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
     try:
         await read_marker(driver, fmt.WRITER)

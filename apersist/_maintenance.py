@@ -164,6 +164,8 @@ class Maintainer:
         self._lock = anyio.Lock()
         self._looked_at = store.last_seq
         self._backlog = False  # the last step stopped at its budget: more is due
+        # Segments a compact() found to hold no event older than the age bound (_drop_old).
+        self._young: set[str] = set()
 
     async def run(self) -> None:
         """The background loop: after commits, merge what is due, and checkpoint."""
@@ -214,6 +216,7 @@ class Maintainer:
         snapshots the caller asked for); then retention, merges and the cache in a second
         one; then a checkpoint."""
         async with self._lock:
+            self._young.clear()
             # First what is recorded (and the table snapshots asked for), so that the
             # plans see every event.
             self._scheduler.request_commit()
@@ -224,6 +227,7 @@ class Maintainer:
                 await self._scheduler.commit()
                 planned = await self._step(retention=True, cache=False, checkpoint=False,
                                            exact=True)
+            self._young.clear()
             await self._store.write_checkpoint()
 
     async def _step(self, *, retention: bool, cache: bool, checkpoint: bool,
@@ -342,29 +346,34 @@ class Maintainer:
                         budget: _Budget) -> int:
         """Rewrite each segment that still holds an event older than ``cutoff_ms`` without
         those events (a batch shares one ``time_ms``: it goes whole or stays whole).
-        Reads every segment of the stream that is not ``taken`` already."""
+
+        Reads the stream's segments that are not ``taken``, a window ahead, once each: a
+        segment found to hold no old event is remembered (``_young``) for the rest of the
+        ``compact()``, whose next steps then skip it."""
         log = [seg.ref for seg in self._store.segments(fmt.KIND_EVENTS, name)
-               if seg.ref.key not in taken]
+               if seg.ref.key not in taken and seg.ref.key not in self._young]
         planned = 0
         pacer = Pacer()
-        for ref in log:
+        async for view in self._store.read_segments(log):
             if budget.spent:
                 break
-            async for view in self._store.read_segments([ref]):
-                if all(time_ms >= cutoff_ms for _v, _o, time_ms, _c, _a in view.frames()):
-                    continue
-                body, count = bytearray(), 0
-                for value, offset, time_ms, records, _at in view.frames():
-                    if pacer.due():
-                        await pacer.pause()
-                    if time_ms >= cutoff_ms:
-                        fmt.append_record(body, value, offset or b"", time_ms, records)
-                        count += records
-                bodies: Bodies = [(body, count)] if count else []
-                taken.add(ref.key)
-                budget.take(bodies)
-                self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, (ref.key,), bodies)
-                planned += 1
+            body, kept, dropped = bytearray(), 0, 0
+            for value, offset, time_ms, records, _at in view.frames():
+                if pacer.due():
+                    await pacer.pause()
+                if time_ms >= cutoff_ms:
+                    fmt.append_record(body, value, offset or b"", time_ms, records)
+                    kept += records
+                else:
+                    dropped += records
+            if not dropped:
+                self._young.add(view.key)
+                continue
+            bodies: Bodies = [(body, kept)] if kept else []
+            taken.add(view.key)
+            budget.take(bodies)
+            self._scheduler.add_rewrite(fmt.KIND_EVENTS, name, (view.key,), bodies)
+            planned += 1
         return planned
 
     async def _count_old(self, log: list[fmt.SegmentRef], skip: int, cutoff_ms: int) -> int:

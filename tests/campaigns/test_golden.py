@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import make_backend
+from helpers import stored_objects
 
 import apersist
 from apersist._drivers import open_driver
@@ -52,14 +53,6 @@ async def upload(backend: apersist.Backend, objects: dict[str, bytes]) -> None:
     try:
         for key, data in objects.items():
             await driver.put(key, data)
-    finally:
-        await driver.aclose()
-
-
-async def stored(backend: apersist.Backend) -> dict[str, bytes]:
-    driver = open_driver(backend)
-    try:
-        return {info.key: await driver.get(info.key) async for info in driver.list("")}
     finally:
         await driver.aclose()
 
@@ -182,7 +175,7 @@ async def test_golden_store_replays_exactly(backend: apersist.Backend, version: 
     await upload(backend, objects)
     assert await problems(backend) == []
     assert_exactly(await read_everything(backend, expected), expected)
-    assert await stored(backend) == objects  # a read-only run writes nothing
+    assert await stored_objects(backend) == objects  # a read-only run writes nothing
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -199,7 +192,7 @@ async def test_golden_store_takes_new_commits_and_keeps_its_history(
         table["new-key"] = [1, 2]
         await run.commit()
         await run.compact()
-    after = await stored(backend)
+    after = await stored_objects(backend)
     # Nothing rewritten: compact() wrote a newer checkpoint beside the others.
     assert all(after[key] == data for key, data in objects.items())
     assert len(after) > len(objects)
@@ -301,7 +294,7 @@ async def test_a_newer_major_version_is_refused(
         with pytest.raises(apersist.IncompatibleFormatError, match=re.escape(key)):
             async with apersist.run(apersist.Config(backend)):
                 pass
-        assert await stored(backend) == objects
+        assert await stored_objects(backend) == objects
 
 
 def rewrite_record(data: bytes, edit: Callable[[dict[str, Any]], None]) -> bytes:
@@ -351,7 +344,7 @@ async def test_a_newer_minor_version_is_read_and_written_to(
     assert_exactly(await read_everything(backend, expected), expected)
     async with apersist.run(apersist.Config(backend)) as run:
         await run.stream("clicks").record("from an older minor")
-    after = await stored(backend)
+    after = await stored_objects(backend)
     assert all(after[key] == data for key, data in objects.items())  # nothing rewritten
     want = orjson.loads(orjson.dumps(expected))
     events = [e[:2] for e in (await read_everything(backend, want))["streams"]["clicks"]["events"]]
