@@ -59,22 +59,34 @@ CONSUMER: ContextVar[Consumer | None] = ContextVar("apersist_consumer", default=
 
 
 class Held:
-    """A live source event that its consumer is processing: serialized, not yet buffered."""
+    """A live source event (or batch) that its consumer is processing: serialized, not yet
+    buffered.
 
-    __slots__ = ("buf", "closed", "offset", "settled", "stream", "task", "time_ms", "value",
-                 "wrote")
+    A source makes one and reuses it for each of its events (``hold`` resets it), sparing
+    an object per event; ``records`` is a batch's framed records, else None.
+    """
 
-    def __init__(self, task: asyncio.Task[Any] | None, buf: LogBuffer | None, stream: str,
-                 value: bytes, offset: bytes, time_ms: int) -> None:
-        self.task = task
-        self.wrote = False  # its task has written state since it was handed over
+    __slots__ = ("buf", "closed", "consumer", "mark", "offset", "records", "settled",
+                 "stream", "task", "time_ms", "value", "wrote")
+
+    def __init__(self, buf: LogBuffer | None, stream: str) -> None:
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
         self.stream = stream
-        self.value = value
-        self.offset = offset
-        self.time_ms = time_ms
-        self.settled = False  # buffered or dropped; a release then does nothing
+        self.task: asyncio.Task[Any] | None = None
+        self.consumer: Consumer | None = None
+        self.mark = 0  # the consumer's writes when the event was handed over
+        self.wrote = False  # marked written by other means (see ``keeps``)
+        self.value = b""
+        self.offset = b""
+        self.time_ms = 0
+        self.records: list[tuple[bytes, bytes, int]] | None = None
+        self.settled = True  # buffered or dropped; a release then does nothing
         self.closed = False  # its source was closed; the next cut decides (close_held)
+
+    def written(self) -> bool:
+        """Whether its task wrote state since the event was handed over."""
+        consumer = self.consumer
+        return self.wrote or (consumer is not None and consumer.writes != self.mark)
 
 
 class SourceBarrier:
@@ -101,20 +113,22 @@ class SourceBarrier:
         """Wake a cut waiting for held events, to look again (the run is ending, say)."""
         self._holds_changed.set()
 
-    def hold(self, buf: LogBuffer | None, stream: str, value: bytes, offset: bytes,
-             time_ms: int) -> Held:
-        """Hold one live event of ``stream`` for the current task until ``release``."""
-        task = asyncio.current_task()
-        held = Held(task, buf, stream, value, offset, time_ms)
+    def hold(self, held: Held, task: asyncio.Task[Any] | None, value: bytes, offset: bytes,
+             time_ms: int) -> None:
+        """Hold one live event for ``task`` until ``release``: ``held`` is the source's own,
+        reset for this event. The task's ``Consumer`` starts counting its writes."""
+        consumer = CONSUMER.get()
+        if consumer is None or consumer.task is not task:
+            consumer = Consumer(task)
+            CONSUMER.set(consumer)
+        held.task = task
+        held.consumer = consumer
+        held.mark = consumer.writes
+        held.wrote = held.settled = held.closed = False
+        held.value = value
+        held.offset = offset
+        held.time_ms = time_ms
         self.held.add(held)
-        return held
-
-    def note_write(self) -> None:
-        """The current task wrote state: mark the events it holds (see ``keeps``)."""
-        task = asyncio.current_task()
-        for held in self.held:
-            if held.task is task:
-                held.wrote = True
 
     def release(self, held: Held, *, finished: bool) -> bool:
         """The consumer is done with ``held``: buffer it (``finished``), or decide now.
@@ -123,7 +137,8 @@ class SourceBarrier:
         uncommitted bytes are now over the back-pressure bound.
         """
         self.held.discard(held)
-        self._holds_changed.set()
+        if self._cut_barrier is not None:
+            self._holds_changed.set()  # a cut waits for holds: it looks again
         if held.settled:
             return False
         if finished:
@@ -159,7 +174,7 @@ class SourceBarrier:
         or failed, the block is being left by an exception from that task, or (at the final
         cut) another task is still in its loop body; the restart then delivers it again.
         """
-        if held.wrote:
+        if held.written():
             return True
         task = held.task
         if self.interrupted(task):

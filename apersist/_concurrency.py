@@ -4,15 +4,33 @@ groups."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
+import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
 _T = TypeVar("_T")
 
-__all__ = ["cancelled_by_another_task", "gather_bounded", "unwrap_group"]
+__all__ = ["cancelled_by_another_task", "current_task_getter", "gather_bounded",
+           "unwrap_group"]
+
+
+def current_task_getter() -> Callable[[], asyncio.Task[Any] | None]:
+    """``asyncio.current_task`` for the running loop, as cheap as it can be had.
+
+    On Python 3.11 ``asyncio.current_task()`` costs about 250 ns: it asks for the running
+    loop, and ``get_running_loop`` makes a ``getpid`` system call there. A source asks once
+    per event, so it reads asyncio's table of current tasks for its own loop instead (the
+    table that function reads); from 3.12 the function is C and cheap, and is used as is.
+    """
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if sys.version_info < (3, 12) and isinstance(tasks, dict):
+        return functools.partial(tasks.get, asyncio.get_running_loop())
+    return asyncio.current_task
 
 
 def cancelled_by_another_task() -> bool:

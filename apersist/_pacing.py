@@ -1,17 +1,30 @@
-"""Long loops on the event loop (rebuilding a table or the cache), cut into short steps."""
+"""Long loops on the event loop (rebuilding a table or the cache, a producer's records, a
+source's events), cut into short steps."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
 
-__all__ = ["STEP_S", "Pacer"]
+__all__ = ["COOPERATE_NS", "STEP_S", "Pacer", "yield_to_loop"]
 
 #: The work a paced loop does between two yields to the event loop. Well under the 5 ms
 #: stall a user may see: one more record may run past it before the clock is read.
 STEP_S = 0.002
 _RESUME_AFTER_S = 1e-6
+#: How long the calls of one loop over ``record()``, ``record_many()``, a source or a replay
+#: may hold the event loop before one of them yields (docs/concepts.md, "Schedule
+#: points"): the loop's other tasks then wait about this long at most.
+COOPERATE_NS = 1_000_000
+
+
+async def yield_to_loop() -> None:
+    """Let the event loop run everything that became due, then resume (see ``pause``)."""
+    # asyncio's own sleep, not anyio's: this runs about a thousand times a second in a
+    # busy loop, and anyio's adds a get_running_loop() call (a getpid system call on 3.11).
+    await asyncio.sleep(_RESUME_AFTER_S)
 
 
 class Pacer:

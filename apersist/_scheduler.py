@@ -24,8 +24,8 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from . import _format as fmt
-from ._barrier import Held, SourceBarrier
-from ._buffer import LogBuffer
+from ._barrier import CONSUMER, Held, SourceBarrier
+from ._buffer import BATCH_ENTRIES, LogBuffer
 from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import PendingRewrite, SegmentBlob, Store
@@ -43,13 +43,6 @@ logger = logging.getLogger("apersist")
 
 # Segments at least this big are assembled (join + body CRC) in a worker thread.
 _THREAD_BUILD_BYTES = 1 << 20
-# The most events one batch record holds (record()'s open batch, record_many's batches).
-# Replay decodes a batch with one loads, so its values are alive together: 256 of them
-# stay under the collector's young-generation threshold (700 new container objects).
-# Batches of about a thousand made replay set off a young collection per batch, a sixth
-# of its time in the benchmark suite; at 256 the per-record cost (head, CRC, one dumps)
-# is still well under 1% of the batch.
-BATCH_ENTRIES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +67,8 @@ class Scheduler:
         # segment and the back-pressure bound: add_event frames it past a quarter of the
         # smaller, and record()'s fast path (LogBuffer.fast_from_ns) takes only values so
         # small that a full batch of them (BATCH_ENTRIES) stays under that quarter too.
-        self._open_budget = min(max_segment_bytes, max_pending_bytes, fmt.MAX_RECORD_JSON) // 4
-        self.fast_value_bytes = self._open_budget // BATCH_ENTRIES
+        self.open_budget = min(max_segment_bytes, max_pending_bytes, fmt.MAX_RECORD_JSON) // 4
+        self.fast_value_bytes = self.open_budget // BATCH_ENTRIES
         self._buffers: dict[tuple[str, str], LogBuffer] = {}
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
         self.recorded_offsets: dict[str, bytes] = {}  # OFFSETS_ONLY: the newest of this run
@@ -85,10 +78,9 @@ class Scheduler:
         self._rewrites_inflight = False
         self._reset_pending = False
         self._forced = False
-        # Live source events being processed (``_barrier``); ``_held`` is its set, read on
-        # every write (a write by a task that holds an event marks it).
+        # Live source events being processed (``_barrier``). A write by a task that holds
+        # one marks it through the task's ``Consumer`` (``CONSUMER``).
         self.barrier = SourceBarrier(self._buffer_held, lambda: self._unusable is None)
-        self._held = self.barrier.held
         # Cuts are numbered: a commit() waits until the first cut taken after its call is
         # durable. _cut_appended is ``appended`` at the newest cut.
         self._cuts = 0
@@ -137,15 +129,16 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
-        if self._held:
-            self.barrier.note_write()
+        consumer = CONSUMER.get()
+        if consumer is not None:
+            consumer.writes += 1
         size = len(value) + len(offset)
-        if time_ms != buf.open_ms or (size >= self._open_budget and buf.open_count):
+        if time_ms != buf.open_ms or (size >= self.open_budget and buf.open_count):
             self.frame(buf)
             buf.open_ms = time_ms
         buf.append(value, offset)
         open_bytes = buf.open_bytes
-        if (buf.open_count >= BATCH_ENTRIES or open_bytes >= self._open_budget
+        if (buf.open_count >= BATCH_ENTRIES or open_bytes >= self.open_budget
                 or self.pending_bytes + self.inflight_bytes + open_bytes > self._max_pending):
             self.frame(buf)
         if not self._pending_signalled:
@@ -180,8 +173,9 @@ class Scheduler:
         """
         if self._unusable is not None:
             raise self._unusable
-        if self._held:
-            self.barrier.note_write()
+        consumer = CONSUMER.get()
+        if consumer is not None:
+            consumer.writes += 1
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
@@ -207,8 +201,9 @@ class Scheduler:
             raise self._unusable
         self._offset_updates[stream] = self.recorded_offsets[stream] = offset
         self.appended += 1
-        if self._held:
-            self.barrier.note_write()
+        consumer = CONSUMER.get()
+        if consumer is not None:
+            consumer.writes += 1
         if not self._pending_event.is_set():
             self._pending_event.set()
 
@@ -388,8 +383,19 @@ class Scheduler:
     def _buffer_held(self, held: Held) -> bool:
         """Buffer a held source event (``SourceBarrier.materialize``): its data, or in
         ``OFFSETS_ONLY`` its offset alone. Returns whether over the back-pressure bound."""
-        if held.buf is not None:
-            return self.add_event(held.buf, held.value, held.offset, held.time_ms)
+        buf = held.buf
+        if held.records is None:
+            if buf is not None:
+                return self.add_event(buf, held.value, held.offset, held.time_ms)
+        elif buf is not None:
+            self.check_writable()
+            self.frame(buf)  # events recorded before this batch come first
+            over = False
+            for value, offset, count in held.records:
+                over = self.append_framed(buf, value, offset, held.time_ms, count)
+            if held.offset:
+                buf.offset = buf.recorded_offset = held.offset
+            return over
         if held.offset:
             self.set_offset(held.stream, held.offset)
         return False

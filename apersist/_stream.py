@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Any, NamedTuple
 
 import anyio
@@ -14,11 +14,13 @@ import orjson
 from anyio.streams.memory import MemoryObjectSendStream
 
 from . import _format as fmt
-from ._barrier import Held
-from ._concurrency import cancelled_by_another_task
+from ._barrier import CONSUMER, Held
+from ._buffer import BATCH_ENTRIES
+from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
+from ._pacing import COOPERATE_NS, yield_to_loop
 from ._policy import Policy
-from ._scheduler import BATCH_ENTRIES, Scheduler
+from ._scheduler import Scheduler
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
@@ -26,9 +28,15 @@ __all__ = ["Event", "Stream", "wall_clock_ms"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
-# Replay hands control back to the event loop this often, so a consumer that never awaits
-# cannot starve the scheduler and other tasks.
-_CHECKPOINT_EVERY = 1024
+# Replay reads the clock after a slice of events that took this long (its consumer's work
+# included), and makes the next slices smaller: see Stream._replay_slices.
+_SLICE_NS = 250_000
+# The ints orjson writes (and reads back as ints): an offset in this range is written with
+# b"%d" % offset, which costs less than a call of orjson.dumps.
+_INT_MIN, _INT_END = -(1 << 63), 1 << 64
+# A live source event joins the open batch by itself below this count; the one that fills
+# it goes through the scheduler, which frames the batch.
+_LIVE_LIMIT = BATCH_ENTRIES - 1
 
 
 def wall_clock_ms() -> int:
@@ -86,7 +94,7 @@ class Stream:
 
     __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_holding", "_life",
                  "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler", "_source_gen",
-                 "_spawn", "_store", "_where", "name")
+                 "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
@@ -107,8 +115,12 @@ class Stream:
         self._clock_ms = clock_ms
         # record() reads the clock in nanoseconds: the wall clock is then time.time_ns
         # itself, with no Python call around it (which would cost as much as the reading).
+        self._wall = clock_ms is wall_clock_ms
         self._clock_ns: Callable[[], int] = (
-            time.time_ns if clock_ms is wall_clock_ms else lambda: clock_ms() * 1_000_000)
+            time.time_ns if self._wall else lambda: clock_ms() * 1_000_000)
+        # When a call of this stream last yielded to the event loop, in the clock that
+        # record() reads anyway (time.time_ns; time.monotonic_ns for an injected clock).
+        self._yielded_ns = time.time_ns() if self._wall else time.monotonic_ns()
         self._where = f"stream {name!r}"
         self._buffer = (scheduler.buffer(fmt.KIND_EVENTS, name)
                         if scheduler is not None and policy.record_events else None)
@@ -140,6 +152,8 @@ class Stream:
             self._append(value, offset)
             if self._scheduler is not None and self._scheduler.over_limit:
                 await self._scheduler.wait_capacity()
+            else:
+                await self._cooperate()
             return
         # The hot path, for an event without an offset. Most events add their JSON to the
         # open batch and nothing else: the scheduler allows that (LogBuffer.fast_from_ns) for
@@ -153,9 +167,16 @@ class Stream:
             raise unserializable(self._where, exc) from None
         now = self._clock_ns()
         if not buf.fast_from_ns <= now < buf.fast_until_ns or len(data) > self._fast_bytes:
+            # At least once a millisecond (the fast path's window), and on every large
+            # event: the place where record() yields to the event loop if it is due.
             if scheduler.add_event(buf, checked_json(data, value, self._where), b"",
                                    now // 1_000_000):
                 await scheduler.wait_capacity()
+            elif not self._wall:
+                await self._cooperate()
+            elif not self._yielded_ns <= now < self._yielded_ns + COOPERATE_NS:
+                await yield_to_loop()
+                self._yielded_ns = time.time_ns()
             return
         if data.partition(b"null")[1]:  # partition: the cheapest substring test (see _values)
             checked_json(data, value, self._where)  # raises for NaN or infinity
@@ -168,8 +189,11 @@ class Stream:
         batch += data
         batch.append(44)  # ","
         count = buf.open_count = buf.open_count + 1
-        if count >= BATCH_ENTRIES and scheduler.frame(buf):
-            await scheduler.wait_capacity()
+        if count >= BATCH_ENTRIES:
+            if scheduler.frame(buf):
+                await scheduler.wait_capacity()
+            else:  # an injected clock that stands still never leaves the fast path
+                await self._cooperate()
 
     async def record_many(self, values: Iterable[Any], *,
                           offsets: Iterable[Any] | None = None) -> None:
@@ -256,43 +280,69 @@ class Stream:
         The same on every call. Streams a window of segments at a time: memory is
         bounded by the window (8 MiB or one segment), not by the history. A damaged
         segment raises ``CorruptDataError`` before any of its events is yielded. Under
-        ``REALTIME_REPLAY`` the recorded gaps are kept.
+        ``REALTIME_REPLAY`` the recorded gaps are kept. Yields to the event loop about
+        every millisecond (docs/concepts.md, "Schedule points").
+        """
+        async for events in self._replay_slices():
+            for event in events:
+                yield event
+
+    async def _replay_slices(self) -> AsyncIterator[Iterable[Event]]:
+        """The committed events in slices, the hot path of replay and of ``source()``.
+
+        A chunk (a batch record, or up to ``BATCH_ENTRIES`` single ones) is built by C loops
+        (map, zip), leaving the consumer's loop one yield per event; chunks that small leave
+        the garbage collector asleep (see ``BATCH_ENTRIES``). The clock is read between two
+        slices: past ``COOPERATE_NS`` since the last yield, this yields to the event loop.
+        A consumer that spends long on each event gets smaller slices, so that it is asked
+        again within a fraction of that.
         """
         self._life.check("replay()")
         if not self._policy.replay:
             return
         segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
                                                                self._opened_seq)]
-        realtime = self._policy.realtime
-        first_ms: int | None = None
-        started = 0.0
-        unchecked = 0  # events yielded since the last checkpoint
+        if self._policy.realtime:
+            async for event in self._realtime(segments):
+                yield (event,)
+            return
+        clock = time.perf_counter_ns
+        per = BATCH_ENTRIES  # events between two readings of the clock
+        yielded = last = clock()
         async for view in self._read_ahead(segments):
             for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
                 if self._life.ended:  # an iterator carried past the block
                     self._life.check("replay()")
-                # A chunk at a time (a batch record, or up to BATCH_ENTRIES single ones): its
-                # events are built by C loops (map, zip), leaving the loop below one yield per
-                # event. Chunks that small leave the garbage collector asleep (see BATCH_ENTRIES).
                 events = map(_new_event, repeat(Event), zip(
                     values, repeat(None) if offsets is None else offsets, times, repeat(True)))
-                if not realtime:
-                    for event in events:
-                        yield event
-                else:
-                    for event in events:
-                        if first_ms is None:
-                            first_ms, started = event.time_ms, time.monotonic()
-                        delay = (event.time_ms - first_ms) / 1000 - (time.monotonic() - started)
-                        if delay > 0:
-                            await anyio.sleep(delay)
-                        yield event
-                # A checkpoint per 1,024 events or so, not per chunk: batches of a few events
-                # each (a slow or many-stream recording) would pay one per batch.
-                unchecked += len(values)
-                if unchecked >= _CHECKPOINT_EVERY:
-                    unchecked = 0
-                    await anyio.lowlevel.checkpoint()
+                count = len(values)
+                while count > 0:
+                    yield events if count <= per else islice(events, per)
+                    count -= per
+                    now = clock()
+                    spent, last = now - last, now
+                    if spent > _SLICE_NS:
+                        per = max(1, per * _SLICE_NS // spent)
+                    elif per < BATCH_ENTRIES:
+                        per = min(BATCH_ENTRIES, per * 2)
+                    if now - yielded >= COOPERATE_NS:
+                        await yield_to_loop()
+                        yielded = last = clock()
+
+    async def _realtime(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[Event]:
+        """``REALTIME_REPLAY``: the committed events with the recorded gaps between them."""
+        first_ms: int | None = None
+        started = 0.0
+        async for view in self._read_ahead(segments):
+            for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
+                self._life.check("replay()")
+                for value, offset, time_ms in zip(
+                        values, repeat(None) if offsets is None else offsets, times, strict=False):
+                    if first_ms is None:
+                        first_ms, started = time_ms, time.monotonic()
+                    delay = (time_ms - first_ms) / 1000 - (time.monotonic() - started)
+                    await (anyio.sleep(delay) if delay > 0 else yield_to_loop())
+                    yield Event(value, offset, time_ms, True)
 
     async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
         """The segments ``refs``, read a window ahead by a task of the run (if it has one)."""
@@ -329,11 +379,13 @@ class Stream:
             # Cancelling the run's task group would end the block silently; the consumer
             # sees the replay end short and says why (send is closed by now).
 
-    async def _source(self, reader: Callable[[Any], Any],
-                      continue_after_replay: bool) -> AsyncIterator[Event]:
-        # A later source() call of the same run (a service reconnecting after its reader
-        # failed) goes on where the earlier ones stopped: the rest of the replay, if any,
-        # then the reader from the newest offset recorded, so nothing is delivered twice.
+    def _take_over(self) -> tuple[int, int]:
+        """A new ``source()`` call of this stream: (its generation, replayed events to skip).
+
+        A later call of the same run (a service reconnecting after its reader failed) goes
+        on where the earlier ones stopped: the rest of the replay, if any, then the reader
+        from the newest offset recorded, so nothing is delivered twice.
+        """
         self._life.check("source()")
         earlier = self._holding
         if earlier is not None and self._scheduler is not None:
@@ -343,59 +395,168 @@ class Stream:
             self._holding = None
             self._scheduler.barrier.release(earlier, finished=False)
         self._source_gen += 1
-        generation = self._source_gen
-        skip = self._replayed_by_sources
-        seen = 0
-        async for event in self.replay():
-            seen += 1
-            if seen <= skip:
-                continue
-            self._replayed_by_sources = seen
-            yield event
-        if not continue_after_replay:
-            return
+        return self._source_gen, self._replayed_by_sources
+
+    async def _live(self, reader: Callable[[Any], Any]) -> AsyncIterator[Any]:
+        """The reader's live iterable, called with the newest offset recorded."""
         live = reader(self._recorded_offset())
         if inspect.isawaitable(live):
             live = await live
         if not isinstance(live, AsyncIterable):
             raise TypeError(f"the reader of {self._where} must return an async iterable: "
                             f"got={type(live).__name__}")
-        iterator = aiter(live)
-        # What this run stores of a live event: the event (and offset), the offset only
-        # (OFFSETS_ONLY), or nothing (UDF_CACHING, REPLAY access): then it just passes.
-        scheduler = self._scheduler
+        return aiter(live)
+
+    def _recording_scheduler(self) -> Scheduler | None:
+        """What this run stores of a live event: the event (and offset), the offset only
+        (OFFSETS_ONLY), or nothing (UDF_CACHING, REPLAY access): then the scheduler is None
+        and the event just passes."""
         if self._buffer is None and not self._policy.offsets_persist:
-            scheduler = None
-        barrier = scheduler.barrier if scheduler is not None else None
+            return None
+        return self._scheduler
+
+    async def _source(self, reader: Callable[[Any], Any],
+                      continue_after_replay: bool) -> AsyncIterator[Event]:
+        generation, skip = self._take_over()
+        seen = 0
+        async for events in self._replay_slices():
+            for event in events:
+                seen += 1
+                if seen > skip:
+                    self._replayed_by_sources = seen
+                    yield event
+        if not continue_after_replay:
+            return
+        iterator = await self._live(reader)
+        scheduler = self._recording_scheduler()
         try:
+            if scheduler is None:
+                async for item in iterator:
+                    if generation != self._source_gen:
+                        raise self._superseded()
+                    if type(item) is tuple and len(item) == 2:
+                        value, offset = item
+                    else:
+                        value, offset = item, None
+                    yield Event(value, offset, self._append(value, offset), False)
+                    await self._cooperate()
+                return
+            # The live hot path: one held event at a time, in a ``Held`` reused for each;
+            # its JSON made here, before the consumer sees the value. Everything per event
+            # is inlined, and the common case takes the fewest steps: each step it saves
+            # is a few percent of the job users run (docs/performance.md).
+            barrier = scheduler.barrier
+            holds = barrier.held
+            held = Held(self._buffer, self.name)
+            buf = held.buf
+            consumer_of = CONSUMER.get
+            task_now = current_task_getter()
+            wall = self._wall
+            clock_ns = self._clock_ns
+            where = self._where
+            fast_bytes = self._fast_bytes
+            # The open batch's text, as the buffer has it now (the scheduler replaces both
+            # bytearrays when it frames the batch: compared before each use).
+            open_json = open_offsets = None
+            yielded = clock_ns() if wall else time.monotonic_ns()
             async for item in iterator:
                 if generation != self._source_gen:
-                    raise RuntimeError(f"a newer run.source() call took over {self._where}: "
-                                       "iterate only the newest one")
-                if isinstance(item, tuple) and len(item) == 2:
+                    raise self._superseded()
+                if barrier._cut_barrier is not None:
+                    await barrier.wait_cut()  # a waiting cut goes first
+                if type(item) is tuple and len(item) == 2:
                     value, offset = item
+                    off = (b"" if offset is None
+                           else b"%d" % offset
+                           if type(offset) is int and _INT_MIN <= offset < _INT_END
+                           else dumps_value(offset, f"the offset of {where}"))
                 else:
-                    value, offset = item, None
-                if scheduler is None or barrier is None:
-                    yield Event(value, offset, self._append(value, offset), False)
-                    continue
-                await barrier.wait_cut()
-                data, off, time_ms = self._encode(value, offset)
-                scheduler.check_writable()
+                    value, offset, off = item, None, b""
+                try:
+                    data = _dumps(value)
+                except TypeError as exc:
+                    raise unserializable(where, exc) from None
+                if data.partition(b"null")[1]:
+                    checked_json(data, value, where)  # raises for NaN or infinity
+                now = clock_ns()
+                time_ms = now // 1_000_000
+                if scheduler._unusable is not None:
+                    scheduler.check_writable()
                 # Held, not yet buffered, until the consumer asks for the next event: a
                 # commit then holds the event together with the state the consumer derived
                 # from it, and a consumer interrupted part-way leaves it out of the final
-                # commit (see _barrier).
-                held = self._holding = barrier.hold(self._buffer, self.name, data, off, time_ms)
+                # commit (see _barrier). SourceBarrier.hold, inlined for the usual case:
+                # the same task, with the same Consumer, as for the event before.
+                task = task_now()
+                consumer = held.consumer
+                if task is not held.task or consumer is None or consumer_of() is not consumer:
+                    barrier.hold(held, task, data, off, time_ms)
+                else:
+                    held.mark = consumer.writes
+                    held.settled = False
+                    held.value, held.offset, held.time_ms = data, off, time_ms
+                    holds.add(held)
+                self._holding = held
                 try:
-                    yield Event(value, offset, time_ms, False)
+                    yield _new_event(Event, (value, offset, time_ms, False))
                 except BaseException:
                     barrier.close_held(held)  # _holding stays: a later source() settles it
                     raise
+                # The consumer asks for the next event: the event is buffered now
+                # (SourceBarrier.release, inlined), unless a cut decided on it meanwhile.
                 self._holding = None
-                if barrier.release(held, finished=True):
-                    await scheduler.wait_capacity()
+                if barrier._cut_barrier is not None:
+                    barrier.changed()  # a cut waits for holds: it looks again
+                if not held.settled:
+                    held.settled = True
+                    count = buf.open_count if buf is not None else 0
+                    # Into the open batch by itself when the scheduler need not see it:
+                    # as record()'s fast path, with the offset beside it (the one other
+                    # place outside _buffer that writes a LogBuffer's open batch).
+                    if (0 < count < _LIVE_LIMIT and time_ms == buf.open_ms  # type: ignore[union-attr]
+                            and open_json is buf.open_json  # type: ignore[union-attr]
+                            and open_offsets is buf.open_offsets  # type: ignore[union-attr]
+                            and open_offsets is not None and len(data) <= fast_bytes
+                            and scheduler._unusable is None):
+                        open_json += data
+                        open_json.append(44)  # ","
+                        if off:
+                            open_offsets += off
+                            buf.offset = buf.recorded_offset = off  # type: ignore[union-attr]
+                        else:
+                            open_offsets += b"null"
+                        open_offsets.append(44)
+                        buf.open_count = count + 1  # type: ignore[union-attr]
+                    else:
+                        over = scheduler._buffer_held(held)
+                        if buf is not None:
+                            open_json, open_offsets = buf.open_json, buf.open_offsets
+                        if over:
+                            await scheduler.wait_capacity()
+                            continue
+                if not wall:
+                    now = time.monotonic_ns()
+                if not yielded <= now < yielded + COOPERATE_NS:
+                    await yield_to_loop()
+                    yielded = clock_ns() if wall else time.monotonic_ns()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _superseded(self) -> RuntimeError:
+        return RuntimeError(f"a newer run.source() call took over {self._where}: "
+                            "iterate only the newest one")
+
+    async def _cooperate(self) -> None:
+        """Yield to the event loop if this stream's calls have held it ``COOPERATE_NS``.
+
+        Measured on the clock record() reads anyway (the wall clock), or on the monotonic
+        clock when the run's clock is injected (a test's clock may stand still). A clock
+        set back counts as due, never as an endless wait.
+        """
+        clock = time.time_ns if self._wall else time.monotonic_ns
+        now = clock()
+        if not self._yielded_ns <= now < self._yielded_ns + COOPERATE_NS:
+            await yield_to_loop()
+            self._yielded_ns = clock()
