@@ -29,7 +29,7 @@ from ._errors import (
 from ._format import FORMAT_MAJOR, FORMAT_MINOR
 from ._run import Run, run
 from ._scheduler import CommitInfo
-from ._stream import Event, Stream
+from ._stream import Batch, Event, Stream
 from ._table import Table
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "AwsS3Settings",
     "Backend",
     "BackendError",
+    "Batch",
     "CommitInfo",
     "Config",
     "CorruptDataError",

@@ -24,7 +24,7 @@ from ._maintenance import Maintainer
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._store import Store
-from ._stream import Event, Stream, wall_clock_ms
+from ._stream import Batch, Event, Stream, wall_clock_ms
 from ._table import Table, load_table_state
 from ._values import check_name, checked_clock
 
@@ -157,6 +157,25 @@ class Run:
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
         return self.stream(name, retention=retention)._source(
+            reader, self._config.continue_after_replay)
+
+    def source_batches(self, name: str, reader: Callable[[Any], Any], *,
+                       retention: Retention | None = None) -> AsyncIterator[Batch]:
+        """``source()`` a batch at a time: for readers that get many items at once.
+
+        ``reader(offset)`` is called as for ``source()`` and returns an async iterable of
+        batches: each a list of values, or a ``(values, offset)`` tuple whose ``offset`` is
+        that of the batch's last value (the reader is later called with it to resume).
+        Yields ``apersist.Batch`` objects: the committed events first (``replayed=True``,
+        in stored chunks of up to 256), then one per live batch, recorded before it is
+        yielded, with one ``orjson.dumps`` per 256 values. A live batch is held like a
+        live event: it is committed with the state derived from it, once the consumer
+        asks for the next one. Replayed and live, the events are the same stream's as
+        ``source()`` and ``stream().replay()`` see: the two forms may take turns.
+        """
+        if not callable(reader):
+            raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+        return self.stream(name, retention=retention)._source_batches(
             reader, self._config.continue_after_replay)
 
     async def table(self, name: str) -> Table:

@@ -395,6 +395,9 @@ class Scheduler:
                 over = self.append_framed(buf, value, offset, held.time_ms, count)
             if held.offset:
                 buf.offset = buf.recorded_offset = held.offset
+                if not held.records:  # an empty batch that moves the offset: a delta too
+                    self.appended += 1
+                    self._pending_event.set()
             return over
         if held.offset:
             self.set_offset(held.stream, held.offset)

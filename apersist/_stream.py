@@ -18,13 +18,13 @@ from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
-from ._pacing import COOPERATE_NS, yield_to_loop
+from ._pacing import COOPERATE_NS, Pacer, yield_to_loop
 from ._policy import Policy
 from ._scheduler import Scheduler
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
-__all__ = ["Event", "Stream", "wall_clock_ms"]
+__all__ = ["Batch", "Event", "Stream", "wall_clock_ms"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
@@ -48,6 +48,21 @@ class Event(NamedTuple):
     """One event of a stream: recorded now (``replayed=False``) or replayed from the store."""
 
     value: Any
+    offset: Any
+    time_ms: int
+    replayed: bool
+
+
+class Batch(NamedTuple):
+    """Events of a stream taken together (``run.source_batches()``): recorded now
+    (``replayed=False``) or replayed from the store.
+
+    ``values`` in order; ``offset`` is the offset of the last one (the reader's, live; the
+    newest stored one of the batch, replayed), or None. A live batch is one item of the
+    reader; replayed batches are the stored events in chunks of up to 256.
+    """
+
+    values: list[Any]
     offset: Any
     time_ms: int
     replayed: bool
@@ -217,23 +232,14 @@ class Stream:
         buf, scheduler = self._buffer, self._scheduler
         if buf is None or scheduler is None:
             self._life.check("record_many()")
-            for index, value in enumerate(values):
-                dumps_value(value, f"{self._where} (batch index {index})")
+            await self._encode_records(values, offs, scheduler)  # checked in every mode
             last = next((off for off in reversed(offs or ()) if off), b"")
             if last and scheduler is not None and self._policy.offsets_persist:
                 scheduler.set_offset(self.name, last)  # OFFSETS_ONLY
             return
         if not values:
             return
-        # A batch record holds at most BATCH_ENTRIES values and takes at most a quarter of
-        # a segment, so that a segment passes the segment size by a quarter at most (or by
-        # one value bigger than that).
-        limit = max(scheduler.max_segment_bytes // 4, 1)
-        records = [record
-                   for first in range(0, len(values), BATCH_ENTRIES)
-                   for record in _encode_batch(
-                       values[first:first + BATCH_ENTRIES],
-                       offs and offs[first:first + BATCH_ENTRIES], limit, self._where, first)]
+        records = await self._encode_records(values, offs, scheduler)
         # Nothing is buffered before every value has been serialized: all or nothing.
         scheduler.check_writable()
         time_ms = self._clock_ms()
@@ -246,6 +252,29 @@ class Stream:
             buf.offset = buf.recorded_offset = newest
         if over:
             await scheduler.wait_capacity()
+        else:
+            await self._cooperate()
+
+    async def _encode_records(self, values: Sequence[Any], offs: list[bytes] | None,
+                              scheduler: Scheduler | None) -> list[tuple[bytes, bytes, int]]:
+        """``values`` (and their offsets' JSON) as batch records (value, offset, count).
+
+        A record holds at most BATCH_ENTRIES values and takes at most a quarter of a
+        segment, so that a segment passes the segment size by a quarter at most (or by one
+        value bigger than that). A long list is serialized in steps that yield to the event
+        loop (``Pacer``): a million values take about 100 ms.
+        """
+        limit = max((scheduler.max_segment_bytes if scheduler is not None
+                     else fmt.MAX_RECORD_JSON) // 4, 1)
+        records: list[tuple[bytes, bytes, int]] = []
+        pacer = Pacer(COOPERATE_NS / 1e9) if len(values) > BATCH_ENTRIES else None
+        for first in range(0, len(values), BATCH_ENTRIES):
+            records += _encode_batch(values[first:first + BATCH_ENTRIES],
+                                     offs and offs[first:first + BATCH_ENTRIES], limit,
+                                     self._where, first)
+            if pacer is not None and pacer.due():
+                await pacer.pause()
+        return records
 
     def _append(self, value: Any, offset: Any) -> int:
         """Serialize and buffer one event; return its ``time_ms``."""
@@ -543,6 +572,103 @@ class Stream:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _source_batches(self, reader: Callable[[Any], Any],
+                              continue_after_replay: bool) -> AsyncIterator[Batch]:
+        """``run.source_batches()``: ``_source`` a batch at a time (see ``Run.source_batches``)."""
+        generation, skip = self._take_over()
+        seen = 0
+        clock = time.perf_counter_ns
+        yielded = clock()
+        async for values, offsets, times in self._replay_chunks():
+            first, seen = seen, seen + len(values)
+            if seen <= skip:
+                continue
+            if first < skip:  # an earlier call stopped inside this chunk
+                values = values[skip - first:]
+                offsets = None if offsets is None else offsets[skip - first:]
+            self._replayed_by_sources = seen
+            newest = None if offsets is None else next(
+                (off for off in reversed(offsets) if off is not None), None)
+            yield Batch(values, newest, times[-1], True)
+            now = clock()
+            if not yielded <= now < yielded + COOPERATE_NS:
+                await yield_to_loop()
+                yielded = clock()
+        if not continue_after_replay:
+            return
+        iterator = await self._live(reader)
+        scheduler = self._recording_scheduler()
+        barrier = scheduler.barrier if scheduler is not None else None
+        held = Held(self._buffer, self.name)
+        task_now = current_task_getter()
+        where = self._where
+        try:
+            async for item in iterator:
+                if generation != self._source_gen:
+                    raise self._superseded()
+                if type(item) is tuple and len(item) == 2:
+                    values, offset = item
+                else:
+                    values, offset = item, None
+                if not isinstance(values, list):
+                    if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
+                        raise TypeError(f"the reader of {where} yields batches: a list of "
+                                        f"values or a (values, offset) tuple; got="
+                                        f"{type(values).__name__}")
+                    values = list(values)
+                if barrier is not None and barrier._cut_barrier is not None:
+                    await barrier.wait_cut()  # a waiting cut goes first
+                off = b"" if offset is None else dumps_value(offset, f"the offset of {where}")
+                # The last value carries the offset, in a record of its own; the others go
+                # in batch records without offsets (a list of nulls would cost 5 bytes each).
+                records = await self._encode_records(values[:-1], None, scheduler)
+                if values:
+                    records.append((dumps_value(values[-1], f"{where} (batch index "
+                                                            f"{len(values) - 1})"), off, 1))
+                time_ms = self._clock_ns() // 1_000_000
+                if scheduler is None or barrier is None:
+                    self._life.check("source_batches()")
+                    yield Batch(values, offset, time_ms, False)
+                    await self._cooperate()
+                    continue
+                scheduler.check_writable()
+                # Held, as a live event is (see _source), with its records.
+                barrier.hold(held, task_now(), b"", off, time_ms)
+                held.records = records
+                self._holding = held
+                try:
+                    yield Batch(values, offset, time_ms, False)
+                except BaseException:
+                    barrier.close_held(held)  # _holding stays: a later call settles it
+                    raise
+                self._holding = None
+                if barrier.release(held, finished=True):
+                    await scheduler.wait_capacity()
+                else:
+                    await self._cooperate()
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _replay_chunks(self) -> AsyncIterator[tuple[list[Any], list[Any] | None,
+                                                          list[int]]]:
+        """The committed events as (values, offsets, times) chunks, for batch sources."""
+        self._life.check("replay()")
+        if not self._policy.replay:
+            return
+        segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
+                                                               self._opened_seq)]
+        if self._policy.realtime:
+            async for event in self._realtime(segments):
+                yield [event.value], [event.offset], [event.time_ms]
+            return
+        async for view in self._read_ahead(segments):
+            for chunk in view.event_chunks(BATCH_ENTRIES):
+                if self._life.ended:  # an iterator carried past the block
+                    self._life.check("replay()")
+                yield chunk
 
     def _superseded(self) -> RuntimeError:
         return RuntimeError(f"a newer run.source() call took over {self._where}: "
