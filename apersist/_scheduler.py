@@ -30,7 +30,8 @@ from ._concurrency import cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
 from ._store import PendingRewrite, SegmentBlob, Store
 
-__all__ = ["BATCH_ENTRIES", "CommitInfo", "Scheduler", "SnapshotBuilder", "SnapshotSource"]
+__all__ = ["BATCH_ENTRIES", "CommitInfo", "DeltaSource", "Scheduler", "SnapshotBuilder",
+           "SnapshotSource"]
 
 #: Called at a cut: when a table wants compacting, returns a builder of its whole state as
 #: it was at that cut, as segment bodies [(framed body, record count)]; else None. The
@@ -38,6 +39,11 @@ __all__ = ["BATCH_ENTRIES", "CommitInfo", "Scheduler", "SnapshotBuilder", "Snaps
 #: is paced instead of stalling the loop inside the cut.
 SnapshotBuilder = Callable[[], Awaitable["list[tuple[bytearray, int]]"]]
 SnapshotSource = Callable[[], "SnapshotBuilder | None"]
+#: Called at a cut: a table hands over the keys it changed since the previous cut (in O(1),
+#: whatever their number) and returns the builder that frames them as delta segment bodies,
+#: awaited after the cut as a snapshot's is; None when it changed nothing. Its deltas were
+#: accounted when each key first changed since the previous cut (``add_deltas``).
+DeltaSource = Callable[[], "SnapshotBuilder | None"]
 
 logger = logging.getLogger("apersist")
 
@@ -73,6 +79,7 @@ class Scheduler:
         self._offset_updates: dict[str, bytes] = {}  # OFFSETS_ONLY: offsets without data
         self.recorded_offsets: dict[str, bytes] = {}  # OFFSETS_ONLY: the newest of this run
         self._snapshot_sources: dict[str, SnapshotSource] = {}
+        self._delta_sources: dict[str, DeltaSource] = {}
         # Maintenance's rewrites, waiting for the next commit: (kind, name, old keys, bodies).
         self._rewrites: list[tuple[str, str, tuple[str, ...], list[tuple[bytearray, int]]]] = []
         self._rewrites_inflight = False
@@ -291,7 +298,9 @@ class Scheduler:
             self._unusable = RuntimeError("the run has ended: record inside the "
                                           "`async with apersist.run(...)` block")
         self._revoke_fast_paths()  # before the buffers are let go: streams keep theirs
+        self._drop_deltas()
         self._snapshot_sources.clear()
+        self._delta_sources.clear()
         self._buffers.clear()
 
     def _revoke_fast_paths(self) -> None:
@@ -322,6 +331,49 @@ class Scheduler:
             "last_commit_latency_ms": self._latency_ms,
             "last_seq": self._last.seq,
         }
+
+    # ------------------------------------------------------------------ table deltas
+    # A table keeps the keys it changed since the last cut, each with its last record, and
+    # hands them over at the cut (``DeltaSource``): a key written many times between two
+    # cuts is one delta, and a write costs no framing. It accounts each key once, when it
+    # first changes after a cut (``add_deltas``), which is what lets a write skip the
+    # scheduler: from the cut that ends the run, or a failure, every table's changed keys
+    # are dropped (``_drop_deltas``), so a table's next write is a first change and goes
+    # through ``add_deltas``, which raises.
+    def register_deltas(self, table: str, source: DeltaSource) -> None:
+        """``source()`` hands over a table's changed keys at each cut (see ``DeltaSource``)."""
+        self._delta_sources[table] = source
+
+    def add_deltas(self, count: int, nbytes: int) -> bool:
+        """Account ``count`` deltas (about ``nbytes`` framed) that a table will hand over at
+        the next cut. Raises what recording raises once the run can no longer persist (the
+        caller has then changed nothing). Returns whether uncommitted bytes are now over
+        the back-pressure bound; past it, a commit starts at once."""
+        if self._unusable is not None:
+            raise self._unusable
+        self.appended += count
+        pending = self.pending_bytes = self.pending_bytes + nbytes
+        if not self._pending_signalled:
+            self._pending_signalled = True
+            self._pending_event.set()
+        if pending + self.inflight_bytes > self._max_pending:
+            self._urgent.set()
+            return True
+        return False
+
+    def _take_deltas(self) -> dict[str, SnapshotBuilder]:
+        """At the cut: every table's changed keys, as builders awaited after it."""
+        taken: dict[str, SnapshotBuilder] = {}
+        for table, source in self._delta_sources.items():
+            builder = source()
+            if builder is not None:
+                taken[table] = builder
+        return taken
+
+    def _drop_deltas(self) -> None:
+        """The run can no longer persist: let every table's changed keys go, so that its
+        next write goes through ``add_deltas`` and raises (nothing stays buffered)."""
+        self._take_deltas()
 
     # ------------------------------------------------------------------ committing side
     # Every commit runs in the scheduler's own task (``run``), never in a caller's: a caller
@@ -462,6 +514,7 @@ class Scheduler:
         self._offset_updates = {}
         rewrites, self._rewrites = ([] if reset else self._rewrites), []
         self._rewrites_inflight = bool(rewrites)
+        table_deltas = self._take_deltas()
         snapshots: list[tuple[str, SnapshotBuilder]] = []
         for table, source in self._snapshot_sources.items():
             builder = source()
@@ -469,6 +522,7 @@ class Scheduler:
                 # The snapshot covers every delta of this table so far: drop them.
                 batches = [b for b in batches
                            if not (b[0].kind == fmt.KIND_TABLE and b[0].name == table)]
+                table_deltas.pop(table, None)
                 snapshots.append((table, builder))
         moved = self.pending_bytes
         self.pending_bytes = 0
@@ -481,9 +535,11 @@ class Scheduler:
         # progress (docs/concepts.md): it is finished, or it fails as a whole.
         with anyio.CancelScope(shield=True):
             try:
-                for table, builder in snapshots:
-                    holder = LogBuffer(fmt.KIND_TABLE_SNAPSHOT, table)
-                    batches.extend((holder, body, count) for body, count in await builder())
+                for kind, built in ((fmt.KIND_TABLE, table_deltas.items()),
+                                    (fmt.KIND_TABLE_SNAPSHOT, snapshots)):
+                    for table, builder in built:
+                        holder = LogBuffer(kind, table)
+                        batches.extend((holder, body, count) for body, count in await builder())
                 blobs = [await self._build(buf.kind, buf.name, body, count)
                          for buf, body, count in batches]
                 pending = [PendingRewrite(kind, name, old, [
@@ -534,6 +590,7 @@ class Scheduler:
         if self._failure is None:
             self._failure = self._unusable = exc
             self._revoke_fast_paths()
+            self._drop_deltas()
             level = logging.WARNING if isinstance(exc, FencedError) else logging.ERROR
             logger.log(level, "commit failed; this run can no longer persist: %s", exc)
         self._signal_done()
@@ -578,4 +635,5 @@ class Scheduler:
                 self._unusable = RuntimeError("the run has ended: record inside the "
                                               "`async with apersist.run(...)` block")
             self._revoke_fast_paths()
+            self._drop_deltas()
             self._signal_done()

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 import orjson
 
 from . import _format as fmt
-from ._buffer import LogBuffer
+from . import _values
+from ._barrier import CONSUMER
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
 from ._store import Store
-from ._values import dumps_value
+from ._values import checked_json, unserializable
 
 __all__ = ["Table", "TableState", "load_table_state"]
+
+_dumps = orjson.dumps
+_consumer = CONSUMER.get
+_RECORD_OVERHEAD = fmt.RECORD_OVERHEAD
+_U = ord("u")
 
 # Fold deltas into a snapshot on its own once they outnumber the state this much.
 _AUTO_COMPACT_MIN_DELTAS = 4096
@@ -97,9 +103,10 @@ class Table(MutableMapping[str, Any]):
     """A persistent ``str -> JSON`` mapping. Get one with ``await run.table(name)``.
 
     Setting a key records an upsert delta and deleting one records a delete delta; both are
-    committed with the run's next commit. Values are serialized when set (``TypeError``
-    naming the table if they cannot be). Mutating a value in place records nothing, and
-    compaction does not pick it up either: assign it again.
+    committed with the run's next commit, which persists each key's last change only (a
+    key set many times between two commits is one delta). Values are serialized when set
+    (``TypeError`` naming the table if they cannot be). Mutating a value in place records
+    nothing, and compaction does not pick it up either: assign it again.
     """
 
     def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
@@ -109,7 +116,6 @@ class Table(MutableMapping[str, Any]):
         self._state = state
         self._scheduler = scheduler
         self._where = f"table {name!r}"
-        self._buffer: LogBuffer | None = None
         self._deltas = deltas_since_snapshot
         self._compact_requested = False
         self._segment_bytes = scheduler.max_segment_bytes if scheduler is not None else 0
@@ -121,6 +127,12 @@ class Table(MutableMapping[str, Any]):
         # from (TableState.records); one handed in otherwise is encoded here (it came from
         # JSON, so that cannot fail).
         self._records: dict[str, bytes] = {}
+        # The keys changed since the last cut, each with its last record (None: deleted),
+        # the same bytes objects as in _records; handed over whole at the cut (_take_dirty)
+        # and framed after it. None where the table is not persisted. A key is accounted
+        # with the scheduler when it enters (Scheduler.add_deltas), never again until the
+        # next cut, so a write to a key already here does not call the scheduler at all.
+        self._dirty: dict[str, bytes | None] | None = None
         if scheduler is not None:
             if (isinstance(state, TableState) and state.records is not None
                     and len(state.records) == len(state)):
@@ -128,7 +140,8 @@ class Table(MutableMapping[str, Any]):
             else:
                 self._records = {key: b"%b" % orjson.dumps([key, value])
                                  for key, value in state.items()}
-            self._buffer = scheduler.buffer(fmt.KIND_TABLE, name)
+            self._dirty = {}
+            scheduler.register_deltas(name, self._take_dirty)
             scheduler.register_snapshot(name, self._snapshot)
 
     def __repr__(self) -> str:
@@ -147,20 +160,42 @@ class Table(MutableMapping[str, Any]):
         return key in self._state
 
     def __setitem__(self, key: str, value: Any) -> None:
+        # The hot path: about three dict writes and one dumps (docs/performance.md,
+        # "Table writes"). dumps_value and checked_json are inlined for the common case.
         if not isinstance(key, str):
             raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
         # Checked in every mode, so a value is refused the same way whether or not this
-        # run persists tables.
-        data = dumps_value([key, value], self._where)
-        if self._buffer is not None:
-            self._append(data)  # raises once the run has ended
+        # run persists tables; before anything changes, so a refused one changes nothing.
+        try:
+            data = _dumps([key, value])
+        except TypeError as exc:
+            raise unserializable(self._where, exc) from None
+        # checked_json's own tests, first of all whether the text has a "null" (orjson's
+        # NaN and infinity), are skipped when it has no "u" at all: an int operand makes
+        # `in` one memchr, several times cheaper than partition() (numbers-only records).
+        if (_U in data and data.partition(b"null")[1]) or len(data) > _values.MAX_JSON_BYTES:
+            checked_json(data, value, self._where)  # NaN, infinity, too long: raises
+        dirty = self._dirty
+        if dirty is not None:
+            if key not in dirty:
+                # First change since the cut: raises once the run has ended or failed
+                # (then nothing is buffered, see Scheduler._drop_deltas).
+                self._scheduler.add_deltas(1, _RECORD_OVERHEAD + len(data))  # type: ignore[union-attr]
             # A copy: orjson returns its output in the buffer it wrote it to, a block of
             # 4 KiB or more (8 KiB for 600 bytes), which the bytes object keeps for life.
             # Kept per key, that was a table's memory (~4.3 GB for 1M small keys); the
             # copy is right-sized, and the block, freed at once, serves the next dumps.
             # b"%b" % data is the cheapest copy (about 50 ns for a small record); bytes()
             # and data[:] return data itself.
-            self._records[key] = b"%b" % data
+            dirty[key] = self._records[key] = b"%b" % data
+            # A live source event held by this task is committed with this change.
+            # (The elif is the old mark, for sources that do not set CONSUMER yet: it goes
+            # with Scheduler._held when the barrier's source side reads CONSUMER.)
+            consumer = _consumer()
+            if consumer is not None:
+                consumer.writes += 1
+            elif self._scheduler._held:  # type: ignore[union-attr]  # set with _dirty
+                self._scheduler.barrier.note_write()  # type: ignore[union-attr]
         else:
             self._life.check("table writes")  # nothing is recorded here; say so all the same
         self._state[key] = value
@@ -168,29 +203,46 @@ class Table(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         if key not in self._state:
             raise KeyError(key)
-        if self._buffer is not None:
-            self._append(orjson.dumps([key]))
+        dirty = self._dirty
+        if dirty is not None:
+            if key not in dirty:
+                # About the framed ``[key]`` (escapes aside): accounting is approximate.
+                self._scheduler.add_deltas(1, _RECORD_OVERHEAD + len(key) + 4)  # type: ignore[union-attr]
+            dirty[key] = None
             self._records.pop(key, None)
+            consumer = _consumer()  # as in __setitem__
+            if consumer is not None:
+                consumer.writes += 1
+            elif self._scheduler._held:  # type: ignore[union-attr]  # set with _dirty
+                self._scheduler.barrier.note_write()  # type: ignore[union-attr]
         else:
             self._life.check("table writes")
         del self._state[key]
 
-    def _append(self, data: bytes) -> None:
-        buf = self._buffer
-        assert buf is not None
-        assert self._scheduler is not None
-        self._scheduler.append_framed(buf, data)  # refused once the run ended: nothing buffered
-        self._deltas += 1
-
     def request_compaction(self) -> None:
         """Fold this table's deltas into a snapshot in the next commit."""
         self._compact_requested = True
+
+    def _take_dirty(self) -> SnapshotBuilder | None:
+        """Called by the scheduler at a cut (``DeltaSource``): hands over the keys changed
+        since the last cut, in O(1), as the builder that frames their deltas after the cut.
+
+        The handed-over dict is never written again, so the builder frames each key's
+        record as it was at the cut, whatever the table does meanwhile.
+        """
+        dirty = self._dirty
+        if not dirty:
+            return None
+        self._dirty = {}
+        self._deltas += len(dirty)
+        return functools.partial(self._frame, _delta_records(dirty))
 
     def _snapshot(self) -> SnapshotBuilder | None:
         """Called by the scheduler while cutting a commit; no await between cut and this.
 
         Takes the records as they are at the cut (one C-level copy of the references) and
         returns the builder that frames them, which the scheduler awaits after the cut.
+        The scheduler then drops this cut's deltas of the table: the snapshot holds them.
         """
         wants = self._compact_requested or (
             self._deltas >= _AUTO_COMPACT_MIN_DELTAS
@@ -199,11 +251,11 @@ class Table(MutableMapping[str, Any]):
             return None
         self._compact_requested = False
         self._deltas = 0
-        return functools.partial(self._frame_snapshot, list(self._records.values()))
+        return functools.partial(self._frame, list(self._records.values()))
 
-    async def _frame_snapshot(self, records: list[bytes]) -> list[tuple[bytearray, int]]:
-        """Frame ``records`` as snapshot segment bodies, in steps that yield to the loop
-        (framing a million records took about half a second in one go)."""
+    async def _frame(self, records: Iterable[bytes]) -> list[tuple[bytearray, int]]:
+        """Frame ``records`` as segment bodies, in steps that yield to the loop (framing a
+        million records took about half a second in one go)."""
         # Cut into segments of the usual size, so a big table is no bigger a segment.
         bodies: list[tuple[bytearray, int]] = []
         body, count = bytearray(), 0
@@ -219,3 +271,14 @@ class Table(MutableMapping[str, Any]):
         if count or not bodies:
             bodies.append((body, count))  # an empty table is an empty snapshot segment
         return bodies
+
+
+def _delta_records(dirty: dict[str, bytes | None]) -> Iterator[bytes]:
+    """Each changed key's delta: its last record, or ``[key]`` if it was deleted last.
+
+    One per key, so their order does not matter; replay applies a commit's deltas after
+    the earlier commits' ones.
+    """
+    dumps = orjson.dumps
+    for key, record in dirty.items():
+        yield dumps([key]) if record is None else record
