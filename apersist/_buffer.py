@@ -44,9 +44,9 @@ class LogBuffer:
     block reused.
     """
 
-    __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "name", "offset",
-                 "open_bytes", "open_count", "open_json", "open_ms", "open_offsets",
-                 "recorded_offset", "sealed", "size")
+    __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "live_ms",
+                 "live_offsets", "live_values", "name", "offset", "open_bytes", "open_count",
+                 "open_json", "open_ms", "open_offsets", "recorded_offset", "sealed", "size")
 
     def __init__(self, kind: str, name: str) -> None:
         self.kind = kind
@@ -71,6 +71,46 @@ class LogBuffer:
         # knows of pending data; taken back (an empty range) at each cut and when the run
         # stops persisting, so that the next event goes through ``add_event`` again.
         self.fast_from_ns = self.fast_until_ns = 0
+        # Live source events of one millisecond (``time_ms`` = live_ms), after every event
+        # of the open batch: their JSON and their offsets' (b"" for none). A live source
+        # appends to these two lists itself (Stream._source), two list appends per event;
+        # the scheduler folds them into one batch record (``fold_live``) before anything
+        # else is added to this log, and at every cut. Cleared in place, never replaced:
+        # the source keeps the lists.
+        self.live_values: list[bytes] = []
+        self.live_offsets: list[bytes] = []
+        self.live_ms = 0
+
+    def start_live(self, value: bytes, offset: bytes, time_ms: int) -> None:
+        """Start the live lists with one event (the open batch is framed: it comes first)."""
+        self.live_values.append(value)
+        self.live_offsets.append(offset)
+        self.live_ms = time_ms
+        self.revoke_fast()  # record() must not add events after these to the open batch
+
+    def fold_live(self) -> tuple[int, int]:
+        """Frame the live events as one record; returns (bytes added, events)."""
+        values, offsets = self.live_values, self.live_offsets
+        count = len(values)
+        if not count:
+            return 0, 0
+        newest = next((off for off in reversed(offsets) if off), b"")
+        if count == 1:
+            value, offset = values[0], offsets[0]
+        else:
+            value = b"[%b]" % b",".join(values)
+            offset = b"[%b]" % b",".join([off or b"null" for off in offsets]) if newest else b""
+        if newest:
+            self.offset = self.recorded_offset = newest
+        nbytes = self.append_framed(value, offset, self.live_ms, count)
+        values.clear()
+        offsets.clear()
+        return nbytes, count
+
+    @property
+    def newest_offset(self) -> bytes | None:
+        """The newest offset this run recorded for the log (JSON), live events included."""
+        return next((off for off in reversed(self.live_offsets) if off), self.recorded_offset)
 
     def allow_fast(self, time_ms: int) -> None:
         """Let ``Stream.record`` append the rest of millisecond ``time_ms`` by itself."""

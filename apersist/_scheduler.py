@@ -139,6 +139,8 @@ class Scheduler:
         consumer = CONSUMER.get()
         if consumer is not None:
             consumer.writes += 1
+        if buf.live_values:
+            self.frame(buf)  # live source events came first
         size = len(value) + len(offset)
         if time_ms != buf.open_ms or (size >= self.open_budget and buf.open_count):
             self.frame(buf)
@@ -159,13 +161,33 @@ class Scheduler:
         return self.over_limit
 
     def frame(self, buf: LogBuffer) -> bool:
-        """Frame ``buf``'s open batch and account for it; return whether over the bound."""
+        """Frame ``buf``'s open batch, then its live source events, and account for them;
+        return whether over the bound."""
+        over = False
         nbytes, count = buf.frame_open()
-        return self._account(buf, nbytes, count) if count else False
+        if count:
+            over = self._account(buf, nbytes, count)
+        if buf.live_values:
+            nbytes, count = buf.fold_live()
+            over = self._account(buf, nbytes, count)
+        return over
+
+    def add_live(self, buf: LogBuffer, value: bytes, offset: bytes, time_ms: int) -> bool:
+        """Add one small live source event: what is pending in ``buf`` is framed, and the
+        event starts its live lists, which the source then fills by itself for the rest of
+        the millisecond (see ``LogBuffer.live_values``). Returns whether over the bound."""
+        if self._unusable is not None:
+            raise self._unusable
+        over = self.frame(buf) if buf.open_count or buf.live_values else False
+        buf.start_live(value, offset, time_ms)
+        if not self._pending_signalled:
+            self._pending_signalled = True
+            self._pending_event.set()
+        return over or self.over_limit
 
     def _frame_all(self) -> None:
         for buf in self._buffers.values():
-            if buf.open_count:
+            if buf.open_count or buf.live_values:
                 self.frame(buf)
 
     def append_framed(self, buf: LogBuffer, value: bytes, offset: bytes = b"", time_ms: int = 0,
@@ -183,6 +205,8 @@ class Scheduler:
         consumer = CONSUMER.get()
         if consumer is not None:
             consumer.writes += 1
+        if buf.live_values:
+            self.frame(buf)  # live source events came first
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
@@ -311,14 +335,15 @@ class Scheduler:
     @property
     def has_pending(self) -> bool:
         return (self.appended > self.durable or self._reset_pending or self._forced
-                or any(buf.open_count for buf in self._buffers.values()))
+                or any(buf.open_count or buf.live_values for buf in self._buffers.values()))
 
     def stats(self) -> dict[str, int | float]:
         """A snapshot of the counters behind ``Run.stats``."""
         # Open batches are not accounted yet (see Scheduler.frame): counted here as well,
         # without framing them, so that reading the counters changes nothing.
-        open_count = sum(buf.open_count for buf in self._buffers.values())
-        open_bytes = sum(len(buf.open_json) - 1 for buf in self._buffers.values())
+        open_count = sum(buf.open_count + len(buf.live_values) for buf in self._buffers.values())
+        open_bytes = sum(len(buf.open_json) - 1 + sum(map(len, buf.live_values))
+                         for buf in self._buffers.values())
         recorded = self.appended + open_count
         return {
             "deltas_recorded": recorded,

@@ -298,7 +298,7 @@ class Stream:
         """The newest offset this run recorded for this stream, else ``offset``."""
         raw: bytes | None = None
         if self._buffer is not None:
-            raw = self._buffer.recorded_offset
+            raw = self._buffer.newest_offset
         elif self._scheduler is not None:
             raw = self._scheduler.recorded_offsets.get(self.name)
         return self.offset if raw is None else _loads(raw)
@@ -417,7 +417,7 @@ class Stream:
         """
         self._life.check("source()")
         earlier = self._holding
-        if earlier is not None and self._scheduler is not None:
+        if earlier is not None and not earlier.settled and self._scheduler is not None:
             # The consumer of an earlier call left it holding an event and has moved on: the
             # event is settled now (kept unless its task was interrupted), before this call
             # records anything after it.
@@ -484,9 +484,12 @@ class Stream:
             clock_ns = self._clock_ns
             where = self._where
             fast_bytes = self._fast_bytes
-            # The open batch's text, as the buffer has it now (the scheduler replaces both
-            # bytearrays when it frames the batch: compared before each use).
-            open_json = open_offsets = None
+            live_values: list[bytes] = buf.live_values if buf is not None else []
+            live_offsets: list[bytes] = buf.live_offsets if buf is not None else []
+            live_ms = -1
+            # The stream's hold while this call is live: held while not settled (a later
+            # source() call settles it, see _take_over).
+            self._holding = held
             yielded = clock_ns() if wall else time.monotonic_ns()
             async for item in iterator:
                 if generation != self._source_gen:
@@ -515,17 +518,17 @@ class Stream:
                 # commit then holds the event together with the state the consumer derived
                 # from it, and a consumer interrupted part-way leaves it out of the final
                 # commit (see _barrier). SourceBarrier.hold, inlined for the usual case:
-                # the same task, with the same Consumer, as for the event before.
-                task = task_now()
+                # the same Consumer as for the event before, so the same task (a task has
+                # a Consumer of its own, made at its first hold; a task that inherited its
+                # parent's context, as asyncio.wait_for's does, counts as that parent).
                 consumer = held.consumer
-                if task is not held.task or consumer is None or consumer_of() is not consumer:
-                    barrier.hold(held, task, data, off, time_ms)
+                if consumer is None or consumer_of() is not consumer:
+                    barrier.hold(held, task_now(), data, off, time_ms)
                 else:
                     held.mark = consumer.writes
                     held.settled = False
                     held.value, held.offset, held.time_ms = data, off, time_ms
                     holds.add(held)
-                self._holding = held
                 try:
                     yield _new_event(Event, (value, offset, time_ms, False))
                 except BaseException:
@@ -533,33 +536,24 @@ class Stream:
                     raise
                 # The consumer asks for the next event: the event is buffered now
                 # (SourceBarrier.release, inlined), unless a cut decided on it meanwhile.
-                self._holding = None
                 if barrier._cut_barrier is not None:
                     barrier.changed()  # a cut waits for holds: it looks again
                 if not held.settled:
                     held.settled = True
-                    count = buf.open_count if buf is not None else 0
-                    # Into the open batch by itself when the scheduler need not see it:
-                    # as record()'s fast path, with the offset beside it (the one other
-                    # place outside _buffer that writes a LogBuffer's open batch).
-                    if (0 < count < _LIVE_LIMIT and time_ms == buf.open_ms  # type: ignore[union-attr]
-                            and open_json is buf.open_json  # type: ignore[union-attr]
-                            and open_offsets is buf.open_offsets  # type: ignore[union-attr]
-                            and open_offsets is not None and len(data) <= fast_bytes
-                            and scheduler._unusable is None):
-                        open_json += data
-                        open_json.append(44)  # ","
-                        if off:
-                            open_offsets += off
-                            buf.offset = buf.recorded_offset = off  # type: ignore[union-attr]
-                        else:
-                            open_offsets += b"null"
-                        open_offsets.append(44)
-                        buf.open_count = count + 1  # type: ignore[union-attr]
+                    # Into the stream's live lists by itself while the scheduler need not see
+                    # it: two list appends (LogBuffer.live_values; folded into one record
+                    # before anything else touches the log, and at every cut).
+                    count = len(live_values)
+                    if (0 < count < _LIVE_LIMIT and time_ms == live_ms
+                            and len(data) <= fast_bytes and scheduler._unusable is None):
+                        live_values.append(data)
+                        live_offsets.append(off)
                     else:
-                        over = scheduler._buffer_held(held)
-                        if buf is not None:
-                            open_json, open_offsets = buf.open_json, buf.open_offsets
+                        if buf is not None and len(data) <= fast_bytes:
+                            over = scheduler.add_live(buf, data, off, time_ms)
+                            live_ms = time_ms
+                        else:  # a large event (a record of its own), or offsets only
+                            over = scheduler._buffer_held(held)
                         if over:
                             await scheduler.wait_capacity()
                             continue

@@ -159,6 +159,14 @@ class Table(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return key in self._state
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """``table[key]`` if ``key`` is in the table, else ``default``.
+
+        Mapping's own ``get`` calls ``__getitem__`` inside a ``try``: three Python steps
+        where the dict's ``get`` is one C call, in the loop body of the job users run.
+        """
+        return self._state.get(key, default)
+
     def __setitem__(self, key: str, value: Any) -> None:
         # The hot path: about three dict writes and one dumps (docs/performance.md,
         # "Table writes"). dumps_value and checked_json are inlined for the common case.
@@ -189,13 +197,9 @@ class Table(MutableMapping[str, Any]):
             # and data[:] return data itself.
             dirty[key] = self._records[key] = b"%b" % data
             # A live source event held by this task is committed with this change.
-            # (The elif is the old mark, for sources that do not set CONSUMER yet: it goes
-            # with Scheduler._held when the barrier's source side reads CONSUMER.)
             consumer = _consumer()
             if consumer is not None:
                 consumer.writes += 1
-            elif self._scheduler._held:  # type: ignore[union-attr]  # set with _dirty
-                self._scheduler.barrier.note_write()  # type: ignore[union-attr]
         else:
             self._life.check("table writes")  # nothing is recorded here; say so all the same
         self._state[key] = value
@@ -213,8 +217,6 @@ class Table(MutableMapping[str, Any]):
             consumer = _consumer()  # as in __setitem__
             if consumer is not None:
                 consumer.writes += 1
-            elif self._scheduler._held:  # type: ignore[union-attr]  # set with _dirty
-                self._scheduler.barrier.note_write()  # type: ignore[union-attr]
         else:
             self._life.check("table writes")
         del self._state[key]
