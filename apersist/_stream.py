@@ -193,7 +193,9 @@ class Stream:
                 await yield_to_loop()
                 self._yielded_ns = time.time_ns()
             return
-        if data.partition(b"null")[1]:  # partition: the cheapest substring test (see _values)
+        # A "null" (orjson's NaN and infinity) needs a "u": `117 in data` is one memchr,
+        # cheaper than the substring test, which runs only then.
+        if 117 in data and data.partition(b"null")[1]:
             checked_json(data, value, self._where)  # raises for NaN or infinity
         # LogBuffer.append, inlined for an event without an offset: the one place outside
         # _buffer that writes a LogBuffer's fields, kept because record() is the hottest
@@ -508,8 +510,11 @@ class Stream:
                     data = _dumps(value)
                 except TypeError as exc:
                     raise unserializable(where, exc) from None
-                if data.partition(b"null")[1]:
-                    checked_json(data, value, where)  # raises for NaN or infinity
+                # checked_json's tests, when they can fail: a "null" (orjson's NaN and
+                # infinity) needs a "u", and `117 in data` is one memchr; a large value
+                # may pass the record size.
+                if len(data) > fast_bytes or (117 in data and data.partition(b"null")[1]):
+                    checked_json(data, value, where)  # NaN, infinity, too long: raises
                 now = clock_ns()
                 time_ms = now // 1_000_000
                 if scheduler._unusable is not None:
