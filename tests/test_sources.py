@@ -12,6 +12,7 @@ import pytest
 from helpers import replayed
 
 import apersist
+import apersist._values
 from apersist.testing import FakeClock
 
 
@@ -297,3 +298,24 @@ async def test_a_source_left_mid_way_does_not_block_the_next_one(backend: apersi
     async with apersist.run(cfg) as run:
         assert [e.offset async for e in run.source("first", never)] == [0, 1, 2]
         assert [e.offset async for e in run.source("second", never)] == list(range(5))
+
+
+async def test_a_live_value_past_the_record_size_raises_value_error_naming_the_stream(
+        backend: apersist.Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apersist._values, "MAX_JSON_BYTES", 100_000)
+
+    async def read(offset: Any) -> AsyncIterator[Any]:
+        yield "small", 1
+        yield "x" * 200_000, 2
+
+    seen: list[Any] = []
+
+    async def consume(run: apersist.Run) -> None:
+        async for event in run.source("items", read):
+            seen.append(event.value)
+
+    async with apersist.run(apersist.Config(backend)) as run:
+        with pytest.raises(ValueError, match=r"too large to store for stream 'items'"):
+            await consume(run)
+    assert seen == ["small"]
+    assert [e.value for e in await replayed(backend, "items")] == ["small"]
