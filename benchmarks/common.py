@@ -406,6 +406,8 @@ class Settings:
     backend_events: int  # record/replay on S3 and Azure
     backends: tuple[str, ...]
     history_commits: tuple[int, ...] = (1000, 5000, 20000)  # open and replay against history
+    job_rows: int = 1_000_000  # the headline job (job.py)
+    peers: bool = False  # run the job in Pathway 0.33.0 too (peers/)
 
     @property
     def warmup_events(self) -> int:

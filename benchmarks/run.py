@@ -2,6 +2,7 @@
 
     python -m benchmarks                      # full size (1M events; S3 and Azure included)
     python -m benchmarks --quick              # smoke run, seconds (CI)
+    python -m benchmarks --only job --peers   # the headline job, Pathway 0.33.0 beside it
     python -m benchmarks --only record,commit --events 200000 --backends filesystem
 
 Writes ``benchmarks/results/latest.json`` (every sample, the machine, load and GC state),
@@ -27,17 +28,18 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ("record", "replay", "commit", "stall", "memory", "table", "cached", "state",
+WORKLOADS = ("job", "record", "replay", "commit", "stall", "memory", "table", "cached", "state",
              "history", "backends")
 BACKENDS = ("filesystem", "s3", "azure")
 FULL = {"events": 1_000_000, "repeats": 3, "batch": 1024, "streams": 16, "commit_samples": 200,
         "producers": "1,8,64", "memory_events": "1000000,10000000",
         "table_sizes": "1000,10000,100000,1000000", "state_keys": "100000,1000000",
-        "cache_calls": 20_000, "backend_events": 200_000, "history_commits": "1000,5000,20000"}
+        "cache_calls": 20_000, "backend_events": 200_000, "history_commits": "1000,5000,20000",
+        "job_rows": 1_000_000}
 QUICK = {"events": 20_000, "repeats": 2, "batch": 1024, "streams": 16, "commit_samples": 10,
          "producers": "1,8,64", "memory_events": "10000,100000", "table_sizes": "100,1000,3000",
          "state_keys": "2000,20000", "cache_calls": 2_000, "backend_events": 2_000,
-         "history_commits": "100,400"}
+         "history_commits": "100,400", "job_rows": 20_000}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -72,7 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", type=name_list(BACKENDS), default=None,
                         help="comma-separated: filesystem,s3,azure (default all; filesystem with "
                              "--quick); s3 and azure start moto_server / Azurite on 127.0.0.1")
+    parser.add_argument("--peers", action="store_true",
+                        help="also run the job workload in Pathway 0.33.0, in a virtualenv made "
+                             "on first use under .cache/peers/ (pip install pathway==0.33.0)")
     knobs = parser.add_argument_group("size knobs (defaults: full size; smaller with --quick)")
+    knobs.add_argument("--job-rows", type=int, help=f"rows of the job workload "
+                                                    f"({FULL['job_rows']:,}; {QUICK['job_rows']:,})")
     knobs.add_argument("--events", type=int, help=f"events for record, replay and stall "
                                                   f"({FULL['events']:,}; {QUICK['events']:,})")
     knobs.add_argument("--repeats", type=int, help="repeats per contender, median reported (3; 2)")
@@ -116,7 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, int_list(default) if isinstance(default, str) else default)
     for key in ("events", "repeats", "batch", "streams", "commit_samples", "cache_calls",
-                "backend_events"):
+                "backend_events", "job_rows"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.events < 5:

@@ -22,6 +22,7 @@ from .common import (
     make_values,
     workload_scope,
 )
+from .job import section_job
 from .memory import section_memory
 from .state import section_state
 
@@ -50,7 +51,8 @@ def make_settings(args: argparse.Namespace, root: Path) -> Settings:
                     table_sizes=args.table_sizes, state_keys=args.state_keys,
                     cache_calls=args.cache_calls,
                     backend_events=args.backend_events, backends=args.backends,
-                    history_commits=args.history_commits)
+                    history_commits=args.history_commits, job_rows=args.job_rows,
+                    peers=args.peers)
 
 
 async def record_replay(values: list[Any], floor: RecordFloor, settings: Settings, stores: Stores,
@@ -62,6 +64,9 @@ async def record_replay(values: list[Any], floor: RecordFloor, settings: Setting
 
 async def filesystem_workloads(settings: Settings, only: tuple[str, ...], stores: Stores,
                                report: Report) -> None:
+    if "job" in only:  # the headline: first, on a clean heap
+        with workload_scope(report, "job"):
+            await guarded(report, "job", section_job(settings, stores, report))
     if {"record", "replay", "stall"} & set(only):
         log(f"building {settings.events:,} values")
         values = make_values(settings.events)
