@@ -1,4 +1,4 @@
-"""The filesystem workloads: record, replay, commit latency, stall, table rebuild, ``@cached``.
+"""The filesystem workloads: record, replay, commit latency, table rebuild, ``@cached``.
 
 Every workload runs apersist and its baselines (``baselines.py``) over the same values in
 the same batches, interleaved repeat by repeat with the order rotated, after a warm-up.
@@ -39,12 +39,10 @@ from .common import (
     Settings,
     Stores,
     Target,
-    Window,
     log,
     median,
     percentile,
     rotated,
-    ticking,
     timed_ms,
 )
 
@@ -52,9 +50,6 @@ RECORD_FLOOR_TARGET = 0.5  # record and replay: at least half the floor's rate
 VS_AIOFILES_TARGET = 2.0
 VS_SQLITE_TARGET = 5.0
 COMMIT_FSYNCS_TARGET = 3.0  # commit latency p50 within 3 fsyncs
-STALL_TARGET_MS = 5.0
-STALL_BATCHES = 5  # explicit-commit stall: N/5 events per committed batch
-YIELD_EVERY = 256  # group-commit stall: the producer yields to the loop this often
 SMALL_VALUE = {"user": "u1", "n": 1, "ok": True}
 SMALL_FILE = orjson.dumps(SMALL_VALUE) * 4  # about the size of a 1-event segment
 LATENCY_SLICES = 10  # a repeat's commit samples are taken in this many interleaved slices
@@ -512,130 +507,6 @@ async def section_commit_latency(settings: Settings, stores: Stores, report: Rep
                         d["bare"])], targets,
                 note=f"{producers * per_slice * slices} samples per contender per repeat"))
     report.series["commit_latency"] = plot
-
-
-# --------------------------------------------------------------------------- stall
-
-
-async def stall_explicit(root: Path, values: Values, batches_: int) -> tuple[list[float], list[Window]]:
-    """Ticker lag (ms) during explicit commits of ``len(values) / batches_`` events each.
-
-    Only commits count: the record loop never yields, so the lateness it causes belongs
-    to the producer, and the windows open after it.
-    """
-    size = max(1, len(values) // batches_)
-    windows: list[Window] = []
-    # A long interval: only the explicit commits write.
-    async with apersist.run(config(root, snapshot_interval_ms=3_600_000)) as run, ticking() as ticker:
-        record = run.stream(STREAM).record
-        for first in range(0, size * batches_, size):
-            for value in values[first:first + size]:
-                await record(value)
-            opened = await ticker.resync()
-            await run.commit()
-            windows.append((opened, time.perf_counter()))
-            await ticker.resync()
-    return ticker.lags_ms(windows), windows
-
-
-async def stall_idle(duration: float) -> list[float]:
-    """Ticker lag (ms) on an idle loop for ``duration`` seconds: the machine's noise."""
-    async with ticking() as ticker:
-        opened = await ticker.resync()
-        await asyncio.sleep(duration)
-        window = (opened, time.perf_counter())
-        await ticker.resync()
-    return ticker.lags_ms([window])
-
-
-async def produce(values: Values, sink: Callable[[Any], Any], *, awaited: bool) -> None:
-    """Feed ``values`` to ``sink``, yielding to the loop every ``YIELD_EVERY`` values."""
-    for first in range(0, len(values), YIELD_EVERY):
-        if awaited:
-            for value in values[first:first + YIELD_EVERY]:
-                await sink(value)
-        else:
-            for value in values[first:first + YIELD_EVERY]:
-                sink(value)
-        await asyncio.sleep(0)
-
-
-async def stall_group_commit(root: Path, values: Values) -> tuple[list[float], int]:
-    """Ticker lag (ms) while a yielding producer records and group commit runs behind it."""
-    async with apersist.run(config(root, snapshot_interval_ms=0)) as run, ticking() as ticker:
-        opened = await ticker.resync()
-        await produce(values, run.stream(STREAM).record, awaited=True)
-        await run.commit()
-        window = (opened, time.perf_counter())
-        await ticker.resync()
-        commits = int(run.stats["commits"])
-    return ticker.lags_ms([window]), commits
-
-
-async def stall_producer_only(values: Values) -> list[float]:
-    """Ticker lag (ms) behind the same producer when it only serializes into a buffer.
-
-    A bytearray, not a list: kept orjson results would make the heap's state, not the
-    producer, set the number (see ``RecordFloor``).
-    """
-    buffer = bytearray()
-    dumps = orjson.dumps
-
-    def sink(value: Any) -> None:
-        buffer.extend(dumps(value))
-
-    async with ticking() as ticker:
-        opened = await ticker.resync()
-        await produce(values, sink, awaited=False)
-        window = (opened, time.perf_counter())
-        await ticker.resync()
-    return ticker.lags_ms([window])
-
-
-async def section_stall(values: Values, settings: Settings, stores: Stores, report: Report) -> None:
-    reps = settings.repeats
-    batch = len(values) // STALL_BATCHES
-    d: dict[str, list[float]] = {k: [] for k in (
-        "explicit_max", "explicit_p99", "idle_max", "idle_p99", "group_max", "group_p99",
-        "prod_max", "prod_p99")}
-    commits: list[int] = []
-    store = stores.new("stall-warmup")
-    await stall_explicit(store, values[:settings.warmup_events], STALL_BATCHES)
-    stores.drop(store)
-    for rep in range(reps):
-        log(f"stall: repeat {rep + 1}/{reps}")
-        store = stores.new("stall-explicit")
-        lags, windows = await stall_explicit(store, values, STALL_BATCHES)
-        stores.drop(store)
-        d["explicit_max"].append(max(lags, default=0.0))
-        d["explicit_p99"].append(percentile(lags, 99) if lags else 0.0)
-        idle = await stall_idle(sum(b - a for a, b in windows))
-        d["idle_max"].append(max(idle, default=0.0))
-        d["idle_p99"].append(percentile(idle, 99) if idle else 0.0)
-
-        store = stores.new("stall-group")
-        lags, count = await stall_group_commit(store, values)
-        stores.drop(store)
-        d["group_max"].append(max(lags, default=0.0))
-        d["group_p99"].append(percentile(lags, 99) if lags else 0.0)
-        commits.append(count)
-        lags = await stall_producer_only(values)
-        d["prod_max"].append(max(lags, default=0.0))
-        d["prod_p99"].append(percentile(lags, 99) if lags else 0.0)
-    explicit = f"worst loop stall (1 ms ticker), explicit commits of {batch:,}-event batches"
-    group = f"worst loop stall (1 ms ticker), group commit behind a producer yielding every {YIELD_EVERY}"
-    producer = "the same producer serializing into a bytearray"
-    bound = [Target(None, at_most=STALL_TARGET_MS)]
-    report.rows += [
-        Row(f"{explicit}: max", "stall", "ms", Series("max lag", d["explicit_max"], "apersist"),
-            [Series("idle loop, as long", d["idle_max"])], bound),
-        Row(f"{explicit}: p99", "stall", "ms", Series("p99 lag", d["explicit_p99"], "apersist"),
-            [Series("idle loop, as long", d["idle_p99"])]),
-        Row(f"{group}: max", "stall", "ms", Series("max lag", d["group_max"], "apersist"),
-            [Series(producer, d["prod_max"])], bound, note=f"commits per run: {commits}"),
-        Row(f"{group}: p99", "stall", "ms", Series("p99 lag", d["group_p99"], "apersist"),
-            [Series(producer, d["prod_p99"])]),
-    ]
 
 
 # --------------------------------------------------------------------------- table rebuild

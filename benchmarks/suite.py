@@ -24,6 +24,7 @@ from .common import (
 )
 from .job import section_job
 from .memory import section_memory
+from .stall import section_stall
 from .state import section_state
 
 LOADED = 0.25  # a 1-minute load average above this share of the cores marks a loaded run
@@ -84,7 +85,7 @@ async def filesystem_workloads(settings: Settings, only: tuple[str, ...], stores
                 del floor
         if "stall" in only:
             with workload_scope(report, "stall"):
-                await guarded(report, "stall", core.section_stall(values, settings, stores, report))
+                await guarded(report, "stall", section_stall(values, settings, stores, report))
         del values
         gc.unfreeze()
         gc.collect()
