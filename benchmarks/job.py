@@ -104,7 +104,7 @@ async def batched(root: Path, rows: int) -> dict[str, float]:
     started, cpu = time.perf_counter(), time.thread_time()
     async with apersist.run(config(root)) as run:
         t = await run.table(TABLE)
-        source = run.source_batches  # type: ignore[attr-defined]
+        source = run.source_batches
         async for batch in source(SOURCE, batch_reader(rows)):
             if batch.replayed:
                 continue

@@ -73,7 +73,7 @@ def record_many_path(values: Values) -> Path_:
     chunks = [values[i:i + CHUNK] for i in range(0, len(values), CHUNK)]
 
     async def produce(run: apersist.Run) -> None:
-        record_many = run.stream(STREAM).record_many  # type: ignore[attr-defined]
+        record_many = run.stream(STREAM).record_many
         for chunk in chunks:
             await record_many(chunk)
     return produce
@@ -105,7 +105,7 @@ def source_batches_path(rows: int) -> Path_:
     """The job's batch form: each batch summed into a dict, then written key by key."""
     async def produce(run: apersist.Run) -> None:
         t = await run.table(job.TABLE)
-        async for batch in run.source_batches(job.SOURCE, job.batch_reader(rows)):  # type: ignore[attr-defined]
+        async for batch in run.source_batches(job.SOURCE, job.batch_reader(rows)):
             sums: dict[int, list[int]] = {}
             for v in batch.values:
                 s = sums.setdefault(v["k"], [0, 0])
