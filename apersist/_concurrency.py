@@ -5,18 +5,54 @@ groups."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
 
 _T = TypeVar("_T")
 
-__all__ = ["cancelled_by_another_task", "current_task_getter", "gather_bounded",
-           "unwrap_group"]
+__all__ = ["brisk_thread_switching", "cancelled_by_another_task", "current_task_getter",
+           "gather_bounded", "unwrap_group"]
+
+#: The interpreter's switch interval while worker threads do a run's file I/O.
+BRISK_SWITCH_S = 0.0005
+_brisk_users = 0
+_brisk_saved: float | None = None
+
+
+@contextlib.contextmanager
+def brisk_thread_switching() -> Iterator[None]:
+    """While a worker thread does a run's file I/O, shorten the interpreter's switch interval.
+
+    A worker thread writing a file takes the GIL back after each system call (open, write,
+    fsync, rename), and while the event loop's thread runs Python without a pause (a
+    source loop over buffered input), each take waits out the whole switch interval
+    (5 ms by default): a commit's few dozen system calls then took 100-250 ms, and a
+    periodic commit every 100 ms fell behind. At 0.5 ms it takes about 40 ms. Set while at
+    least one such call is in flight, restored after the last one, and only if it was
+    longer and nobody has changed it meanwhile.
+    """
+    global _brisk_users, _brisk_saved
+    if _brisk_users == 0:
+        current = sys.getswitchinterval()
+        _brisk_saved = current if current > BRISK_SWITCH_S else None
+        if _brisk_saved is not None:
+            sys.setswitchinterval(BRISK_SWITCH_S)
+    _brisk_users += 1
+    try:
+        yield
+    finally:
+        _brisk_users -= 1
+        if _brisk_users == 0 and _brisk_saved is not None:
+            # Python stores the interval in microseconds: compare at that precision.
+            if round(sys.getswitchinterval() * 1e6) == round(BRISK_SWITCH_S * 1e6):
+                sys.setswitchinterval(_brisk_saved)
+            _brisk_saved = None
 
 
 def current_task_getter() -> Callable[[], asyncio.Task[Any] | None]:

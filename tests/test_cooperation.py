@@ -187,3 +187,41 @@ async def test_periodic_commits_land_during_a_loop_that_never_yields(interval_ms
         during = run.stats["commits"] - before
     # About _LOOP_S / interval (8); a commit that waited for the loop to end would be 0.
     assert during >= 3, f"{during} commits landed during a {_LOOP_S}s loop"
+
+
+def test_brisk_thread_switching_shortens_the_interval_and_restores_it() -> None:
+    import sys
+
+    from apersist._concurrency import BRISK_SWITCH_S, brisk_thread_switching
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        with brisk_thread_switching():
+            assert sys.getswitchinterval() == pytest.approx(BRISK_SWITCH_S)
+            with brisk_thread_switching():  # nested: the outer one restores
+                pass
+            assert sys.getswitchinterval() == pytest.approx(BRISK_SWITCH_S)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        # Set by the application meanwhile: left as the application set it.
+        with brisk_thread_switching():
+            sys.setswitchinterval(0.002)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        # Already shorter: left alone.
+        sys.setswitchinterval(0.0001)
+        with brisk_thread_switching():
+            assert sys.getswitchinterval() == pytest.approx(0.0001)
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
+
+
+async def test_a_filesystem_run_leaves_the_switch_interval_as_it_found_it(tmp_path: Any) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(str(tmp_path)))) as run:
+        for i in range(50):
+            await run.stream("s").record(row(i), offset=i)
+            await run.commit()
+    assert sys.getswitchinterval() == before

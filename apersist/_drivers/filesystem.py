@@ -27,6 +27,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
+from .._concurrency import brisk_thread_switching
 from .._errors import BackendError
 from .base import (
     Capabilities,
@@ -113,7 +114,8 @@ class FilesystemDriver:
         if self._closed:
             raise closed_error(self.name, f"root={self._root}")
         try:
-            return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+            with brisk_thread_switching():
+                return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
         except (ObjectExistsError, ObjectNotFoundError, ValueError):
             raise
         except OSError as exc:
