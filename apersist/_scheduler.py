@@ -1,6 +1,7 @@
 """The snapshot scheduler: batches -> segments -> concurrent uploads -> one atomic commit.
 
-Recording appends framed bytes to a per-log ``LogBuffer`` (no awaiting, no I/O). The
+Recording appends framed bytes to a per-log ``LogBuffer`` (no awaiting, no I/O); a table
+keeps the keys it changed and hands them over at the cut (``register_deltas``). The
 scheduler, one coroutine per run, cuts every non-empty buffer into immutable segments,
 uploads them concurrently through the store and then writes the commit that names them.
 With ``snapshot_interval_ms == 0`` it commits as soon as the previous commit has finished

@@ -124,6 +124,8 @@ class RunMachine(RuleBasedStateMachine):
         self.current = State()
         self.acked = State()
         self.pending_deltas = 0
+        # Table keys changed since the last commit: a commit persists one delta per key.
+        self.changed_keys: set[tuple[str, str]] = set()
         self.last_seq = 0
         # The run lives in one task of the portal's loop, entered and left by that task.
         self._portal_cm = anyio.from_thread.start_blocking_portal()
@@ -157,6 +159,7 @@ class RunMachine(RuleBasedStateMachine):
         self.run = self._run_cm.__enter__()
         self.open_tables = set()
         self.pending_deltas = 0
+        self.changed_keys = set()
         self.last_seq = int(self.run.stats["last_seq"])
         self._call(self._check_streams, self.run)
 
@@ -267,7 +270,7 @@ class RunMachine(RuleBasedStateMachine):
 
         self._call(set_item)
         self.current.tables[table][key] = value
-        self.pending_deltas += 1
+        self.changed_keys.add((table, key))
 
     @rule(table=st.sampled_from(TABLES), key=st.sampled_from(KEYS))
     def delete_key(self, table: str, key: str) -> None:
@@ -284,15 +287,16 @@ class RunMachine(RuleBasedStateMachine):
         assert deleted == (key in self.current.tables[table])
         if deleted:
             del self.current.tables[table][key]
-            self.pending_deltas += 1
+            self.changed_keys.add((table, key))
 
     @rule()
     def commit(self) -> None:
         assert self.run is not None
         info = self._call(self.run.commit)
-        assert info.deltas == self.pending_deltas
+        pending = self.pending_deltas + len(self.changed_keys)
+        assert info.deltas == pending
         # A new number only when there was something to commit.
-        assert (info.seq > self.last_seq) if self.pending_deltas else (info.seq == self.last_seq)
+        assert (info.seq > self.last_seq) if pending else (info.seq == self.last_seq)
         self.last_seq = info.seq
         self._acknowledge()
 
@@ -312,6 +316,7 @@ class RunMachine(RuleBasedStateMachine):
     def _acknowledge(self) -> None:
         self.acked = copy.deepcopy(self.current)
         self.pending_deltas = 0
+        self.changed_keys = set()
 
     @rule(crash=st.booleans(), open_crash=st.none() | st.sampled_from(OPEN_POINTS))
     def reopen(self, crash: bool, open_crash: str | None) -> None:
@@ -327,7 +332,7 @@ class RunMachine(RuleBasedStateMachine):
             self._open(open_crash)
 
     # Only with something to commit: otherwise a commit writes nothing to crash in.
-    @precondition(lambda self: self.pending_deltas > 0)
+    @precondition(lambda self: self.pending_deltas > 0 or self.changed_keys)
     @rule(point=st.sampled_from(COMMIT_POINTS), nth=st.integers(1, 3), by_compact=st.booleans(),
           open_crash=st.none() | st.sampled_from(OPEN_POINTS))
     def crash_in_commit(self, point: str, nth: int, by_compact: bool,
