@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -25,7 +25,7 @@ import anyio
 
 from ._buffer import LogBuffer
 
-__all__ = ["CONSUMER", "Consumer", "Held", "SourceBarrier"]
+__all__ = ["CONSUMER", "Consumer", "Held", "SourceBarrier", "claim_consumer"]
 
 logger = logging.getLogger("apersist")
 
@@ -56,6 +56,51 @@ class Consumer:
 #: live event. Writers do ``consumer = CONSUMER.get(); if consumer is not None:
 #: consumer.writes += 1``.
 CONSUMER: ContextVar[Consumer | None] = ContextVar("apersist_consumer", default=None)
+
+
+def claim_consumer() -> None:
+    """Make the current task a consumer (``run.source()`` calls this in the task that calls
+    it), so that a task it starts to fetch the source's next event inherits its
+    ``Consumer`` (see ``SourceBarrier.hold``)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop
+        return
+    if task is None:
+        return
+    consumer = CONSUMER.get()
+    if consumer is None or consumer.task is not task:
+        CONSUMER.set(Consumer(task))
+
+
+async def _one_step() -> AsyncIterator[None]:
+    yield None
+
+
+def _asend_type() -> type:
+    """The type of ``anext(agen)``: an async generator's step, which asyncio runs as a task's
+    coroutine by itself (``ensure_future(anext(it))``)."""
+    agen = _one_step()
+    step = agen.__anext__()
+    step.close()  # type: ignore[attr-defined]
+    return type(step)
+
+
+_ASEND = _asend_type()
+
+
+def _wraps_an_await(task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``task`` runs nothing but one step of an iterator for another task: an async
+    generator's ``anext(it)`` as its coroutine (``asyncio.wait_for(anext(it), t)`` on Python
+    3.11, ``ensure_future``, ``gather``), or asyncio's wrapper of another awaitable."""
+    if task is None:
+        return False
+    coro = task.get_coro()
+    if type(coro) is _ASEND:
+        return True
+    code = getattr(coro, "cr_code", None)
+    return (code is not None and code.co_name == "_wrap_awaitable"
+            and code.co_filename == asyncio.tasks.__file__)
 
 
 class Held:
@@ -116,9 +161,20 @@ class SourceBarrier:
     def hold(self, held: Held, task: asyncio.Task[Any] | None, value: bytes, offset: bytes,
              time_ms: int) -> None:
         """Hold one live event for ``task`` until ``release``: ``held`` is the source's own,
-        reset for this event. The task's ``Consumer`` starts counting its writes."""
+        reset for this event. The task's ``Consumer`` starts counting its writes.
+
+        A task that only wraps the awaiting of the source's next step and hands the event
+        back to the task that made it (``asyncio.wait_for(anext(it), t)`` on Python 3.11,
+        ``ensure_future``, ``gather``) is not the consumer: it ends as soon as the event is
+        handed over, and the loop body runs in its creator, whose ``Consumer`` it inherited
+        (``run.source()`` sets one in the task that calls it). Any other task holds for
+        itself, even one whose context came from another consumer (an iterator handed to
+        a task): it is that task whose cancellation or failure interrupts the body.
+        """
         consumer = CONSUMER.get()
-        if consumer is None or consumer.task is not task:
+        if consumer is not None and consumer.task is not task and _wraps_an_await(task):
+            task = consumer.task
+        elif consumer is None or consumer.task is not task:
             consumer = Consumer(task)
             CONSUMER.set(consumer)
         held.task = task

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
+from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
 from ._config import Config, Retention
@@ -156,6 +157,7 @@ class Run:
         """
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+        claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
         return self.stream(name, retention=retention)._source(
             reader, self._config.continue_after_replay)
 
@@ -175,6 +177,7 @@ class Run:
         """
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+        claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
         return self.stream(name, retention=retention)._source_batches(
             reader, self._config.continue_after_replay)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
@@ -489,6 +490,7 @@ class Stream:
             live_values: list[bytes] = buf.live_values if buf is not None else []
             live_offsets: list[bytes] = buf.live_offsets if buf is not None else []
             live_ms = -1
+            runner: asyncio.Task[Any] | None = None  # the task that ran the last hold()
             # The stream's hold while this call is live: held while not settled (a later
             # source() call settles it, see _take_over).
             self._holding = held
@@ -523,12 +525,15 @@ class Stream:
                 # commit then holds the event together with the state the consumer derived
                 # from it, and a consumer interrupted part-way leaves it out of the final
                 # commit (see _barrier). SourceBarrier.hold, inlined for the usual case:
-                # the same Consumer as for the event before, so the same task (a task has
-                # a Consumer of its own, made at its first hold; a task that inherited its
-                # parent's context, as asyncio.wait_for's does, counts as that parent).
+                # the same task, with the same Consumer, as for the event before. Another
+                # task goes through hold() even with the same Consumer (one inherited with
+                # its context): an iterator handed to a task, or a task that only fetches
+                # the event for its creator (asyncio.wait_for on 3.11), which hold() tells.
                 consumer = held.consumer
-                if consumer is None or consumer_of() is not consumer:
-                    barrier.hold(held, task_now(), data, off, time_ms)
+                task = task_now()
+                if consumer is None or consumer_of() is not consumer or task is not runner:
+                    barrier.hold(held, task, data, off, time_ms)
+                    runner = task
                 else:
                     held.mark = consumer.writes
                     held.settled = False
