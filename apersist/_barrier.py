@@ -111,8 +111,8 @@ class Held:
     an object per event; ``records`` is a batch's framed records, else None.
     """
 
-    __slots__ = ("buf", "closed", "consumer", "mark", "offset", "records", "settled",
-                 "stream", "task", "time_ms", "value", "wrote")
+    __slots__ = ("buf", "buffered", "closed", "consumer", "mark", "offset", "records",
+                 "settled", "stream", "task", "time_ms", "value", "wrote")
 
     def __init__(self, buf: LogBuffer | None, stream: str) -> None:
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
@@ -127,6 +127,9 @@ class Held:
         self.records: list[tuple[bytes, bytes, int]] | None = None
         self.settled = True  # buffered or dropped; a release then does nothing
         self.closed = False  # its source was closed; the next cut decides (close_held)
+        # Buffered ahead of its release, still held: its consumer recorded on the same
+        # stream, which must land after it (Scheduler.add_event). Cuts still wait for it.
+        self.buffered = False
 
     def written(self) -> bool:
         """Whether its task wrote state since the event was handed over."""
@@ -180,7 +183,7 @@ class SourceBarrier:
         held.task = task
         held.consumer = consumer
         held.mark = consumer.writes
-        held.wrote = held.settled = held.closed = False
+        held.wrote = held.settled = held.closed = held.buffered = False
         held.value = value
         held.offset = offset
         held.time_ms = time_ms

@@ -7,7 +7,12 @@ sealing at the segment size) are the scheduler's (``Scheduler.add_event``, ``fra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _format as fmt
+
+if TYPE_CHECKING:
+    from ._barrier import Held
 
 __all__ = ["BATCH_ENTRIES", "LogBuffer"]
 
@@ -46,7 +51,8 @@ class LogBuffer:
 
     __slots__ = ("body", "count", "fast_from_ns", "fast_until_ns", "kind", "live_ms",
                  "live_offsets", "live_values", "name", "offset", "open_bytes", "open_count",
-                 "open_json", "open_ms", "open_offsets", "recorded_offset", "sealed", "size")
+                 "open_json", "open_ms", "open_offsets", "recorded_offset", "sealed", "size",
+                 "source_hold")
 
     def __init__(self, kind: str, name: str) -> None:
         self.kind = kind
@@ -80,6 +86,9 @@ class LogBuffer:
         self.live_values: list[bytes] = []
         self.live_offsets: list[bytes] = []
         self.live_ms = 0
+        # The Held of the source live on this stream, if one is: what its consumer records
+        # on the stream while it holds an event goes after that event.
+        self.source_hold: Held | None = None
 
     def start_live(self, value: bytes, offset: bytes, time_ms: int) -> None:
         """Start the live lists with one event (the open batch is framed: it comes first)."""

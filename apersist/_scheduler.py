@@ -140,6 +140,10 @@ class Scheduler:
         consumer = CONSUMER.get()
         if consumer is not None:
             consumer.writes += 1
+            hold = buf.source_hold
+            if (hold is not None and hold.consumer is consumer and not hold.settled
+                    and not hold.buffered):
+                self._buffer_early(hold)  # the event the consumer works on came first
         if buf.live_values:
             self.frame(buf)  # live source events came first
         size = len(value) + len(offset)
@@ -154,8 +158,9 @@ class Scheduler:
         if not self._pending_signalled:
             self._pending_signalled = True
             self._pending_event.set()
-        # Until the next cut, record() may add this millisecond's events by itself.
-        if buf.open_offsets is None:
+        # Until the next cut, record() may add this millisecond's events by itself (not on
+        # a stream a source feeds: see _buffer_early).
+        if buf.open_offsets is None and buf.source_hold is None:
             buf.allow_fast(time_ms)
         else:
             buf.revoke_fast()
@@ -206,6 +211,10 @@ class Scheduler:
         consumer = CONSUMER.get()
         if consumer is not None:
             consumer.writes += 1
+            hold = buf.source_hold
+            if (hold is not None and hold.consumer is consumer and not hold.settled
+                    and not hold.buffered):
+                self._buffer_early(hold)  # the event the consumer works on came first
         if buf.live_values:
             self.frame(buf)  # live source events came first
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
@@ -458,9 +467,19 @@ class Scheduler:
         self.check_failure()
         return self._last
 
-    def _buffer_held(self, held: Held) -> bool:
+    def _buffer_early(self, held: Held) -> None:
+        """Buffer a held event now, ahead of what its consumer records on the same stream,
+        which must replay after it. It stays held: a cut still waits for its consumer, and
+        it is kept (its consumer has written)."""
+        held.buffered = True  # first: buffering it goes through add_event again
+        self._buffer_held(held, early=True)
+
+    def _buffer_held(self, held: Held, *, early: bool = False) -> bool:
         """Buffer a held source event (``SourceBarrier.materialize``): its data, or in
-        ``OFFSETS_ONLY`` its offset alone. Returns whether over the back-pressure bound."""
+        ``OFFSETS_ONLY`` its offset alone. Returns whether over the back-pressure bound.
+        An event buffered early (``_buffer_early``) is not buffered again."""
+        if held.buffered and not early:
+            return False
         buf = held.buf
         if held.records is None:
             if buf is not None:

@@ -494,6 +494,8 @@ class Stream:
             # The stream's hold while this call is live: held while not settled (a later
             # source() call settles it, see _take_over).
             self._holding = held
+            if buf is not None:
+                buf.source_hold = held  # what the consumer records here goes after its event
             yielded = clock_ns() if wall else time.monotonic_ns()
             async for item in iterator:
                 if generation != self._source_gen:
@@ -536,7 +538,7 @@ class Stream:
                     runner = task
                 else:
                     held.mark = consumer.writes
-                    held.settled = False
+                    held.settled = held.buffered = False
                     held.value, held.offset, held.time_ms = data, off, time_ms
                     holds.add(held)
                 try:
@@ -548,7 +550,11 @@ class Stream:
                 # (SourceBarrier.release, inlined), unless a cut decided on it meanwhile.
                 if barrier._cut_barrier is not None:
                     barrier.changed()  # a cut waits for holds: it looks again
-                if not held.settled:
+                if held.settled:
+                    pass  # a cut decided on it while its consumer waited
+                elif held.buffered:  # buffered when its consumer recorded on this stream
+                    held.settled = True
+                else:
                     held.settled = True
                     # Into the stream's live lists by itself while the scheduler need not see
                     # it: two list appends (LogBuffer.live_values; folded into one record
@@ -573,6 +579,8 @@ class Stream:
                     await yield_to_loop()
                     yielded = clock_ns() if wall else time.monotonic_ns()
         finally:
+            if self._buffer is not None and self._buffer.source_hold is self._holding:
+                self._buffer.source_hold = None
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -607,6 +615,8 @@ class Stream:
         held = Held(self._buffer, self.name)
         task_now = current_task_getter()
         where = self._where
+        if self._buffer is not None and scheduler is not None:
+            self._buffer.source_hold = held  # what the consumer records goes after its batch
         try:
             async for item in iterator:
                 if generation != self._source_gen:
@@ -652,6 +662,8 @@ class Stream:
                 else:
                     await self._cooperate()
         finally:
+            if self._buffer is not None and self._buffer.source_hold is held:
+                self._buffer.source_hold = None
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
