@@ -135,17 +135,7 @@ class Scheduler:
         ``BATCH_ENTRIES`` events or its byte budget. Returns whether uncommitted bytes are
         over the back-pressure bound (then the caller should ``await wait_capacity()``).
         """
-        if self._unusable is not None:
-            raise self._unusable
-        consumer = CONSUMER.get()
-        if consumer is not None:
-            consumer.writes += 1
-            hold = buf.source_hold
-            if (hold is not None and hold.consumer is consumer and not hold.settled
-                    and not hold.buffered):
-                self._buffer_early(hold)  # the event the consumer works on came first
-        if buf.live_values:
-            self.frame(buf)  # live source events came first
+        self._before_write(buf)
         size = len(value) + len(offset)
         if time_ms != buf.open_ms or (size >= self.open_budget and buf.open_count):
             self.frame(buf)
@@ -165,6 +155,22 @@ class Scheduler:
         else:
             buf.revoke_fast()
         return self.over_limit
+
+    def _before_write(self, buf: LogBuffer) -> None:
+        """What every write to ``buf`` does first: raise if the run no longer records, mark
+        the writing task's held live event as written, and put first what came first (the
+        held event its consumer answers on the same stream, live source events)."""
+        if self._unusable is not None:
+            raise self._unusable
+        consumer = CONSUMER.get()
+        if consumer is not None:
+            consumer.writes += 1
+            hold = buf.source_hold
+            if (hold is not None and hold.consumer is consumer and not hold.settled
+                    and not hold.buffered):
+                self._buffer_early(hold)  # the event the consumer works on came first
+        if buf.live_values:
+            self.frame(buf)  # live source events came first
 
     def frame(self, buf: LogBuffer) -> bool:
         """Frame ``buf``'s open batch, then its live source events, and account for them;
@@ -206,17 +212,7 @@ class Scheduler:
         with nothing buffered. Returns whether uncommitted bytes are now over the
         back-pressure bound (then a caller that can wait should ``await wait_capacity()``).
         """
-        if self._unusable is not None:
-            raise self._unusable
-        consumer = CONSUMER.get()
-        if consumer is not None:
-            consumer.writes += 1
-            hold = buf.source_hold
-            if (hold is not None and hold.consumer is consumer and not hold.settled
-                    and not hold.buffered):
-                self._buffer_early(hold)  # the event the consumer works on came first
-        if buf.live_values:
-            self.frame(buf)  # live source events came first
+        self._before_write(buf)
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
