@@ -192,10 +192,9 @@ class Scheduler:
             raise self._unusable
         over = self.frame(buf) if buf.open_count or buf.live_values else False
         buf.start_live(value, offset, time_ms)
-        if not self._pending_signalled:
-            self._pending_signalled = True
-            self._pending_event.set()
-        return over or self.over_limit
+        # Nothing counted yet (the fold counts the live events); the scheduler must hear
+        # of them all the same.
+        return self._add_pending(0, 0) or over
 
     def _frame_all(self) -> None:
         for buf in self._buffers.values():
@@ -216,11 +215,16 @@ class Scheduler:
         return self._account(buf, buf.append_framed(value, offset, time_ms, count), count)
 
     def _account(self, buf: LogBuffer, nbytes: int, count: int) -> bool:
-        self.appended += count
-        pending = self.pending_bytes = self.pending_bytes + nbytes
         size = buf.size = buf.size + nbytes
         if size >= self.max_segment_bytes:
             buf.seal()
+        return self._add_pending(count, nbytes)
+
+    def _add_pending(self, count: int, nbytes: int) -> bool:
+        """Count ``count`` deltas of ``nbytes`` as pending, tell the scheduler there is
+        something to commit, and return whether uncommitted bytes are over the bound."""
+        self.appended += count
+        pending = self.pending_bytes = self.pending_bytes + nbytes
         if not self._pending_signalled:
             self._pending_signalled = True
             self._pending_event.set()
@@ -237,12 +241,10 @@ class Scheduler:
         if self._unusable is not None:
             raise self._unusable
         self._offset_updates[stream] = self.recorded_offsets[stream] = offset
-        self.appended += 1
         consumer = CONSUMER.get()
         if consumer is not None:
             consumer.writes += 1
-        if not self._pending_event.is_set():
-            self._pending_event.set()
+        self._add_pending(1, 0)
 
     def request_reset(self) -> None:
         """Make the next commit start a new history (``SnapshotAccess.RECORD``)."""
@@ -382,15 +384,7 @@ class Scheduler:
         the back-pressure bound; past it, a commit starts at once."""
         if self._unusable is not None:
             raise self._unusable
-        self.appended += count
-        pending = self.pending_bytes = self.pending_bytes + nbytes
-        if not self._pending_signalled:
-            self._pending_signalled = True
-            self._pending_event.set()
-        if pending + self.inflight_bytes > self._max_pending:
-            self._urgent.set()
-            return True
-        return False
+        return self._add_pending(count, nbytes)
 
     def _take_deltas(self) -> dict[str, SnapshotBuilder]:
         """At the cut: every table's changed keys, as builders awaited after it."""
@@ -468,14 +462,15 @@ class Scheduler:
         which must replay after it. It stays held: a cut still waits for its consumer, and
         it is kept (its consumer has written)."""
         held.buffered = True  # first: buffering it goes through add_event again
-        self._buffer_held(held, early=True)
+        self._put_held(held)
 
-    def _buffer_held(self, held: Held, *, early: bool = False) -> bool:
-        """Buffer a held source event (``SourceBarrier.materialize``): its data, or in
-        ``OFFSETS_ONLY`` its offset alone. Returns whether over the back-pressure bound.
-        An event buffered early (``_buffer_early``) is not buffered again."""
-        if held.buffered and not early:
-            return False
+    def _buffer_held(self, held: Held) -> bool:
+        """Buffer a held source event (``SourceBarrier.materialize``), unless it was
+        buffered early (``_buffer_early``). Returns whether over the back-pressure bound."""
+        return False if held.buffered else self._put_held(held)
+
+    def _put_held(self, held: Held) -> bool:
+        """A held event's data into its buffer, or in ``OFFSETS_ONLY`` its offset alone."""
         buf = held.buf
         if held.records is None:
             if buf is not None:
@@ -489,8 +484,7 @@ class Scheduler:
             if held.offset:
                 buf.offset = buf.recorded_offset = held.offset
                 if not held.records:  # an empty batch that moves the offset: a delta too
-                    self.appended += 1
-                    self._pending_event.set()
+                    over = self._add_pending(1, 0)
             return over
         if held.offset:
             self.set_offset(held.stream, held.offset)

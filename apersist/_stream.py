@@ -10,7 +10,6 @@ from itertools import islice, repeat
 from typing import Any, NamedTuple
 
 import anyio
-import anyio.lowlevel
 import orjson
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -105,6 +104,14 @@ def _encode_batch(values: Sequence[Any], offsets: list[bytes] | None, limit: int
     return [(data, fmt.join_offsets(offsets), len(values))]
 
 
+def _value_and_offset(item: Any) -> tuple[Any, Any]:
+    """A reader's item: a 2-tuple (a subclass too) is ``(value, offset)``, anything else
+    a value without one. (The live hot path of ``source()`` inlines this.)"""
+    if (type(item) is tuple or isinstance(item, tuple)) and len(item) == 2:
+        return item[0], item[1]
+    return item, None
+
+
 class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
@@ -188,11 +195,8 @@ class Stream:
             if scheduler.add_event(buf, checked_json(data, value, self._where), b"",
                                    now // 1_000_000):
                 await scheduler.wait_capacity()
-            elif not self._wall:
+            else:
                 await self._cooperate()
-            elif not self._yielded_ns <= now < self._yielded_ns + COOPERATE_NS:
-                await yield_to_loop()
-                self._yielded_ns = time.time_ns()
             return
         # A "null" (orjson's NaN and infinity) needs a "u": `117 in data` is one memchr,
         # cheaper than the substring test, which runs only then.
@@ -322,47 +326,36 @@ class Stream:
     async def _replay_slices(self) -> AsyncIterator[Iterable[Event]]:
         """The committed events in slices, the hot path of replay and of ``source()``.
 
-        A chunk (a batch record, or up to ``BATCH_ENTRIES`` single ones) is built by C loops
-        (map, zip), leaving the consumer's loop one yield per event; chunks that small leave
-        the garbage collector asleep (see ``BATCH_ENTRIES``). The clock is read between two
-        slices: past ``COOPERATE_NS`` since the last yield, this yields to the event loop.
-        A consumer that spends long on each event gets smaller slices, so that it is asked
-        again within a fraction of that.
+        A chunk (``_replay_chunks``) is built by C loops (map, zip), leaving the consumer's
+        loop one yield per event; chunks that small leave the garbage collector asleep (see
+        ``BATCH_ENTRIES``). The clock is read between two slices: past ``COOPERATE_NS``
+        since the last yield, this yields to the event loop. A consumer that spends long on
+        each event gets smaller slices, so that it is asked again within a fraction of that.
         """
-        self._life.check("replay()")
-        if not self._policy.replay:
-            return
-        segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
-                                                               self._opened_seq)]
-        if self._policy.realtime:
-            async for event in self._realtime(segments):
-                yield (event,)
-            return
         clock = time.perf_counter_ns
         per = BATCH_ENTRIES  # events between two readings of the clock
         yielded = last = clock()
-        async for view in self._read_ahead(segments):
-            for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
-                if self._life.ended:  # an iterator carried past the block
-                    self._life.check("replay()")
-                events = map(_new_event, repeat(Event), zip(
-                    values, repeat(None) if offsets is None else offsets, times, repeat(True)))
-                count = len(values)
-                while count > 0:
-                    yield events if count <= per else islice(events, per)
-                    count -= per
-                    now = clock()
-                    spent, last = now - last, now
-                    if spent > _SLICE_NS:
-                        per = max(1, per * _SLICE_NS // spent)
-                    elif per < BATCH_ENTRIES:
-                        per = min(BATCH_ENTRIES, per * 2)
-                    if now - yielded >= COOPERATE_NS:
-                        await yield_to_loop()
-                        yielded = last = clock()
+        async for values, offsets, times in self._replay_chunks():
+            events = map(_new_event, repeat(Event), zip(
+                values, repeat(None) if offsets is None else offsets, times, repeat(True)))
+            count = len(values)
+            while count > 0:
+                yield events if count <= per else islice(events, per)
+                count -= per
+                now = clock()
+                spent, last = now - last, now
+                if spent > _SLICE_NS:
+                    per = max(1, per * _SLICE_NS // spent)
+                elif per < BATCH_ENTRIES:
+                    per = min(BATCH_ENTRIES, per * 2)
+                if now - yielded >= COOPERATE_NS:
+                    await yield_to_loop()
+                    yielded = last = clock()
 
-    async def _realtime(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[Event]:
-        """``REALTIME_REPLAY``: the committed events with the recorded gaps between them."""
+    async def _realtime(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[
+            tuple[list[Any], list[Any], list[int]]]:
+        """``REALTIME_REPLAY``: the committed events one at a time, as one-event chunks,
+        with the recorded gaps between them."""
         first_ms: int | None = None
         started = 0.0
         async for view in self._read_ahead(segments):
@@ -374,7 +367,7 @@ class Stream:
                         first_ms, started = time_ms, time.monotonic()
                     delay = (time_ms - first_ms) / 1000 - (time.monotonic() - started)
                     await (anyio.sleep(delay) if delay > 0 else yield_to_loop())
-                    yield Event(value, offset, time_ms, True)
+                    yield [value], [offset], [time_ms]
 
     async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
         """The segments ``refs``, read a window ahead by a task of the run (if it has one)."""
@@ -466,10 +459,7 @@ class Stream:
                 async for item in iterator:
                     if generation != self._source_gen:
                         raise self._superseded()
-                    if type(item) is tuple and len(item) == 2:
-                        value, offset = item
-                    else:
-                        value, offset = item, None
+                    value, offset = _value_and_offset(item)
                     yield Event(value, offset, self._append(value, offset), False)
                     await self._cooperate()
                 return
@@ -502,7 +492,7 @@ class Stream:
                     raise self._superseded()
                 if barrier._cut_barrier is not None:
                     await barrier.wait_cut()  # a waiting cut goes first
-                if type(item) is tuple and len(item) == 2:
+                if (type(item) is tuple or isinstance(item, tuple)) and len(item) == 2:
                     value, offset = item
                     off = (b"" if offset is None
                            else b"%d" % offset
@@ -621,10 +611,7 @@ class Stream:
             async for item in iterator:
                 if generation != self._source_gen:
                     raise self._superseded()
-                if type(item) is tuple and len(item) == 2:
-                    values, offset = item
-                else:
-                    values, offset = item, None
+                values, offset = _value_and_offset(item)
                 if not isinstance(values, list):
                     if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
                         raise TypeError(f"the reader of {where} yields batches: a list of "
@@ -670,15 +657,17 @@ class Stream:
 
     async def _replay_chunks(self) -> AsyncIterator[tuple[list[Any], list[Any] | None,
                                                           list[int]]]:
-        """The committed events as (values, offsets, times) chunks, for batch sources."""
+        """The committed events as (values, offsets, times) chunks: a batch record, or up
+        to ``BATCH_ENTRIES`` single ones; one event at a time, each on its recorded time,
+        under ``REALTIME_REPLAY``. What replay, ``source()`` and batch sources read."""
         self._life.check("replay()")
         if not self._policy.replay:
             return
         segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
                                                                self._opened_seq)]
         if self._policy.realtime:
-            async for event in self._realtime(segments):
-                yield [event.value], [event.offset], [event.time_ms]
+            async for one in self._realtime(segments):
+                yield one
             return
         async for view in self._read_ahead(segments):
             for chunk in view.event_chunks(BATCH_ENTRIES):

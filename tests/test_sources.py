@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -158,6 +158,18 @@ async def test_only_two_tuples_are_value_offset_pairs(backend: apersist.Backend)
     assert [(e.value, e.offset) for e in live] == [((1, 2, 3), None), ((4,), None), ([5, 6], None)]
     assert [(e.value, e.offset) for e in await replayed(backend, "s")] == [
         ([1, 2, 3], None), ([4], None), ([5, 6], None)]
+
+
+async def test_a_two_field_named_tuple_is_a_value_offset_pair(backend: apersist.Backend) -> None:
+    class Item(NamedTuple):
+        value: str
+        offset: int
+
+    async with apersist.run(apersist.Config(backend)) as run:
+        live = [e async for e in run.source("s", Reader([Item("a", 1), Item("b", 2)]))]
+    assert [(e.value, e.offset) for e in live] == [("a", 1), ("b", 2)]
+    async with apersist.run(apersist.Config(backend)) as run:
+        assert run.stream("s").offset == 2
 
 
 @pytest.mark.parametrize("result", [[1, 2], None, 5, "text"])
