@@ -89,40 +89,59 @@ async def per_event(root: Path, rows: int) -> dict[str, float]:
     """
     started, cpu = time.perf_counter(), time.thread_time()
     async with apersist.run(config(root)) as run:
-        t = await run.table(TABLE)
-        async for ev in run.source(SOURCE, reader(rows)):
-            if ev.replayed:
-                continue
-            v = ev.value
-            k = str(v["k"])
-            c = t.get(k)
-            t[k] = [1, v["v"]] if c is None else [c[0] + 1, c[1] + v["v"]]
-        check_state(t, rows)
+        check_state(await per_event_loop(run, rows), rows)
     return {"s": time.perf_counter() - started, "cpu_s": time.thread_time() - cpu}
+
+
+async def per_event_loop(run: apersist.Run, rows: int) -> apersist.Table:
+    """The per-event job's loop inside a run (also the stall workload's): a table write
+    per live event, the replayed ones skipped."""
+    t = await run.table(TABLE)
+    async for ev in run.source(SOURCE, reader(rows)):
+        if ev.replayed:
+            continue
+        v = ev.value
+        k = str(v["k"])
+        c = t.get(k)
+        t[k] = [1, v["v"]] if c is None else [c[0] + 1, c[1] + v["v"]]
+    return t
+
+
+async def batch_loop(run: apersist.Run, rows: int, size: int = BATCH_ROWS) -> apersist.Table:
+    """The batch form's loop inside a run (also the stall workload's)."""
+    t = await run.table(TABLE)
+    async for batch in run.source_batches(SOURCE, batch_reader(rows, size)):
+        if not batch.replayed:
+            add_sums(t, summed(batch.values))
+    return t
+
+
+def summed(values: list[Row_]) -> dict[int, list[int]]:
+    """A batch's count and sum of ``v`` per ``k``."""
+    sums: dict[int, list[int]] = {}
+    for v in values:
+        s = sums.get(v["k"])
+        if s is None:
+            sums[v["k"]] = [1, v["v"]]
+        else:
+            s[0] += 1
+            s[1] += v["v"]
+    return sums
+
+
+def add_sums(t: Any, sums: dict[int, list[int]]) -> None:
+    """Add a batch's sums to the table ``t`` (a Table or a dict), one write per key."""
+    for key, (n, total) in sums.items():
+        k = str(key)
+        c = t.get(k)
+        t[k] = [n, total] if c is None else [c[0] + n, c[1] + total]
 
 
 async def batched(root: Path, rows: int) -> dict[str, float]:
     """The batch form: each live batch summed into a dict, then one write per changed key."""
     started, cpu = time.perf_counter(), time.thread_time()
     async with apersist.run(config(root)) as run:
-        t = await run.table(TABLE)
-        source = run.source_batches
-        async for batch in source(SOURCE, batch_reader(rows)):
-            if batch.replayed:
-                continue
-            sums: dict[int, list[int]] = {}
-            for v in batch.values:
-                s = sums.get(v["k"])
-                if s is None:
-                    sums[v["k"]] = [1, v["v"]]
-                else:
-                    s[0] += 1
-                    s[1] += v["v"]
-            for key, (n, total) in sums.items():
-                k = str(key)
-                c = t.get(k)
-                t[k] = [n, total] if c is None else [c[0] + n, c[1] + total]
-        check_state(t, rows)
+        check_state(await batch_loop(run, rows), rows)
     return {"s": time.perf_counter() - started, "cpu_s": time.thread_time() - cpu}
 
 
@@ -143,18 +162,7 @@ async def floor_batched(rows: int) -> dict[str, float]:
     started, cpu = time.perf_counter(), time.thread_time()
     t: dict[str, list[int]] = {}
     async for values, _offset in batch_reader(rows)(None):
-        sums: dict[int, list[int]] = {}
-        for v in values:
-            s = sums.get(v["k"])
-            if s is None:
-                sums[v["k"]] = [1, v["v"]]
-            else:
-                s[0] += 1
-                s[1] += v["v"]
-        for key, (n, total) in sums.items():
-            k = str(key)
-            c = t.get(k)
-            t[k] = [n, total] if c is None else [c[0] + n, c[1] + total]
+        add_sums(t, summed(values))
     check_state(t, rows)
     return {"s": time.perf_counter() - started, "cpu_s": time.thread_time() - cpu}
 

@@ -82,14 +82,7 @@ def record_many_path(values: Values) -> Path_:
 def source_table_path(rows: int) -> Path_:
     """The job's per-event loop: a table write per live event."""
     async def produce(run: apersist.Run) -> None:
-        t = await run.table(job.TABLE)
-        async for ev in run.source(job.SOURCE, job.reader(rows)):
-            if ev.replayed:
-                continue
-            v = ev.value
-            k = str(v["k"])
-            c = t.get(k)
-            t[k] = [1, v["v"]] if c is None else [c[0] + 1, c[1] + v["v"]]
+        await job.per_event_loop(run, rows)
     return produce
 
 
@@ -110,17 +103,7 @@ STALL_BATCH_ROWS = 1000
 def source_batches_path(rows: int) -> Path_:
     """The job's batch form: each batch summed into a dict, then written key by key."""
     async def produce(run: apersist.Run) -> None:
-        t = await run.table(job.TABLE)
-        reader = job.batch_reader(rows, STALL_BATCH_ROWS)
-        async for batch in run.source_batches(job.SOURCE, reader):
-            sums: dict[int, list[int]] = {}
-            for v in batch.values:
-                s = sums.setdefault(v["k"], [0, 0])
-                s[0] += 1
-                s[1] += v["v"]
-            for key, (n, total) in sums.items():
-                c = t.get(str(key))
-                t[str(key)] = [n, total] if c is None else [c[0] + n, c[1] + total]
+        await job.batch_loop(run, rows, STALL_BATCH_ROWS)
     return produce
 
 

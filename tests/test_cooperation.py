@@ -40,11 +40,14 @@ class Ticker:
             self.ticks += 1
 
 
-async def beside_a_ticker(body: Callable[[apersist.Run], Awaitable[None]],
-                          **config: Any) -> Ticker:
+async def beside_a_ticker(body: Callable[[apersist.Run], Awaitable[None]], *,
+                          backend: apersist.Backend | None = None,
+                          clock_ms: Callable[[], int] | None = None, **config: Any) -> Ticker:
+    """Run ``body`` in a run (on a new memory store by default) beside a ``Ticker``."""
     ticker = Ticker()
-    config_ = apersist.Config(apersist.Backend.memory(), **config)
-    async with apersist.run(config_) as run, anyio.create_task_group() as tg:
+    config_ = apersist.Config(backend or apersist.Backend.memory(), **config)
+    async with apersist.run(config_, clock_ms=clock_ms) as run, \
+            anyio.create_task_group() as tg:
         tg.start_soon(ticker.run)
         await anyio.sleep(0.01)  # the ticker has started
         ticker.worst = 0.0
@@ -95,17 +98,11 @@ async def test_record_with_offsets_yields_to_the_loop() -> None:
 
 
 async def test_record_with_a_clock_that_stands_still_yields_to_the_loop() -> None:
-    ticker = Ticker()
-    config = apersist.Config(apersist.Backend.memory())
-    async with apersist.run(config, clock_ms=lambda: 1_000) as run:
+    def body(run: apersist.Run) -> Any:
         stream = run.stream("s")
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker.run)
-            await anyio.sleep(0.01)
-            ticker.worst = 0.0
-            await until_loop_time(lambda i: stream.record(row(i)))(run)
-            tg.cancel_scope.cancel()
-    assert_cooperative(ticker)
+        return until_loop_time(lambda i: stream.record(row(i)))(run)
+
+    assert_cooperative(await beside_a_ticker(body, clock_ms=lambda: 1_000))
 
 
 async def test_record_many_of_a_long_list_yields_to_the_loop() -> None:
@@ -157,17 +154,16 @@ async def test_replay_yields_to_the_loop() -> None:
     backend = apersist.Backend.memory()
     async with apersist.run(apersist.Config(backend)) as run:
         await run.stream("s").record_many([row(i) for i in range(300_000)])
-    ticker = Ticker()
-    async with apersist.run(apersist.Config(backend)) as run, anyio.create_task_group() as tg:
-        tg.start_soon(ticker.run)
-        await anyio.sleep(0.01)
-        ticker.worst = 0.0
+    count = 0
+
+    async def body(run: apersist.Run) -> None:
+        nonlocal count
         started = time.perf_counter()
-        count = 0
         while time.perf_counter() - started < _LOOP_S:
             async for _event in run.stream("s").replay():
                 count += 1
-        tg.cancel_scope.cancel()
+
+    ticker = await beside_a_ticker(body, backend=backend)
     assert count >= 300_000
     assert_cooperative(ticker)
 
