@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from ._buffer import LogBuffer
+from ._consumers import ConsumerSpot, consumer_left, spot_consumer
 
 __all__ = ["CONSUMER", "Consumer", "Held", "SourceBarrier", "claim_consumer"]
 
@@ -112,7 +113,7 @@ class Held:
     """
 
     __slots__ = ("buf", "buffered", "closed", "consumer", "mark", "offset", "records",
-                 "settled", "stream", "task", "time_ms", "value", "wrote")
+                 "settled", "spot", "stream", "task", "time_ms", "value", "wrote")
 
     def __init__(self, buf: LogBuffer | None, stream: str) -> None:
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
@@ -130,6 +131,9 @@ class Held:
         # Buffered ahead of its release, still held: its consumer recorded on the same
         # stream, which must land after it (Scheduler.add_event). Cuts still wait for it.
         self.buffered = False
+        # Where the task that consumes the source loops over it (see _consumers), noted
+        # when a task first takes an event from it.
+        self.spot: ConsumerSpot | None = None
 
     def written(self) -> bool:
         """Whether its task wrote state since the event was handed over."""
@@ -180,6 +184,7 @@ class SourceBarrier:
         elif consumer is None or consumer.task is not task:
             consumer = Consumer(task)
             CONSUMER.set(consumer)
+        held.spot = spot_consumer(1)  # hold() is called by the source itself
         held.task = task
         held.consumer = consumer
         held.mark = consumer.writes
@@ -334,12 +339,32 @@ class SourceBarrier:
                 # cancelled) while its source is still referenced changes no event.
                 with anyio.move_on_after(0.05):
                     await self._holds_changed.wait()
+                self._settle_left()
         if scope.cancelled_caught:
             logger.warning(
                 "committing while live source events are still being processed: each goes "
-                "into a later commit, and the state derived from it so far into this one; "
-                "finish each event's work before taking the next one: waited_s=%s "
+                "into a later commit, and the state derived from it so far into this one. "
+                "Either a loop body is still working on its event (finish each event's work "
+                "before taking the next one), or a loop over run.source() was left while "
+                "its iterator is still referenced (close a source you leave early: `async "
+                "with contextlib.aclosing(run.source(...)) as events:`): waited_s=%s "
                 "holders=%d", self.hold_timeout, len(self.blockers()))
+
+    def _settle_left(self) -> None:
+        """Buffer the held events whose consumers have gone from their loops (see
+        ``_consumers``): done with them, they will never ask for the next event, and the
+        commit would otherwise wait for them until its timeout, every time."""
+        for held in self.blockers():
+            how = consumer_left(held.spot, held.task)
+            if how is None:
+                continue
+            logger.warning(
+                "a loop over run.source() was left %s without closing the source, which "
+                "still held the event the loop took last: that event is committed now, with "
+                "the state derived from it. Close a source you leave early (`async with "
+                "contextlib.aclosing(run.source(...)) as events:`): stream=%s", how,
+                held.stream)
+            self.materialize(held)
 
     def lift(self) -> None:
         barrier, self._cut_barrier = self._cut_barrier, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -24,6 +25,7 @@ from ._lifecycle import Lifecycle
 from ._maintenance import Maintainer
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
+from ._stopping import handling_signals, register_source, request_stop
 from ._store import Store
 from ._stream import Batch, Event, Stream, wall_clock_ms
 from ._table import Table, load_table_state
@@ -84,6 +86,28 @@ class Run:
         counters["cache_hits"] = self._cache.hits
         counters["cache_misses"] = self._cache.misses
         return MappingProxyType(counters)
+
+    def stop(self) -> None:
+        """Ask the run to end cleanly; returns at once (``stop_on_signals`` calls this).
+
+        Every ``run.source()`` and ``run.source_batches()`` loop then ends after the event
+        (or batch) in hand, which is committed with the state derived from it; a source
+        waiting for its reader stops waiting. The block goes on from after its loops, and
+        leaving it commits as usual: nothing processed is replayed as live again. Loops of
+        your own see ``stopping`` or await ``wait_stopping()``. Asking again does nothing.
+        """
+        if not self._life.ended:
+            logger.info("run stop requested: sources end after the event in hand")
+        request_stop(self._life)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether ``stop()`` was called (or a signal came, with ``stop_on_signals``)."""
+        return self._life.stopping
+
+    async def wait_stopping(self) -> None:
+        """Return once ``stop()`` is called (or a signal came, with ``stop_on_signals``)."""
+        await self._life.stopped.wait()
 
     async def commit(self) -> CommitInfo:
         """Commit everything recorded so far and return once it is durable.
@@ -158,8 +182,10 @@ class Run:
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
         claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
-        return self.stream(name, retention=retention)._source(
+        source = self.stream(name, retention=retention)._source(
             reader, self._config.continue_after_replay)
+        register_source(self._life, source)  # run.stop() may have to wake it
+        return source
 
     def source_batches(self, name: str, reader: Callable[[Any], Any], *,
                        retention: Retention | None = None) -> AsyncIterator[Batch]:
@@ -178,8 +204,10 @@ class Run:
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={type(reader).__name__}")
         claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
-        return self.stream(name, retention=retention)._source_batches(
+        source = self.stream(name, retention=retention)._source_batches(
             reader, self._config.continue_after_replay)
+        register_source(self._life, source)  # run.stop() may have to wake it
+        return source
 
     async def table(self, name: str) -> Table:
         """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
@@ -202,7 +230,8 @@ class Run:
         return table
 
 
-def run(config: Config, *, clock_ms: Callable[[], int] | None = None,
+def run(config: Config, *, stop_on_signals: bool = False,
+        clock_ms: Callable[[], int] | None = None,
         driver: Driver | None = None) -> AbstractAsyncContextManager[Run]:
     """Open a persistent run over ``config``'s store.
 
@@ -210,6 +239,12 @@ def run(config: Config, *, clock_ms: Callable[[], int] | None = None,
     same root is fenced) and starts the snapshot scheduler. Leaving normally or by an
     exception commits everything recorded and awaits every upload; leaving by cancellation
     commits nothing more (sources resume from the last committed offset).
+
+    ``stop_on_signals=True``: while the block runs, the first ``SIGTERM`` or ``SIGINT``
+    calls ``run.stop()`` (sources end after the event in hand, the block goes on and
+    leaves normally, with its final commit); a second one cancels the task that entered
+    the block, as the signal would without it. Needs the main thread's event loop, on a
+    Unix system (``RuntimeError`` on entry otherwise).
     ``clock_ms`` (milliseconds since the epoch) is injectable for tests; each reading must
     be an ``int`` in [0, 2**63) (``TypeError``/``ValueError`` at the call that read it,
     before anything is written).
@@ -230,11 +265,14 @@ def run(config: Config, *, clock_ms: Callable[[], int] | None = None,
     clock = wall_clock_ms if clock_ms is None else checked_clock(clock_ms)
     if driver is not None:
         check_driver_object(driver)
-    return _opened_run(config, clock, driver)
+    if not isinstance(stop_on_signals, bool):
+        raise TypeError(f"stop_on_signals must be a bool: got={type(stop_on_signals).__name__}")
+    return _opened_run(config, clock, driver, stop_on_signals)
 
 
 @asynccontextmanager
-async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | None) -> AsyncIterator[Run]:
+async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | None,
+                      stop_on_signals: bool) -> AsyncIterator[Run]:
     """``run()`` once its arguments are checked: open, yield the run, commit and close."""
     policy = Policy.of(config)
     # A driver we open is ours to close; a driver we are given stays the caller's.
@@ -277,7 +315,11 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
                         cache=cache if policy.cache_persist else None)
                     tg.start_soon(maintainer.run, name="apersist-maintenance")
                 try:
-                    yield the_run
+                    if stop_on_signals:
+                        with handling_signals(the_run._life, asyncio.current_task()):
+                            yield the_run
+                    else:
+                        yield the_run
                 except Exception as body_exc:
                     # Leaving by an exception still commits what was recorded; the
                     # user's exception stays the one raised, except that a fenced run

@@ -21,6 +21,7 @@ from ._lifecycle import Lifecycle
 from ._pacing import COOPERATE_NS, Pacer, yield_to_loop
 from ._policy import Policy
 from ._scheduler import Scheduler
+from ._stopping import mark_holds_an_item, take_back_stop_cancel
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
@@ -442,218 +443,244 @@ class Stream:
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event]:
-        generation, skip = self._take_over()
-        seen = 0
-        async for events in self._replay_slices():
-            for event in events:
-                seen += 1
-                if seen > skip:
-                    self._replayed_by_sources = seen
-                    yield event
-        if not continue_after_replay:
-            return
-        iterator = await self._live(reader)
-        scheduler = self._recording_scheduler()
         try:
-            if scheduler is None:
+            generation, skip = self._take_over()
+            life = self._life
+            seen = 0
+            async for events in self._replay_slices():
+                if life.stopping:  # run.stop(): a slice is at most a millisecond of the loop's
+                    return
+                for event in events:
+                    seen += 1
+                    if seen > skip:
+                        self._replayed_by_sources = seen
+                        yield event
+            if not continue_after_replay or life.stopping:
+                return
+            iterator = await self._live(reader)
+            scheduler = self._recording_scheduler()
+            try:
+                if scheduler is None:
+                    async for item in iterator:
+                        if generation != self._source_gen:
+                            raise self._superseded()
+                        value, offset = _value_and_offset(item)
+                        yield Event(value, offset, self._append(value, offset), False)
+                        if life.stopping:  # run.stop(): end after the event in hand
+                            return
+                        await self._cooperate()
+                    return
+                # The live hot path: one held event at a time, in a ``Held`` reused for each;
+                # its JSON made here, before the consumer sees the value. Everything per event
+                # is inlined, and the common case takes the fewest steps: each step it saves
+                # is a few percent of the job users run (docs/performance.md).
+                barrier = scheduler.barrier
+                holds = barrier.held
+                held = Held(self._buffer, self.name)
+                buf = held.buf
+                consumer_of = CONSUMER.get
+                task_now = current_task_getter()
+                wall = self._wall
+                clock_ns = self._clock_ns
+                where = self._where
+                fast_bytes = self._fast_bytes
+                live_values: list[bytes] = buf.live_values if buf is not None else []
+                live_offsets: list[bytes] = buf.live_offsets if buf is not None else []
+                live_ms = -1
+                runner: asyncio.Task[Any] | None = None  # the task that ran the last hold()
+                # The stream's hold while this call is live: held while not settled (a later
+                # source() call settles it, see _take_over).
+                self._holding = held
+                if buf is not None:
+                    buf.source_hold = held  # what the consumer records here goes after its event
+                yielded = clock_ns() if wall else time.monotonic_ns()
                 async for item in iterator:
                     if generation != self._source_gen:
                         raise self._superseded()
-                    value, offset = _value_and_offset(item)
-                    yield Event(value, offset, self._append(value, offset), False)
-                    await self._cooperate()
-                return
-            # The live hot path: one held event at a time, in a ``Held`` reused for each;
-            # its JSON made here, before the consumer sees the value. Everything per event
-            # is inlined, and the common case takes the fewest steps: each step it saves
-            # is a few percent of the job users run (docs/performance.md).
-            barrier = scheduler.barrier
-            holds = barrier.held
-            held = Held(self._buffer, self.name)
-            buf = held.buf
-            consumer_of = CONSUMER.get
-            task_now = current_task_getter()
-            wall = self._wall
-            clock_ns = self._clock_ns
-            where = self._where
-            fast_bytes = self._fast_bytes
-            live_values: list[bytes] = buf.live_values if buf is not None else []
-            live_offsets: list[bytes] = buf.live_offsets if buf is not None else []
-            live_ms = -1
-            runner: asyncio.Task[Any] | None = None  # the task that ran the last hold()
-            # The stream's hold while this call is live: held while not settled (a later
-            # source() call settles it, see _take_over).
-            self._holding = held
-            if buf is not None:
-                buf.source_hold = held  # what the consumer records here goes after its event
-            yielded = clock_ns() if wall else time.monotonic_ns()
-            async for item in iterator:
-                if generation != self._source_gen:
-                    raise self._superseded()
-                if barrier._cut_barrier is not None:
-                    await barrier.wait_cut()  # a waiting cut goes first
-                if (type(item) is tuple or isinstance(item, tuple)) and len(item) == 2:
-                    value, offset = item
-                    off = (b"" if offset is None
-                           else b"%d" % offset
-                           if type(offset) is int and _INT_MIN <= offset < _INT_END
-                           else dumps_value(offset, f"the offset of {where}"))
-                else:
-                    value, offset, off = item, None, b""
-                try:
-                    data = _dumps(value)
-                except TypeError as exc:
-                    raise unserializable(where, exc) from None
-                # checked_json's tests, when they can fail: a "null" (orjson's NaN and
-                # infinity) needs a "u", and `117 in data` is one memchr; a large value
-                # may pass the record size.
-                if len(data) > fast_bytes or (117 in data and data.partition(b"null")[1]):
-                    checked_json(data, value, where)  # NaN, infinity, too long: raises
-                now = clock_ns()
-                time_ms = now // 1_000_000
-                if scheduler._unusable is not None:
-                    scheduler.check_writable()
-                # Held, not yet buffered, until the consumer asks for the next event: a
-                # commit then holds the event together with the state the consumer derived
-                # from it, and a consumer interrupted part-way leaves it out of the final
-                # commit (see _barrier). SourceBarrier.hold, inlined for the usual case:
-                # the same task, with the same Consumer, as for the event before. Another
-                # task goes through hold() even with the same Consumer (one inherited with
-                # its context): an iterator handed to a task, or a task that only fetches
-                # the event for its creator (asyncio.wait_for on 3.11), which hold() tells.
-                consumer = held.consumer
-                task = task_now()
-                if consumer is None or consumer_of() is not consumer or task is not runner:
-                    barrier.hold(held, task, data, off, time_ms)
-                    runner = task
-                else:
-                    held.mark = consumer.writes
-                    held.settled = held.buffered = False
-                    held.value, held.offset, held.time_ms = data, off, time_ms
-                    holds.add(held)
-                try:
-                    yield _new_event(Event, (value, offset, time_ms, False))
-                except BaseException:
-                    barrier.close_held(held)  # _holding stays: a later source() settles it
-                    raise
-                # The consumer asks for the next event: the event is buffered now
-                # (SourceBarrier.release, inlined), unless a cut decided on it meanwhile.
-                if barrier._cut_barrier is not None:
-                    barrier.changed()  # a cut waits for holds: it looks again
-                if held.settled:
-                    pass  # a cut decided on it while its consumer waited
-                elif held.buffered:  # buffered when its consumer recorded on this stream
-                    held.settled = True
-                else:
-                    held.settled = True
-                    # Into the stream's live lists by itself while the scheduler need not see
-                    # it: two list appends (LogBuffer.live_values; folded into one record
-                    # before anything else touches the log, and at every cut).
-                    count = len(live_values)
-                    if (0 < count < _LIVE_LIMIT and time_ms == live_ms
-                            and len(data) <= fast_bytes and scheduler._unusable is None):
-                        live_values.append(data)
-                        live_offsets.append(off)
+                    if barrier._cut_barrier is not None:
+                        await barrier.wait_cut()  # a waiting cut goes first
+                    if (type(item) is tuple or isinstance(item, tuple)) and len(item) == 2:
+                        value, offset = item
+                        off = (b"" if offset is None
+                               else b"%d" % offset
+                               if type(offset) is int and _INT_MIN <= offset < _INT_END
+                               else dumps_value(offset, f"the offset of {where}"))
                     else:
-                        if buf is not None and len(data) <= fast_bytes:
-                            over = scheduler.add_live(buf, data, off, time_ms)
-                            live_ms = time_ms
-                        else:  # a large event (a record of its own), or offsets only
-                            over = scheduler._buffer_held(held)
-                        if over:
-                            await scheduler.wait_capacity()
-                            continue
-                if not wall:
-                    now = time.monotonic_ns()
-                if not yielded <= now < yielded + COOPERATE_NS:
-                    await yield_to_loop()
-                    yielded = clock_ns() if wall else time.monotonic_ns()
-        finally:
-            if self._buffer is not None and self._buffer.source_hold is self._holding:
-                self._buffer.source_hold = None
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+                        value, offset, off = item, None, b""
+                    try:
+                        data = _dumps(value)
+                    except TypeError as exc:
+                        raise unserializable(where, exc) from None
+                    # checked_json's tests, when they can fail: a "null" (orjson's NaN and
+                    # infinity) needs a "u", and `117 in data` is one memchr; a large value
+                    # may pass the record size.
+                    if len(data) > fast_bytes or (117 in data and data.partition(b"null")[1]):
+                        checked_json(data, value, where)  # NaN, infinity, too long: raises
+                    now = clock_ns()
+                    time_ms = now // 1_000_000
+                    if scheduler._unusable is not None:
+                        scheduler.check_writable()
+                    # Held, not yet buffered, until the consumer asks for the next event: a
+                    # commit then holds the event together with the state the consumer derived
+                    # from it, and a consumer interrupted part-way leaves it out of the final
+                    # commit (see _barrier). SourceBarrier.hold, inlined for the usual case:
+                    # the same task, with the same Consumer, as for the event before. Another
+                    # task goes through hold() even with the same Consumer (one inherited with
+                    # its context): an iterator handed to a task, or a task that only fetches
+                    # the event for its creator (asyncio.wait_for on 3.11), which hold() tells.
+                    consumer = held.consumer
+                    task = task_now()
+                    if consumer is None or consumer_of() is not consumer or task is not runner:
+                        barrier.hold(held, task, data, off, time_ms)
+                        runner = task
+                    else:
+                        held.mark = consumer.writes
+                        held.settled = held.buffered = False
+                        held.value, held.offset, held.time_ms = data, off, time_ms
+                        holds.add(held)
+                    try:
+                        yield _new_event(Event, (value, offset, time_ms, False))
+                    except BaseException:
+                        barrier.close_held(held)  # _holding stays: a later source() settles it
+                        raise
+                    # The consumer asks for the next event: the event is buffered now
+                    # (SourceBarrier.release, inlined), unless a cut decided on it meanwhile.
+                    if barrier._cut_barrier is not None:
+                        barrier.changed()  # a cut waits for holds: it looks again
+                    if held.settled:
+                        pass  # a cut decided on it while its consumer waited
+                    elif held.buffered:  # buffered when its consumer recorded on this stream
+                        held.settled = True
+                    else:
+                        held.settled = True
+                        # Into the stream's live lists by itself while the scheduler need not see
+                        # it: two list appends (LogBuffer.live_values; folded into one record
+                        # before anything else touches the log, and at every cut).
+                        count = len(live_values)
+                        if (0 < count < _LIVE_LIMIT and time_ms == live_ms
+                                and len(data) <= fast_bytes and scheduler._unusable is None):
+                            live_values.append(data)
+                            live_offsets.append(off)
+                        else:
+                            if buf is not None and len(data) <= fast_bytes:
+                                over = scheduler.add_live(buf, data, off, time_ms)
+                                live_ms = time_ms
+                            else:  # a large event (a record of its own), or offsets only
+                                over = scheduler._buffer_held(held)
+                            if over:
+                                await scheduler.wait_capacity()
+                                if life.stopping:
+                                    return
+                                continue
+                    if life.stopping:  # run.stop(): end after the event in hand, now buffered
+                        return
+                    if not wall:
+                        now = time.monotonic_ns()
+                    if not yielded <= now < yielded + COOPERATE_NS:
+                        await yield_to_loop()
+                        yielded = clock_ns() if wall else time.monotonic_ns()
+            finally:
+                if self._buffer is not None and self._buffer.source_hold is self._holding:
+                    self._buffer.source_hold = None
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except asyncio.CancelledError:
+            # run.stop() woke this source while it waited (see _stopping): end here.
+            if not take_back_stop_cancel(self._life):
+                raise
 
     async def _source_batches(self, reader: Callable[[Any], Any],
                               continue_after_replay: bool) -> AsyncIterator[Batch]:
         """``run.source_batches()``: ``_source`` a batch at a time (see ``Run.source_batches``)."""
-        generation, skip = self._take_over()
-        seen = 0
-        clock = time.perf_counter_ns
-        yielded = clock()
-        async for values, offsets, times in self._replay_chunks():
-            first, seen = seen, seen + len(values)
-            if seen <= skip:
-                continue
-            if first < skip:  # an earlier call stopped inside this chunk
-                values = values[skip - first:]
-                offsets = None if offsets is None else offsets[skip - first:]
-            self._replayed_by_sources = seen
-            newest = None if offsets is None else next(
-                (off for off in reversed(offsets) if off is not None), None)
-            yield Batch(values, newest, times[-1], True)
-            now = clock()
-            if not yielded <= now < yielded + COOPERATE_NS:
-                await yield_to_loop()
-                yielded = clock()
-        if not continue_after_replay:
-            return
-        iterator = await self._live(reader)
-        scheduler = self._recording_scheduler()
-        barrier = scheduler.barrier if scheduler is not None else None
-        held = Held(self._buffer, self.name)
-        task_now = current_task_getter()
-        where = self._where
-        if self._buffer is not None and scheduler is not None:
-            self._buffer.source_hold = held  # what the consumer records goes after its batch
         try:
-            async for item in iterator:
-                if generation != self._source_gen:
-                    raise self._superseded()
-                values, offset = _value_and_offset(item)
-                if not isinstance(values, list):
-                    if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
-                        raise TypeError(f"the reader of {where} yields batches: a list of "
-                                        f"values or a (values, offset) tuple; got="
-                                        f"{type(values).__name__}")
-                    values = list(values)
-                if barrier is not None and barrier._cut_barrier is not None:
-                    await barrier.wait_cut()  # a waiting cut goes first
-                off = b"" if offset is None else dumps_value(offset, f"the offset of {where}")
-                # The last value carries the offset, in a record of its own; the others go
-                # in batch records without offsets (a list of nulls would cost 5 bytes each).
-                records = await self._encode_records(values[:-1], None, scheduler)
-                if values:
-                    records.append((dumps_value(values[-1], f"{where} (batch index "
-                                                            f"{len(values) - 1})"), off, 1))
-                time_ms = self._clock_ns() // 1_000_000
-                if scheduler is None or barrier is None:
-                    self._life.check("source_batches()")
-                    yield Batch(values, offset, time_ms, False)
-                    await self._cooperate()
+            generation, skip = self._take_over()
+            life = self._life
+            seen = 0
+            clock = time.perf_counter_ns
+            yielded = clock()
+            async for values, offsets, times in self._replay_chunks():
+                if life.stopping:
+                    return
+                first, seen = seen, seen + len(values)
+                if seen <= skip:
                     continue
-                scheduler.check_writable()
-                # Held, as a live event is (see _source), with its records.
-                barrier.hold(held, task_now(), b"", off, time_ms)
-                held.records = records
-                self._holding = held
-                try:
-                    yield Batch(values, offset, time_ms, False)
-                except BaseException:
-                    barrier.close_held(held)  # _holding stays: a later call settles it
-                    raise
-                self._holding = None
-                if barrier.release(held, finished=True):
-                    await scheduler.wait_capacity()
-                else:
-                    await self._cooperate()
-        finally:
-            if self._buffer is not None and self._buffer.source_hold is held:
-                self._buffer.source_hold = None
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+                if first < skip:  # an earlier call stopped inside this chunk
+                    values = values[skip - first:]
+                    offsets = None if offsets is None else offsets[skip - first:]
+                self._replayed_by_sources = seen
+                newest = None if offsets is None else next(
+                    (off for off in reversed(offsets) if off is not None), None)
+                yield Batch(values, newest, times[-1], True)
+                now = clock()
+                if not yielded <= now < yielded + COOPERATE_NS:
+                    await yield_to_loop()
+                    yielded = clock()
+            if not continue_after_replay or life.stopping:
+                return
+            iterator = await self._live(reader)
+            scheduler = self._recording_scheduler()
+            barrier = scheduler.barrier if scheduler is not None else None
+            held = Held(self._buffer, self.name)
+            task_now = current_task_getter()
+            where = self._where
+            if self._buffer is not None and scheduler is not None:
+                self._buffer.source_hold = held  # what the consumer records goes after its batch
+            try:
+                async for item in iterator:
+                    if generation != self._source_gen:
+                        raise self._superseded()
+                    values, offset = _value_and_offset(item)
+                    if not isinstance(values, list):
+                        if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
+                            raise TypeError(f"the reader of {where} yields batches: a list of "
+                                            f"values or a (values, offset) tuple; got="
+                                            f"{type(values).__name__}")
+                        values = list(values)
+                    if barrier is not None and barrier._cut_barrier is not None:
+                        await barrier.wait_cut()  # a waiting cut goes first
+                    off = b"" if offset is None else dumps_value(offset, f"the offset of {where}")
+                    # The last value carries the offset, in a record of its own; the others go
+                    # in batch records without offsets (a list of nulls would cost 5 bytes each).
+                    records = await self._encode_records(values[:-1], None, scheduler)
+                    if values:
+                        records.append((dumps_value(values[-1], f"{where} (batch index "
+                                                                f"{len(values) - 1})"), off, 1))
+                    time_ms = self._clock_ns() // 1_000_000
+                    if scheduler is None or barrier is None:
+                        self._life.check("source_batches()")
+                        yield Batch(values, offset, time_ms, False)
+                        if life.stopping:  # run.stop(): end after the batch in hand
+                            return
+                        await self._cooperate()
+                        continue
+                    scheduler.check_writable()
+                    # Held, as a live event is (see _source), with its records.
+                    barrier.hold(held, task_now(), b"", off, time_ms)
+                    held.records = records
+                    self._holding = held
+                    try:
+                        yield Batch(values, offset, time_ms, False)
+                    except BaseException:
+                        barrier.close_held(held)  # _holding stays: a later call settles it
+                        raise
+                    self._holding = None
+                    if barrier.release(held, finished=True):
+                        await scheduler.wait_capacity()
+                    elif not life.stopping:
+                        await self._cooperate()
+                    if life.stopping:  # run.stop(): end after the batch in hand, now buffered
+                        return
+            finally:
+                if self._buffer is not None and self._buffer.source_hold is held:
+                    self._buffer.source_hold = None
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        except asyncio.CancelledError:
+            # run.stop() woke this source while it waited (see _stopping): end here.
+            if not take_back_stop_cancel(self._life):
+                raise
 
     async def _replay_chunks(self) -> AsyncIterator[tuple[list[Any], list[Any] | None,
                                                           list[int]]]:
@@ -691,3 +718,7 @@ class Stream:
         if not self._yielded_ns <= now < self._yielded_ns + COOPERATE_NS:
             await yield_to_loop()
             self._yielded_ns = clock()
+
+
+# While these run, a live source holds an item its reader gave and no consumer has seen.
+mark_holds_an_item(Stream._encode_records)
