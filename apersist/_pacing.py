@@ -73,11 +73,11 @@ class RealtimePace:
     The first event is due at once. Each later one is due the recorded gap after the one
     before, divided by ``speed`` and then cut to ``max_gap_ms`` (``None``: no cap). Gaps
     add up from the first event, on ``clock`` (seconds), so the time the consumer spends
-    on an event is taken from the next wait instead of added to it. An event recorded
-    before the newest one so far (a clock set back) has no gap: it is due with that one,
-    as with no cap the absolute schedule had it due already; a cap then bounds a jump
-    forward as well. With ``speed=1.0`` and no cap this is the recorded schedule itself.
-    ``clock`` and ``sleep`` are injected in tests.
+    on an event is taken from the next wait instead of added to it. An event stamped
+    before the newest one so far (a clock set back) has no gap of its own: it is due with
+    the newest, and the next gap is measured from the newest, so a cap bounds it as well.
+    With ``speed=1.0`` and no cap every event is due its recorded time after the first:
+    the schedule replay has always kept. ``clock`` and ``sleep`` are injected in tests.
     """
 
     __slots__ = ("_cap_s", "_clock", "_due_s", "_newest_ms", "_sleep", "_speed", "_started")
