@@ -175,7 +175,7 @@ async def arrivals(events: AsyncIterator[apersist.Event]) -> list[tuple[Any, flo
 
 # The wait for an event can end a hair before its due time, and the first arrival is read
 # a little after the schedule starts: lower bounds allow that much.
-SLACK_S = 0.02
+SLACK_S = 0.05
 
 
 def check(got: list[tuple[Any, float]], due_s: list[float], *, within_s: float) -> None:
@@ -233,7 +233,7 @@ async def test_other_modes_ignore_the_pacing_options() -> None:
         async with apersist.run(config) as run:
             started = time.monotonic()
             assert [e.value async for e in run.stream("s").replay()] == [0, 1]
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 5.0  # an hour at speed 1e-6 never ends
 
 
 async def test_replayed_events_keep_their_recorded_times() -> None:
