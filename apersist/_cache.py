@@ -159,38 +159,90 @@ def _split_entry(record: bytes) -> tuple[str, bytes]:
 
 def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     # NaN and infinities are refused: written as null, f(nan) would share f(None)'s entry.
-    raw = dumps_sorted([args, kwargs], f"the arguments of a call of {name}")
+    raw = dumps_sorted([args, kwargs], f"the arguments of a call of {name} "
+                                       "(key= on @cached chooses what identifies a call)")
+    return _hashed(name, version, raw)
+
+
+def _hashed(name: str, version: int, raw: bytes) -> str:
     digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
     return f"{name}@{version}:{digest}"
+
+
+def _key_maker(name: str, version: int,
+               key: Callable[..., Any] | None) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    """The entry key of a call of cached function ``name``: by its arguments, or by ``key``.
+
+    The default key is ``[args, kwargs]``, so ``key=lambda *a, **kw: [a, kw]`` names the
+    same entries as no ``key`` at all.
+    """
+    if key is None:
+        return functools.partial(_entry_key, name, version)
+    key_fn = getattr(key, "__qualname__", None) or repr(key)
+    facts = f"function={name} key={key_fn}"
+
+    def make(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        try:
+            value = key(*args, **kwargs)
+        except Exception as exc:
+            raise TypeError(f"the key function of a cached function raised: {facts} "
+                            f"error={exc!r}") from exc
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()  # never awaited: closed here rather than warned about later
+            raise TypeError(f"the key function of a cached function must return the key, "
+                            f"not an awaitable: {facts} got={type(value).__name__}")
+        return _hashed(name, version, dumps_sorted(
+            value, f"the key of a call of {name}: a key function must return a JSON "
+                   f"value (key={key_fn})"))
+
+    return make
 
 
 @overload
 def cached(fn: _F, /) -> _F: ...
 @overload
-def cached(*, name: str | None = None, version: int = 1) -> Callable[[_F], _F]: ...
+def cached(*, name: str | None = None, version: int = 1,
+           key: Callable[..., Any] | None = None) -> Callable[[_F], _F]: ...
 
 
-def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> Any:
-    """Persist a function's results by its arguments, across runs.
+def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1,
+           key: Callable[..., Any] | None = None) -> Any:
+    """Persist a function's results by its arguments (or by ``key``), across runs.
 
-    Use as ``@cached`` or ``@cached(name="geocode", version=2)`` on a sync or an async
-    function (a sync function stays sync). Inside a run whose mode persists the cache, a
-    call whose arguments were seen before (in this run or an earlier one) returns the
-    stored result without calling the function; concurrent equal calls of an async
-    function call it once. Changing ``version`` invalidates older entries. Outside a run
-    the function is just called. Arguments and results must be JSON-serializable
-    (``TypeError`` otherwise).
+    Use as ``@cached`` or ``@cached(name="geocode", version=2, key=...)`` on a sync or an
+    async function or method (a sync function stays sync). Inside a run whose mode
+    persists the cache, a call whose key was seen before (in this run or an earlier one)
+    returns the stored result without calling the function; concurrent calls of an async
+    function with the same key call it once. The key is the call's arguments, or what
+    ``key(*args, **kwargs)`` returns: a JSON value that identifies the call, for methods
+    (``key`` gets ``self``) and arguments that are not JSON. Changing ``version``
+    invalidates older entries. Outside a run the function is just called. Arguments (or
+    keys) and results must be JSON-serializable: ``TypeError`` otherwise, and also when
+    ``key`` raises (its exception chained).
     """
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError(f"version must be an int: got={type(version).__name__}")
     if name is not None:
         check_name(name, "cached function")
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be a function of the call's arguments: "
+                        f"got={type(key).__name__}")
+    if inspect.iscoroutinefunction(key):
+        raise TypeError(f"key must be a plain function that returns the key, not an async "
+                        f"one: key={getattr(key, '__qualname__', key)!s}")
 
     def decorate(func: _F) -> _F:
+        if isinstance(func, staticmethod | classmethod):
+            # Written above @staticmethod or @classmethod: the function inside is cached,
+            # and wrapped again, so the class still binds it as it would have.
+            inner: Any = decorate(func.__func__)
+            return type(func)(inner)
         if not callable(func):
             raise TypeError(f"@cached needs a function: got={type(func).__name__}")
-        key_name = name or f"{func.__module__}.{func.__qualname__}"
-        where = f"the result of cached function {key_name}"
+        cache_name = name or f"{func.__module__}.{func.__qualname__}"
+        where = f"the result of cached function {cache_name}"
+        entry_key = _key_maker(cache_name, version, key)
 
         if inspect.iscoroutinefunction(func):
             @functools.wraps(func)
@@ -198,31 +250,31 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> A
                 cache = current_cache.get()
                 if cache is None:
                     return await func(*args, **kwargs)
-                key = _entry_key(key_name, version, args, kwargs)
-                cache.versions.add((key_name, version))
+                entry = entry_key(args, kwargs)
+                cache.versions.add((cache_name, version))
                 while True:
-                    stored = cache.get(key)
+                    stored = cache.get(entry)
                     if stored is not None:
                         cache.hits += 1
                         return orjson.loads(stored)
-                    flight = cache.flights.get(key)
+                    flight = cache.flights.get(entry)
                     if flight is None:
                         break
                     await flight.done.wait()  # someone else is computing it
                     if isinstance(flight.error, Exception):
                         raise flight.error
                     # Its caller was cancelled: look again, and compute it here if needed.
-                flight = cache.flights[key] = _Flight()
+                flight = cache.flights[entry] = _Flight()
                 cache.misses += 1
                 try:
                     result = await func(*args, **kwargs)
-                    cache.put(key, dumps_value(result, where))
+                    cache.put(entry, dumps_value(result, where))
                     return result
                 except BaseException as exc:
                     flight.error = exc
                     raise
                 finally:
-                    del cache.flights[key]
+                    del cache.flights[entry]
                     flight.done.set()
 
             return async_wrapper  # type: ignore[return-value]
@@ -232,15 +284,15 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1) -> A
             cache = current_cache.get()
             if cache is None:
                 return func(*args, **kwargs)
-            key = _entry_key(key_name, version, args, kwargs)
-            cache.versions.add((key_name, version))
-            stored = cache.get(key)
+            entry = entry_key(args, kwargs)
+            cache.versions.add((cache_name, version))
+            stored = cache.get(entry)
             if stored is not None:
                 cache.hits += 1
                 return orjson.loads(stored)
             cache.misses += 1
             result = func(*args, **kwargs)
-            cache.put(key, dumps_value(result, where))
+            cache.put(entry, dumps_value(result, where))
             return result
 
         return sync_wrapper  # type: ignore[return-value]

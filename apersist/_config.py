@@ -376,7 +376,10 @@ class Config:
     (the size at which a stream's batch is cut into a new segment),
     ``upload_concurrency`` (segments uploaded at once by one commit), ``retry`` (how
     object-store requests are retried) and ``multipart_bytes`` (objects at least this big
-    are uploaded in parts: S3 multipart, Azure staged blocks).
+    are uploaded in parts: S3 multipart, Azure staged blocks). ``realtime_speed`` and
+    ``realtime_max_gap_ms`` pace ``REALTIME_REPLAY``: each recorded gap between two events
+    is replayed divided by the speed, and then at most ``realtime_max_gap_ms`` long (no
+    bound with ``None``); other modes ignore them.
     """
 
     backend: Backend
@@ -390,6 +393,8 @@ class Config:
     retry: RetryPolicy
     multipart_bytes: int
     retention: Retention
+    realtime_speed: float
+    realtime_max_gap_ms: int | None
 
     def __init__(
         self,
@@ -405,6 +410,8 @@ class Config:
         retry: RetryPolicy | None = None,
         multipart_bytes: int = _DEFAULT_MULTIPART_BYTES,
         retention: Retention | None = None,
+        realtime_speed: float = 1.0,
+        realtime_max_gap_ms: int | None = None,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -437,6 +444,14 @@ class Config:
             raise TypeError(f"retention must be an apersist.Retention: "
                             f"got={type(retention).__name__}")
         setter(self, "retention", retention or Retention())
+        if isinstance(realtime_speed, bool) or not isinstance(realtime_speed, int | float):
+            raise TypeError(f"realtime_speed must be a number: got={type(realtime_speed).__name__}")
+        if not 0 < realtime_speed < float("inf"):  # NaN fails this too
+            raise ValueError(f"realtime_speed must be a finite number > 0: "
+                             f"realtime_speed={realtime_speed}")
+        setter(self, "realtime_speed", float(realtime_speed))
+        setter(self, "realtime_max_gap_ms", None if realtime_max_gap_ms is None else
+               _non_negative_int(realtime_max_gap_ms, "realtime_max_gap_ms", minimum=0))
 
     @classmethod
     def simple_config(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 
-__all__ = ["COOPERATE_NS", "STEP_S", "Pacer", "yield_to_loop"]
+__all__ = ["COOPERATE_NS", "STEP_S", "Pacer", "RealtimePace", "yield_to_loop"]
 
 #: The work a paced loop does between two yields to the event loop. Well under the 5 ms
 #: stall a user may see: one more record may run past it before the clock is read.
@@ -64,3 +65,48 @@ class Pacer:
         # iteration, so everything that became due during the step goes first.
         await anyio.sleep(_RESUME_AFTER_S)
         self._deadline = time.perf_counter() + self._step
+
+
+class RealtimePace:
+    """When each event of a ``REALTIME_REPLAY`` is due, and the wait for it.
+
+    The first event is due at once. Each later one is due the recorded gap after the one
+    before, divided by ``speed`` and then cut to ``max_gap_ms`` (``None``: no cap). Gaps
+    add up from the first event, on ``clock`` (seconds), so the time the consumer spends
+    on an event is taken from the next wait instead of added to it. An event stamped
+    before the newest one so far (a clock set back) has no gap of its own: it is due with
+    the newest, and the next gap is measured from the newest, so a cap bounds it as well.
+    With ``speed=1.0`` and no cap every event is due its recorded time after the first:
+    the schedule replay has always kept. ``clock`` and ``sleep`` are injected in tests.
+    """
+
+    __slots__ = ("_cap_s", "_clock", "_due_s", "_newest_ms", "_sleep", "_speed", "_started")
+
+    def __init__(self, *, speed: float = 1.0, max_gap_ms: int | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = anyio.sleep) -> None:
+        self._speed = speed
+        self._cap_s = None if max_gap_ms is None else max_gap_ms / 1000
+        self._clock = clock
+        self._sleep = sleep
+        self._newest_ms: int | None = None
+        self._due_s = 0.0  # when the newest event is due, in seconds after the first
+        self._started = 0.0
+
+    def delay(self, time_ms: int) -> float:
+        """Seconds until the event recorded at ``time_ms`` is due (0 or less: due now)."""
+        newest = self._newest_ms
+        if newest is None:
+            self._newest_ms, self._started = time_ms, self._clock()
+            return 0.0
+        if time_ms > newest:
+            gap = (time_ms - newest) / 1000 / self._speed
+            cap = self._cap_s
+            self._due_s += gap if cap is None or gap < cap else cap
+            self._newest_ms = time_ms
+        return self._due_s - (self._clock() - self._started)
+
+    async def wait(self, time_ms: int) -> None:
+        """Wait until the event recorded at ``time_ms`` is due; yield to the loop at least."""
+        delay = self.delay(time_ms)
+        await (self._sleep(delay) if delay > 0 else yield_to_loop())

@@ -25,6 +25,9 @@ class Policy:
     cache_persist: bool    # new cache entries are written
     reset: bool            # the first commit starts a new history
     realtime: bool         # replay keeps the recorded time gaps
+    # How REALTIME_REPLAY paces: recorded gaps divided by the speed, then capped.
+    realtime_speed: float = 1.0
+    realtime_max_gap_ms: int | None = None
 
     @classmethod
     def of(cls, config: Config) -> Policy:
@@ -52,4 +55,6 @@ class Policy:
             cache_persist=data and writes,
             reset=access is SnapshotAccess.RECORD,
             realtime=mode is PersistenceMode.REALTIME_REPLAY,
+            realtime_speed=config.realtime_speed,
+            realtime_max_gap_ms=config.realtime_max_gap_ms,
         )

@@ -18,7 +18,7 @@ from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
-from ._pacing import COOPERATE_NS, Pacer, yield_to_loop
+from ._pacing import COOPERATE_NS, Pacer, RealtimePace, yield_to_loop
 from ._policy import Policy
 from ._scheduler import Scheduler
 from ._stopping import mark_holds_an_item, take_back_stop_cancel
@@ -356,18 +356,15 @@ class Stream:
     async def _realtime(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[
             tuple[list[Any], list[Any], list[int]]]:
         """``REALTIME_REPLAY``: the committed events one at a time, as one-event chunks,
-        with the recorded gaps between them."""
-        first_ms: int | None = None
-        started = 0.0
+        with the recorded gaps between them (scaled and capped as ``Config`` says)."""
+        pace = RealtimePace(speed=self._policy.realtime_speed,
+                            max_gap_ms=self._policy.realtime_max_gap_ms)
         async for view in self._read_ahead(segments):
             for values, offsets, times in view.event_chunks(BATCH_ENTRIES):
                 self._life.check("replay()")
                 for value, offset, time_ms in zip(
                         values, repeat(None) if offsets is None else offsets, times, strict=False):
-                    if first_ms is None:
-                        first_ms, started = time_ms, time.monotonic()
-                    delay = (time_ms - first_ms) / 1000 - (time.monotonic() - started)
-                    await (anyio.sleep(delay) if delay > 0 else yield_to_loop())
+                    await pace.wait(time_ms)
                     yield [value], [offset], [time_ms]
 
     async def _read_ahead(self, refs: list[fmt.SegmentRef]) -> AsyncIterator[fmt.SegmentView]:
