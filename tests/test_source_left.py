@@ -58,7 +58,8 @@ async def test_a_break_with_the_iterator_kept(tmp_path: Path, caplog: pytest.Log
                 break
         assert max(await _commit_latencies(run)) < HELD_LONG
         warnings = [r.getMessage() for r in caplog.records if LEFT in r.getMessage()]
-        assert len(warnings) == 1 and "by a break or a return" in warnings[0]
+        assert len(warnings) == 1
+        assert "by a break or a return" in warnings[0]
         assert "stream=s" in warnings[0]
         del events
     assert await _stored(tmp_path) == ([0, 1, 2, 3], {"0": 1, "1": 1, "2": 1, "3": 1})
@@ -77,11 +78,12 @@ async def test_an_exception_caught_by_a_caller_that_keeps_the_iterator(
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
         events = run.source("s", _numbers)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="bad event"):
             await consume(events, t)
         assert max(await _commit_latencies(run)) < HELD_LONG
         warnings = [r.getMessage() for r in caplog.records if LEFT in r.getMessage()]
-        assert len(warnings) == 1 and "by an exception" in warnings[0]
+        assert len(warnings) == 1
+        assert "by an exception" in warnings[0]
         del events
     assert await _stored(tmp_path) == ([0, 1, 2], {"0": 1, "1": 1, "2": 1})
 

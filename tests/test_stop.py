@@ -46,12 +46,12 @@ async def test_stop_wakes_a_source_waiting_for_its_reader(backend: apersist.Back
     for i in range(5):
         queue.put_nowait({"i": i})
     seen: list[int] = []
+    drained = asyncio.Event()
     async with apersist.run(_config(backend)) as run:
         counts = await run.table("counts")
 
         async def stop_when_drained() -> None:
-            while not queue.empty() or len(seen) < 5:
-                await asyncio.sleep(0.005)
+            await drained.wait()
             await asyncio.sleep(0.05)  # the source now waits on an empty queue
             run.stop()
 
@@ -59,9 +59,12 @@ async def test_stop_wakes_a_source_waiting_for_its_reader(backend: apersist.Back
         async for event in run.source("q", _queue_reader(queue)):
             seen.append(event.value["i"])
             counts["n"] = counts.get("n", 0) + 1
+            if len(seen) == 5:
+                drained.set()
         await stopper
         task = asyncio.current_task()
-        assert task is not None and task.cancelling() == 0  # the stop's cancel was taken back
+        assert task is not None
+        assert task.cancelling() == 0
         assert run.stopping
     queue.put_nowait({"i": 5})  # put after the stop: never taken from the queue
     assert seen == [0, 1, 2, 3, 4]
@@ -96,7 +99,8 @@ async def test_stop_from_a_loop_body_ends_after_that_event(backend: apersist.Bac
                 continue
             assert event.value == 42  # resumes right after the last event processed
             break
-        assert replayed == list(range(42)) and offsets == [41]
+        assert replayed == list(range(42))
+        assert offsets == [41]
 
 
 async def test_stop_while_a_body_works_waits_for_the_body(tmp_path: Path) -> None:
@@ -128,7 +132,8 @@ async def test_stop_during_replay_ends_it_and_never_calls_the_reader(tmp_path: P
             got.append(event.value)
             if len(got) == 10:
                 run.stop()
-        assert 10 <= len(got) < 5000 and got == list(range(len(got)))
+        assert 10 <= len(got) < 5000
+        assert got == list(range(len(got)))
         assert called == []
 
 
@@ -242,13 +247,14 @@ def test_stop_on_signals_needs_the_main_thread(tmp_path: Path) -> None:
                 pass
         try:
             asyncio.run(body())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=in_thread)
     thread.start()
     thread.join()
-    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert len(errors) == 1
+    assert isinstance(errors[0], RuntimeError)
     assert "stop_on_signals" in str(errors[0])
 
 

@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -26,7 +25,8 @@ def _run_check(spec: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, str(SUPPORT / "stop_worker.py"), spec, "--check"],
                          env=worker_env(), capture_output=True, timeout=120, check=True)
     lines = [orjson.loads(line) for line in out.stdout.splitlines()]
-    assert lines and lines[-1]["ev"] == "check", out.stderr.decode()
+    assert lines, out.stderr.decode()
+    assert lines[-1]["ev"] == "check", out.stderr.decode()
     return lines[-1]
 
 
@@ -60,7 +60,8 @@ def test_a_signal_ends_the_run_cleanly_and_the_restart_resumes_after_it(
     stopped = next(d for d in docs if d["ev"] == "stopped")
     assert docs[-1] == {"ev": "done"}
     n, last = stopped["n"], stopped["last"]
-    assert n >= 300 and last == n - 1
+    assert n >= 300
+    assert last == n - 1
 
     found = _run_check(spec)
     assert found["replayed"] == list(range(n))  # exactly what was processed, once
