@@ -109,15 +109,22 @@ def handling_signals(life: Lifecycle, host: asyncio.Task[Any] | None) -> Iterato
     """
     loop = asyncio.get_running_loop()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    # A handler the application gave the loop itself (loop.add_signal_handler) for one of
+    # these signals: asyncio keeps one per signal, so ours replaces it until the block ends.
+    loop_handlers: dict[signal.Signals, asyncio.Handle] = dict(
+        getattr(loop, "_signal_handlers", {}))
     installed: list[signal.Signals] = []
 
     def restore() -> None:
         while installed:
             sig = installed.pop()
             loop.remove_signal_handler(sig)
-            # remove_signal_handler puts Python's default back; put back what was there
-            # (asyncio.run's own SIGINT handler, say).
-            if previous[sig] is not None:
+            earlier = loop_handlers.get(sig)
+            if earlier is not None and not earlier.cancelled():
+                loop.add_signal_handler(sig, earlier._callback, *earlier._args)  # type: ignore[attr-defined]
+            elif previous[sig] is not None:
+                # remove_signal_handler puts Python's default back; put back what was
+                # there (asyncio.run's own SIGINT handler, say).
                 signal.signal(sig, previous[sig])
 
     def on_signal(sig: signal.Signals) -> None:

@@ -261,3 +261,23 @@ def test_stop_on_signals_needs_the_main_thread(tmp_path: Path) -> None:
 def test_stop_on_signals_must_be_a_bool(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="stop_on_signals"):
         apersist.run(_config(apersist.Backend.filesystem(tmp_path)), stop_on_signals=1)  # type: ignore[arg-type]
+
+
+async def test_a_loop_signal_handler_of_the_application_comes_back(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    mine: list[str] = []
+    loop.add_signal_handler(signal.SIGTERM, mine.append, "mine")
+    try:
+        async with apersist.run(_config(apersist.Backend.filesystem(tmp_path)),
+                                stop_on_signals=True) as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await run.wait_stopping()  # ours, while the block runs
+        assert mine == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            if mine:
+                break
+            await asyncio.sleep(0.01)
+        assert mine == ["mine"]  # the application's, once the block is left
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
