@@ -201,7 +201,9 @@ def test_compact_applies_the_retention_it_is_given(tmp_path: Path) -> None:
 
     asyncio.run(write())
     assert main(["compact", str(root), "--max-events", "3"]) == 0
-    assert main(["compact", str(root), "--max-events", "-1"]) == 2  # refused, store unharmed
+    with pytest.raises(SystemExit) as exit_:  # a usage error, refused before the store is opened
+        main(["compact", str(root), "--max-events", "-1"])
+    assert exit_.value.code == 2
 
     async def read() -> tuple[list[Any], Any]:
         cfg = apersist.Config(apersist.Backend.filesystem(root), snapshot_access="replay")
