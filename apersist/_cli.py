@@ -231,6 +231,17 @@ def _print_salvage(report: SalvageReport, args: argparse.Namespace, out: _Output
              f"(the last whole one){later}; new store at commit {report.dest_seq}")
     for damage in report.log_damage:
         out.line(f"damaged: {damage.message}")
+    if report.lost_commits:
+        later = report.to_json()["lost_in_later_commits"]
+        added = [f"{n} {noun} of {kind} {name}"
+                 for group, kind, noun in (("streams", "stream", "events"),
+                                           ("tables", "table", "records"),
+                                           ("cache", "the", "entries"))
+                 for name, n in later[group].items()]
+        unknown = (f"; {later['unreadable_commits']} unreadable, what they held is unknown"
+                   if later["unreadable_commits"] else "")
+        out.line(f"LOST the {report.lost_commits} commit record(s) after commit "
+                 f"{report.source_seq}: they added {', '.join(added) or 'nothing'}{unknown}")
     for name, log in report.streams.items():
         offset = orjson.dumps(log.extra["offset"]).decode()
         text = f"stream {name}: kept {log.kept} of {log.written} events"

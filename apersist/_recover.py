@@ -19,7 +19,7 @@ import functools
 import re
 import zlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -34,6 +34,8 @@ __all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "open_readab
 
 # Segments fetched at once while a log is read (each is checked as it comes).
 _READ_AHEAD = 8
+# A segment's trailer: count, body length, body CRC, trailer CRC, end magic.
+_TRAILER_SIZE = fmt._TRAILER.size
 
 _KEY_RE = re.compile(r"\bkey=(\S+)")
 _OFFSET_RE = re.compile(r"\boffset=(\d+)")
@@ -75,6 +77,11 @@ class OpenedStore:
     store: Store
     damage: list[Damage]
     lost_commits: int = 0
+    #: What the commit records after the last whole one added, for those that still
+    #: decode: records of new segments by (kind, name) (a merge's rewrites add none).
+    beyond: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Of the commit records after the last whole one, those that do not decode.
+    unreadable_commits: int = 0
 
     def stream_names(self) -> list[str]:
         """Every stream: those with events in the live state, and those with an offset."""
@@ -108,7 +115,7 @@ async def open_readable(driver: Driver) -> OpenedStore:
         return OpenedStore(store, [])
     except CorruptDataError as exc:
         refused = Damage.of(exc, fmt.writer_prefix(fmt.WRITER))
-    state, damage, lost = await _walk_log(store, driver)
+    state, damage, lost, after = await _walk_log(store, driver)
     # The store's own state is replaced by the walked one: the same fold (Store._apply) of
     # the same records, stopped at the last whole commit instead of refused.
     store._state = state
@@ -116,12 +123,22 @@ async def open_readable(driver: Driver) -> OpenedStore:
     # segment's damage is left to read_log, which reads it and says how much it lost.
     if fmt.key_kind(refused.key) != "segment" and all(d.key != refused.key for d in damage):
         damage.append(refused)
-    return OpenedStore(store, damage, lost)
+    beyond: dict[tuple[str, str], int] = {}
+    unreadable = 0
+    for key in after:
+        try:
+            record = fmt.CommitRecord.decode(key, await driver.get(key))
+        except (CorruptDataError, ObjectNotFoundError):
+            unreadable += 1
+            continue
+        for ref in record.segments:
+            beyond[(ref.kind, ref.name)] = beyond.get((ref.kind, ref.name), 0) + ref.records
+    return OpenedStore(store, damage, lost, beyond, unreadable)
 
 
-async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage], int]:
-    """The state of the last whole commit, the damage that ends the log there, and the
-    number of commit records after it."""
+async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage], int, list[str]]:
+    """The state of the last whole commit, the damage that ends the log there, the number
+    of commit records after it, and their keys."""
     writer = fmt.WRITER
     damage: list[Damage] = []
     state = _State()
@@ -158,12 +175,13 @@ async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage],
             damage.append(Damage.of(exc, key))
             break
         seq += 1
-    later = sorted(n for n in numbered if n > seq)
+    later = sorted(n for n in numbered if n > seq)  # a gap before these is damage
     if seq not in numbered and later:
         key = fmt.commit_key(writer, seq)
         damage.append(Damage(key, 0, f"commit record missing while later commits exist: "
                                      f"key={key} offset=0 later={later[0]}"))
-    return state, damage, len(later) + (seq in numbered)
+    after = [numbered[n] for n in sorted(numbered) if n >= seq]
+    return state, damage, len(after), after
 
 
 # ----------------------------------------------------------------------------- segments
@@ -184,12 +202,16 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class LogPart:
-    """What one segment of a log gave: its good records, and the damage that ends the log
-    there (None: the whole segment read)."""
+    """What one segment of a log gave: its good records, and its damage (None: none).
+
+    ``whole``: every record of the segment read, though the segment is damaged (its
+    trailer, say): the log goes on past it. Otherwise the damage ends the log here.
+    """
 
     ref: fmt.SegmentRef
     frames: list[Frame]
     damage: Damage | None
+    whole: bool = True
 
     @property
     def entries(self) -> int:
@@ -198,7 +220,8 @@ class LogPart:
 
 async def read_log(store: Store, kind: str, name: str) -> AsyncIterator[LogPart]:
     """Yield each live segment of a log in order, with its good records, up to the first
-    damage: the part holding it is the last one yielded.
+    damage that loses records: the part holding it is the last one yielded (a damaged
+    segment whose records all read, ``LogPart.whole``, does not end the log).
 
     ``_READ_AHEAD`` segments are fetched at once; each is checked whole as a run checks it
     and, if that fails, walked record by record up to the first record that fails its CRC
@@ -217,11 +240,11 @@ async def read_log(store: Store, kind: str, name: str) -> AsyncIterator[LogPart]
         for ref, data in zip(window, blobs, strict=True):
             if data is None:
                 yield LogPart(ref, [], Damage(ref.key, 0, f"commit names a missing segment: "
-                                                          f"key={ref.key} offset=0"))
+                                                          f"key={ref.key} offset=0"), whole=False)
                 return
             part = _read_segment(ref, data)
             yield part
-            if part.damage is not None:
+            if not part.whole:
                 return
 
 
@@ -246,20 +269,27 @@ def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:
     # passes its own CRC and decodes. ``frames`` may already hold them (a damage found at
     # the end of the body); walking again from the start gives the same records.
     frames = []
-    walker = _walk_records(ref, data)
+    end = 0  # where the last good record ends
     try:
-        for value, offset, time_ms, count, at in walker:
+        for value, offset, time_ms, count, at, after in _walk_records(ref, data):
             frames.append(_decode(ref, value, offset, time_ms, count, at))
+            end = after
     except CorruptDataError as exc:
         if damage.key == ref.key and damage.offset == 0:
             damage = Damage.of(exc, ref.key)  # a closer position than the whole-segment check
-    return LogPart(ref, frames, damage)
+        return LogPart(ref, frames, damage, whole=False)
+    # Every record passed its own CRC: the segment lost none if they fill its body (as
+    # the commit sized it) and hold the count the commit names. Only its trailer (or
+    # another check of the whole) failed.
+    whole = (len(data) == ref.size and end == len(data) - _TRAILER_SIZE
+             and sum(f.count for f in frames) == ref.records)
+    return LogPart(ref, frames, damage, whole=whole)
 
 
 def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, bytes | None, int,
-                                                                      int, int]]:
+                                                                      int, int, int]]:
     """The records of a segment whose whole-segment check failed, each checked on its own,
-    up to the first that fails: (value, offset, time_ms, count, position).
+    up to the first that fails: (value, offset, time_ms, count, position, end).
 
     Nothing is yielded unless the header holds (magic, checksum, this segment's own key): a
     segment with another object's bytes has none of this log's records.
@@ -284,7 +314,7 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
     pos = head_end + 4
     # The body ends where the trailer starts, if the object has its full size; a truncated
     # object ends its body early, and the record it cuts fails to fit.
-    end = len(data) - 28 if len(data) == ref.size else len(data)
+    end = len(data) - _TRAILER_SIZE if len(data) == ref.size else len(data)
     while pos + record_head.size + 4 <= end:
         fields = record_head.unpack_from(data, pos)
         if major == 1:
@@ -302,7 +332,7 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
         if count < 1:
             raise CorruptDataError(f"segment record count is damaged: key={ref.key} offset={pos}")
         vend = vstart + vlen
-        yield data[vstart:vend], (data[vend:oend] if olen else None), time_ms, count, pos
+        yield data[vstart:vend], (data[vend:oend] if olen else None), time_ms, count, pos, oend + 4
         pos = oend + 4
 
 

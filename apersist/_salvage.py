@@ -68,8 +68,12 @@ class SalvageReport:
     """What ``salvage`` copied and what it lost."""
 
     source_seq: int  # the last whole commit of the source, the state copied
-    lost_commits: int  # commit records after it, unread
+    lost_commits: int  # commit records after it, not copied
     log_damage: list[Damage]
+    # What those commit records added (records of new segments by kind and log name), of
+    # those that decode; and how many do not (what they added is unknown).
+    beyond: dict[tuple[str, str], int] = field(default_factory=dict)
+    unreadable_commits: int = 0
     streams: dict[str, LogReport] = field(default_factory=dict)
     tables: dict[str, LogReport] = field(default_factory=dict)
     cache: LogReport = field(default_factory=LogReport)
@@ -88,7 +92,13 @@ class SalvageReport:
             log.lost for log in [*self.streams.values(), *self.tables.values(), self.cache])
 
     def to_json(self) -> dict[str, Any]:
+        later: dict[str, dict[str, int]] = {"streams": {}, "tables": {}, "cache": {}}
+        for (kind, name), records in sorted(self.beyond.items()):
+            group = {fmt.KIND_EVENTS: "streams", fmt.KIND_CACHE: "cache"}.get(kind, "tables")
+            later[group][name] = later[group].get(name, 0) + records
         return {"source_seq": self.source_seq, "lost_commits": self.lost_commits,
+                "lost_in_later_commits": {**later,
+                                          "unreadable_commits": self.unreadable_commits},
                 "dest_seq": self.dest_seq, "complete": not self.lost,
                 "log_damage": [d.to_json() for d in self.log_damage],
                 "streams": {n: r.to_json() for n, r in self.streams.items()},
@@ -155,7 +165,8 @@ async def salvage(source: Driver, dest: Driver) -> SalvageReport:
                                        f"key={info.key}")
     opened = await open_readable(source)
     store = opened.store
-    report = SalvageReport(store.last_seq, opened.lost_commits, list(opened.damage))
+    report = SalvageReport(store.last_seq, opened.lost_commits, list(opened.damage),
+                           dict(opened.beyond), opened.unreadable_commits)
     target = Store(dest, clock_ms=lambda: time.time_ns() // 1_000_000)
     await target.load()
     await target.acquire_writer()
