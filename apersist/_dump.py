@@ -95,9 +95,13 @@ async def table_rows(opened: OpenedStore, name: str,
     snapshots = store.segments(fmt.KIND_TABLE_SNAPSHOT, name)
     since = snapshots[-1].seq if snapshots else 0
     counts["snapshot_records"] = sum(s.ref.records for s in snapshots if s.seq == since)
-    counts["delta_records"] = sum(s.ref.records for s in store.segments(fmt.KIND_TABLE, name))
-    for kind, kept in ((fmt.KIND_TABLE_SNAPSHOT, "snapshot_kept"), (fmt.KIND_TABLE, "deltas_kept")):
-        async for part in read_log(store, kind, name):
+    # The deltas of the snapshot's own commit are in the snapshot already (as
+    # ``load_table_state`` reads a table): only later ones apply.
+    counts["delta_records"] = sum(s.ref.records for s in store.segments(fmt.KIND_TABLE, name)
+                                  if s.seq > since)
+    for kind, kept, after in ((fmt.KIND_TABLE_SNAPSHOT, "snapshot_kept", 0),
+                              (fmt.KIND_TABLE, "deltas_kept", since)):
+        async for part in read_log(store, kind, name, after_seq=after):
             for frame in part.frames:
                 item = frame.entries[0]
                 if len(item) == 2:

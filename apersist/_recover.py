@@ -218,16 +218,18 @@ class LogPart:
         return sum(frame.count for frame in self.frames)
 
 
-async def read_log(store: Store, kind: str, name: str) -> AsyncIterator[LogPart]:
+async def read_log(store: Store, kind: str, name: str, *,
+                   after_seq: int = 0) -> AsyncIterator[LogPart]:
     """Yield each live segment of a log in order, with its good records, up to the first
     damage that loses records: the part holding it is the last one yielded (a damaged
     segment whose records all read, ``LogPart.whole``, does not end the log).
 
     ``_READ_AHEAD`` segments are fetched at once; each is checked whole as a run checks it
     and, if that fails, walked record by record up to the first record that fails its CRC
-    or does not decode.
+    or does not decode. ``after_seq``: only the segments of commits after that one (a
+    table's deltas after its snapshot's commit, as a run reads them).
     """
-    refs = [seg.ref for seg in store.segments(kind, name)]
+    refs = [seg.ref for seg in store.segments(kind, name) if seg.seq > after_seq]
     if kind == fmt.KIND_TABLE_SNAPSHOT and refs:
         # Only the newest snapshot counts (a snapshot may span several segments of one commit).
         newest = store.segments(kind, name)[-1].seq
