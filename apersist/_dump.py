@@ -54,8 +54,11 @@ def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
                                                               cutoff=0.6)]
     hint = f" did you mean: {', '.join(close)}?" if close else ""
     listing = ", ".join(known) if known else "none"
+    # A name added by a commit after the damage cannot be seen: say the log is cut short.
+    cut = (f" (the commit log reads only up to commit {opened.store.last_seq}; damaged: "
+           f"{opened.damage[0].message})" if opened.damage else "")
     raise UnknownNameError(f"no {kind} of that name in the store;{hint} name={name} "
-                           f"known: {listing}")
+                           f"known: {listing}{cut}")
 
 
 async def dump_stream(opened: OpenedStore, name: str,

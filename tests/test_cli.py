@@ -371,3 +371,19 @@ def test_progress_is_drawn_on_a_terminal_only(store: Path) -> None:
         piped = subprocess.run([sys.executable, "-c", program, *command], capture_output=True,
                                env=env, timeout=60, check=False)
         assert (piped.returncode, piped.stderr) == (0, b""), command
+
+
+def test_dump_reads_the_log_up_to_its_last_whole_commit(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    newest = sorted((store / "writers/0/commits").iterdir())[-1]  # the commit of "clicks"
+    newest.write_bytes(newest.read_bytes()[:-3])
+    assert main(["dump", str(store), "orders"]) == 1
+    captured = capsys.readouterr()
+    assert [json.loads(x)["value"] for x in captured.out.splitlines()] == [{"n": i} for i in range(5)]
+    [line] = captured.err.splitlines()
+    assert f"key=writers/0/commits/{newest.name} offset=" in line
+    # "clicks" was added by the damaged commit: as far as the log reads, it does not exist.
+    assert main(["dump", str(store), "clicks"]) == 2
+    err = capsys.readouterr().err
+    assert "known: stream orders, table counts (the commit log reads only up to commit" in err
+    assert f"key=writers/0/commits/{newest.name}" in err
