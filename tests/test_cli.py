@@ -387,3 +387,13 @@ def test_dump_reads_the_log_up_to_its_last_whole_commit(
     err = capsys.readouterr().err
     assert "known: stream orders, table counts (the commit log reads only up to commit" in err
     assert f"key=writers/0/commits/{newest.name}" in err
+
+
+def test_demo_with_json_prints_only_its_document_on_stdout(tmp_path: Path) -> None:
+    done = _cli("demo", "--events", "10000", "--store", str(tmp_path / "demo"), "--json")
+    assert json.loads(done.stdout) == {"ok": True, "exit_code": 0}, done.stderr
+    assert "OK: the killed-and-restarted run gives exactly the uninterrupted result" in done.stderr
+    # A bad argument is a usage error, before anything runs.
+    bad = _cli("demo", "--events", "-5")
+    assert bad.returncode == 2
+    assert "must be a whole number, 0 or more: '-5'" in bad.stderr
