@@ -126,13 +126,6 @@ async def _open_store(root: str, *, allow_empty: bool = False,
     return driver
 
 
-async def _close(driver: Driver) -> None:
-    bar = getattr(driver, "_bar", None)
-    if bar is not None:
-        bar.close()
-    await driver.aclose()
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -141,7 +134,7 @@ async def _inspect(args: argparse.Namespace, out: _Output) -> int:
     try:
         report = await summarize(driver)
     finally:
-        await _close(driver)
+        await driver.aclose()
     doc = report.to_json()
     out.doc = doc
     out.line(f"store: {args.root}")
@@ -167,7 +160,7 @@ async def _verify(args: argparse.Namespace, out: _Output) -> int:
     try:
         problems = await verify(driver)
     finally:
-        await _close(driver)
+        await driver.aclose()
     damaged = [Damage.of(CorruptDataError(p), "") for p in problems]
     out.doc = {"ok": not problems, "damaged": [d.to_json() for d in damaged]}
     for line in problems:
@@ -194,7 +187,7 @@ async def _dump(args: argparse.Namespace, out: _Output) -> int:
         result = await dump(opened, args.name, emit)
         stdout.flush()
     finally:
-        await _close(driver)
+        await driver.aclose()
     out.doc = {"name": result.name, "kind": result.kind, "count": result.count,
                "items": items, "complete": not result.damage,
                "damage": [d.to_json() for d in result.damage]}
@@ -218,7 +211,7 @@ async def _salvage(args: argparse.Namespace, out: _Output) -> int:
         finally:
             await dest.aclose()
     finally:
-        await _close(source)
+        await source.aclose()
     out.doc = report.to_json()
     _print_salvage(report, args, out)
     return EXIT_DAMAGE if report.lost else EXIT_OK
@@ -286,7 +279,7 @@ async def _compact(args: argparse.Namespace, out: _Output) -> int:
                            for name in r._store.log_names(kind))
             checkpoint, last = r._store.checkpoint_seq, r._store.last_seq
     finally:
-        await _close(driver)
+        await driver.aclose()
     out.doc = {"tables": len(tables), "live_segments": segments, "checkpoint_seq": checkpoint,
                "last_seq": last}
     out.line(f"compacted {len(tables)} table(s); {segments} live segment(s); checkpoint at "
@@ -302,7 +295,7 @@ async def _gc(args: argparse.Namespace, out: _Output) -> int:
         plan = await collect_garbage(driver, grace_ms=round(grace_s * 1000),
                                      now_ms=time.time_ns() // 1_000_000, dry_run=dry_run)
     finally:
-        await _close(driver)
+        await driver.aclose()
     out.doc = {"dry_run": dry_run, "grace_seconds": grace_s, "now_ms": plan.now_ms,
                "deleted": list(plan.due), "marked": dict(plan.waiting), "new": list(plan.new),
                "damaged_marker": plan.damaged_marker}

@@ -63,4 +63,6 @@ class CountingDriver:
         self._bar.update(len(keys))
 
     async def aclose(self) -> None:
+        """Close the bar (a bar left on the terminal is erased), then the wrapped driver."""
+        self._bar.close()
         await self.inner.aclose()
