@@ -34,7 +34,7 @@ from ._inspect import summarize, verify
 from ._progress import CountingDriver, progress_bar
 from ._recover import Damage, is_store, open_readable
 from ._run import run
-from ._salvage import SalvageReport, salvage
+from ._salvage import LogReport, SalvageReport, salvage
 
 __all__ = ["NotAStoreError", "backend_from_root", "main"]
 
@@ -194,8 +194,9 @@ async def _dump(args: argparse.Namespace, out: _Output) -> int:
     if result.damage:
         first = result.damage[0]
         noun = "events" if kind == "stream" else "rows"
-        out.warn(f"apersist dump: {kind} {args.name} is damaged; the {result.count} {noun} "
-                 f"before the damage were printed: {first.message}")
+        printed = (f"the {result.count} {noun} before the damage were printed" if result.cut
+                   else f"all {result.count} {noun} were printed: the damage lost none")
+        out.warn(f"apersist dump: {kind} {args.name} is damaged; {printed}: {first.message}")
         for more in result.damage[1:]:
             out.warn(f"apersist dump: also damaged: {more.message}")
         return EXIT_DAMAGE
@@ -218,10 +219,8 @@ async def _salvage(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _print_salvage(report: SalvageReport, args: argparse.Namespace, out: _Output) -> None:
-    later = (f"; {report.lost_commits} commit record(s) after it lost"
-             if report.lost_commits else "")
     out.line(f"salvaged {args.root} into {args.dest}: the state of commit {report.source_seq} "
-             f"(the last whole one){later}; new store at commit {report.dest_seq}")
+             f"(the last whole one); new store at commit {report.dest_seq}")
     for damage in report.log_damage:
         out.line(f"damaged: {damage.message}")
     if report.lost_commits:
@@ -236,35 +235,38 @@ def _print_salvage(report: SalvageReport, args: argparse.Namespace, out: _Output
         out.line(f"LOST the {report.lost_commits} commit record(s) after commit "
                  f"{report.source_seq}: they added {', '.join(added) or 'nothing'}{unknown}")
     for name, log in report.streams.items():
+        text = f"stream {name}: kept {log.kept} of {log.written} events{_loss(log)}"
         offset = orjson.dumps(log.extra["offset"]).decode()
-        text = f"stream {name}: kept {log.kept} of {log.written} events"
-        if log.lost or log.damage:
+        if log.lost:
             committed = orjson.dumps(log.extra["committed_offset"]).decode()
-            text += (f", LOST {log.lost} from key={log.damage[0].key} offset="
-                     f"{log.damage[0].offset}; offset {offset} (committed: {committed}), so "
-                     f"the source delivers the lost events again")
+            then = ("the source delivers the lost events again" if log.extra["offset"] is not None
+                    else "the source starts again from its beginning")
+            text += f"; offset {offset} (committed: {committed}), so {then}"
         else:
             text += f"; offset {offset}"
         out.line(text)
     for name, log in report.tables.items():
         extra = log.extra
-        text = (f"table {name}: {extra['keys']} keys, from {extra['snapshot_kept']} of "
-                f"{extra['snapshot_records']} snapshot records and {extra['deltas_kept']} of "
-                f"{extra['delta_records']} deltas")
-        for damage in log.damage:
-            text += f"; LOST the records from key={damage.key} offset={damage.offset} on"
-        out.line(text)
+        out.line(f"table {name}: {extra['keys']} keys, from {extra['snapshot_kept']} of "
+                 f"{extra['snapshot_records']} snapshot records and {extra['deltas_kept']} of "
+                 f"{extra['delta_records']} deltas{_loss(log)}")
     cache = report.cache
-    text = f"cache: kept {cache.kept} of {cache.written} entries"
-    if cache.damage:
-        text += (f", LOST {cache.lost} from key={cache.damage[0].key} "
-                 f"offset={cache.damage[0].offset}")
-    out.line(text)
+    out.line(f"cache: kept {cache.kept} of {cache.written} entries{_loss(cache)}")
     if report.lost:
-        out.warn(f"apersist salvage: the source is damaged; what was lost is listed above "
-                 f"({len(report.damage)} damaged object(s))")
+        out.warn(f"apersist salvage: the source is damaged: {len(report.damage)} damaged "
+                 f"object(s), and what was lost, listed above")
     else:
         out.line("nothing lost: the source was whole")
+
+
+def _loss(log: LogReport) -> str:
+    """What a log's line adds about its damage: what was lost, and where."""
+    if not log.damage:
+        return ""
+    where = " and ".join(f"key={d.key} offset={d.offset}" for d in log.damage)
+    if log.lost:
+        return f", LOST {log.lost} from {where}"
+    return f", damaged at {where} (no record lost: they all read)"
 
 
 async def _compact(args: argparse.Namespace, out: _Output) -> int:

@@ -33,6 +33,7 @@ class DumpResult:
     kind: str  # "stream" or "table"
     count: int = 0
     damage: list[Damage] = field(default_factory=list)
+    cut: bool = False  # whether damage ended the dump short (else every record read)
 
 
 def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
@@ -77,6 +78,8 @@ async def dump_stream(opened: OpenedStore, name: str,
                 bar.update(frame.count)
             if part.damage is not None:
                 result.damage.insert(0, part.damage)
+                result.cut = not part.whole
+    result.cut = result.cut or bool(opened.damage)
     return result
 
 
@@ -127,8 +130,11 @@ async def dump_table(opened: OpenedStore, name: str,
     total = sum(s.ref.records for kind in (fmt.KIND_TABLE_SNAPSHOT, fmt.KIND_TABLE)
                 for s in store.segments(kind, name))
     with progress_bar(f"dump {name}", total=total, unit="record") as bar:
-        rows, damage, _counts = await table_rows(opened, name, bar.update)
+        rows, damage, counts = await table_rows(opened, name, bar.update)
     result.damage[:0] = damage
+    # A table whose damaged segments all read (only a trailer hit) lost no row.
+    result.cut = bool(opened.damage) or counts["snapshot_kept"] < counts["snapshot_records"] or (
+        counts["deltas_kept"] < counts["delta_records"])
     for record in rows.values():
         key, value = orjson.loads(record)
         emit({"key": key, "value": value})

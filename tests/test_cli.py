@@ -397,3 +397,22 @@ def test_demo_with_json_prints_only_its_document_on_stdout(tmp_path: Path) -> No
     bad = _cli("demo", "--events", "-5")
     assert bad.returncode == 2
     assert "must be a whole number, 0 or more: '-5'" in bad.stderr
+
+
+def test_a_damaged_trailer_loses_no_event(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Only the trailer of the segment of "orders" is hit: every record still passes its own
+    # checksum, so dump prints every event, and salvage keeps them, but both report it.
+    segment = sorted((store / "writers/0/segments").iterdir())[0]
+    data = bytearray(segment.read_bytes())
+    data[-12] ^= 0x01  # the trailer's CRC of its own fields
+    segment.write_bytes(bytes(data))
+    assert main(["dump", str(store), "orders"]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 5
+    assert "all 5 events were printed: the damage lost none" in captured.err
+    assert f"key=writers/0/segments/{segment.name}" in captured.err
+    assert main(["salvage", str(store), str(store.parent / "copy")]) == 1
+    out = capsys.readouterr().out
+    assert (f"stream orders: kept 5 of 5 events, damaged at key=writers/0/segments/{segment.name} "
+            f"offset=") in out
+    assert "(no record lost: they all read); offset 4" in out
