@@ -230,10 +230,10 @@ def _print_salvage(report: SalvageReport, args: argparse.Namespace, out: _Output
                                            ("tables", "table", "records"),
                                            ("cache", "the", "entries"))
                  for name, n in later[group].items()]
-        unknown = (f"; {later['unreadable_commits']} unreadable, what they held is unknown"
-                   if later["unreadable_commits"] else "")
-        out.line(f"LOST the {report.lost_commits} commit record(s) after commit "
-                 f"{report.source_seq}: they added {', '.join(added) or 'nothing'}{unknown}")
+        unknown = (f"; what the {later['unreadable_commits']} missing or damaged one(s) added "
+                   f"is unknown" if later["unreadable_commits"] else "")
+        out.line(f"LOST the {report.lost_commits} commit(s) after commit {report.source_seq}: "
+                 f"those whose record reads added {', '.join(added) or 'nothing'}{unknown}")
     for name, log in report.streams.items():
         text = f"stream {name}: kept {log.kept} of {log.written} events{_loss(log)}"
         offset = orjson.dumps(log.extra["offset"]).decode()

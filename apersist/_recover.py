@@ -71,7 +71,8 @@ class OpenedStore:
     ``store`` holds the state of the last whole commit (its segments, offsets and tables).
     ``damage`` names what stopped the log short, or what a run would refuse besides (a
     damaged epoch record); empty when a run would open the store as it is. ``lost_commits``
-    counts the commit records after the last whole one.
+    counts the commits after the last whole one, up to the newest numbered (a missing
+    record in between included).
     """
 
     store: Store
@@ -80,7 +81,8 @@ class OpenedStore:
     #: What the commit records after the last whole one added, for those that still
     #: decode: records of new segments by (kind, name) (a merge's rewrites add none).
     beyond: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: Of the commit records after the last whole one, those that do not decode.
+    #: Of the commits after the last whole one, those whose record is missing or does not
+    #: decode: what they added is unknown.
     unreadable_commits: int = 0
 
     def stream_names(self) -> list[str]:
@@ -124,7 +126,7 @@ async def open_readable(driver: Driver) -> OpenedStore:
     if fmt.key_kind(refused.key) != "segment" and all(d.key != refused.key for d in damage):
         damage.append(refused)
     beyond: dict[tuple[str, str], int] = {}
-    unreadable = 0
+    unreadable = lost - len(after)  # the missing ones
     for key in after:
         try:
             record = fmt.CommitRecord.decode(key, await driver.get(key))
@@ -181,7 +183,10 @@ async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage],
         damage.append(Damage(key, 0, f"commit record missing while later commits exist: "
                                      f"key={key} offset=0 later={later[0]}"))
     after = [numbered[n] for n in sorted(numbered) if n >= seq]
-    return state, damage, len(after), after
+    # Lost: every number after the last whole commit up to the newest listed, a missing
+    # one (a gap) included.
+    lost = max(numbered) - state.last_seq if after else 0
+    return state, damage, lost, after
 
 
 # ----------------------------------------------------------------------------- segments

@@ -68,10 +68,11 @@ class SalvageReport:
     """What ``salvage`` copied and what it lost."""
 
     source_seq: int  # the last whole commit of the source, the state copied
-    lost_commits: int  # commit records after it, not copied
+    lost_commits: int  # commits after it, not copied (a missing record included)
     log_damage: list[Damage]
-    # What those commit records added (records of new segments by kind and log name), of
-    # those that decode; and how many do not (what they added is unknown).
+    # What those commits added (records of new segments by kind and log name), of those
+    # whose record decodes; and how many are missing or do not decode (what they added is
+    # unknown).
     beyond: dict[tuple[str, str], int] = field(default_factory=dict)
     unreadable_commits: int = 0
     streams: dict[str, LogReport] = field(default_factory=dict)

@@ -344,16 +344,15 @@ def expect_for(target: str, built: Built, damage: Damage, doc: dict[str, Any],
             problems.append(f"stream a: {len(seen.a)} events, offset {seen.a_offset}")
         if seen.b or seen.table != SNAPSHOT or seen.misses:
             problems.append("not the state of the commit before the damaged one")
-        # The records after the last whole commit: the damaged one (unless deleted) and
-        # the two after it.
-        want = 2 if damage.data is None else 3
-        if doc["lost_commits"] != want:
-            problems.append(f"lost_commits={doc['lost_commits']}, expected {want}")
+        # The commits after the last whole one: the damaged (or missing) one and the two
+        # after it.
+        if doc["lost_commits"] != 3:
+            problems.append(f"lost_commits={doc['lost_commits']}, expected 3")
         # What the two readable commits after it added is reported; the damaged one's is not
         # known.
         later = doc["lost_in_later_commits"]
         if (later["streams"], later["tables"], later["unreadable_commits"]) != (
-                {"a": PER_SEGMENT, "b": len(B_EVENTS)}, {"t": len(DELTAS)}, want - 2):
+                {"a": PER_SEGMENT, "b": len(B_EVENTS)}, {"t": len(DELTAS)}, 1):
             problems.append(f"lost_in_later_commits={later}")
     elif target in ("checkpoint", "epoch"):
         # Worked around: the log reads whole from the commit records; nothing is lost.
