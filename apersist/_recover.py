@@ -169,7 +169,7 @@ async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage],
         key = numbered[seq]
         try:
             record = fmt.CommitRecord.decode(key, await driver.get(key))
-            store._apply(state, key, record)  # checks its position, epoch and rewrites
+            _apply_whole(store, state, key, record)
         except ObjectNotFoundError:
             damage.append(Damage(key, 0, f"commit record vanished while reading: key={key} offset=0"))
             break
@@ -187,6 +187,27 @@ async def _walk_log(store: Store, driver: Driver) -> tuple[_State, list[Damage],
     # one (a gap) included.
     lost = max(numbered) - state.last_seq if after else 0
     return state, damage, lost, after
+
+
+def _apply_whole(store: Store, state: _State, key: str, record: fmt.CommitRecord) -> None:
+    """Fold ``record`` into ``state`` (``Store._apply``: it checks the record's position,
+    epoch and rewrites), or leave ``state`` as it was if the record is refused.
+
+    ``Store._apply`` may refuse a record's rewrites after it began to change the state (a
+    run then fails whole, so it need not undo): what it changes in place is put back here,
+    so that the state stays that of the last whole commit. Its lists of segments are
+    replaced, never changed, before the point where it may refuse.
+    """
+    saved = (dict(state.logs), list(state.fences), state.commits, state.reset_time_ms,
+             state.last_segment, state.offsets)
+    try:
+        store._apply(state, key, record)
+    except CorruptDataError:
+        state.logs.clear()
+        state.logs.update(saved[0])
+        (state.fences, state.commits, state.reset_time_ms, state.last_segment,
+         state.offsets) = saved[1:]
+        raise
 
 
 # ----------------------------------------------------------------------------- segments

@@ -550,3 +550,44 @@ def test_salvage_of_every_golden_store_reads_back_exactly(
         got = asyncio.run(read_golden_shape(apersist.Backend.filesystem(tmp_path / "dest2"),
                                             expected))
         assert got["streams"][name]["events"] == expected["streams"][name]["events"][:log["kept"]]
+
+
+def test_a_refused_commit_leaves_the_state_of_the_commit_before(tmp_path: Path) -> None:
+    """A commit record that decodes but that a reader refuses (a reset whose rewrite names
+    segments its log does not hold) is not half applied: the state stays that of the last
+    whole commit, whose events are all salvaged."""
+    from apersist._recover import open_readable
+
+    root = tmp_path / "store"
+
+    async def write() -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            for i in range(3):
+                await run.stream("s").record(i, offset=i)
+
+    asyncio.run(write())
+    commits = sorted((root / "writers/0/commits").iterdir())
+    last = orjson.loads(commits[-1].read_bytes())["body"]
+    seq = last["seq"] + 1
+    bad = fmt.CommitRecord(
+        writer=fmt.WRITER, seq=seq, epoch=last["epoch"], time_ms=0, token="x", reset=True,
+        segments=(), offsets={},
+        rewrites=(fmt.Rewrite(fmt.KIND_EVENTS, "s", ("writers/0/segments/nowhere.seg",), ()),))
+    (root / fmt.commit_key(fmt.WRITER, seq)).write_bytes(bad.encode())
+
+    async def read() -> tuple[int, list[str], list[int], list[str]]:
+        driver = open_driver(apersist.Backend.filesystem(root))
+        try:
+            opened = await open_readable(driver)
+            store = opened.store
+            segs = store.segments(fmt.KIND_EVENTS, "s")
+            return (store.last_seq, [d.key for d in opened.damage],
+                    [seg.ref.records for seg in segs], list(store.offsets))
+        finally:
+            await driver.aclose()
+
+    last_seq, damaged, records, offsets = asyncio.run(read())
+    assert last_seq == seq - 1
+    assert damaged == [fmt.commit_key(fmt.WRITER, seq)]
+    assert sum(records) == 3
+    assert offsets == ["s"]
