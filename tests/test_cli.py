@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -201,7 +202,9 @@ def test_compact_applies_the_retention_it_is_given(tmp_path: Path) -> None:
 
     asyncio.run(write())
     assert main(["compact", str(root), "--max-events", "3"]) == 0
-    assert main(["compact", str(root), "--max-events", "-1"]) == 2  # refused, store unharmed
+    with pytest.raises(SystemExit) as exit_:  # a usage error, refused before the store is opened
+        main(["compact", str(root), "--max-events", "-1"])
+    assert exit_.value.code == 2
 
     async def read() -> tuple[list[Any], Any]:
         cfg = apersist.Config(apersist.Backend.filesystem(root), snapshot_access="replay")
@@ -209,3 +212,207 @@ def test_compact_applies_the_retention_it_is_given(tmp_path: Path) -> None:
             return [e.value async for e in run.stream("s").replay()], run.stream("s").offset
 
     assert asyncio.run(read()) == ([7, 8, 9], 9)
+
+
+# ----------------------------------------------------------------------------- every command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run this checkout's command line in a process of its own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "apersist._cli", *argv], capture_output=True,
+                          text=True, env=env, timeout=120, check=False, **kwargs)
+
+
+def test_version() -> None:
+    done = _cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == (f"apersist {apersist.__version__} (store format "
+                                   f"{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR})")
+
+
+def _json(argv: list[str], capsys: pytest.CaptureFixture[str], code: int = 0) -> dict[str, Any]:
+    assert main(argv) == code, argv
+    doc = json.loads(capsys.readouterr().out)  # one document, nothing else on stdout
+    assert doc["exit_code"] == code
+    return dict(doc)
+
+
+def test_every_command_prints_one_json_document(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(store)
+    doc = _json(["inspect", root, "--json"], capsys)
+    assert {"last_seq", "live_commits", "writer_epoch", "stored_bytes", "streams", "tables",
+            "cache"} <= set(doc)
+    assert _json(["verify", root, "--json"], capsys) == {"ok": True, "damaged": [],
+                                                         "exit_code": 0}
+    doc = _json(["dump", root, "orders", "--json"], capsys)
+    assert (doc["name"], doc["kind"], doc["count"], doc["complete"], doc["damage"]) == (
+        "orders", "stream", 5, True, [])
+    assert doc["items"][0] == {"value": {"n": 0}, "offset": 0, "time_ms": doc["items"][0]["time_ms"]}
+    doc = _json(["salvage", root, str(tmp_path / "copy"), "--json"], capsys)
+    assert doc["complete"] is True
+    assert doc["streams"]["orders"]["kept"] == 5
+    doc = _json(["gc", root, "--dry-run", "--json"], capsys)
+    assert set(doc) == {"dry_run", "grace_seconds", "now_ms", "deleted", "marked", "new",
+                        "damaged_marker", "exit_code"}
+    assert doc["dry_run"] is True
+    doc = _json(["compact", root, "--json"], capsys)
+    assert set(doc) == {"tables", "live_segments", "checkpoint_seq", "last_seq", "exit_code"}
+    assert doc["tables"] == 1
+    # An error is a document too, besides its line on stderr.
+    assert main(["dump", root, "nope", "--json"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["error"]["type"] == "UnknownNameError"
+    assert doc["exit_code"] == 2
+    assert len(captured.err.splitlines()) == 1
+
+
+def _damage_a_commit(store: Path) -> Path:
+    commit = sorted((store / "writers/0/commits").iterdir())[1]
+    commit.write_bytes(commit.read_bytes().replace(b'"commit"', b'"commiT"'))
+    return commit
+
+
+def test_an_error_is_one_line_without_a_traceback_unless_debug(store: Path) -> None:
+    commit = _damage_a_commit(store)
+    done = _cli("inspect", str(store))
+    assert done.returncode == 1  # damage found
+    [line] = done.stderr.splitlines()
+    assert line.startswith("apersist inspect: CorruptDataError: record checksum mismatch: ")
+    assert f"key=writers/0/commits/{commit.name}" in line
+    assert done.stdout == ""
+    debug = _cli("inspect", str(store), "--debug")
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.rstrip().splitlines()[-1] == line
+
+
+def test_a_closed_pipe_ends_dump_quietly(tmp_path: Path) -> None:
+    root = tmp_path / "big"
+
+    async def fill() -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            for i in range(20_000):  # far more than a pipe holds
+                await run.stream("s").record({"i": i, "pad": "x" * 40}, offset=i)
+
+    asyncio.run(fill())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen([sys.executable, "-m", "apersist._cli", "dump", str(root), "s"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read()
+        assert proc.wait(60) == 141
+    assert json.loads(first)["value"]["i"] == 0
+    assert err == b""
+
+
+def test_dump_names_what_exists_when_the_name_is_unknown(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dump", str(store), "Orders"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert "no stream or table of that name in the store; did you mean: orders?" in line
+    assert "name=Orders known: stream clicks, stream orders, table counts" in line
+    # A table's name dumps its rows; --table insists on a table.
+    assert main(["dump", str(store), "counts"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rows == [{"key": "a", "value": 1}, {"key": "b", "value": 2}]
+    assert main(["dump", str(store), "orders", "--table"]) == 2
+    assert "no table of that name" in capsys.readouterr().err
+
+
+def test_inspect_prints_keys_it_does_not_know(
+        store: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apersist._inspect import StoreReport
+
+    plain = StoreReport.to_json
+    monkeypatch.setattr(StoreReport, "to_json",
+                        lambda self: {**plain(self), "writer": {"host": "h", "pid": 1}})
+    assert main(["inspect", str(store)]) == 0
+    assert 'writer: {"host":"h","pid":1}' in capsys.readouterr().out.splitlines()
+
+
+def test_progress_is_drawn_on_a_terminal_only(store: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    program = ("import sys, apersist._progress as p; p.DELAY_S = 0; "
+               "from apersist._cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command in (["verify", str(store)], ["dump", str(store), "orders"],
+                    ["gc", str(store), "--dry-run"]):
+        leader, follower = pty.openpty()
+        # A terminal of 100 columns: one that has no size (0 columns) gets a bar of nothing.
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        try:
+            done = subprocess.run([sys.executable, "-c", program, *command], stdout=subprocess.PIPE,
+                                  stderr=follower, env=env, timeout=60, check=False)
+            os.close(follower)
+            drawn = b""
+            with contextlib.suppress(OSError):  # EIO once the terminal has nothing more
+                while chunk := os.read(leader, 65536):
+                    drawn += chunk
+        finally:
+            os.close(leader)
+        assert done.returncode == 0, command
+        # tqdm's bar: the command's name, a count and a rate, redrawn with carriage returns.
+        assert command[0].encode() in drawn, (command, drawn)
+        assert b"/s]" in drawn, (command, drawn)
+        piped = subprocess.run([sys.executable, "-c", program, *command], capture_output=True,
+                               env=env, timeout=60, check=False)
+        assert (piped.returncode, piped.stderr) == (0, b""), command
+
+
+def test_dump_reads_the_log_up_to_its_last_whole_commit(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    newest = sorted((store / "writers/0/commits").iterdir())[-1]  # the commit of "clicks"
+    newest.write_bytes(newest.read_bytes()[:-3])
+    assert main(["dump", str(store), "orders"]) == 1
+    captured = capsys.readouterr()
+    assert [json.loads(x)["value"] for x in captured.out.splitlines()] == [{"n": i} for i in range(5)]
+    [line] = captured.err.splitlines()
+    assert f"key=writers/0/commits/{newest.name} offset=" in line
+    # "clicks" was added by the damaged commit: as far as the log reads, it does not exist.
+    assert main(["dump", str(store), "clicks"]) == 2
+    err = capsys.readouterr().err
+    assert "known: stream orders, table counts (the commit log reads only up to commit" in err
+    assert f"key=writers/0/commits/{newest.name}" in err
+
+
+def test_demo_with_json_prints_only_its_document_on_stdout(tmp_path: Path) -> None:
+    done = _cli("demo", "--events", "10000", "--store", str(tmp_path / "demo"), "--json")
+    assert json.loads(done.stdout) == {"ok": True, "exit_code": 0}, done.stderr
+    assert "OK: the killed-and-restarted run gives exactly the uninterrupted result" in done.stderr
+    # A bad argument is a usage error, before anything runs.
+    bad = _cli("demo", "--events", "-5")
+    assert bad.returncode == 2
+    assert "must be a whole number, 0 or more: '-5'" in bad.stderr
+
+
+def test_a_damaged_trailer_loses_no_event(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Only the trailer of the segment of "orders" is hit: every record still passes its own
+    # checksum, so dump prints every event, and salvage keeps them, but both report it.
+    segment = sorted((store / "writers/0/segments").iterdir())[0]
+    data = bytearray(segment.read_bytes())
+    data[-12] ^= 0x01  # the trailer's CRC of its own fields
+    segment.write_bytes(bytes(data))
+    assert main(["dump", str(store), "orders"]) == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 5
+    assert "all 5 events were printed: the damage lost none" in captured.err
+    assert f"key=writers/0/segments/{segment.name}" in captured.err
+    assert main(["salvage", str(store), str(store.parent / "copy")]) == 1
+    out = capsys.readouterr().out
+    assert (f"stream orders: kept 5 of 5 events, damaged at key=writers/0/segments/{segment.name} "
+            f"offset=") in out
+    assert "(no record lost: they all read); offset 4" in out
