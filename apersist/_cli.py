@@ -67,6 +67,7 @@ async def _inspect(root: str, as_json: bool) -> int:
     print(f"store: {root}")
     print(f"commits: {report.commits} live, last seq {report.last_seq}; "
           f"writer epoch {report.epoch}; {report.stored_bytes} bytes stored")
+    print(report.writer_line())
     print(f"streams ({len(report.streams)}):")
     for name, info in report.streams.items():
         print(f"  {name}: {info['records']} events in {info['segments']} segments, "

@@ -295,6 +295,27 @@ class MemoryBackend(Backend):
     objects: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
+def describe_backend(backend: Backend) -> str:
+    """Where ``backend``'s store is, as ``key=value`` facts for a message (never a secret)."""
+    if isinstance(backend, FilesystemBackend):
+        return f"backend=filesystem path={backend.path}"
+    if isinstance(backend, S3Backend):
+        endpoint = backend.bucket_settings.endpoint
+        return (f"backend=s3 bucket={backend.bucket_settings.bucket_name} "
+                f"root_path={backend.root_path} "
+                f"endpoint={_without_userinfo(endpoint) if endpoint else 'aws-default'}")
+    if isinstance(backend, AzureBackend):
+        return (f"backend=azure container={backend.container} root_path={backend.root_path} "
+                f"endpoint={_without_userinfo(backend.endpoint)}")
+    return f"backend={backend.kind}"
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part (a secret must never reach a message)."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 _DEFAULT_MAX_PENDING_BYTES = 64 << 20
 _DEFAULT_MAX_SEGMENT_BYTES = 8 << 20
 _DEFAULT_MULTIPART_BYTES = 16 << 20
@@ -377,6 +398,12 @@ class Config:
     ``upload_concurrency`` (segments uploaded at once by one commit), ``retry`` (how
     object-store requests are retried) and ``multipart_bytes`` (objects at least this big
     are uploaded in parts: S3 multipart, Azure staged blocks).
+
+    Who writes: ``writer_label`` (a name of this writer, recorded with its host and process
+    id when it takes the writer role, and shown by ``FencedError`` and ``apersist
+    inspect``) and ``takeover_idle_ms`` (refuse to open for writing, with
+    ``WriterActiveError``, while the store's writer committed within this many ms; None,
+    the default: the newest writer always takes over).
     """
 
     backend: Backend
@@ -390,6 +417,8 @@ class Config:
     retry: RetryPolicy
     multipart_bytes: int
     retention: Retention
+    writer_label: str | None
+    takeover_idle_ms: int | None
 
     def __init__(
         self,
@@ -405,6 +434,8 @@ class Config:
         retry: RetryPolicy | None = None,
         multipart_bytes: int = _DEFAULT_MULTIPART_BYTES,
         retention: Retention | None = None,
+        writer_label: str | None = None,
+        takeover_idle_ms: int | None = None,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -437,6 +468,9 @@ class Config:
             raise TypeError(f"retention must be an apersist.Retention: "
                             f"got={type(retention).__name__}")
         setter(self, "retention", retention or Retention())
+        setter(self, "writer_label", None if writer_label is None else _label(writer_label))
+        setter(self, "takeover_idle_ms", None if takeover_idle_ms is None else
+               _non_negative_int(takeover_idle_ms, "takeover_idle_ms", minimum=1))
 
     @classmethod
     def simple_config(
@@ -460,6 +494,25 @@ class Config:
             persistence_mode=persistence_mode,
             continue_after_replay=continue_after_replay,
         )
+
+
+# A label is shown in messages among key=value facts: no spaces, no control characters.
+_LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+
+
+def _label(value: object) -> str:
+    """``writer_label``: 1 to 128 characters, none of them whitespace or control."""
+    if not isinstance(value, str):
+        raise TypeError(f"writer_label must be a str: got={type(value).__name__}")
+    try:
+        value.encode("utf-8")  # a lone surrogate could not be stored
+        valid = _LABEL_RE.fullmatch(value) is not None
+    except UnicodeEncodeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"writer_label must be 1 to 128 characters without spaces or control "
+                         f"characters: writer_label={value!r}")
+    return value
 
 
 def _non_negative_int(value: object, what: str, *, minimum: int) -> int:
