@@ -687,8 +687,8 @@ class Store:
             # The commits caught up with were read one by one, their segments unchecked: check
             # the whole log once, now that no older writer can add to it.
             await self.load()
-        logger.info("writer role taken: writer=%s epoch=%d seq=%d host=%s pid=%d label=%s",
-                    self._writer, epoch, self._state.last_seq, host, pid, self._label)
+        logger.info("writer role taken: writer=%s epoch=%d seq=%d",
+                    self._writer, epoch, self._state.last_seq)
 
     async def _fenced_while_starting(self, epoch: int) -> FencedError:
         current = self._state.last_epoch
