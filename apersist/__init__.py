@@ -25,8 +25,9 @@ from ._errors import (
     IncompatibleFormatError,
     PersistenceError,
     SegmentCollectedError,
+    WriterActiveError,
 )
-from ._format import FORMAT_MAJOR, FORMAT_MINOR
+from ._format import FORMAT_MAJOR, FORMAT_MINOR, WriterInfo
 from ._run import Run, run
 from ._scheduler import CommitInfo
 from ._stream import Batch, Event, Stream
@@ -59,6 +60,8 @@ __all__ = [
     "SnapshotAccess",
     "Stream",
     "Table",
+    "WriterActiveError",
+    "WriterInfo",
     "__version__",
     "cached",
     "run",

@@ -47,7 +47,7 @@ EXIT_PIPE_CLOSED = 141  # as a process killed by SIGPIPE: 128 + 13
 
 # Keys of the inspect report that the text output prints in its own lines; any other key
 # (added by a newer report) is printed generically after them.
-_INSPECT_KEYS = frozenset({"last_seq", "live_commits", "writer_epoch", "stored_bytes", "streams",
+_INSPECT_KEYS = frozenset({"last_seq", "live_commits", "writer_epoch", "stored_bytes", "writer", "streams",
                            "tables", "cache"})
 
 
@@ -140,6 +140,7 @@ async def _inspect(args: argparse.Namespace, out: _Output) -> int:
     out.line(f"store: {args.root}")
     out.line(f"commits: {report.commits} live, last seq {report.last_seq}; "
              f"writer epoch {report.epoch}; {report.stored_bytes} bytes stored")
+    out.line(report.writer_line())
     out.line(f"streams ({len(report.streams)}):")
     for name, info in report.streams.items():
         out.line(f"  {name}: {info['records']} events in {info['segments']} segments, "

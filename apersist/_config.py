@@ -295,6 +295,27 @@ class MemoryBackend(Backend):
     objects: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
+def describe_backend(backend: Backend) -> str:
+    """Where ``backend``'s store is, as ``key=value`` facts for a message (never a secret)."""
+    if isinstance(backend, FilesystemBackend):
+        return f"backend=filesystem path={backend.path}"
+    if isinstance(backend, S3Backend):
+        endpoint = backend.bucket_settings.endpoint
+        return (f"backend=s3 bucket={backend.bucket_settings.bucket_name} "
+                f"root_path={backend.root_path} "
+                f"endpoint={_without_userinfo(endpoint) if endpoint else 'aws-default'}")
+    if isinstance(backend, AzureBackend):
+        return (f"backend=azure container={backend.container} root_path={backend.root_path} "
+                f"endpoint={_without_userinfo(backend.endpoint)}")
+    return f"backend={backend.kind}"
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part (a secret must never reach a message)."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 _DEFAULT_MAX_PENDING_BYTES = 64 << 20
 _DEFAULT_MAX_SEGMENT_BYTES = 8 << 20
 _DEFAULT_MULTIPART_BYTES = 16 << 20
@@ -380,6 +401,12 @@ class Config:
     ``realtime_max_gap_ms`` pace ``REALTIME_REPLAY``: each recorded gap between two events
     is replayed divided by the speed, and then at most ``realtime_max_gap_ms`` long (no
     bound with ``None``); other modes ignore them.
+
+    Who writes: ``writer_label`` (a name of this writer, recorded with its host and process
+    id when it takes the writer role, and shown by ``FencedError`` and ``apersist
+    inspect``) and ``takeover_idle_ms`` (refuse to open for writing, with
+    ``WriterActiveError``, while the store's writer committed within this many ms; None,
+    the default: the newest writer always takes over).
     """
 
     backend: Backend
@@ -395,6 +422,8 @@ class Config:
     retention: Retention
     realtime_speed: float
     realtime_max_gap_ms: int | None
+    writer_label: str | None
+    takeover_idle_ms: int | None
 
     def __init__(
         self,
@@ -412,6 +441,8 @@ class Config:
         retention: Retention | None = None,
         realtime_speed: float = 1.0,
         realtime_max_gap_ms: int | None = None,
+        writer_label: str | None = None,
+        takeover_idle_ms: int | None = None,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -452,6 +483,9 @@ class Config:
         setter(self, "realtime_speed", float(realtime_speed))
         setter(self, "realtime_max_gap_ms", None if realtime_max_gap_ms is None else
                _non_negative_int(realtime_max_gap_ms, "realtime_max_gap_ms", minimum=0))
+        setter(self, "writer_label", None if writer_label is None else _label(writer_label))
+        setter(self, "takeover_idle_ms", None if takeover_idle_ms is None else
+               _non_negative_int(takeover_idle_ms, "takeover_idle_ms", minimum=1))
 
     @classmethod
     def simple_config(
@@ -475,6 +509,25 @@ class Config:
             persistence_mode=persistence_mode,
             continue_after_replay=continue_after_replay,
         )
+
+
+# A label is shown in messages among key=value facts: no spaces, no control characters.
+_LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+
+
+def _label(value: object) -> str:
+    """``writer_label``: 1 to 128 characters, none of them whitespace or control."""
+    if not isinstance(value, str):
+        raise TypeError(f"writer_label must be a str: got={type(value).__name__}")
+    try:
+        value.encode("utf-8")  # a lone surrogate could not be stored
+        valid = _LABEL_RE.fullmatch(value) is not None
+    except UnicodeEncodeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"writer_label must be 1 to 128 characters without spaces or control "
+                         f"characters: writer_label={value!r}")
+    return value
 
 
 def _non_negative_int(value: object, what: str, *, minimum: int) -> int:

@@ -7,6 +7,11 @@ them. Messages say what happened first, then the facts as ``key=value``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._format import WriterInfo
+
 __all__ = [
     "BackendError",
     "CorruptDataError",
@@ -14,6 +19,7 @@ __all__ = [
     "IncompatibleFormatError",
     "PersistenceError",
     "SegmentCollectedError",
+    "WriterActiveError",
 ]
 
 
@@ -45,7 +51,32 @@ class IncompatibleFormatError(PersistenceError):
 
 
 class FencedError(PersistenceError):
-    """Another writer took over this store; this run may no longer commit."""
+    """Another writer took over this store; this run may no longer commit.
+
+    ``holder`` is the writer that took over, as its epoch record names it (host, pid,
+    label, when it started), or None when that record could not be read.
+    """
+
+    def __init__(self, message: str, *, holder: WriterInfo | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class WriterActiveError(PersistenceError):
+    """The store's writer committed too recently to be taken over, and the run was told
+    not to take an active store (``Config(takeover_idle_ms=...)``). Nothing was written.
+
+    ``holder`` is that writer, as its epoch record names it; ``idle_ms`` is how long ago
+    it last committed (by the storage's clock where the backend gives one).
+    """
+
+    # Defaults, so that copy.copy() and the like, which call the class with the message
+    # alone, still work.
+    def __init__(self, message: str, *, holder: WriterInfo | None = None,
+                 idle_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.idle_ms = idle_ms
 
 
 class BackendError(PersistenceError):

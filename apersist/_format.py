@@ -7,6 +7,7 @@ additions) or ``FORMAT_MAJOR`` (readers must refuse) when the bytes change.
 
 from __future__ import annotations
 
+import datetime
 import re
 import struct
 import zlib
@@ -27,10 +28,11 @@ __all__ = [
     "Rewrite",
     "SegmentMeta",
     "SegmentRef",
+    "WriterInfo",
 ]
 
 FORMAT_MAJOR: Final = 4
-FORMAT_MINOR: Final = 0
+FORMAT_MINOR: Final = 1
 
 # The log kinds a segment can hold.
 KIND_EVENTS: Final = "events"          # a stream's events
@@ -209,27 +211,94 @@ def _field(key: str, body: Mapping[str, Any], name: str, kind: type | tuple[type
 
 
 @dataclass(frozen=True, slots=True)
+class WriterInfo:
+    """Who took the writer role with an epoch: what its epoch record says.
+
+    ``host``, ``pid`` and ``label`` are None for an epoch record written before format 4.1,
+    which did not record them. ``started_ms`` is the writer's clock when it took the role
+    (the record's ``time_ms``), milliseconds since the Unix epoch.
+    """
+
+    epoch: int
+    started_ms: int
+    host: str | None = None
+    pid: int | None = None
+    label: str | None = None
+
+    @property
+    def known(self) -> bool:
+        """Whether the epoch record names its writer (format 4.1 and later)."""
+        return self.host is not None or self.pid is not None or self.label is not None
+
+    def facts(self, prefix: str = "") -> str:
+        """The writer as ``key=value`` facts for a message: host, pid, label (if any) and
+        started, each key after ``prefix``; ``host=unknown pid=unknown`` for a record that
+        predates writer identities."""
+        parts = [("host", "unknown" if self.host is None else self.host),
+                 ("pid", "unknown" if self.pid is None else self.pid)]
+        if self.label is not None:
+            parts.append(("label", self.label))
+        parts.append(("started", format_time_ms(self.started_ms)))
+        return " ".join(f"{prefix}{name}={value}" for name, value in parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``writer`` entry of ``apersist inspect --json``."""
+        return {"epoch": self.epoch, "host": self.host, "pid": self.pid, "label": self.label,
+                "started": format_time_ms(self.started_ms), "started_ms": self.started_ms}
+
+
+def format_time_ms(time_ms: int) -> str:
+    """``time_ms`` (ms since the Unix epoch) as ISO 8601 UTC with milliseconds, for people."""
+    try:
+        moment = datetime.datetime.fromtimestamp(time_ms / 1000, tz=datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{time_ms}ms"  # a clock reading no calendar holds: shown as it is
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{time_ms % 1000:03d}Z"
+
+
+# Format 4.1 epoch records name their writer: host, pid and an optional label. Each field
+# is optional when read, so that records of 4.0 and before (which lack them) still load.
+_IDENTITY_FIELDS: Final = (("host", str), ("pid", int), ("label", str))
+
+
+@dataclass(frozen=True, slots=True)
 class EpochRecord:
-    """Proof that one writer took the writer role with this epoch number."""
+    """Proof that one writer took the writer role with this epoch number, and (format 4.1
+    on) who that writer is: ``host``, ``pid`` and ``label`` (None when not recorded)."""
 
     writer: str
     epoch: int
     time_ms: int
     token: str
+    host: str | None = None
+    pid: int | None = None
+    label: str | None = None
 
     def encode(self) -> bytes:
-        return _encode_checked({
+        body: dict[str, Any] = {
             "format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "epoch", "writer": self.writer,
             "epoch": self.epoch, "time_ms": self.time_ms, "token": self.token,
-        })
+        }
+        for name, _kind in _IDENTITY_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        return _encode_checked(body)
 
     @classmethod
     def decode(cls, key: str, data: bytes) -> EpochRecord:
         body = _decode_checked(key, data)
         if body.get("type") != "epoch":
             raise CorruptDataError(f"object is not an epoch record: key={key} offset=0")
+        identity = {name: None if body.get(name) is None else _field(key, body, name, kind)
+                    for name, kind in _IDENTITY_FIELDS}
         return cls(_field(key, body, "writer", str), _field(key, body, "epoch", int),
-                   _field(key, body, "time_ms", int), _field(key, body, "token", str))
+                   _field(key, body, "time_ms", int), _field(key, body, "token", str),
+                   **identity)
+
+    def writer_info(self) -> WriterInfo:
+        """Who took the writer role with this record."""
+        return WriterInfo(self.epoch, self.time_ms, self.host, self.pid, self.label)
 
 
 @dataclass(frozen=True, slots=True)

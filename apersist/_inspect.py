@@ -30,11 +30,21 @@ class StoreReport:
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     stored_bytes: int = 0
+    #: The writer that holds the store (the newest commit's epoch), as its epoch record
+    #: names it; None for a store with no commit.
+    writer: fmt.WriterInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"last_seq": self.last_seq, "live_commits": self.commits,
                 "writer_epoch": self.epoch, "stored_bytes": self.stored_bytes,
+                "writer": None if self.writer is None else self.writer.to_json(),
                 "streams": self.streams, "tables": self.tables, "cache": self.cache}
+
+    def writer_line(self) -> str:
+        """The ``writer:`` line of ``apersist inspect``'s text output."""
+        if self.writer is None:
+            return "writer: none (no commit yet)"
+        return f"writer: epoch {self.writer.epoch}, {self.writer.facts()}"
 
 
 def _log_summary(store: Store, kind: str, name: str) -> dict[str, Any]:
@@ -66,6 +76,7 @@ async def summarize(driver: Driver) -> StoreReport:
                                "bytes": deltas["bytes"] + snaps["bytes"]}
     report.cache = _log_summary(store, fmt.KIND_CACHE, fmt.CACHE_LOG)
     report.stored_bytes = sum([info.size async for info in driver.list("")])
+    report.writer = await store.holder()
     return report
 
 

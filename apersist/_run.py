@@ -16,7 +16,7 @@ import anyio.lowlevel
 from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
 from ._concurrency import unwrap_group
-from ._config import Config, Retention
+from ._config import Config, Retention, describe_backend
 from ._drivers import Driver, open_driver
 from ._drivers.base import capabilities_of, check_driver_object
 from ._drivers.probe import verify_create_if_absent
@@ -278,11 +278,18 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
     # A driver we open is ours to close; a driver we are given stays the caller's.
     driver = open_driver(config.backend, config) if given is None else given
     try:
-        store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency)
+        store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency,
+                      label=config.writer_label)
         opened = time.perf_counter()
         await store.load()
+        if not policy.writer and store.last_seq == 0:
+            # A read-only run of a mistyped root would otherwise replay nothing, silently.
+            logger.warning("no store at this root: a read-only run (SnapshotAccess.REPLAY) "
+                           "replays nothing: %s", describe_backend(config.backend))
         scheduler = None
         if policy.writer:
+            if config.takeover_idle_ms is not None:
+                await store.refuse_active_writer(config.takeover_idle_ms)
             if capabilities_of(driver).verify_conditional_writes:
                 # Once, before writing anything: a store that lets two creators win would
                 # break commits and fencing silently.

@@ -14,6 +14,8 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
+import socket
 import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,7 +29,14 @@ from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectExistsError, ObjectNotFoundError
 from ._drivers.base import capabilities_of, put_then_create
-from ._errors import CorruptDataError, FencedError, PersistenceError, SegmentCollectedError
+from ._drivers.probe import SCRATCH_PREFIX
+from ._errors import (
+    CorruptDataError,
+    FencedError,
+    PersistenceError,
+    SegmentCollectedError,
+    WriterActiveError,
+)
 
 __all__ = ["LoggedSegment", "PendingRewrite", "SegmentBlob", "Store"]
 
@@ -47,6 +56,12 @@ _PROBE = 256
 # merging them without reading them back; a segment is small up to _RECENT_SEGMENT_BYTES.
 _RECENT_BYTES = 2 << 20
 _RECENT_SEGMENT_BYTES = 64 << 10
+
+
+def this_process() -> tuple[str, int]:
+    """The host name and process id an epoch record names (a seam: the golden store's
+    script replaces it, so that its bytes do not depend on the machine that wrote them)."""
+    return socket.gethostname(), os.getpid()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +114,8 @@ class _State:
     last_segment: int = 0  # the highest segment number of last_epoch a commit named
     checkpoint: int = 0  # the checkpoint this state was read from (0: none)
     checkpoint_epoch: int = 0  # that checkpoint's epoch
+    # The writer's clock in the newest commit record (or the checkpoint, if none after it).
+    last_time_ms: int = 0
 
     @classmethod
     def of_checkpoint(cls, ckpt: fmt.Checkpoint) -> _State:
@@ -107,7 +124,7 @@ class _State:
             logs[log] = [LoggedSegment(seq, ref) for seq, ref in segs]
         return cls(ckpt.seq, ckpt.epoch, dict(ckpt.offsets), logs, ckpt.commits,
                    ckpt.reset_time_ms, list(ckpt.fences), ckpt.last_segment, ckpt.seq,
-                   ckpt.epoch)
+                   ckpt.epoch, ckpt.time_ms)
 
     def live_keys(self) -> set[str]:
         return {seg.ref.key for segs in self.logs.values() for seg in segs}
@@ -118,9 +135,10 @@ class Store:
 
     def __init__(self, driver: Driver, *, writer: str = fmt.WRITER,
                  clock_ms: Callable[[], int], upload_concurrency: int = 16,
-                 read_concurrency: int = _READ_CONCURRENCY) -> None:
+                 read_concurrency: int = _READ_CONCURRENCY, label: str | None = None) -> None:
         self._driver = driver
         self._writer = writer
+        self._label = label  # written into our epoch record with our host and pid
         self._clock_ms = clock_ms
         self._upload_concurrency = upload_concurrency
         # Objects read at once, and the most segments in one replay window. Read on every
@@ -137,6 +155,8 @@ class Store:
         # Small segments this writer committed lately, by key (see _remember).
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._recent_bytes = 0
+        # Epoch records read so far (read_epoch), so that naming a writer costs no request.
+        self._epoch_records: dict[int, fmt.EpochRecord] = {}
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -405,6 +425,7 @@ class Store:
         # to open) never grows with the streams it left alone.
         state.offsets = record.apply_offsets(state.offsets)
         state.last_seq, state.last_epoch = record.seq, record.epoch
+        state.last_time_ms = record.time_ms
         state.commits += 1
 
     def _reader(self, key: str) -> Callable[[], Awaitable[fmt.CommitRecord]]:
@@ -491,7 +512,32 @@ class Store:
         if record.writer != self._writer or record.epoch != epoch:
             raise CorruptDataError(f"epoch record names another position: key={key} offset=0 "
                                    f"writer={record.writer} epoch={record.epoch}{needed_by}")
+        self._epoch_records[epoch] = record
         return record
+
+    async def holder(self, epoch: int | None = None) -> fmt.WriterInfo | None:
+        """Who took the writer role with ``epoch`` (default: the newest commit's epoch, the
+        writer that holds the store), as its epoch record says; None for a store with no
+        commit, or an epoch record that cannot be read (naming a writer only enriches a
+        message or a report: it never fails what asked)."""
+        epoch = self._state.last_epoch if epoch is None else epoch
+        if epoch <= 0:
+            return None
+        record = self._epoch_records.get(epoch)
+        if record is None:
+            try:
+                record = await self.read_epoch(epoch)
+            except PersistenceError as exc:
+                logger.debug("could not read the epoch record naming a writer: epoch=%d %s",
+                             epoch, exc)
+                return None
+        return record.writer_info()
+
+    async def _holder_facts(self, epoch: object, prefix: str = ""
+                            ) -> tuple[fmt.WriterInfo | None, str]:
+        """``holder(epoch)`` and its facts for a message (empty if unknown)."""
+        holder = await self.holder(epoch) if isinstance(epoch, int) else None
+        return holder, "" if holder is None else " " + holder.facts(prefix)
 
     async def read_segment(self, ref: fmt.SegmentRef) -> fmt.SegmentView:
         """Fetch and check one committed segment. Damage raises ``CorruptDataError``.
@@ -599,9 +645,11 @@ class Store:
         epoch = max([n async for n in self._numbers(prefix)], default=0) + 1
         epoch = max(epoch, self._state.last_epoch + 1)
         token = uuid.uuid4().hex
+        host, pid = this_process()
         while True:
             self._last_stamp = self._clock_ms()  # a bad reading fails here, writing nothing
-            record = fmt.EpochRecord(self._writer, epoch, self._last_stamp, token)
+            record = fmt.EpochRecord(self._writer, epoch, self._last_stamp, token, host, pid,
+                                     self._label)
             try:
                 await self._put_created(fmt.epoch_key(self._writer, epoch), record.encode())
                 break
@@ -624,8 +672,7 @@ class Store:
                 logger.warning("fence commit landed below a checkpoint; reopening: key=%s", key)
                 await self.load()
                 if self._state.last_epoch > epoch:
-                    raise FencedError(f"a newer writer took over while this one was starting: "
-                                      f"epoch={epoch} current={self._state.last_epoch}")
+                    raise await self._fenced_while_starting(epoch)
                 raced = True
                 continue
             # Someone committed under the number we wanted: an older writer still committing
@@ -635,14 +682,90 @@ class Store:
             raced = True
             await self._catch_up()
             if self._state.last_epoch > epoch:
-                raise FencedError(f"a newer writer took over while this one was starting: "
-                                  f"epoch={epoch} current={self._state.last_epoch}")
+                raise await self._fenced_while_starting(epoch)
         if raced:
             # The commits caught up with were read one by one, their segments unchecked: check
             # the whole log once, now that no older writer can add to it.
             await self.load()
         logger.info("writer role taken: writer=%s epoch=%d seq=%d",
                     self._writer, epoch, self._state.last_seq)
+
+    async def _fenced_while_starting(self, epoch: int) -> FencedError:
+        current = self._state.last_epoch
+        holder, facts = await self._holder_facts(current, "current_")
+        return FencedError(f"a newer writer took over while this one was starting: "
+                           f"epoch={epoch} current={current}{facts}", holder=holder)
+
+    # ------------------------------------------------------------------ an active writer
+    async def refuse_active_writer(self, idle_ms: int) -> None:
+        """Raise ``WriterActiveError`` if the store's writer wrote its log less than
+        ``idle_ms`` ago (``Config.takeover_idle_ms``); return if it has been idle that
+        long, or if the store has no commit. Writes nothing that stays (see
+        ``last_write_age_ms``). Call it after ``load()``, before ``acquire_writer()``."""
+        age = await self.last_write_age_ms()
+        if age is None:
+            return
+        ms, clock = age
+        if ms >= idle_ms:
+            logger.info("the store's writer is idle; taking over: idle_ms=%d "
+                        "takeover_idle_ms=%d clock=%s", ms, idle_ms, clock)
+            return
+        epoch = self._state.last_epoch
+        holder, facts = await self._holder_facts(epoch)
+        raise WriterActiveError(
+            f"the store's writer committed within takeover_idle_ms, so this run does not "
+            f"take over (nothing was written); start it once that writer has stopped: "
+            f"idle_ms={ms} takeover_idle_ms={idle_ms} clock={clock} "
+            f"seq={self._state.last_seq} epoch={epoch}{facts}", holder=holder, idle_ms=ms)
+
+    async def last_write_age_ms(self) -> tuple[int, str] | None:
+        """How long ago the store's writer last wrote its log, and by which clock; None for
+        a store with no commit.
+
+        The log's newest write is its newest commit record, or the newest checkpoint
+        (written after it, and standing for it once gc collected that record). Where the
+        driver lists modification times (``ObjectInfo.modified_ms``: the filesystem, S3 and
+        Azure), both ends are read on the *storage's* clock: the record's time, and "now"
+        as the modification time of a scratch object written and deleted for the purpose
+        (``_check/<32 hex digits>``, as the create-if-absent check's). Writers' clocks,
+        which may disagree between machines, play no part: ``"storage"``. A driver that
+        lists no times (the memory driver) falls back on the writer's clock in the record
+        against this run's clock: ``"writer"``, exact within one process, off by the skew
+        of the two machines' clocks otherwise.
+        """
+        state = self._state
+        if state.last_seq == 0:
+            return None
+        keys = [fmt.commit_key(self._writer, state.last_seq)]
+        if state.checkpoint:
+            keys.append(fmt.checkpoint_key(self._writer, state.checkpoint))
+        written: int | None = None
+        for key in keys:
+            async for info in self._driver.list(key):
+                if info.key == key and info.modified_ms is not None:
+                    written = max(written or 0, info.modified_ms)
+        if written is not None:
+            now = await self._storage_now()
+            if now is not None:
+                return max(0, now - written), "storage"
+        return max(0, self._clock_ms() - state.last_time_ms), "writer"
+
+    async def _storage_now(self) -> int | None:
+        """The storage's clock now: the modification time of a scratch object, written,
+        listed and deleted; None if the driver lists no modification times."""
+        key = f"{SCRATCH_PREFIX}{uuid.uuid4().hex}"
+        try:
+            await self._driver.put(key, b"apersist: a reading of the storage's clock")
+            found = [info.modified_ms async for info in self._driver.list(key)
+                     if info.key == key]
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._driver.delete([key])
+                except PersistenceError as exc:  # a leftover scratch key is gc's to delete
+                    logger.debug("could not delete a clock-reading scratch key: key=%s %s",
+                                 key, exc)
+        return found[0] if found else None
 
     async def _numbers(self, prefix: str) -> AsyncIterator[int]:
         async for info in self._driver.list(prefix):
@@ -702,9 +825,10 @@ class Store:
         key = fmt.commit_key(self._writer, record.seq)
         if not await self._publish(key, record, blobs):
             theirs = await self._epoch_of(key)
+            holder, facts = await self._holder_facts(theirs, "current_")
             self._fenced = FencedError(
                 f"a newer writer owns this store: epoch={self._epoch} current={theirs} "
-                f"commit={key}")
+                f"commit={key}{facts}", holder=holder)
             logger.warning("%s", self._fenced)
             raise self._fenced
         self._apply(self._state, key, record)

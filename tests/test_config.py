@@ -295,24 +295,29 @@ def test_config_defaults(tmp_path: Path) -> None:
     assert config.max_pending_bytes > 0
     assert config.max_segment_bytes > 0
     assert config.upload_concurrency >= 1
+    assert config.writer_label is None
+    assert config.takeover_idle_ms is None  # the newest writer takes over, as it always did
 
 
 def test_config_keeps_every_argument(tmp_path: Path) -> None:
     backend = Backend.filesystem(tmp_path)
     config = Config(backend, snapshot_interval_ms=250, snapshot_access=SnapshotAccess.REPLAY,
                     persistence_mode=PersistenceMode.UDF_CACHING, continue_after_replay=False,
-                    max_pending_bytes=1 << 20, max_segment_bytes=1 << 16, upload_concurrency=3)
+                    max_pending_bytes=1 << 20, max_segment_bytes=1 << 16, upload_concurrency=3,
+                    writer_label="replica-a@eu-1", takeover_idle_ms=30_000)
     assert config.snapshot_interval_ms == 250
     assert config.snapshot_access is SnapshotAccess.REPLAY
     assert config.persistence_mode is PersistenceMode.UDF_CACHING
     assert config.continue_after_replay is False
     assert (config.max_pending_bytes, config.max_segment_bytes, config.upload_concurrency) == (
         1 << 20, 1 << 16, 3)
+    assert (config.writer_label, config.takeover_idle_ms) == ("replica-a@eu-1", 30_000)
 
 
 @pytest.mark.parametrize("name", ["backend", "snapshot_interval_ms", "snapshot_access",
                                   "persistence_mode", "continue_after_replay", "max_pending_bytes",
-                                  "max_segment_bytes", "upload_concurrency"])
+                                  "max_segment_bytes", "upload_concurrency", "writer_label",
+                                  "takeover_idle_ms"])
 def test_config_attributes_are_read_only(name: str) -> None:
     config = Config(Backend.memory())
     before = getattr(config, name)
@@ -335,7 +340,8 @@ def test_config_options_are_keyword_only() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("snapshot_interval_ms", -1), ("max_pending_bytes", 1023), ("max_segment_bytes", 0),
-    ("upload_concurrency", 0), ("upload_concurrency", -3),
+    ("upload_concurrency", 0), ("upload_concurrency", -3), ("takeover_idle_ms", 0),
+    ("takeover_idle_ms", -1),
 ])
 def test_config_refuses_out_of_range_numbers(field: str, value: int) -> None:
     kwargs: dict[str, Any] = {field: value}
@@ -347,10 +353,25 @@ def test_config_refuses_out_of_range_numbers(field: str, value: int) -> None:
     ("snapshot_interval_ms", 1.5), ("snapshot_interval_ms", "10"), ("snapshot_interval_ms", True),
     ("snapshot_interval_ms", None), ("upload_concurrency", 2.0), ("max_pending_bytes", False),
     ("continue_after_replay", 1), ("continue_after_replay", "yes"), ("continue_after_replay", None),
+    ("writer_label", 5), ("writer_label", b"a"), ("takeover_idle_ms", 1.5),
+    ("takeover_idle_ms", True), ("takeover_idle_ms", "1000"),
 ])
 def test_config_refuses_wrong_types(field: str, value: object) -> None:
     with pytest.raises(TypeError, match=field):
         Config(Backend.memory(), **{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("label", ["", " a", "a b", "tab\there", "new\nline", "x" * 129,
+                                   "nul\x00", "del\x7f", "lone\ud800"])
+def test_config_refuses_labels_that_would_garble_a_message(label: str) -> None:
+    with pytest.raises(ValueError, match="writer_label must be 1 to 128 characters without "
+                                         "spaces or control characters"):
+        Config(Backend.memory(), writer_label=label)
+
+
+def test_config_accepts_labels_of_any_script() -> None:
+    for label in ("a", "x" * 128, "réplica-β/2", "svc:orders@host-7"):
+        assert Config(Backend.memory(), writer_label=label).writer_label == label
 
 
 def test_config_accepts_number_bounds() -> None:

@@ -68,19 +68,39 @@ def _open_ms(shown: str, actual: str, cwd: Path) -> tuple[str, str]:
     return pattern.sub("open_ms=<ms>", shown), pattern.sub("open_ms=<ms>", actual)
 
 
+WRITER_FACTS = re.compile(r"\b(current_)?(host=\S+ )(current_)?(pid=\d+ )(.*?)(current_)?started=\S+")
+
+
+def _writer_facts(shown: str, actual: str, cwd: Path) -> tuple[str, str]:
+    # docs/concepts.md, The writer role and fencing: the writer's host, process id and start
+    # "vary with the machine, the process and the time".
+    def norm(text: str) -> str:
+        return WRITER_FACTS.sub(lambda m: f"{m[1] or ''}host=<host> {m[3] or ''}pid=<pid> "
+                                          f"{m[5]}{m[6] or ''}started=<time>", text)
+
+    return norm(shown), norm(actual)
+
+
 def _json_record_sizes(shown: str, actual: str, cwd: Path) -> tuple[str, str]:
     # docs/format.md, Worked example: "The sizes shown are those with a 10-digit CRC". A
     # commit or epoch record (a `.json` file) holds a random token, so its CRC32, written in
     # decimal, may have fewer digits. Each printed `<path>.json <size>` line of the actual
-    # output gets the size its record would have with a 10-digit CRC, read from the record.
+    # output gets the size its record would have with a 10-digit CRC, read from the record,
+    # and an epoch record the size it would have with the host name and process id the doc
+    # says (its `host` and `pid` are those of the machine and process that ran the example).
     lines = actual.split("\n")
     for i, line in enumerate(lines):
         m = JSON_RECORD_SIZE.match(line)
         if m is None:
             continue
         [record] = [p for p in cwd.rglob("*.json") if p.as_posix().endswith("/" + m[1])]
-        crc = json.loads(record.read_bytes())["crc32"]
-        lines[i] = f"{m[1]} {int(m[2]) + 10 - len(str(crc))}"
+        doc = json.loads(record.read_bytes())
+        size = int(m[2]) + 10 - len(str(doc["crc32"]))
+        if doc["body"]["type"] == "epoch":
+            # "its size shown is that with a 6-character host name and a 4-digit process id"
+            host = json.dumps(doc["body"]["host"], ensure_ascii=False).encode()
+            size += 6 - (len(host) - 2) + 4 - len(str(doc["body"]["pid"]))
+        lines[i] = f"{m[1]} {size}"
     return shown, "\n".join(lines)
 
 
@@ -88,7 +108,7 @@ def _json_record_sizes(shown: str, actual: str, cwd: Path) -> tuple[str, str]:
 # anywhere else. Each takes (shown, actual, the program's directory) and returns both,
 # normalized.
 NORMALIZATIONS: dict[str, list[Callable[[str, str, Path], tuple[str, str]]]] = {
-    "docs/concepts.md": [_open_ms],
+    "docs/concepts.md": [_open_ms, _writer_facts],
     "docs/format.md": [_json_record_sizes],
 }
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 import apersist
-from apersist._drivers import FilesystemDriver, MemoryDriver, ObjectExistsError, open_driver
+from apersist._drivers import (
+    FilesystemDriver,
+    MemoryDriver,
+    ObjectExistsError,
+    ObjectInfo,
+    open_driver,
+)
 from apersist._drivers.base import NO_CAPABILITIES, Driver, capabilities_of
 from apersist.testing import DRIVER_CHECKS, Capabilities, DriverConformance, check_driver
 
@@ -186,14 +192,31 @@ async def test_filesystem_put_failure_is_a_backend_error_naming_the_key(tmp_path
     assert _tmp_files(root) == []
 
 
-async def test_filesystem_root_that_is_a_file_is_a_backend_error(tmp_path: Path) -> None:
-    root = tmp_path / "not-a-dir"
-    root.write_bytes(b"")
+@pytest.mark.parametrize("under", [False, True])
+async def test_filesystem_root_that_is_a_file_is_refused_as_not_a_directory(
+        tmp_path: Path, under: bool) -> None:
+    """A regular file at the root's path (or at one of its parents'): every verb says "not
+    a directory", naming the file; a listing used to read as an empty store, and a write
+    failed with "file exists ... errno=EEXIST"."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"a file")
+    root = blocker / "store" if under else blocker
     driver = FilesystemDriver(root)
-    with pytest.raises(apersist.BackendError, match="key=k") as info:
-        await driver.put("k", b"x")
-    assert isinstance(info.value.__cause__, OSError)
-    assert [info async for info in driver.list("")] == []
+
+    async def listing() -> list[ObjectInfo]:
+        return [info async for info in driver.list("")]
+
+    for verb in (lambda: driver.put("k", b"x"), lambda: driver.put("k", b"x", if_absent=True),
+                 lambda: driver.get("k"), listing, lambda: driver.sizes(["k"]),
+                 lambda: driver.delete(["k"])):
+        with pytest.raises(apersist.BackendError) as info:
+            await verb()
+        message = str(info.value)
+        assert message.startswith("filesystem store path is not a directory: a file is in the way")
+        assert f"path={blocker} root={root}" in message
+        assert "EEXIST" not in message
+        assert isinstance(info.value.__cause__, NotADirectoryError)
+    assert blocker.read_bytes() == b"a file"
 
 
 async def test_filesystem_get_failure_is_a_backend_error(tmp_path: Path) -> None:

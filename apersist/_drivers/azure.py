@@ -49,6 +49,7 @@ from .base import (
     check_key,
     check_range,
     closed_error,
+    epoch_ms,
 )
 
 __all__ = ["AzureDriver"]
@@ -331,7 +332,8 @@ class AzureDriver:
                     page = await anext(pages)
                 except StopAsyncIteration:
                     return
-                infos = [ObjectInfo(blob.name[strip:], blob.size) async for blob in page]
+                infos = [ObjectInfo(blob.name[strip:], blob.size, epoch_ms(blob.last_modified))
+                         async for blob in page]
             for info in infos:
                 yield info
 

@@ -8,6 +8,7 @@ called after ``aclose()`` raises the ``RuntimeError`` of ``closed_error``, in ev
 
 from __future__ import annotations
 
+import datetime
 import functools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "check_key",
     "check_range",
     "closed_error",
+    "epoch_ms",
     "put_then_create",
     "slice_range",
 ]
@@ -52,10 +54,17 @@ class ObjectNotFoundError(BackendError):
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
-    """One listed object."""
+    """One listed object.
+
+    ``modified_ms`` is when the object was last written, by the *storage's* clock (S3's
+    and Azure's ``Last-Modified``, a file's mtime), in ms since the Unix epoch; None from a
+    driver that does not know (the memory driver). Two readings of one store's clock can
+    be compared even when the writers' own clocks disagree.
+    """
 
     key: str
     size: int
+    modified_ms: int | None = None
 
 
 @runtime_checkable
@@ -177,6 +186,14 @@ async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | byte
     await gather_bounded([functools.partial(driver.put, k, d if isinstance(d, bytes) else bytes(d))
                           for k, d in puts], concurrency)
     await driver.put(key, data, if_absent=True)
+
+
+def epoch_ms(moment: object) -> int | None:
+    """A listing's modification time (an aware ``datetime``, by the storage's clock) in ms
+    since the Unix epoch, for ``ObjectInfo.modified_ms``; None for anything else."""
+    if isinstance(moment, datetime.datetime) and moment.tzinfo is not None:
+        return round(moment.timestamp() * 1000)
+    return None
 
 
 def closed_error(name: str, facts: str = "") -> RuntimeError:

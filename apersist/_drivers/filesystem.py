@@ -18,7 +18,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import errno
+import functools
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -101,6 +103,7 @@ class FilesystemDriver:
         self._root = root
         self._limiter = anyio.CapacityLimiter(_THREADS)
         self._known_dirs: set[Path] = set()
+        self._root_is_dir = False  # seen to be a directory (see _check_root_then)
         self._closed = False
 
     async def _call(self, what: str, key: str | Callable[[], str], fn: Callable[[], _T], *,
@@ -113,6 +116,8 @@ class FilesystemDriver:
         """
         if self._closed:
             raise closed_error(self.name, f"root={self._root}")
+        if not self._root_is_dir:
+            fn = functools.partial(self._check_root_then, fn)
         try:
             with brisk_thread_switching():
                 return await anyio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -128,6 +133,30 @@ class FilesystemDriver:
                 key = key()
             raise BackendError(f"filesystem {what} failed: {reason}: {label}={key} errno={code}"
                                f"{path} root={self._root}") from exc
+
+    def _check_root_then(self, fn: Callable[[], _T]) -> _T:
+        """Refuse a root that is not a directory, then run ``fn`` (in the same thread hop).
+
+        Without it a root that is a regular file failed a write with "file exists ...
+        errno=EEXIST" (its mkdir), and read as an empty store (its listing). Checked until
+        the root is seen to be a directory; an absent root is fine (the first put makes it).
+        """
+        try:
+            is_dir = stat.S_ISDIR(os.stat(self._root).st_mode)
+        except FileNotFoundError:
+            return fn()
+        except NotADirectoryError:
+            is_dir = False  # a file stands where one of the root's parents should be
+        if not is_dir:
+            blocker = self._root
+            while blocker.parent != blocker and not blocker.parent.is_dir():
+                blocker = blocker.parent
+            cause = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocker))
+            raise BackendError(f"filesystem store path is not a directory: a file is in the way; "
+                               f"give Backend.filesystem() a directory, or a path where one may "
+                               f"be made: path={blocker} root={self._root}") from cause
+        self._root_is_dir = True
+        return fn()
 
     # ---------------------------------------------------------------- directories
     def _ensure_dir(self, directory: Path) -> None:
@@ -146,7 +175,9 @@ class FilesystemDriver:
                 level.mkdir()
             except FileExistsError:
                 if not level.is_dir():
-                    raise
+                    # A file where a folder of keys must be: say so, not "file exists".
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory: a file is in "
+                                             "the way", str(level)) from None
             _fsync_dir(level.parent)
         self._known_dirs.add(directory)
 
@@ -302,10 +333,10 @@ class FilesystemDriver:
                 if name.startswith(_TMP_PREFIX) or not key.startswith(prefix):
                     continue
                 try:
-                    size = os.stat(os.path.join(dirpath, name)).st_size
+                    meta = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue  # deleted while listing
-                found.append(ObjectInfo(key, size))
+                found.append(ObjectInfo(key, meta.st_size, meta.st_mtime_ns // 1_000_000))
         found.sort(key=lambda info: info.key)
         return found
 

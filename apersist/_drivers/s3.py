@@ -40,6 +40,7 @@ from .base import (
     check_key,
     check_range,
     closed_error,
+    epoch_ms,
 )
 
 __all__ = ["MIN_PART_BYTES", "S3Driver", "map_errors"]
@@ -442,7 +443,8 @@ class S3Driver:
                     return
             # S3 lists in UTF-8 byte order, which is code point order: the protocol's.
             for item in page.get("Contents", ()):
-                yield ObjectInfo(str(item["Key"])[strip:], int(item["Size"]))
+                yield ObjectInfo(str(item["Key"])[strip:], int(item["Size"]),
+                                 epoch_ms(item.get("LastModified")))
 
     # ---------------------------------------------------------------- delete
     async def delete(self, keys: Sequence[str]) -> None:

@@ -13,7 +13,10 @@ no run ever writes into ``tests/``.
 
 from __future__ import annotations
 
+import datetime
+import os
 import re
+import socket
 import struct
 import zlib
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from helpers import stored_objects
 
 import apersist
 from apersist._drivers import open_driver
-from apersist._inspect import verify
+from apersist._inspect import summarize, verify
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 VERSIONS = sorted(p.name for p in GOLDEN.glob("format-*"))
@@ -142,6 +145,16 @@ def test_golden_store_is_small_and_covers_the_format(version: str) -> None:
                   if len(r["old"]) > len(r["new"]) >= 1]
         assert merges, "no commit merges segments"
         assert any(c["seq"] > newest and c["segments"] for c in commits)
+    if _version_tuple(version) >= (4, 1):
+        # Epoch records name their writer: host, pid and the run's label.
+        epochs = [orjson.loads(_body(objects[k])) for k in epoch_keys(objects)]
+        assert [(e["host"], e["pid"], e["label"]) for e in epochs] == [
+            ("golden-host", 4242, f"golden-{n}") for n in range(1, len(epochs) + 1)]
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, _, minor = version.removeprefix("format-").partition(".")
+    return int(major), int(minor)
 
 
 def _without_token(key: str, data: bytes) -> bytes:
@@ -202,6 +215,45 @@ async def test_golden_store_takes_new_commits_and_keeps_its_history(
     want["tables"]["counts"]["new-key"] = [1, 2]
     assert_exactly(await read_everything(backend, want), want)
     assert await problems(backend) == []
+
+
+@pytest.mark.parametrize("kind", ["memory", "filesystem"])
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_the_writer_of_every_golden_store_is_named_and_a_new_one_names_itself(
+        kind: str, version: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Epoch records name their writer from format 4.1 on. Older ones, which do not, still
+    open: ``apersist inspect`` reports their writer's epoch and start, with no host, pid or
+    label. A writer of this version that continues the store names itself."""
+    objects = golden_objects(version)
+    backend = make_backend(kind, tmp_path, request)
+    await upload(backend, objects)
+
+    async def writer() -> dict[str, Any]:
+        driver = open_driver(backend)
+        try:
+            entry: dict[str, Any] = (await summarize(driver)).to_json()["writer"]
+            return entry
+        finally:
+            await driver.aclose()
+
+    newest = orjson.loads(_body(objects[epoch_keys(objects)[-1]]))
+    named = _version_tuple(version) >= (4, 1)
+    assert await writer() == {
+        "epoch": newest["epoch"], "host": "golden-host" if named else None,
+        "pid": 4242 if named else None, "label": "golden-3" if named else None,
+        "started": apersist_time(newest["time_ms"]), "started_ms": newest["time_ms"]}
+    async with apersist.run(apersist.Config(backend, writer_label="continued")) as run:
+        await run.stream("orders").record("from this version")
+    after = await writer()
+    assert (after["epoch"], after["host"], after["pid"], after["label"]) == (
+        newest["epoch"] + 1, socket.gethostname(), os.getpid(), "continued")
+    assert await problems(backend) == []
+
+
+def apersist_time(time_ms: int) -> str:
+    """``time_ms`` as inspect shows it: ISO 8601 UTC with milliseconds."""
+    moment = datetime.datetime.fromtimestamp(time_ms / 1000, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{time_ms % 1000:03d}Z"
 
 
 # --------------------------------------------------------------------------- newer versions

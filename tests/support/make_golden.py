@@ -19,12 +19,16 @@ run (a third epoch) makes ``FANOUT + 4`` commits of one event each to one stream
 ``run.compact()``: a commit with a new table snapshot, a commit whose ``rewrites`` merge the
 first ``FANOUT`` of those segments into one, and a checkpoint (run 1's ``compact()`` wrote
 an older one); then more events and a table delta,
-committed as the run ends, after the newest checkpoint. ``expected.json`` next to
+committed as the run ends, after the newest checkpoint. From format 4.1 on the epoch records
+name their writer: each run has a ``writer_label`` (``golden-1`` to ``golden-3``), and the host
+and process id are fixed (``golden-host``, 4242) so that the bytes do not depend on the
+machine that wrote them. ``expected.json`` next to
 ``store/`` lists what a reader must get back: each stream's events (value, offset, time_ms)
 and final offset, each table's state and the cached results.
 
 The output is byte-for-byte reproducible: the clock is injected, the random tokens of the
-commit, epoch and checkpoint records come from a seeded generator, and the writer's
+commit, epoch and checkpoint records come from a seeded generator, the writers' host and
+process id are fixed, and the writer's
 background maintenance is held off while the store is written (only ``run.compact()``
 merges and checkpoints), so that no task's timing decides which commit carries a merge.
 """
@@ -44,7 +48,7 @@ from typing import Any
 import orjson
 
 import apersist
-from apersist import _maintenance
+from apersist import _maintenance, _store
 
 TESTS = Path(__file__).resolve().parent.parent  # tests/, which holds golden/
 QUIET = 3_600_000  # commit only when told to: the commits are part of the golden bytes
@@ -117,7 +121,8 @@ async def write_store(root: Path) -> dict[str, Any]:
         if offset is not None:
             offsets[stream.name] = offset
 
-    config = apersist.Config(backend, snapshot_interval_ms=QUIET, max_segment_bytes=1024)
+    config = apersist.Config(backend, snapshot_interval_ms=QUIET, max_segment_bytes=1024,
+                             writer_label="golden-1")
     # Run 1 (epoch 1): events, a table compacted into a snapshot then changed, a cache entry.
     async with apersist.run(config, clock_ms=clock) as run:
         orders, clicks = run.stream("orders"), run.stream("clicks")
@@ -142,7 +147,9 @@ async def write_store(root: Path) -> dict[str, Any]:
             table[key] = value
         clock.now += 1_000
     # Run 2 (epoch 2): more events, one commit cut into several segments, more deltas.
-    async with apersist.run(config, clock_ms=clock) as run:
+    config2 = apersist.Config(backend, snapshot_interval_ms=QUIET, max_segment_bytes=1024,
+                              writer_label="golden-2")
+    async with apersist.run(config2, clock_ms=clock) as run:
         orders, bulk = run.stream("orders"), run.stream("bulk")
         for value, offset in ORDERS_RUN2:
             await record(orders, value, offset)
@@ -170,7 +177,7 @@ async def write_store(root: Path) -> dict[str, Any]:
         clock.now += 1_000
     # Run 3 (epoch 3): many small commits, merged and checkpointed by compact(); then more.
     # Segments of the default size: 16 small ones fit in one merged segment.
-    config3 = apersist.Config(backend, snapshot_interval_ms=QUIET)
+    config3 = apersist.Config(backend, snapshot_interval_ms=QUIET, writer_label="golden-3")
     async with apersist.run(config3, clock_ms=clock) as run:
         small = run.stream("small")
         events["small"] = []
@@ -229,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     # The background maintenance never looks for merges: compact() alone decides them.
     real_look = _maintenance.MERGE_LOOK_EVERY
     _maintenance.MERGE_LOOK_EVERY = 1 << 30
+    real_process = _store.this_process
+    _store.this_process = lambda: ("golden-host", 4242)  # the epoch records' host and pid
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "store"
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         uuid.uuid4 = real_uuid4
         _maintenance.MERGE_LOOK_EVERY = real_look
+        _store.this_process = real_process
     (out / "expected.json").write_bytes(orjson.dumps(expected, option=orjson.OPT_INDENT_2) + b"\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"golden store written: path={out} bytes={total}")
