@@ -378,3 +378,22 @@ def test_the_global_meter_provider_is_used_even_when_set_after_a_run(tmp_path: P
                             print(metric.name, point.value)
     """, tmp_path)
     assert out == "apersist.commits 1\napersist.events.recorded 7\n"
+
+
+async def test_the_retry_layer_of_an_object_store_run_is_watched(otel: Reader) -> None:
+    """S3 and Azure runs open their own retry layer: its retries count the same way."""
+    from apersist import AwsS3Settings, Backend
+
+    backend = Backend.s3("root", AwsS3Settings("bucket", access_key="k", secret_access_key="s",
+                                               endpoint="http://127.0.0.1:9"))
+    driver = open_driver(backend)  # makes no request
+    assert isinstance(driver, RetryingDriver)
+    metrics = _metrics.metrics_for(otel.provider, backend.kind)
+    unwatch = metrics.watch_retries(driver)
+    assert driver.on_retry is not None
+    driver.on_retry("list")
+    unwatch()
+    assert driver.on_retry is None
+    assert otel.value("apersist.driver.retries", {"apersist.backend": "s3",
+                                                  "apersist.operation": "list"}) == 1
+    await driver.aclose()
