@@ -13,6 +13,7 @@ lowercase, a unit in UCUM, ``{annotation}`` for counts, ``error.type`` on failur
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -24,6 +25,8 @@ from ._format import KIND_EVENTS, SegmentRef
 __all__ = ["NO_METRICS", "Metrics", "RunMetrics", "metrics_for"]
 
 _Chunk = TypeVar("_Chunk", bound=tuple[Any, ...])
+
+logger = logging.getLogger("apersist")
 
 METER_NAME = "apersist"
 # A replay's progress is told to the SDK at most this often (and at its end): an SDK call
@@ -78,46 +81,77 @@ def _nothing() -> None:
 NO_METRICS = Metrics()
 
 
+class _Guarded:
+    """An instrument whose failures are logged (once), never raised: a measurement is
+    taken inside a commit, and a broken meter provider must not fail the commit."""
+
+    __slots__ = ("_failed", "_inner", "_name")
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self._inner = inner
+        self._name = name
+        self._failed = False
+
+    def add(self, amount: float, attributes: dict[str, str]) -> None:
+        try:
+            self._inner.add(amount, attributes)
+        except Exception:
+            self._log()
+
+    def record(self, amount: float, attributes: dict[str, str]) -> None:
+        try:
+            self._inner.record(amount, attributes)
+        except Exception:
+            self._log()
+
+    def _log(self) -> None:
+        if not self._failed:
+            self._failed = True
+            logger.warning("a metric instrument failed; apersist goes on without it: "
+                           "name=%s", self._name, exc_info=True)
+
+
 class _Instruments:
     """One meter's instruments, made once per meter provider."""
 
     def __init__(self, meter: Any) -> None:
-        self.events_recorded = meter.create_counter(
-            "apersist.events.recorded", unit="{event}",
-            description="Events made durable by a commit.")
-        self.events_replayed = meter.create_counter(
-            "apersist.events.replayed", unit="{event}",
-            description="Committed events a replay has read and handed on.")
-        self.replay_remaining = meter.create_up_down_counter(
-            "apersist.replay.remaining", unit="{event}",
-            description="Events that the replays in progress have still to hand on.")
-        self.commits = meter.create_counter(
-            "apersist.commits", unit="{commit}",
-            description="Commits made, and commits failed (with error.type).")
-        self.commit_duration = _histogram(
-            meter, "apersist.commit.duration", "s",
+        def counter(name: str, unit: str, description: str, *, up_down: bool = False) -> _Guarded:
+            make = meter.create_up_down_counter if up_down else meter.create_counter
+            return _Guarded(make(name, unit=unit, description=description), name)
+
+        def histogram(name: str, unit: str, description: str,
+                      buckets: tuple[float, ...]) -> _Guarded:
+            try:
+                made = meter.create_histogram(name, unit=unit, description=description,
+                                              explicit_bucket_boundaries_advisory=buckets)
+            except TypeError:  # an API older than 1.30: the SDK's (or a view's) buckets
+                made = meter.create_histogram(name, unit=unit, description=description)
+            return _Guarded(made, name)
+
+        self.events_recorded = counter(
+            "apersist.events.recorded", "{event}", "Events made durable by a commit.")
+        self.events_replayed = counter(
+            "apersist.events.replayed", "{event}",
+            "Committed events a replay has read and handed on.")
+        self.replay_remaining = counter(
+            "apersist.replay.remaining", "{event}",
+            "Events that the replays in progress have still to hand on.", up_down=True)
+        self.commits = counter(
+            "apersist.commits", "{commit}", "Commits made, and commits failed (with error.type).")
+        self.commit_duration = histogram(
+            "apersist.commit.duration", "s",
             "How long a commit took, from its cut to its durable record.", _SECONDS_BUCKETS)
-        self.commit_size = _histogram(
-            meter, "apersist.commit.size", "By",
-            "Segment bytes a commit wrote.", _BYTES_BUCKETS)
-        self.retries = meter.create_counter(
-            "apersist.driver.retries", unit="{retry}",
-            description="Storage requests tried again after a transient failure.")
-        self.backpressure_waits = meter.create_counter(
-            "apersist.backpressure.waits", unit="{wait}",
-            description="Times a writer waited for a commit to make room.")
-        self.backpressure_duration = _histogram(
-            meter, "apersist.backpressure.duration", "s",
+        self.commit_size = histogram(
+            "apersist.commit.size", "By", "Segment bytes a commit wrote.", _BYTES_BUCKETS)
+        self.retries = counter(
+            "apersist.driver.retries", "{retry}",
+            "Storage requests tried again after a transient failure.")
+        self.backpressure_waits = counter(
+            "apersist.backpressure.waits", "{wait}",
+            "Times a writer waited for a commit to make room.")
+        self.backpressure_duration = histogram(
+            "apersist.backpressure.duration", "s",
             "How long a writer waited for a commit to make room.", _SECONDS_BUCKETS)
-
-
-def _histogram(meter: Any, name: str, unit: str, description: str,
-               buckets: tuple[float, ...]) -> Any:
-    try:
-        return meter.create_histogram(name, unit=unit, description=description,
-                                      explicit_bucket_boundaries_advisory=buckets)
-    except TypeError:  # an API older than 1.30: the SDK's (or a view's) buckets
-        return meter.create_histogram(name, unit=unit, description=description)
 
 
 class RunMetrics(Metrics):

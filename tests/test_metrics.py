@@ -397,3 +397,38 @@ async def test_the_retry_layer_of_an_object_store_run_is_watched(otel: Reader) -
     assert otel.value("apersist.driver.retries", {"apersist.backend": "s3",
                                                   "apersist.operation": "list"}) == 1
     await driver.aclose()
+
+
+class _BrokenMeter(_CountingMeter):
+    """A meter whose instruments raise on every measurement."""
+
+    def _instrument(self, name: str, **_kwargs: Any) -> Any:
+        class Instrument:
+            def add(self, amount: float, attributes: Any = None) -> None:
+                raise RuntimeError("exporter on fire")
+
+            record = add
+
+        return Instrument()
+
+    create_counter = create_up_down_counter = _instrument
+
+
+async def test_a_broken_meter_fails_no_commit(caplog: pytest.LogCaptureFixture) -> None:
+    """Measurements are taken inside commits: an instrument that raises is logged once
+    and left out, and the run persists as ever."""
+    backend = apersist.Backend.memory()
+    config = apersist.Config(backend, snapshot_interval_ms=QUIET)
+    broken = _BrokenMeter()
+    for _ in range(2):
+        async with apersist.run(config, meter_provider=broken) as run:
+            await run.stream("s").record_many(range(3))
+            assert (await run.commit()).deltas == 3
+            assert len([e async for e in run.stream("s").replay()]) in (0, 3)
+    async with apersist.run(config) as run:
+        assert [e.value async for e in run.stream("s").replay()] == [0, 1, 2] * 2
+    failed = [r for r in caplog.records if r.getMessage().startswith("a metric instrument failed")]
+    names = [r.getMessage().rsplit("name=", 1)[1] for r in failed]
+    assert sorted(set(names)) == sorted(names)  # once each, per provider
+    assert {"apersist.commits", "apersist.events.recorded", "apersist.events.replayed"} <= set(
+        names)
