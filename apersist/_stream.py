@@ -118,8 +118,8 @@ class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
     __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_holding", "_life",
-                 "_metrics", "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler", "_source_gen",
-                 "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
+                 "_metrics", "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler",
+                 "_source_gen", "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
