@@ -23,6 +23,7 @@ from ._drivers.probe import verify_create_if_absent
 from ._errors import FencedError, PersistenceError
 from ._lifecycle import Lifecycle
 from ._maintenance import Maintainer
+from ._metrics import NO_METRICS, Metrics, metrics_for
 from ._policy import Policy
 from ._scheduler import CommitInfo, Scheduler
 from ._stopping import handling_signals, register_source, request_stop
@@ -41,8 +42,9 @@ class Run:
 
     def __init__(self, config: Config, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, cache: UdfCache, opened_seq: int,
-                 clock_ms: Callable[[], int]) -> None:
+                 clock_ms: Callable[[], int], metrics: Metrics = NO_METRICS) -> None:
         self._config = config
+        self._metrics = metrics
         self._store = store
         self._scheduler = scheduler
         self._policy = policy
@@ -166,7 +168,7 @@ class Run:
             stream = self._streams[name] = Stream(
                 name, store=self._store, scheduler=self._scheduler, policy=self._policy,
                 opened_seq=self._opened_seq, clock_ms=self._clock_ms, spawn=self._spawn,
-                life=self._life)
+                life=self._life, metrics=self._metrics)
         return stream
 
     def source(self, name: str, reader: Callable[[Any], Any], *,
@@ -232,7 +234,8 @@ class Run:
 
 def run(config: Config, *, stop_on_signals: bool = False,
         clock_ms: Callable[[], int] | None = None,
-        driver: Driver | None = None) -> AbstractAsyncContextManager[Run]:
+        driver: Driver | None = None,
+        meter_provider: Any = None) -> AbstractAsyncContextManager[Run]:
     """Open a persistent run over ``config``'s store.
 
     Entering loads the last committed state, takes the writer role (an older writer on the
@@ -257,8 +260,13 @@ def run(config: Config, *, stop_on_signals: bool = False,
     for it (``Capabilities.verify_conditional_writes``), and never closes it: the caller opened
     it, and closes it after the run, so one driver may serve several runs in turn.
 
+    ``meter_provider``, an OpenTelemetry ``MeterProvider``, is where the run's metrics go
+    (docs/operations.md, "Metrics"); by default OpenTelemetry's global one, if the package
+    is installed, else nowhere.
+
     Raises ``TypeError`` at the call for a ``config`` that is not a ``Config``, a
-    ``clock_ms`` that is not callable, or a ``driver`` without the protocol's members.
+    ``clock_ms`` that is not callable, a ``driver`` without the protocol's members, or a
+    ``meter_provider`` without ``get_meter``.
     """
     if not isinstance(config, Config):
         raise TypeError(f"run() needs an apersist.Config: got={type(config).__name__}")
@@ -267,16 +275,21 @@ def run(config: Config, *, stop_on_signals: bool = False,
         check_driver_object(driver)
     if not isinstance(stop_on_signals, bool):
         raise TypeError(f"stop_on_signals must be a bool: got={type(stop_on_signals).__name__}")
-    return _opened_run(config, clock, driver, stop_on_signals)
+    if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider: "
+                        f"got={type(meter_provider).__name__}")
+    return _opened_run(config, clock, driver, stop_on_signals, meter_provider)
 
 
 @asynccontextmanager
 async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | None,
-                      stop_on_signals: bool) -> AsyncIterator[Run]:
+                      stop_on_signals: bool, meter_provider: Any) -> AsyncIterator[Run]:
     """``run()`` once its arguments are checked: open, yield the run, commit and close."""
     policy = Policy.of(config)
+    metrics = metrics_for(meter_provider, config.backend.kind)
     # A driver we open is ours to close; a driver we are given stays the caller's.
     driver = open_driver(config.backend, config) if given is None else given
+    unwatch = metrics.watch_retries(driver)
     try:
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency,
                       label=config.writer_label)
@@ -297,7 +310,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
-                                  max_segment_bytes=config.max_segment_bytes)
+                                  max_segment_bytes=config.max_segment_bytes, metrics=metrics)
             if policy.reset:
                 scheduler.request_reset()
         opened_seq = store.last_seq
@@ -305,7 +318,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         cache = await UdfCache.from_store(store, load=policy.cache_load, upto_seq=opened_seq,
                                     scheduler=scheduler if policy.cache_persist else None)
         the_run = Run(config, store=store, scheduler=scheduler, policy=policy, cache=cache,
-                      opened_seq=opened_seq, clock_ms=clock)
+                      opened_seq=opened_seq, clock_ms=clock, metrics=metrics)
         logger.info("run opened: backend=%s seq=%d epoch=%s commits=%d open_ms=%.1f",
                     config.backend.kind, store.last_seq, store.epoch, store.live_commits,
                     (time.perf_counter() - opened) * 1000)
@@ -367,6 +380,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             current_cache.reset(token)
             cache.close()
     finally:
+        unwatch()
         if given is None:
             with anyio.CancelScope(shield=True):
                 await driver.aclose()

@@ -29,6 +29,7 @@ from ._barrier import CONSUMER, Held, SourceBarrier
 from ._buffer import BATCH_ENTRIES, LogBuffer
 from ._concurrency import brisk_thread_switching, cancelled_by_another_task
 from ._errors import FencedError, PersistenceError
+from ._metrics import NO_METRICS, Metrics
 from ._store import PendingRewrite, SegmentBlob, Store
 
 __all__ = ["BATCH_ENTRIES", "CommitInfo", "DeltaSource", "Scheduler", "SnapshotBuilder",
@@ -65,8 +66,9 @@ class Scheduler:
     """Owns the run's uncommitted data and every commit of it."""
 
     def __init__(self, store: Store, *, interval_ms: int, max_pending_bytes: int,
-                 max_segment_bytes: int) -> None:
+                 max_segment_bytes: int, metrics: Metrics = NO_METRICS) -> None:
         self._store = store
+        self._metrics = metrics  # told of each commit and back-pressure wait, never per event
         self._interval = interval_ms / 1000
         self._max_pending = max_pending_bytes
         self.max_segment_bytes = max_segment_bytes
@@ -296,14 +298,23 @@ class Scheduler:
         for by the cut (that would deadlock): its event may then be committed before all of
         its state.
         """
-        with self.barrier.parked_while_waiting():
-            while self.over_limit:
-                self.check_failure()
-                if self._stopped:
-                    raise self._ended_error()
-                done = self._done_event
-                self._urgent.set()
-                await done.wait()
+        metrics = self._metrics
+        waited = metrics.enabled and self.over_limit
+        if waited:
+            metrics.backpressure_started()
+            started = time.perf_counter()
+        try:
+            with self.barrier.parked_while_waiting():
+                while self.over_limit:
+                    self.check_failure()
+                    if self._stopped:
+                        raise self._ended_error()
+                    done = self._done_event
+                    self._urgent.set()
+                    await done.wait()
+        finally:
+            if waited:
+                metrics.backpressure_ended(time.perf_counter() - started)
         self.check_failure()
 
     def check_failure(self) -> None:
@@ -508,9 +519,11 @@ class Scheduler:
             self.barrier.settle(final)
             await self._cut_and_commit(started, final=final)
         except PersistenceError as exc:
+            self._metrics.commit_failed(time.perf_counter() - started, exc)
             self._fail(exc)
         except Exception as exc:  # a bug or a snapshot source's error: tell every waiter
             logger.exception("commit failed unexpectedly; this run can no longer persist")
+            self._metrics.commit_failed(time.perf_counter() - started, exc)
             self._fail(exc)
         finally:
             self.barrier.lift()
@@ -593,6 +606,8 @@ class Scheduler:
         self._bytes_written += written
         self._commits += 1
         self._latency_ms = (time.perf_counter() - started) * 1000
+        if self._metrics.enabled:
+            self._metrics.committed(self._latency_ms / 1000, written, [b.ref for b in blobs])
         self._signal_done()
         logger.debug("commit done: seq=%d deltas=%d bytes=%d segments=%d",
                      seq, deltas, written, len(blobs))

@@ -18,6 +18,7 @@ from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
+from ._metrics import NO_METRICS, Metrics
 from ._pacing import COOPERATE_NS, Pacer, RealtimePace, yield_to_loop
 from ._policy import Policy
 from ._scheduler import Scheduler
@@ -117,14 +118,15 @@ class Stream:
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
 
     __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_holding", "_life",
-                 "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler", "_source_gen",
-                 "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
+                 "_metrics", "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler",
+                 "_source_gen", "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
                  spawn: Callable[..., object] | None = None,
-                 life: Lifecycle | None = None) -> None:
+                 life: Lifecycle | None = None, metrics: Metrics = NO_METRICS) -> None:
         self.name = name
+        self._metrics = metrics  # counts replayed events a chunk at a time
         self._life = life or Lifecycle()
         # source() in this run: how many replayed events it has yielded (a later call goes
         # on from there, never replays twice), and which call is the current one.
@@ -689,10 +691,16 @@ class Stream:
             return
         segments = [s.ref for s in self._store.segments_at(fmt.KIND_EVENTS, self.name,
                                                                self._opened_seq)]
-        if self._policy.realtime:
-            async for one in self._realtime(segments):
-                yield one
-            return
+        chunks: AsyncIterator[tuple[list[Any], list[Any] | None, list[int]]] = (
+            self._realtime(segments) if self._policy.realtime else self._stored(segments))
+        if self._metrics.enabled:  # counted a chunk at a time, never per event
+            chunks = self._metrics.replaying(self.name, sum(s.records for s in segments), chunks)
+        async for chunk in chunks:
+            yield chunk
+
+    async def _stored(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[
+            tuple[list[Any], list[Any] | None, list[int]]]:
+        """``segments``' events in chunks (``_replay_chunks`` but for ``REALTIME_REPLAY``)."""
         async for view in self._read_ahead(segments):
             for chunk in view.event_chunks(BATCH_ENTRIES):
                 if self._life.ended:  # an iterator carried past the block

@@ -85,6 +85,9 @@ class RetryingDriver:
         self._rng = rng or random.Random()
         self._sleep = sleep or anyio.sleep
         self._clock = clock or time.monotonic
+        # Told of each retry (its verb) before its backoff: the run's metrics set it while
+        # the run lasts (``_metrics``), so that a retry layer a caller made counts too.
+        self.on_retry: Callable[[str], None] | None = None
 
     def __repr__(self) -> str:
         return f"RetryingDriver({self.inner!r})"
@@ -146,6 +149,8 @@ class RetryingDriver:
         logger.log(logging.DEBUG if attempt == 1 else logging.WARNING,
                    "retrying storage request: op=%s key=%s driver=%s attempt=%d delay_s=%.3f "
                    "error=%s", op, key, self.name, attempt, delay, error)
+        if self.on_retry is not None:
+            self.on_retry(op)
         await self._sleep(delay)
         if self._clock() >= deadline:  # the sleep overran the bound
             raise self._give_up(op, key, attempt, started, error) from error
