@@ -579,11 +579,7 @@ class Stream:
                         await yield_to_loop()
                         yielded = clock_ns() if wall else time.monotonic_ns()
             finally:
-                if self._buffer is not None and self._buffer.source_hold is self._holding:
-                    self._buffer.source_hold = None
-                aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await self._end_live(iterator, self._holding)
         except asyncio.CancelledError:
             # run.stop() woke this source while it waited (see _stopping): end here.
             if not take_back_stop_cancel(self._life):
@@ -671,15 +667,20 @@ class Stream:
                     if life.stopping:  # run.stop(): end after the batch in hand, now buffered
                         return
             finally:
-                if self._buffer is not None and self._buffer.source_hold is held:
-                    self._buffer.source_hold = None
-                aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await self._end_live(iterator, held)
         except asyncio.CancelledError:
             # run.stop() woke this source while it waited (see _stopping): end here.
             if not take_back_stop_cancel(self._life):
                 raise
+
+    async def _end_live(self, iterator: Any, hold: Held | None) -> None:
+        """A live source ends: what its consumer records no longer waits to go after its
+        event (``LogBuffer.source_hold``), and the reader's iterator is closed."""
+        if self._buffer is not None and self._buffer.source_hold is hold:
+            self._buffer.source_hold = None
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def _replay_chunks(self) -> AsyncIterator[tuple[list[Any], list[Any] | None,
                                                           list[int]]]:

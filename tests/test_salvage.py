@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helpers
 import orjson
 import pytest
 from conftest import TEST_BUCKET, TEST_CONTAINER, make_backend
@@ -500,24 +501,9 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 async def read_golden_shape(backend: apersist.Backend, expected: dict[str, Any]) -> dict[str, Any]:
-    """What a run reads from a store, in the shape of a golden store's ``expected.json``."""
-    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
-    cache = expected["cache"]
-
-    def fail(x: Any) -> Any:
-        raise AssertionError(f"cached result not found: arg={x!r}")
-
-    square_of = apersist.cached(name=cache["name"], version=cache["version"])(fail)
-    async with apersist.run(apersist.Config(backend)) as run:
-        for name in expected["streams"]:
-            stream = run.stream(name)
-            got["streams"][name] = {
-                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
-                "offset": stream.offset}
-        for name in expected["tables"]:
-            got["tables"][name] = dict(await run.table(name))
-        got["cache"] = {**cache, "calls": [[arg, square_of(arg)] for arg, _ in cache["calls"]]}
-    return got
+    """What a writing run reads from a store, in the shape of a golden store's ``expected.json``."""
+    return await helpers.read_golden_shape(backend, expected,
+                                           access=apersist.SnapshotAccess.FULL)
 
 
 @pytest.mark.parametrize("version", sorted(p.name for p in GOLDEN.glob("format-*")))

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import make_backend
-from helpers import stored_objects
+from helpers import read_golden_shape, stored_objects
 
 import apersist
 from apersist._drivers import open_driver
@@ -68,34 +68,11 @@ async def problems(backend: apersist.Backend) -> list[str]:
         await driver.aclose()
 
 
-def cached_function(expected: dict[str, Any]) -> Callable[[Any], Any]:
-    """The golden store's cached function, which must never run: its results are stored."""
-    cache = expected["cache"]
-
-    def fail(x: Any) -> Any:
-        raise AssertionError(f"cached result not found in the golden store: arg={x!r}")
-
-    return apersist.cached(name=cache["name"], version=cache["version"])(fail)  # type: ignore[no-any-return]
-
-
 async def read_everything(backend: apersist.Backend, expected: dict[str, Any],
                           *, access: apersist.SnapshotAccess = apersist.SnapshotAccess.REPLAY,
                           ) -> dict[str, Any]:
     """What a run reads from the store, in the shape of ``expected.json``."""
-    cfg = apersist.Config(backend, snapshot_access=access, snapshot_interval_ms=QUIET)
-    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
-    async with apersist.run(cfg) as run:
-        for name in expected["streams"]:
-            stream = run.stream(name)
-            got["streams"][name] = {
-                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
-                "offset": stream.offset}
-        for name in expected["tables"]:
-            got["tables"][name] = dict(await run.table(name))
-        square = cached_function(expected)
-        calls = [[arg, square(arg)] for arg, _result in expected["cache"]["calls"]]
-        got["cache"] = {**expected["cache"], "calls": calls}
-    return got
+    return await read_golden_shape(backend, expected, access=access, snapshot_interval_ms=QUIET)
 
 
 def assert_exactly(got: dict[str, Any], expected: dict[str, Any]) -> None:

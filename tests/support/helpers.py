@@ -157,3 +157,35 @@ async def check_round_trip(backend: apersist.Backend, **config: Any) -> None:
         assert all(e.replayed for e in events)
         assert run.stream("orders").offset == 100
         assert dict(await run.table("counts")) == {"alice": 3}
+
+
+def golden_cached(expected: dict[str, Any]) -> Callable[[Any], Any]:
+    """A golden store's cached function, which must never run: its results are stored."""
+    cache = expected["cache"]
+
+    def fail(x: Any) -> Any:
+        raise AssertionError(f"cached result not found in the store: arg={x!r}")
+
+    return apersist.cached(name=cache["name"], version=cache["version"])(fail)  # type: ignore[no-any-return]
+
+
+async def read_golden_shape(backend: apersist.Backend, expected: dict[str, Any], *,
+                            access: apersist.SnapshotAccess = apersist.SnapshotAccess.REPLAY,
+                            snapshot_interval_ms: int = 3_600_000) -> dict[str, Any]:
+    """What a run reads from a store, in the shape of a golden store's ``expected.json``:
+    each stream's events and offset, each table, the cached function's results."""
+    cfg = apersist.Config(backend, snapshot_access=access,
+                          snapshot_interval_ms=snapshot_interval_ms)
+    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
+    async with apersist.run(cfg) as run:
+        for name in expected["streams"]:
+            stream = run.stream(name)
+            got["streams"][name] = {
+                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
+                "offset": stream.offset}
+        for name in expected["tables"]:
+            got["tables"][name] = dict(await run.table(name))
+        square = golden_cached(expected)
+        calls = [[arg, square(arg)] for arg, _result in expected["cache"]["calls"]]
+        got["cache"] = {**expected["cache"], "calls": calls}
+    return got
