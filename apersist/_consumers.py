@@ -53,14 +53,38 @@ def spot_consumer(depth: int) -> ConsumerSpot | None:
 
 @functools.lru_cache(maxsize=256)
 def _loop_around(code: CodeType, offset: int) -> tuple[int, int] | None:
-    """The innermost loop of ``code`` whose bytecode spans ``offset``: (start, end)."""
+    """The innermost loop of ``code`` whose bytecode spans ``offset``: (start, end), with
+    all of its body: every jump back to it (a ``continue``, or the compiler's copy of the
+    jump back at the end of an ``if`` or a ``try``), which may target its first or its
+    second instruction (a ``while``), and the exception handlers of its body (an
+    ``except`` or a ``finally``), which the compiler places after the body's last jump
+    back. A handler that pops the loop's iterator (a ``try`` around the loop) is not part
+    of it; in a ``while`` loop that cannot be told, and the loop extends to it: the
+    check then waits, as it does for anything it cannot tell."""
+    instructions = list(dis.get_instructions(code))
+    jumps = [(ins.argval, ins.offset) for ins in instructions
+             if ins.opname in _LOOP_JUMPS and isinstance(ins.argval, int)]
     best: tuple[int, int] | None = None
-    for ins in dis.get_instructions(code):
-        if ins.opname in _LOOP_JUMPS and isinstance(ins.argval, int):
-            start, end = ins.argval, ins.offset
-            if start <= offset <= end and (best is None or end - start < best[1] - best[0]):
-                best = (start, end)
-    return best
+    for start, end in jumps:
+        if start <= offset <= end and (best is None or end - start < best[1] - best[0]):
+            best = (start, end)
+    if best is None:
+        return None
+    entries = dis.Bytecode(code).exception_entries
+    # The stack depth inside the loop: that of the handler around the await of the next
+    # item (END_ASYNC_FOR's, which keeps the iterator), else none is needed.
+    base = max((e.depth for e in entries if e.start <= offset < e.end), default=0)
+    start, end = best
+    changed = True
+    while changed:
+        changed = False
+        for target, at in jumps:
+            if start <= target <= end and at > end:
+                end, changed = at, True
+        for e in entries:
+            if start <= e.start <= end and e.depth >= base and max(e.end, e.target) > end:
+                end, changed = max(e.end, e.target), True
+    return start, end
 
 
 def awaits_of(awaitable: Any) -> Iterator[Any]:
