@@ -34,6 +34,9 @@ _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Jumps that close a loop (not the jump of an await's own send loop).
 _LOOP_JUMPS = {"JUMP_BACKWARD", "JUMP_ABSOLUTE"}
 
+#: The last step of ``awaits_of`` where it could not follow the chain any further.
+UNSEEN = object()
+
 #: (the source's own frame, the consumer's frame, where the consumer stood)
 ConsumerSpot = tuple[FrameType, FrameType, int]
 
@@ -105,9 +108,20 @@ def awaits_of(awaitable: Any) -> Iterator[Any]:
         elif inspect.isasyncgen(awaitable):
             yield awaitable
             awaitable = awaitable.ag_await
-        else:  # an async generator's step, or the future at the bottom
-            awaitable = next((r for r in gc.get_referents(awaitable) if inspect.isasyncgen(r)),
-                             None)
+        elif asyncio.isfuture(awaitable):  # the bottom: a future (another task's, say)
+            return
+        else:
+            # An async generator's step, a future's iterator (the bottom), or an awaitable
+            # object's iterator (``coro.__await__()`` returned by a class's ``__await__``):
+            # what it refers to.
+            referents = gc.get_referents(awaitable)
+            if any(asyncio.isfuture(r) for r in referents):
+                return
+            awaitable = next((r for r in referents if inspect.iscoroutine(r)
+                              or inspect.isgenerator(r) or inspect.isasyncgen(r)), None)
+            if awaitable is None:
+                yield UNSEEN  # the chain goes on below something it cannot see through
+                return
 
 
 def _frame_of(step: Any) -> FrameType | None:
@@ -132,9 +146,12 @@ def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> 
     loop = _loop_around(frame.f_code, started_at)
     if loop is None:
         return None
-    frames = [f for f in map(_frame_of, awaits_of(task.get_coro())) if f is not None]
+    steps = list(awaits_of(task.get_coro()))
+    frames = [f for f in map(_frame_of, steps) if f is not None]
     inside = loop[0] <= frame.f_lasti <= loop[1]
     at = next((index for index, f in enumerate(frames) if f is frame), None)
+    if at is None and UNSEEN in steps:
+        return None  # maybe below where the walk stopped: cannot tell
     if at is None and frame.f_code.co_flags & inspect.CO_COROUTINE:
         # A coroutine's frame off its task's chain of awaits has returned or raised (an
         # async generator's frame is off it between its steps: judged by where it stands).
