@@ -113,3 +113,44 @@ async def test_review_consumer_awaited_through_an_awaitable_object(
         assert not (1 in events and "1" not in table), (events, table)
         assert took >= 0.3, took
         assert not [r.getMessage() for r in caplog.records if LEFT in r.getMessage()]
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 3: a helper that finds the next event it wants (`break` out of its loop,
+# then `return event`) hands the event to its caller, just as a `return event` from inside
+# the loop does (which the check already treats as "maybe with the event"): but a return
+# from after the loop is judged "left by a break or a return", and the event is committed
+# while the caller still works on it.
+async def test_review_break_then_return_the_event_to_the_caller(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "apersist")
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
+        t = await run.table("t")
+        events = run.source("s", _numbers)
+        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
+
+        async def commit_from_elsewhere() -> None:
+            await run.stream("other").record(0)
+            started = time.perf_counter()
+            await run.commit()
+            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+
+        async def next_odd(it: AsyncIterator[apersist.Event]) -> apersist.Event:
+            found = None
+            async for event in it:
+                if event.value["i"] % 2:
+                    found = event
+                    break
+            assert found is not None
+            return found
+
+        event = await next_odd(events)  # event 1
+        committer = asyncio.create_task(commit_from_elsewhere())
+        await asyncio.sleep(0.4)  # the caller works on event 1
+        t[str(event.value["i"])] = "done"
+        await next_odd(events)  # asks for the next event: done with event 1
+        await committer
+        took, (stored, table) = committed[0]
+        assert not (1 in stored and "1" not in table), (stored, table)
+        assert took >= 0.3, took
+        del events
