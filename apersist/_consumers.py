@@ -157,8 +157,9 @@ def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> 
         # async generator's frame is off it between its steps: judged by where it stands).
         if frame.f_lasti not in _returns_at(frame.f_code):
             return "by an exception"  # out of its loop body: done with the event, as a `break` is
-        # Returned: from inside the loop, maybe with the event, to a caller who works on it.
-        return None if inside else "by a break or a return"
+        # Returned, from inside the loop or after it (a `break`, then `return event`):
+        # maybe with the event, to a caller who works on it.
+        return None
     if inside:
         return None
     for callee in frames[at + 1:] if at is not None else ():
