@@ -154,3 +154,39 @@ async def test_review_break_then_return_the_event_to_the_caller(
         assert not (1 in stored and "1" not in table), (stored, table)
         assert took >= 0.3, took
         del events
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 4: the stop's cancellation can be swallowed before it reaches the source:
+# Python 3.11's `asyncio.wait_for` returns the inner result when the cancellation races
+# its completion (a reader polling with a timeout, an item arriving in the same loop step
+# as the stop). The source never takes the cancellation back: the consumer task is left
+# with `cancelling() == 1` for good (and in `Lifecycle.stop_cancelled`), so the barrier
+# takes it for an interrupted task from then on.
+async def test_review_stop_cancel_swallowed_by_wait_for_in_the_reader(tmp_path: Path) -> None:
+    backend = apersist.Backend.filesystem(tmp_path)
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def reader(offset: Any) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await asyncio.wait_for(queue.get(), 10)
+            except asyncio.TimeoutError:
+                continue
+
+    seen: list[int] = []
+    async with apersist.run(apersist.Config(backend)) as run:
+        def put_and_stop() -> None:
+            queue.put_nowait(7)  # an item arrives in the same step as the stop
+            run.stop()
+
+        asyncio.get_running_loop().call_later(0.05, put_and_stop)
+        async for event in run.source("q", reader):
+            seen.append(event.value)
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        leftover = set(run._life.stop_cancelled)
+        task.uncancel() if cancelling else None  # let the test's own task finish cleanly
+    assert seen == [7]
+    assert cancelling == 0 and not leftover, (cancelling, leftover)
