@@ -29,7 +29,7 @@ from ._consumers import awaits_of
 from ._lifecycle import Lifecycle
 
 __all__ = ["STOP_SIGNALS", "handling_signals", "register_source", "request_stop",
-           "take_back_stop_cancel"]
+           "settle_stop_cancel", "take_back_stop_cancel"]
 
 logger = logging.getLogger("apersist")
 
@@ -88,6 +88,22 @@ def take_back_stop_cancel(life: Lifecycle) -> bool:
         return False
     life.stop_cancelled.discard(task)
     return task.uncancel() == 0
+
+
+def settle_stop_cancel(life: Lifecycle) -> None:
+    """When a source ends (the run stopping): take back a cancellation of ``request_stop``
+    that never reached the source. A reader may swallow it: Python 3.11's
+    ``asyncio.wait_for`` returns the inner result when the cancellation races its
+    completion. Left in place, the task would count as being cancelled for good
+    (``Task.cancelling()``, which the source barrier reads as an interrupted consumer)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # closed with no running loop (collected after the loop ended)
+        return
+    if task is not None and task in life.stop_cancelled:
+        life.stop_cancelled.discard(task)
+        if task.cancelling() > 0:
+            task.uncancel()
 
 
 def _task_awaiting(source: AsyncIterator[Any]) -> asyncio.Task[Any] | None:

@@ -22,7 +22,7 @@ from ._metrics import NO_METRICS, Metrics
 from ._pacing import COOPERATE_NS, Pacer, RealtimePace, yield_to_loop
 from ._policy import Policy
 from ._scheduler import Scheduler
-from ._stopping import mark_holds_an_item, take_back_stop_cancel
+from ._stopping import mark_holds_an_item, settle_stop_cancel, take_back_stop_cancel
 from ._store import Store
 from ._values import _has_nonfinite, checked_json, dumps_value, unserializable
 
@@ -584,6 +584,9 @@ class Stream:
             # run.stop() woke this source while it waited (see _stopping): end here.
             if not take_back_stop_cancel(self._life):
                 raise
+        finally:
+            if self._life.stopping:
+                settle_stop_cancel(self._life)
 
     async def _source_batches(self, reader: Callable[[Any], Any],
                               continue_after_replay: bool) -> AsyncIterator[Batch]:
@@ -672,6 +675,9 @@ class Stream:
             # run.stop() woke this source while it waited (see _stopping): end here.
             if not take_back_stop_cancel(self._life):
                 raise
+        finally:
+            if self._life.stopping:
+                settle_stop_cancel(self._life)
 
     async def _end_live(self, iterator: Any, hold: Held | None) -> None:
         """A live source ends: what its consumer records no longer waits to go after its
