@@ -732,5 +732,8 @@ class Stream:
             self._yielded_ns = clock()
 
 
-# While these run, a live source holds an item its reader gave and no consumer has seen.
+# While these run, a live source holds an item its reader gave and no consumer has seen
+# (or, for _end_live, its reader cleans up: closing a connection, acknowledging what it
+# handed over): run.stop() does not wake it there, nor cut that cleanup short.
 mark_holds_an_item(Stream._encode_records)
+mark_holds_an_item(Stream._end_live)
