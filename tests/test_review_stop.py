@@ -249,3 +249,62 @@ async def test_review_stop_cuts_a_readers_cleanup_short(tmp_path: Path) -> None:
                     break
         assert run.stopping
     assert cleaned == ["closed"]
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 7: two runs with `stop_on_signals` in one process (a service with two
+# stores; a run nested in another, or two tasks' runs overlapping). The loop keeps one
+# handler per signal: the second run's replaces the first's, and the first run to leave
+# its block removes the loop's handler (whoever installed it), then puts back the Python
+# handler it saw. Nested: once the inner run ends, SIGTERM and SIGINT are ignored for good
+# (the outer run never stops, Ctrl-C does nothing). Overlapping: when the first run ends,
+# SIGTERM kills the process with the default action while the second run is still open.
+_TWO_RUNS = r'''
+import asyncio, os, signal, sys, tempfile
+import apersist
+
+async def main(mode):
+    outer_config = apersist.Config(apersist.Backend.filesystem(tempfile.mkdtemp()))
+    inner_config = apersist.Config(apersist.Backend.filesystem(tempfile.mkdtemp()))
+    if mode == "nested":
+        async with apersist.run(outer_config, stop_on_signals=True) as outer:
+            async with apersist.run(inner_config, stop_on_signals=True):
+                pass
+            os.kill(os.getpid(), signal.SIGTERM)
+            try:
+                await asyncio.wait_for(outer.wait_stopping(), 2)
+            except asyncio.TimeoutError:
+                print("outer not stopped", flush=True)
+                return
+            print("outer stopped", flush=True)
+    else:
+        first_left = asyncio.Event()
+        async def first():
+            async with apersist.run(outer_config, stop_on_signals=True):
+                await asyncio.sleep(0.1)
+            first_left.set()
+        async def second():
+            async with apersist.run(inner_config, stop_on_signals=True) as run:
+                await first_left.wait()
+                os.kill(os.getpid(), signal.SIGTERM)
+                await asyncio.wait_for(run.wait_stopping(), 2)
+                print("second stopped", flush=True)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(first())
+            await asyncio.sleep(0.02)
+            tg.create_task(second())
+
+asyncio.run(main(sys.argv[1]))
+'''
+
+
+@pytest.mark.parametrize("mode", ["nested", "overlapping"])
+def test_review_two_runs_with_stop_on_signals(mode: str) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TWO_RUNS, mode], capture_output=True,
+                         timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr.decode()[-2000:])
+    expected = "outer stopped" if mode == "nested" else "second stopped"
+    assert out.stdout.decode().strip() == expected, out.stderr.decode()[-2000:]
