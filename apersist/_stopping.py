@@ -115,55 +115,87 @@ def _task_awaiting(source: AsyncIterator[Any]) -> asyncio.Task[Any] | None:
     return None
 
 
-@contextlib.contextmanager
-def handling_signals(life: Lifecycle, host: asyncio.Task[Any] | None) -> Iterator[None]:
-    """While the run's block runs: the first ``SIGTERM``/``SIGINT`` asks the run to stop,
-    the second cancels ``host`` (the task that entered the block); the handlers that were
-    there before come back when the block is left, or at the second signal.
+# The runs in their blocks with ``stop_on_signals`` (the loop has one handler per signal,
+# shared by all of them): (lifecycle, host task). The handlers are installed by the first
+# run to enter, and the ones that were there before come back when the last one leaves.
+_signal_runs: list[tuple[Lifecycle, asyncio.Task[Any] | None]] = []
+# Per signal: (Python's handler, the loop's own handler) before the first run installed.
+_previous_handlers: dict[signal.Signals, tuple[Any, asyncio.Handle | None]] = {}
+_signal_loop: list[asyncio.AbstractEventLoop] = []  # the loop they are installed on
 
-    Raises ``RuntimeError`` where the loop cannot handle signals (not the main thread).
-    """
-    loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    # A handler the application gave the loop itself (loop.add_signal_handler) for one of
-    # these signals: asyncio keeps one per signal, so ours replaces it until the block ends.
-    loop_handlers: dict[signal.Signals, asyncio.Handle] = dict(
-        getattr(loop, "_signal_handlers", {}))
-    installed: list[signal.Signals] = []
 
-    def restore() -> None:
-        while installed:
-            sig = installed.pop()
-            loop.remove_signal_handler(sig)
-            earlier = loop_handlers.get(sig)
-            if earlier is not None and not earlier.cancelled():
-                loop.add_signal_handler(sig, earlier._callback, *earlier._args)  # type: ignore[attr-defined]
-            elif previous[sig] is not None:
-                # remove_signal_handler puts Python's default back; put back what was
-                # there (asyncio.run's own SIGINT handler, say).
-                signal.signal(sig, previous[sig])
+def _restore_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    _signal_loop.clear()
+    for sig in list(_previous_handlers):
+        previous, earlier = _previous_handlers.pop(sig)
+        loop.remove_signal_handler(sig)
+        if earlier is not None and not earlier.cancelled():
+            # A handler the application gave the loop itself (loop.add_signal_handler):
+            # asyncio keeps one per signal, so ours replaced it until now.
+            loop.add_signal_handler(sig, earlier._callback, *earlier._args)  # type: ignore[attr-defined]
+        elif previous is not None:
+            # remove_signal_handler puts Python's default back; put back what was there
+            # (asyncio.run's own SIGINT handler, say).
+            signal.signal(sig, previous)
 
-    def on_signal(sig: signal.Signals) -> None:
+
+def _on_signal(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+    """Each run in its block: the first signal asks it to stop, the next one cancels its
+    host (and the run no longer handles signals: a third one acts as it would without)."""
+    for entry in list(_signal_runs):
+        life, host = entry
         if not life.stopping:
             logger.warning("%s received: stopping the run (sources end after the event in "
                            "hand, then the final commit); a second one cancels it",
                            sig.name)
             request_stop(life)
-            return
+            continue
         logger.warning("%s received again: cancelling the run", sig.name)
-        restore()
+        _signal_runs.remove(entry)
         if host is not None and not host.done():
             host.cancel()
+    if not _signal_runs:
+        _restore_handlers(loop)
 
-    try:
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
-        restore()
-        raise RuntimeError("stop_on_signals needs an event loop that handles signals (the "
-                           f"main thread's, on a Unix system): {exc}") from exc
+
+@contextlib.contextmanager
+def handling_signals(life: Lifecycle, host: asyncio.Task[Any] | None) -> Iterator[None]:
+    """While the run's block runs: the first ``SIGTERM``/``SIGINT`` asks the run to stop,
+    the second cancels ``host`` (the task that entered the block); the handlers that were
+    there before come back when the last such run leaves its block, or at the second
+    signal. Several runs at once (nested, or in several tasks) share the handlers: a
+    signal goes to each of them.
+
+    Raises ``RuntimeError`` where the loop cannot handle signals (not the main thread).
+    """
+    loop = asyncio.get_running_loop()
+    if _signal_loop and _signal_loop[0] is not loop:
+        if not _signal_loop[0].is_closed():
+            raise RuntimeError("stop_on_signals needs an event loop that handles signals "
+                               "(the main thread's, on a Unix system): another loop has "
+                               "them")
+        _signal_runs.clear()  # a loop that ended without its runs leaving their blocks
+        _previous_handlers.clear()
+        _signal_loop.clear()
+    if not _signal_runs and not _previous_handlers:
+        _signal_loop.append(loop)
+        try:
+            loop_handlers: dict[signal.Signals, asyncio.Handle] = dict(
+                getattr(loop, "_signal_handlers", {}))
+            for sig in STOP_SIGNALS:
+                previous = signal.getsignal(sig)
+                loop.add_signal_handler(sig, _on_signal, loop, sig)
+                _previous_handlers[sig] = (previous, loop_handlers.get(sig))
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            _restore_handlers(loop)
+            raise RuntimeError("stop_on_signals needs an event loop that handles signals "
+                               f"(the main thread's, on a Unix system): {exc}") from exc
+    entry = (life, host)
+    _signal_runs.append(entry)
     try:
         yield
     finally:
-        restore()
+        if entry in _signal_runs:
+            _signal_runs.remove(entry)
+        if not _signal_runs and _previous_handlers:
+            _restore_handlers(loop)
