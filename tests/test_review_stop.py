@@ -308,3 +308,30 @@ def test_review_two_runs_with_stop_on_signals(mode: str) -> None:
     assert out.returncode == 0, (out.returncode, out.stderr.decode()[-2000:])
     expected = "outer stopped" if mode == "nested" else "second stopped"
     assert out.stdout.decode().strip() == expected, out.stderr.decode()[-2000:]
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 8: a consumer that takes events with `anext(events, None)` (the builtin's
+# default form) is never woken by `run.stop()` while its reader waits: `anext` with a
+# default awaits an `anext_awaitable`, which refers to the source's step but not to the
+# source, so the walk of awaits never finds the task. The stop then hangs until an item
+# comes (a deploy's grace period runs out: SIGKILL).
+async def test_review_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path: Path) -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    queue.put_nowait(1)
+
+    async def reader(offset: Any) -> AsyncIterator[Any]:
+        while True:
+            yield await queue.get()
+
+    got: list[int] = []
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
+        events = run.source("q", reader)
+        asyncio.get_running_loop().call_later(0.05, run.stop)
+
+        async def consume() -> None:
+            while (event := await anext(events, None)) is not None:
+                got.append(event.value)
+
+        await asyncio.wait_for(consume(), 2)
+    assert got == [1]
