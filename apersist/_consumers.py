@@ -34,6 +34,21 @@ _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 # Jumps that close a loop (not the jump of an await's own send loop).
 _LOOP_JUMPS = {"JUMP_BACKWARD", "JUMP_ABSOLUTE"}
 
+async def _one() -> Any:
+    yield None
+
+
+def _step_types() -> tuple[type, ...]:
+    """The types of an async generator's steps: ``anext(gen)`` and ``gen.athrow(...)``."""
+    agen = _one()
+    steps = (agen.__anext__(), agen.aclose())
+    for step in steps:
+        step.close()
+    return tuple({type(step) for step in steps})
+
+
+_STEP_TYPES = _step_types()
+
 #: The last step of ``awaits_of`` where it could not follow the chain any further.
 UNSEEN = object()
 
@@ -118,7 +133,9 @@ def awaits_of(awaitable: Any) -> Iterator[Any]:
             if any(asyncio.isfuture(r) for r in referents):
                 return
             awaitable = next((r for r in referents if inspect.iscoroutine(r)
-                              or inspect.isgenerator(r) or inspect.isasyncgen(r)), None)
+                              or inspect.isgenerator(r) or inspect.isasyncgen(r)
+                              # anext(it, default) refers to the step, not the generator
+                              or type(r) in _STEP_TYPES), None)
             if awaitable is None:
                 yield UNSEEN  # the chain goes on below something it cannot see through
                 return
