@@ -335,3 +335,54 @@ async def test_review_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path:
 
         await asyncio.wait_for(consume(), 2)
     assert got == [1]
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 9: the consumer's frame is noted once per task (when the task first takes
+# an event). A helper that reads a prefix of the source (a header, events up to a marker)
+# and returns or raises, its caller then looping over the same iterator in the same task,
+# leaves the note on the helper's finished frame: the check judges the caller's loop by
+# the helper ("left by a break or a return" on main; "by an exception" if the helper
+# raised, as after a bad header the caller skips) and commits each event its caller holds
+# without its state.
+@pytest.mark.parametrize("helper_ends", ["return", "raise"])
+async def test_review_helper_reads_a_prefix_then_the_caller_loops(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, helper_ends: str) -> None:
+    caplog.set_level(logging.WARNING, "apersist")
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
+        t = await run.table("t")
+        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
+
+        async def commit_from_elsewhere() -> None:
+            await run.stream("other").record(0)
+            started = time.perf_counter()
+            await run.commit()
+            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+
+        async def skip_header(it: AsyncIterator[apersist.Event]) -> None:
+            async for event in it:
+                if event.value["i"] == 0:  # the header
+                    if helper_ends == "raise":
+                        raise ValueError("a header this service does not know")
+                    break
+
+        events = run.source("s", _numbers)
+        try:
+            await skip_header(events)
+        except ValueError:
+            pass  # go on without it
+        committer: asyncio.Task[None] | None = None
+        async for event in events:
+            i = event.value["i"]
+            if i == 1:
+                committer = asyncio.create_task(commit_from_elsewhere())
+                await asyncio.sleep(0.4)  # the body works on event 1
+                t[str(i)] = "done"
+            if i == 2:
+                break
+        assert committer is not None
+        await committer
+        took, (stored, table) = committed[0]
+        assert not (1 in stored and "1" not in table), (stored, table)
+        assert took >= 0.3, took
+        del events
