@@ -153,6 +153,19 @@ def _returns_at(code: CodeType) -> frozenset[int]:
                      if ins.opname in ("RETURN_VALUE", "RETURN_CONST"))
 
 
+def _holds(frame: FrameType, source: FrameType) -> bool:
+    return any(getattr(value, "ag_frame", None) is source for value in frame.f_locals.values())
+
+
+def _looped_over_elsewhere(frames: list[FrameType], spot: FrameType, source: FrameType) -> bool:
+    """Whether another frame of the task, inside a loop of its own, holds the source: the
+    task's consumer is noted once, and a function that read a first part of the source (a
+    header) may have returned or raised, or broken out of its loop, leaving its caller to
+    loop over the rest in the same task."""
+    return any(f is not spot and _holds(f, source) and _loop_around(f.f_code, f.f_lasti)
+               is not None for f in frames)
+
+
 def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> str | None:
     """How the consumer left its loop over the source (``"by a break or a return"``, ``"by
     an exception"``), or None while it may still be in it, or be working on its event
@@ -169,6 +182,8 @@ def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> 
     at = next((index for index, f in enumerate(frames) if f is frame), None)
     if at is None and UNSEEN in steps:
         return None  # maybe below where the walk stopped: cannot tell
+    if (at is None or not inside) and _looped_over_elsewhere(frames, frame, source):
+        return None
     if at is None and frame.f_code.co_flags & inspect.CO_COROUTINE:
         # A coroutine's frame off its task's chain of awaits has returned or raised (an
         # async generator's frame is off it between its steps: judged by where it stands).
@@ -181,6 +196,6 @@ def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> 
         return None
     for callee in frames[at + 1:] if at is not None else ():
         # The loop was handed on to a function it called, which holds the source.
-        if any(getattr(value, "ag_frame", None) is source for value in callee.f_locals.values()):
+        if _holds(callee, source):
             return None
     return "by a break or a return"
