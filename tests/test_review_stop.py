@@ -386,3 +386,47 @@ async def test_review_helper_reads_a_prefix_then_the_caller_loops(
         assert not (1 in stored and "1" not in table), (stored, table)
         assert took >= 0.3, took
         del events
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 10: docs/api.md endorses calling `source()` again in the same run ("a
+# service that catches its reader's connection error and starts over"), i.e. a loop around
+# the source. After `run.stop()` every new call ends at once, without ever awaiting: the
+# service's loop spins and never yields to the event loop, so nothing else runs: not the
+# final commit, not the second signal (which cannot cancel it): only SIGKILL ends it.
+# (The loop should check `run.stopping`, but a stop should not turn a missing check into
+# a hung process.)
+async def test_review_a_reconnect_loop_after_the_stop_starves_the_event_loop(
+        tmp_path: Path) -> None:
+    async def reader(offset: Any) -> AsyncIterator[Any]:
+        yield 1, 1
+        await asyncio.sleep(0.01)
+        raise ConnectionError("the broker went away")
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
+        ticking = asyncio.create_task(ticker())
+        asyncio.get_running_loop().call_later(0.05, run.stop)
+        spins = 0
+        while True:  # the reconnect pattern; without a `run.stopping` check
+            try:
+                async for _ in run.source("q", reader):
+                    pass
+            except ConnectionError:
+                await asyncio.sleep(0.001)
+            if run.stopping:
+                spins += 1
+                if spins == 1:
+                    ticks_at_stop = ticks
+                if spins == 1000:  # stands for "forever"
+                    break
+        ticking.cancel()
+    # The rest of the program got to run while the loop spun.
+    assert ticks > ticks_at_stop
