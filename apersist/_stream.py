@@ -445,6 +445,12 @@ class Stream:
         try:
             generation, skip = self._take_over()
             life = self._life
+            if life.stopping:
+                # Called after run.stop(): ends at once, but once through the event loop,
+                # so that a loop around the source that misses `run.stopping` (a reconnect
+                # loop) slows to the loop's pace instead of starving it.
+                await yield_to_loop()
+                return
             seen = 0
             async for events in self._replay_slices():
                 if life.stopping:  # run.stop(): a slice is at most a millisecond of the loop's
@@ -594,6 +600,9 @@ class Stream:
         try:
             generation, skip = self._take_over()
             life = self._life
+            if life.stopping:  # called after run.stop(): see _source
+                await yield_to_loop()
+                return
             seen = 0
             clock = time.perf_counter_ns
             yielded = clock()
