@@ -430,3 +430,52 @@ async def test_review_a_reconnect_loop_after_the_stop_starves_the_event_loop(
         ticking.cancel()
     # The rest of the program got to run while the loop spun.
     assert ticks > ticks_at_stop
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 11: `stop_on_signals` handles signals only while the block runs: the
+# handlers are restored before the final commit, so a SIGTERM that comes during it (the
+# deploy arrives as a batch ends; the first signal's own stop left a large buffer to
+# upload) takes the default action: the process dies mid-commit, the final commit lost,
+# with no cleanup. The first signal there should let the commit finish (a second one
+# cancels, as documented).
+_SIGTERM_IN_FINAL_COMMIT = r'''
+import asyncio, os, signal, sys, tempfile
+import apersist
+from apersist._drivers import open_driver
+
+class SlowFinalUpload:
+    def __init__(self, inner):
+        self.inner, self.name, self.final = inner, inner.name, False
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+    async def put_then_create(self, puts, key, data):
+        if self.final:  # the final commit
+            self.final = False
+            os.kill(os.getpid(), signal.SIGTERM)  # the deploy's SIGTERM comes now
+            await asyncio.sleep(0.2)  # an upload takes a moment
+        await self.inner.put_then_create(puts, key, data)
+
+async def main():
+    config = apersist.Config(apersist.Backend.filesystem(tempfile.mkdtemp()))
+    driver = SlowFinalUpload(open_driver(config.backend, config))
+    async with apersist.run(config, driver=driver, stop_on_signals=True) as run:
+        await run.stream("s").record_many(list(range(100)))
+        driver.final = True
+    await driver.inner.aclose()
+    replay = apersist.Config(config.backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(replay) as run:
+        print(len([e async for e in run.stream("s").replay()]), flush=True)
+
+asyncio.run(main())
+'''
+
+
+def test_review_sigterm_during_the_final_commit() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SIGTERM_IN_FINAL_COMMIT],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr.decode()[-2000:])
+    assert out.stdout.decode().strip() == "100"
