@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -325,45 +326,45 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         token = current_cache.set(cache if policy.cache_use else None)
         raised: BaseException | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                the_run._spawn = tg.start_soon
-                if scheduler is not None:
-                    tg.start_soon(scheduler.run, name="apersist-scheduler")
-                    maintainer = the_run._maintainer = Maintainer(
-                        store, scheduler, max_segment_bytes=config.max_segment_bytes,
-                        retention_of=the_run._retention_of, clock_ms=clock,
-                        cache=cache if policy.cache_persist else None)
-                    tg.start_soon(maintainer.run, name="apersist-maintenance")
-                try:
-                    if stop_on_signals:
-                        with handling_signals(the_run._life, asyncio.current_task()):
-                            yield the_run
-                    else:
+            # Signals are handled until the final commit is done, not only while the block
+            # runs: a first signal during that commit lets it finish.
+            with (handling_signals(the_run._life, asyncio.current_task()) if stop_on_signals
+                  else contextlib.nullcontext()):
+                async with anyio.create_task_group() as tg:
+                    the_run._spawn = tg.start_soon
+                    if scheduler is not None:
+                        tg.start_soon(scheduler.run, name="apersist-scheduler")
+                        maintainer = the_run._maintainer = Maintainer(
+                            store, scheduler, max_segment_bytes=config.max_segment_bytes,
+                            retention_of=the_run._retention_of, clock_ms=clock,
+                            cache=cache if policy.cache_persist else None)
+                        tg.start_soon(maintainer.run, name="apersist-maintenance")
+                    try:
                         yield the_run
-                except Exception as body_exc:
-                    # Leaving by an exception still commits what was recorded; the
-                    # user's exception stays the one raised, except that a fenced run
-                    # always says so (with the user's exception as its context).
-                    raised = body_exc
-                    if scheduler is not None:
-                        try:
-                            await scheduler.finish(by_exception=True)
-                        except FencedError:
-                            raise
-                        except PersistenceError as exc:
-                            logger.error("final commit failed while leaving by an "
-                                         "exception: %s", exc)
-                    raise
-                else:
-                    if scheduler is not None:
-                        await scheduler.finish(by_exception=False)
-                    if the_run._maintainer is not None:
-                        await the_run._maintainer.at_end()
-                finally:
-                    the_run._life.ended = True
-                    if scheduler is not None:
-                        scheduler.close()
-                    tg.cancel_scope.cancel()
+                    except Exception as body_exc:
+                        # Leaving by an exception still commits what was recorded; the
+                        # user's exception stays the one raised, except that a fenced run
+                        # always says so (with the user's exception as its context).
+                        raised = body_exc
+                        if scheduler is not None:
+                            try:
+                                await scheduler.finish(by_exception=True)
+                            except FencedError:
+                                raise
+                            except PersistenceError as exc:
+                                logger.error("final commit failed while leaving by an "
+                                             "exception: %s", exc)
+                        raise
+                    else:
+                        if scheduler is not None:
+                            await scheduler.finish(by_exception=False)
+                        if the_run._maintainer is not None:
+                            await the_run._maintainer.at_end()
+                    finally:
+                        the_run._life.ended = True
+                        if scheduler is not None:
+                            scheduler.close()
+                        tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The task group wraps the body's own exception: hand back that very object
             # (even when it is itself a group), with its cause and context as they were.
