@@ -247,7 +247,8 @@ def run(config: Config, *, stop_on_signals: bool = False,
     ``stop_on_signals=True``: while the block runs, the first ``SIGTERM`` or ``SIGINT``
     calls ``run.stop()`` (sources end after the event in hand, the block goes on and
     leaves normally, with its final commit); a second one cancels the task that entered
-    the block, as the signal would without it. Needs the main thread's event loop, on a
+    the block, as the signal would without it. Signals are handled until the final commit is
+    done; runs open at the same time share the handlers. Needs the main thread's event loop, on a
     Unix system (``RuntimeError`` on entry otherwise).
     ``clock_ms`` (milliseconds since the epoch) is injectable for tests; each reading must
     be an ``int`` in [0, 2**63) (``TypeError``/``ValueError`` at the call that read it,
