@@ -479,3 +479,42 @@ def test_review_sigterm_during_the_final_commit() -> None:
                          capture_output=True, timeout=60)
     assert out.returncode == 0, (out.returncode, out.stderr.decode()[-2000:])
     assert out.stdout.decode().strip() == "100"
+
+
+# --------------------------------------------------------------------------------------
+# REVIEW DEFECT 12: the same hand-over by an async generator: a wrapper that breaks out of
+# its loop over the source and then yields the event (the latest one up to a marker, say)
+# is suspended at that `yield`, outside its loop: judged "left by a break or a return"
+# while its consumer works on the event it was just given.
+async def test_review_async_generator_yields_the_event_after_its_loop(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "apersist")
+    async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
+        t = await run.table("t")
+        kept = [run.source("s", _numbers)]  # the source, referenced
+        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
+
+        async def commit_from_elsewhere() -> None:
+            await run.stream("other").record(0)
+            started = time.perf_counter()
+            await run.commit()
+            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+
+        async def up_to_marker(it: AsyncIterator[apersist.Event]) -> AsyncIterator[apersist.Event]:
+            last = None
+            async for event in it:
+                last = event
+                if event.value["i"] == 1:  # the marker
+                    break
+            assert last is not None
+            yield last
+
+        async for event in up_to_marker(kept[0]):
+            committer = asyncio.create_task(commit_from_elsewhere())
+            await asyncio.sleep(0.4)  # works on event 1
+            t[str(event.value["i"])] = "done"
+        await committer
+        took, (stored, table) = committed[0]
+        assert not (1 in stored and "1" not in table), (stored, table)
+        assert took >= 0.3, took
+        del kept
