@@ -31,6 +31,7 @@ from typing import Any
 __all__ = ["ConsumerSpot", "awaits_of", "consumer_left", "spot_consumer"]
 
 _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_YIELD_VALUE = dis.opmap["YIELD_VALUE"]
 # Jumps that close a loop (not the jump of an await's own send loop).
 _LOOP_JUMPS = {"JUMP_BACKWARD", "JUMP_ABSOLUTE"}
 
@@ -193,6 +194,10 @@ def consumer_left(spot: ConsumerSpot | None, task: asyncio.Task[Any] | None) -> 
         # maybe with the event, to a caller who works on it.
         return None
     if inside:
+        return None
+    if at is None and frame.f_lasti >= 0 and frame.f_code.co_code[frame.f_lasti] == _YIELD_VALUE:
+        # An async generator between its steps, suspended at a `yield` after its loop (a
+        # `break`, then `yield event`): maybe handing the event to its consumer.
         return None
     for callee in frames[at + 1:] if at is not None else ():
         # The loop was handed on to a function it called, which holds the source.
