@@ -89,7 +89,7 @@ def _loop_around(code: CodeType, offset: int) -> tuple[int, int] | None:
             best = (start, end)
     if best is None:
         return None
-    entries = dis.Bytecode(code).exception_entries
+    entries = dis.Bytecode(code).exception_entries  # type: ignore[attr-defined]  # typeshed lacks it
     # The stack depth inside the loop: that of the handler around the await of the next
     # item (END_ASYNC_FOR's, which keeps the iterator), else none is needed.
     base = max((e.depth for e in entries if e.start <= offset < e.end), default=0)
