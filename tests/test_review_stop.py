@@ -200,7 +200,8 @@ async def test_review_stop_cancel_swallowed_by_wait_for_in_the_reader(tmp_path: 
 # reader at whatever it awaits, also after it has taken an item from a queue that cannot
 # seek (a reader that enriches, decodes or acknowledges before it yields): the item is
 # neither delivered nor left in the queue, nor in the store. It is lost for good.
-@pytest.mark.xfail(strict=True, reason="REVIEW: unfixed on this branch (see the report)")
+@pytest.mark.xfail(strict=True, reason="REVIEW: by design, documented in api.md (run.stop: "
+                   "a reader must keep what it took when cancelled); kept as a record")
 async def test_review_stop_drops_an_item_the_reader_holds(tmp_path: Path) -> None:
     backend = apersist.Backend.filesystem(tmp_path)
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -255,10 +256,11 @@ async def test_review_stop_cuts_a_readers_cleanup_short(tmp_path: Path) -> None:
 # REVIEW DEFECT 7: two runs with `stop_on_signals` in one process (a service with two
 # stores; a run nested in another, or two tasks' runs overlapping). The loop keeps one
 # handler per signal: the second run's replaces the first's, and the first run to leave
-# its block removes the loop's handler (whoever installed it), then puts back the Python
-# handler it saw. Nested: once the inner run ends, SIGTERM and SIGINT are ignored for good
-# (the outer run never stops, Ctrl-C does nothing). Overlapping: when the first run ends,
-# SIGTERM kills the process with the default action while the second run is still open.
+# its block removes the loop's handler (whoever installed it), then puts back the handler
+# it saw. Nested (fails at a6307b6, passes since main's 40f37bd, which puts back the loop
+# handler it replaced): once the inner run ended, SIGTERM and SIGINT were ignored for good.
+# Overlapping (fails on main 9b15bd8): when the first run ends it removes the second run's
+# handler, and the second run never stops on SIGTERM.
 _TWO_RUNS = r'''
 import asyncio, os, signal, sys, tempfile
 import apersist
