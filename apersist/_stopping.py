@@ -66,14 +66,16 @@ def request_stop(life: Lifecycle) -> None:
         current = asyncio.current_task()
     except RuntimeError:  # no running loop: nothing to wake
         return
+    waiting: dict[int, AsyncIterator[Any]] = {}
     for source in list(life.sources):
         waiting_on = getattr(source, "ag_await", None)  # typeshed lacks ag_await
         if waiting_on is None:  # not started, suspended at its yield, or finished
             continue
         if getattr(waiting_on, "cr_code", None) in _HOLDS_AN_ITEM:
             continue
-        task = _task_awaiting(source)
-        if task is None or task is current or task.done() or task in life.stop_cancelled:
+        waiting[id(source)] = source
+    for task in _tasks_awaiting(waiting):
+        if task is current or task.done() or task in life.stop_cancelled:
             continue
         life.stop_cancelled.add(task)
         task.cancel(_STOP_MESSAGE)
@@ -106,13 +108,16 @@ def settle_stop_cancel(life: Lifecycle) -> None:
             task.uncancel()
 
 
-def _task_awaiting(source: AsyncIterator[Any]) -> asyncio.Task[Any] | None:
-    """The task whose chain of awaits runs through ``source``, if any (once per stop, so
-    its cost does not matter)."""
+def _tasks_awaiting(sources: dict[int, AsyncIterator[Any]]) -> list[asyncio.Task[Any]]:
+    """The tasks whose chains of awaits run through one of ``sources`` (by ``id``): one
+    walk of each task's chain, whatever the number of sources."""
+    found: list[asyncio.Task[Any]] = []
+    if not sources:
+        return found
     for task in asyncio.all_tasks():
-        if any(step is source for step in awaits_of(task.get_coro())):
-            return task
-    return None
+        if any(sources.get(id(step)) is step for step in awaits_of(task.get_coro())):
+            found.append(task)
+    return found
 
 
 # The runs in their blocks with ``stop_on_signals`` (the loop has one handler per signal,
