@@ -1,5 +1,7 @@
-"""REVIEW (hostile review of graceful stop and left sources, branch `review`): each test
-here shows a defect found in review; it fails on main at a6307b6 unless marked as fixed."""
+"""The edges of graceful stop and of left sources, found by a hostile review: each test
+here failed before its fix (commits 1f62634 to 50de4eb), except the one marked xfail, a
+limitation that docs/api.md states (a reader that holds an item it took loses it when
+run.stop() wakes it)."""
 
 from __future__ import annotations
 
@@ -35,10 +37,10 @@ async def _stored(root: Path) -> tuple[list[int], dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 1: a `continue` in the loop body makes the left-consumer check see a body
+# Edge 1, found in review: a `continue` in the loop body makes the left-consumer check see a body
 # that is still working as "left by a break or a return": the held event is committed
 # without the state its body writes after the `continue` branch.
-async def test_review_continue_in_body_is_not_a_left_loop(
+async def test_continue_in_body_is_not_a_left_loop(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
@@ -72,7 +74,7 @@ async def test_review_continue_in_body_is_not_a_left_loop(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 2: a consumer coroutine awaited through an awaitable object (a class whose
+# Edge 2, found in review: a consumer coroutine awaited through an awaitable object (a class whose
 # ``__await__`` returns ``coro.__await__()``: tracing, retry or timing wrappers do this)
 # is off the chain that ``awaits_of`` can walk (a ``coroutine_wrapper`` stops it), so the
 # check takes the running body for a frame that "returned or raised": left "by an
@@ -85,7 +87,7 @@ class _Traced:
         return self.coro.__await__()
 
 
-async def test_review_consumer_awaited_through_an_awaitable_object(
+async def test_consumer_awaited_through_an_awaitable_object(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
@@ -117,12 +119,12 @@ async def test_review_consumer_awaited_through_an_awaitable_object(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 3: a helper that finds the next event it wants (`break` out of its loop,
+# Edge 3, found in review: a helper that finds the next event it wants (`break` out of its loop,
 # then `return event`) hands the event to its caller, just as a `return event` from inside
 # the loop does (which the check already treats as "maybe with the event"): but a return
 # from after the loop is judged "left by a break or a return", and the event is committed
 # while the caller still works on it.
-async def test_review_break_then_return_the_event_to_the_caller(
+async def test_break_then_return_the_event_to_the_caller(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
@@ -158,13 +160,13 @@ async def test_review_break_then_return_the_event_to_the_caller(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 4: the stop's cancellation can be swallowed before it reaches the source:
+# Edge 4, found in review: the stop's cancellation can be swallowed before it reaches the source:
 # Python 3.11's `asyncio.wait_for` returns the inner result when the cancellation races
 # its completion (a reader polling with a timeout, an item arriving in the same loop step
 # as the stop). The source never takes the cancellation back: the consumer task is left
 # with `cancelling() == 1` for good (and in `Lifecycle.stop_cancelled`), so the barrier
 # takes it for an interrupted task from then on.
-async def test_review_stop_cancel_swallowed_by_wait_for_in_the_reader(tmp_path: Path) -> None:
+async def test_stop_cancel_swallowed_by_wait_for_in_the_reader(tmp_path: Path) -> None:
     backend = apersist.Backend.filesystem(tmp_path)
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -195,14 +197,14 @@ async def test_review_stop_cancel_swallowed_by_wait_for_in_the_reader(tmp_path: 
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 5: "a source waiting for its reader (a queue with nothing in it) stops
+# Edge 5, found in review: "a source waiting for its reader (a queue with nothing in it) stops
 # waiting ... nothing else is cancelled" (docs/api.md, run.stop). The stop cancels the
 # reader at whatever it awaits, also after it has taken an item from a queue that cannot
 # seek (a reader that enriches, decodes or acknowledges before it yields): the item is
 # neither delivered nor left in the queue, nor in the store. It is lost for good.
-@pytest.mark.xfail(strict=True, reason="REVIEW: by design, documented in api.md (run.stop: "
+@pytest.mark.xfail(strict=True, reason="by design, documented in api.md (run.stop: "
                    "a reader must keep what it took when cancelled); kept as a record")
-async def test_review_stop_drops_an_item_the_reader_holds(tmp_path: Path) -> None:
+async def test_stop_drops_an_item_the_reader_holds(tmp_path: Path) -> None:
     backend = apersist.Backend.filesystem(tmp_path)
     queue: asyncio.Queue[Any] = asyncio.Queue()
     taken: list[int] = []
@@ -225,12 +227,12 @@ async def test_review_stop_drops_an_item_the_reader_holds(tmp_path: Path) -> Non
     assert seen == [1] or queue.qsize() == 1, (seen, queue.qsize())
 
 
-# REVIEW DEFECT 6: the stop also cancels a reader's own cleanup. A consumer closes its
+# Edge 6, found in review: the stop also cancels a reader's own cleanup. A consumer closes its
 # source (`aclosing`, a `break`) while the stop comes: the source awaits the reader's
 # `aclose()`, which counts as "waiting for its reader"; the cancellation lands in the
 # reader's `finally` (closing a connection, acknowledging what it handed over), and the
 # source takes it back: the cleanup is cut short, and nobody hears of it.
-async def test_review_stop_cuts_a_readers_cleanup_short(tmp_path: Path) -> None:
+async def test_stop_cuts_a_readers_cleanup_short(tmp_path: Path) -> None:
     backend = apersist.Backend.filesystem(tmp_path)
     cleaned: list[str] = []
 
@@ -253,7 +255,7 @@ async def test_review_stop_cuts_a_readers_cleanup_short(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 7: two runs with `stop_on_signals` in one process (a service with two
+# Edge 7, found in review: two runs with `stop_on_signals` in one process (a service with two
 # stores; a run nested in another, or two tasks' runs overlapping). The loop keeps one
 # handler per signal: the second run's replaces the first's, and the first run to leave
 # its block removes the loop's handler (whoever installed it), then puts back the handler
@@ -301,7 +303,7 @@ asyncio.run(main(sys.argv[1]))
 
 
 @pytest.mark.parametrize("mode", ["nested", "overlapping"])
-def test_review_two_runs_with_stop_on_signals(mode: str) -> None:
+def test_two_runs_with_stop_on_signals(mode: str) -> None:
     import subprocess
     import sys
 
@@ -313,12 +315,12 @@ def test_review_two_runs_with_stop_on_signals(mode: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 8: a consumer that takes events with `anext(events, None)` (the builtin's
+# Edge 8, found in review: a consumer that takes events with `anext(events, None)` (the builtin's
 # default form) is never woken by `run.stop()` while its reader waits: `anext` with a
 # default awaits an `anext_awaitable`, which refers to the source's step but not to the
 # source, so the walk of awaits never finds the task. The stop then hangs until an item
 # comes (a deploy's grace period runs out: SIGKILL).
-async def test_review_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path: Path) -> None:
+async def test_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path: Path) -> None:
     queue: asyncio.Queue[Any] = asyncio.Queue()
     queue.put_nowait(1)
 
@@ -340,7 +342,7 @@ async def test_review_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path:
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 9: the consumer's frame is noted once per task (when the task first takes
+# Edge 9, found in review: the consumer's frame is noted once per task (when the task first takes
 # an event). A helper that reads a prefix of the source (a header, events up to a marker)
 # and returns or raises, its caller then looping over the same iterator in the same task,
 # leaves the note on the helper's finished frame: the check judges the caller's loop by
@@ -348,7 +350,7 @@ async def test_review_stop_wakes_a_consumer_using_anext_with_a_default(tmp_path:
 # raised, as after a bad header the caller skips) and commits each event its caller holds
 # without its state.
 @pytest.mark.parametrize("helper_ends", ["return", "raise"])
-async def test_review_helper_reads_a_prefix_then_the_caller_loops(
+async def test_helper_reads_a_prefix_then_the_caller_loops(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, helper_ends: str) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
@@ -389,14 +391,14 @@ async def test_review_helper_reads_a_prefix_then_the_caller_loops(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 10: docs/api.md endorses calling `source()` again in the same run ("a
+# Edge 10, found in review: docs/api.md endorses calling `source()` again in the same run ("a
 # service that catches its reader's connection error and starts over"), i.e. a loop around
 # the source. After `run.stop()` every new call ends at once, without ever awaiting: the
 # service's loop spins and never yields to the event loop, so nothing else runs: not the
 # final commit, not the second signal (which cannot cancel it): only SIGKILL ends it.
 # (The loop should check `run.stopping`, but a stop should not turn a missing check into
 # a hung process.)
-async def test_review_a_reconnect_loop_after_the_stop_starves_the_event_loop(
+async def test_a_reconnect_loop_after_the_stop_starves_the_event_loop(
         tmp_path: Path) -> None:
     async def reader(offset: Any) -> AsyncIterator[Any]:
         yield 1, 1
@@ -433,7 +435,7 @@ async def test_review_a_reconnect_loop_after_the_stop_starves_the_event_loop(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 11: `stop_on_signals` handles signals only while the block runs: the
+# Edge 11, found in review: `stop_on_signals` handles signals only while the block runs: the
 # handlers are restored before the final commit, so a SIGTERM that comes during it (the
 # deploy arrives as a batch ends; the first signal's own stop left a large buffer to
 # upload) takes the default action: the process dies mid-commit, the final commit lost,
@@ -471,7 +473,7 @@ asyncio.run(main())
 '''
 
 
-def test_review_sigterm_during_the_final_commit() -> None:
+def test_sigterm_during_the_final_commit() -> None:
     import subprocess
     import sys
 
@@ -482,11 +484,11 @@ def test_review_sigterm_during_the_final_commit() -> None:
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 12: the same hand-over by an async generator: a wrapper that breaks out of
+# Edge 12, found in review: the same hand-over by an async generator: a wrapper that breaks out of
 # its loop over the source and then yields the event (the latest one up to a marker, say)
 # is suspended at that `yield`, outside its loop: judged "left by a break or a return"
 # while its consumer works on the event it was just given.
-async def test_review_async_generator_yields_the_event_after_its_loop(
+async def test_async_generator_yields_the_event_after_its_loop(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
@@ -521,12 +523,12 @@ async def test_review_async_generator_yields_the_event_after_its_loop(
 
 
 # --------------------------------------------------------------------------------------
-# REVIEW DEFECT 13: `run.stop()` finds the task awaiting each waiting source by walking
+# Edge 13, found in review: `run.stop()` finds the task awaiting each waiting source by walking
 # every task's chain of awaits, once per source: sources x tasks walks, all on the event
 # loop ("once per stop, so its cost does not matter"). A service with 100 sources and
 # 10,000 other tasks (connections, timers) blocks its loop for seconds at the stop (3.8 s
 # measured for 200 x 10,200): heartbeats, health checks and leases miss their deadlines.
-async def test_review_stop_cost_with_many_tasks_and_sources(tmp_path: Path) -> None:
+async def test_stop_cost_with_many_tasks_and_sources(tmp_path: Path) -> None:
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         idle = [asyncio.create_task(asyncio.sleep(100)) for _ in range(10_000)]
 
