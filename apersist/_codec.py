@@ -35,7 +35,11 @@ _dumps = orjson.dumps
 _Decoder = Callable[[Any], Any]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Frozen, without slots: ``Codec[Money](...)`` sets ``__orig_class__``, and the __setattr__
+# of a frozen dataclass with slots fails on that with a TypeError on Python 3.11 (its
+# ``super()`` points at the class before slots were added), where a FrozenInstanceError
+# (an AttributeError, which typing ignores) is what should come.
+@dataclasses.dataclass(frozen=True)
 class Codec(Generic[T]):
     """How to store values of a type apersist does not know: ``encode`` turns a value into
     something ``orjson`` can serialize (dicts, lists, str, int, float, bool, None), and
@@ -321,9 +325,11 @@ def _dataclass_decoder(cls: type, memo: dict[type, list[_Decoder | None]]) -> _D
     cell: list[_Decoder | None] = [None]
     memo[cls] = cell
     try:
-        hints = typing.get_type_hints(cls)
+        # The class's own name resolves too: a class defined in a function may name itself.
+        hints = typing.get_type_hints(cls, localns={cls.__name__: cls})
     except Exception as exc:
-        raise TypeError(f"apersist cannot read the annotations of {_name(cls)}: {exc}") from exc
+        raise TypeError(f"apersist cannot read the annotations of {_name(cls)} (define the "
+                        f"types it names at module level): {exc}") from exc
     fields = dataclasses.fields(cls)
     dropped = frozenset(f.name for f in fields if not f.init)  # orjson writes them; __init__ sets them
     convert = [(f.name, d) for f in fields if f.init
