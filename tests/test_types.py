@@ -253,7 +253,7 @@ async def test_a_value_of_another_type_is_refused_at_the_call() -> None:
         stream = run.stream("s", type=Leg)
         with pytest.raises(TypeError, match=r"stream 's'.*expected a value of type Leg: got=dict"):
             await stream.record({"venue": "v"})  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match=r"stream 's'.*expected a value of type Leg: got=dict"):
+        with pytest.raises(TypeError, match=r"for stream 's': expected a value of type Leg: got=dict"):
             await stream.record({"venue": "v"}, offset=3)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"stream 's' \(batch index 1\): expected a value of "
                                             r"type Leg: got=str"):
@@ -346,6 +346,10 @@ async def test_nan_in_a_typed_value_is_refused() -> None:
             await run.stream("s", type=Reading).record(Reading(math.nan))
         with pytest.raises(TypeError, match=r"table 't'.*NaN and infinity"):
             (await run.table("t", type=Reading))["k"] = Reading(math.inf)
+        with pytest.raises(TypeError, match=r"stream 'q'.*NaN and infinity"):
+            await run.stream("q", type=Quote).record(Quote(
+                symbol="X", bid=decimal.Decimal(1), at=dt.datetime(2026, 1, 1), ref=uuid.UUID(int=0),
+                weight=math.nan))
 
 
 async def test_a_type_that_refers_to_itself() -> None:
@@ -373,6 +377,7 @@ class Quote(pydantic.BaseModel):
     bid: decimal.Decimal
     at: dt.datetime
     ref: uuid.UUID
+    weight: float = 1.0
 
 
 async def test_pydantic_models() -> None:
