@@ -245,11 +245,16 @@ def _decoder(tp: Any, what: str, memo: dict[type, list[_Decoder | None]]) -> _De
     ``what`` names ``tp`` in the ``TypeError`` for a type this cannot decode; ``memo``
     holds the dataclasses being built, for types that refer to themselves.
     """
-    if tp in _IDENTITY:
-        return None
-    scalar = _SCALARS.get(tp)
-    if scalar is not None:
-        return scalar
+    try:
+        hash(tp)
+    except TypeError:  # an annotation with unhashable metadata: looked at by its origin
+        pass
+    else:
+        if tp in _IDENTITY:
+            return None
+        scalar = _SCALARS.get(tp)
+        if scalar is not None:
+            return scalar
     if isinstance(tp, type):
         if issubclass(tp, enum.Enum):
             return tp

@@ -14,7 +14,7 @@ import enum
 import math
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, assert_type
+from typing import Annotated, Any, NewType, assert_type
 
 import msgspec
 import pydantic
@@ -24,6 +24,7 @@ import apersist
 from apersist import Batch, Event, Stream, Table
 
 UTC = dt.UTC
+Cents = NewType("Cents", decimal.Decimal)
 
 
 class Side(enum.Enum):
@@ -473,3 +474,21 @@ async def test_untyped_streams_are_typed_any() -> None:
         assert_type(stream, Stream[Any])
         assert_type(await run.table("plain"), Table[Any])
         await stream.record({"anything": [1, "json"]})
+
+
+def test_annotated_fields_and_new_types_decode_by_what_they_wrap() -> None:
+    from apersist._codec import value_codec
+
+    @dataclasses.dataclass
+    class Priced:
+        amount: Annotated[decimal.Decimal, {"unit": "usd"}]
+        fee: Cents
+        when: Annotated[dt.date | None, "optional"] = None
+
+    codec = value_codec(Priced, None)
+    assert codec is not None
+    assert codec.decode is not None
+    stored = codec.dumps(Priced(decimal.Decimal("1.50"), Cents(decimal.Decimal("0.01")), dt.date(2026, 1, 2)))
+    assert stored == b'{"amount":"1.50","fee":"0.01","when":"2026-01-02"}'
+    assert codec.decode({"amount": "1.50", "fee": "0.01", "when": "2026-01-02"}) == Priced(
+        decimal.Decimal("1.50"), Cents(decimal.Decimal("0.01")), dt.date(2026, 1, 2))
