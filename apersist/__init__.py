@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ._cache import cached
+from ._codec import Codec
 from ._config import (
     AwsS3Settings,
     Backend,
@@ -45,6 +46,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "Batch",
+    "Codec",
     "CommitInfo",
     "Config",
     "CorruptDataError",

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
 
 from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
+from ._codec import Codec, value_codec
 from ._concurrency import unwrap_group
 from ._config import Config, Retention, describe_backend
 from ._drivers import Driver, open_driver
@@ -30,12 +32,16 @@ from ._scheduler import CommitInfo, Scheduler
 from ._stopping import handling_signals, register_source, request_stop
 from ._store import Store
 from ._stream import Batch, Event, Stream, wall_clock_ms
-from ._table import Table, load_table_state
+from ._table import Table, decode_table_state, load_table_state
 from ._values import check_name, checked_clock
 
 __all__ = ["Run", "run"]
 
 logger = logging.getLogger("apersist")
+
+T = TypeVar("T")
+# The builtin, for the methods whose parameter ``type`` hides it.
+_Type = builtins.type
 
 
 class Run:
@@ -52,8 +58,8 @@ class Run:
         self._cache = cache
         self._opened_seq = opened_seq
         self._clock_ms = clock_ms
-        self._streams: dict[str, Stream] = {}
-        self._tables: dict[str, Table] = {}
+        self._streams: dict[str, Stream[Any]] = {}
+        self._tables: dict[str, Table[Any]] = {}
         self._table_lock = anyio.Lock()
         self._life = Lifecycle()
         self._retentions: dict[str, Retention] = {}
@@ -149,14 +155,33 @@ class Run:
     def _retention_of(self, stream: str) -> Retention:
         return self._retentions.get(stream, self._config.retention)
 
-    def stream(self, name: str, *, retention: Retention | None = None) -> Stream:
+    @overload
+    def stream(self, name: str, *, retention: Retention | None = None) -> Stream[Any]: ...
+    @overload
+    def stream(self, name: str, *, type: builtins.type[T],
+               retention: Retention | None = None) -> Stream[T]: ...
+    @overload
+    def stream(self, name: str, *, codec: Codec[T],
+               retention: Retention | None = None) -> Stream[T]: ...
+
+    def stream(self, name: str, *, type: Any = None, codec: Codec[Any] | None = None,
+               retention: Retention | None = None) -> Stream[Any]:
         """The stream called ``name`` (the same object on every call).
 
         ``retention`` bounds the events the store keeps for it (``apersist.Retention``);
         by default the config's ``retention``. Given again, the newest one applies.
+        ``type`` (or ``codec``): its values are stored as JSON and given back as that type,
+        live and replayed alike; the first call that gives one fixes it for the run, and
+        another one later raises ``TypeError`` naming both.
         """
+        stream = self._stream(name, retention)
+        if type is not None or codec is not None:
+            stream._set_codec(type, codec)
+        return stream
+
+    def _stream(self, name: str, retention: Retention | None) -> Stream[Any]:
         # Looked up only once it is a str: check_name gives anything else its ValueError.
-        stream = self._streams.get(name) if type(name) is str else None
+        stream = self._streams.get(name) if _Type(name) is str else None
         if retention is not None:
             if not isinstance(retention, Retention):
                 raise TypeError(f"retention must be an apersist.Retention: "
@@ -172,26 +197,52 @@ class Run:
                 life=self._life, metrics=self._metrics)
         return stream
 
+    @overload
     def source(self, name: str, reader: Callable[[Any], Any], *,
-               retention: Retention | None = None) -> AsyncIterator[Event]:
+               retention: Retention | None = None) -> AsyncIterator[Event[Any]]: ...
+    @overload
+    def source(self, name: str, reader: Callable[[Any], Any], *, type: builtins.type[T],
+               retention: Retention | None = None) -> AsyncIterator[Event[T]]: ...
+    @overload
+    def source(self, name: str, reader: Callable[[Any], Any], *, codec: Codec[T],
+               retention: Retention | None = None) -> AsyncIterator[Event[T]]: ...
+
+    def source(self, name: str, reader: Callable[[Any], Any], *, type: Any = None,
+               codec: Codec[Any] | None = None,
+               retention: Retention | None = None) -> AsyncIterator[Event[Any]]:
         """Replay the stream's committed events, then read and record live ones.
 
         ``reader(offset)`` is called with the stream's last committed offset (``None`` under
         ``UDF_CACHING``) and returns an async iterable of values or ``(value, offset)``
         pairs. With ``continue_after_replay=False`` the iteration ends after the replay.
         ``retention`` is the stream's, as in ``stream()``: with ``Retention(max_events=0)``
-        only the offsets are kept, and the source resumes from them.
+        only the offsets are kept, and the source resumes from them. ``type`` (or
+        ``codec``) is the stream's, as in ``stream()``: live and replayed events hold
+        values of that type.
         """
         if not callable(reader):
-            raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+            raise TypeError(f"reader must be callable: got={_Type(reader).__name__}")
         claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
-        source = self.stream(name, retention=retention)._source(
+        stream = self.stream(name, retention=retention)
+        stream._set_codec(type, codec)
+        source = stream._source(
             reader, self._config.continue_after_replay)
         register_source(self._life, source)  # run.stop() may have to wake it
         return source
 
+    @overload
     def source_batches(self, name: str, reader: Callable[[Any], Any], *,
-                       retention: Retention | None = None) -> AsyncIterator[Batch]:
+                       retention: Retention | None = None) -> AsyncIterator[Batch[Any]]: ...
+    @overload
+    def source_batches(self, name: str, reader: Callable[[Any], Any], *, type: builtins.type[T],
+                       retention: Retention | None = None) -> AsyncIterator[Batch[T]]: ...
+    @overload
+    def source_batches(self, name: str, reader: Callable[[Any], Any], *, codec: Codec[T],
+                       retention: Retention | None = None) -> AsyncIterator[Batch[T]]: ...
+
+    def source_batches(self, name: str, reader: Callable[[Any], Any], *, type: Any = None,
+                       codec: Codec[Any] | None = None,
+                       retention: Retention | None = None) -> AsyncIterator[Batch[Any]]:
         """``source()`` a batch at a time: for readers that get many items at once.
 
         ``reader(offset)`` is called as for ``source()`` and returns an async iterable of
@@ -203,20 +254,37 @@ class Run:
         live event: it is committed with the state derived from it, once the consumer
         asks for the next one. Replayed and live, the events are the same stream's as
         ``source()`` and ``stream().replay()`` see: the two forms may take turns.
+        ``type`` (or ``codec``) is the stream's, as in ``stream()``.
         """
         if not callable(reader):
-            raise TypeError(f"reader must be callable: got={type(reader).__name__}")
+            raise TypeError(f"reader must be callable: got={_Type(reader).__name__}")
         claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
-        source = self.stream(name, retention=retention)._source_batches(
+        stream = self.stream(name, retention=retention)
+        stream._set_codec(type, codec)
+        source = stream._source_batches(
             reader, self._config.continue_after_replay)
         register_source(self._life, source)  # run.stop() may have to wake it
         return source
 
-    async def table(self, name: str) -> Table:
-        """The table called ``name``, rebuilt from its last snapshot plus later deltas."""
+    @overload
+    async def table(self, name: str) -> Table[Any]: ...
+    @overload
+    async def table(self, name: str, *, type: builtins.type[T]) -> Table[T]: ...
+    @overload
+    async def table(self, name: str, *, codec: Codec[T]) -> Table[T]: ...
+
+    async def table(self, name: str, *, type: Any = None,
+                    codec: Codec[Any] | None = None) -> Table[Any]:
+        """The table called ``name``, rebuilt from its last snapshot plus later deltas.
+
+        ``type`` (or ``codec``): its values are stored as JSON and given back as that
+        type, as for ``stream()``; the first call that gives one fixes it for the run.
+        """
         self._life.check("table()")
-        table = self._tables.get(name) if type(name) is str else None
+        table = self._tables.get(name) if _Type(name) is str else None
         if table is not None:
+            if type is not None or codec is not None:
+                await table._set_codec(type, codec)
             return table
         check_name(name, "table")
         async with self._table_lock:
@@ -227,9 +295,15 @@ class Run:
                 if self._policy.tables_load:
                     state, deltas = await load_table_state(self._store, name, self._opened_seq)
                 persist = self._scheduler if self._policy.tables_persist else None
+                resolved = value_codec(type, codec)  # TypeError for a type it cannot store
+                if resolved is not None:
+                    await decode_table_state(state, resolved, f"table {name!r}")
                 table = self._tables[name] = Table(name, state, scheduler=persist,
                                                    life=self._life,
-                                                   deltas_since_snapshot=deltas)
+                                                   deltas_since_snapshot=deltas,
+                                                   codec=resolved)
+            elif type is not None or codec is not None:
+                await table._set_codec(type, codec)
         return table
 
 

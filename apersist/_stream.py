@@ -7,7 +7,7 @@ import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from itertools import islice, repeat
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import anyio
 import orjson
@@ -16,6 +16,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _format as fmt
 from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
+from ._codec import Codec, ValueCodec, value_codec
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
 from ._metrics import NO_METRICS, Metrics
@@ -30,6 +31,8 @@ __all__ = ["Batch", "Event", "Stream", "wall_clock_ms"]
 
 _loads = orjson.loads
 _dumps = orjson.dumps
+_Fragment = orjson.Fragment
+T = TypeVar("T")
 # Replay reads the clock after a slice of events that took this long (its consumer's work
 # included), and makes the next slices smaller: see Stream._replay_slices.
 _SLICE_NS = 250_000
@@ -46,16 +49,19 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Event(NamedTuple):
-    """One event of a stream: recorded now (``replayed=False``) or replayed from the store."""
+class Event(NamedTuple, Generic[T]):
+    """One event of a stream: recorded now (``replayed=False``) or replayed from the store.
 
-    value: Any
+    Generic in its value's type: ``Event[Order]`` from a source given ``type=Order``.
+    """
+
+    value: T
     offset: Any
     time_ms: int
     replayed: bool
 
 
-class Batch(NamedTuple):
+class Batch(NamedTuple, Generic[T]):
     """Events of a stream taken together (``run.source_batches()``): recorded now
     (``replayed=False``) or replayed from the store.
 
@@ -64,7 +70,7 @@ class Batch(NamedTuple):
     reader; replayed batches are the stored events in chunks of up to 256.
     """
 
-    values: list[Any]
+    values: list[T]
     offset: Any
     time_ms: int
     replayed: bool
@@ -114,12 +120,16 @@ def _value_and_offset(item: Any) -> tuple[Any, Any]:
     return item, None
 
 
-class Stream:
-    """A named, persistent, append-only sequence of events. Get one with ``run.stream()``."""
+class Stream(Generic[T]):
+    """A named, persistent, append-only sequence of events. Get one with ``run.stream()``.
 
-    __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_fast_bytes", "_holding", "_life",
-                 "_metrics", "_opened_seq", "_policy", "_replayed_by_sources", "_scheduler",
-                 "_source_gen", "_spawn", "_store", "_wall", "_where", "_yielded_ns", "name")
+    Generic in its values' type: ``Stream[Order]`` from ``run.stream(name, type=Order)``.
+    """
+
+    __slots__ = ("_buffer", "_clock_ms", "_clock_ns", "_codec", "_fast_bytes", "_holding",
+                 "_life", "_metrics", "_opened_seq", "_policy", "_replayed_by_sources",
+                 "_scheduler", "_source_gen", "_spawn", "_store", "_value_dumps", "_wall",
+                 "_where", "_yielded_ns", "name")
 
     def __init__(self, name: str, *, store: Store, scheduler: Scheduler | None,
                  policy: Policy, opened_seq: int, clock_ms: Callable[[], int],
@@ -151,6 +161,36 @@ class Stream:
         self._buffer = (scheduler.buffer(fmt.KIND_EVENTS, name)
                         if scheduler is not None and policy.record_events else None)
         self._fast_bytes = scheduler.fast_value_bytes if scheduler is not None else 0
+        # type= or codec= (see _set_codec): what turns a value into its JSON, read once per
+        # record() (orjson.dumps itself for an untyped stream), and back on replay.
+        self._codec: ValueCodec | None = None
+        self._value_dumps: Callable[[Any], bytes] = _dumps
+
+    def _set_codec(self, value_type: Any, codec: Codec[Any] | None) -> None:
+        """Give this stream its values' type: the first call that names one fixes it for
+        the run; another type later raises ``TypeError`` naming both."""
+        key = codec if codec is not None else value_type
+        if key is None or (self._codec is not None and self._codec.key == key):
+            return
+        resolved = value_codec(value_type, codec)
+        assert resolved is not None
+        if self._codec is not None:
+            raise TypeError(f"{self._where} already has a type in this run: "
+                            f"has={self._codec.label} asked={resolved.label}")
+        self._codec = resolved
+        self._value_dumps = resolved.dumps
+
+    def _fragments(self, values: Sequence[Any], first: int = 0) -> list[Any]:
+        """A typed stream's ``values`` as orjson fragments of their JSON (what the batch
+        paths serialize); ``TypeError`` naming the index of one that cannot be stored."""
+        dumps = self._value_dumps
+        stored = []
+        for index, value in enumerate(values, first):
+            try:
+                stored.append(_Fragment(dumps(value)))
+            except TypeError as exc:
+                raise unserializable(f"{self._where} (batch index {index})", exc) from None
+        return stored
 
     def __repr__(self) -> str:
         return f"<apersist.Stream name={self.name!r} offset={self.offset!r}>"
@@ -166,7 +206,7 @@ class Stream:
         raw = self._store.offsets.get(self.name)
         return None if raw is None else _loads(raw)
 
-    async def record(self, value: Any, *, offset: Any = None) -> None:
+    async def record(self, value: T, *, offset: Any = None) -> None:
         """Record ``value`` (and the source ``offset`` it was read at) for the next commit.
 
         The value is serialized now: a value orjson cannot serialize raises ``TypeError``
@@ -188,7 +228,7 @@ class Stream:
         # large one, takes the scheduler's own path (add_event).
         scheduler: Scheduler = self._scheduler  # type: ignore[assignment]  # set with _buffer
         try:
-            data = _dumps(value)
+            data = self._value_dumps(value)  # orjson.dumps, or the stream's type's
         except TypeError as exc:
             raise unserializable(self._where, exc) from None
         now = self._clock_ns()
@@ -220,7 +260,7 @@ class Stream:
             else:  # an injected clock that stands still never leaves the fast path
                 await self._cooperate()
 
-    async def record_many(self, values: Iterable[Any], *,
+    async def record_many(self, values: Iterable[T], *,
                           offsets: Iterable[Any] | None = None) -> None:
         """Record each of ``values`` in order, as that many ``record()`` calls would.
 
@@ -232,6 +272,8 @@ class Stream:
         the same commit. Waits only when uncommitted bytes pass the back-pressure bound.
         """
         values = values if isinstance(values, list | tuple) else list(values)
+        if self._codec is not None:
+            values = self._fragments(values)
         offs = None if offsets is None else [
             b"" if offset is None
             else dumps_value(offset, f"the offset of {self._where} (batch index {index})")
@@ -300,6 +342,11 @@ class Stream:
 
     def _encode(self, value: Any, offset: Any) -> tuple[bytes, bytes, int]:
         """One event's JSON, its offset's JSON (b"" for none) and its ``time_ms``."""
+        if self._codec is not None:
+            try:
+                value = _Fragment(self._value_dumps(value))
+            except TypeError as exc:
+                raise unserializable(self._where, exc) from None
         data = dumps_value(value, self._where)
         off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
         return data, off, self._clock_ms()
@@ -313,7 +360,7 @@ class Stream:
             raw = self._scheduler.recorded_offsets.get(self.name)
         return self.offset if raw is None else _loads(raw)
 
-    async def replay(self) -> AsyncIterator[Event]:
+    async def replay(self) -> AsyncIterator[Event[T]]:
         """Yield the events committed before this run opened, in record order.
 
         The same on every call. Streams a window of segments at a time: memory is
@@ -326,7 +373,7 @@ class Stream:
             for event in events:
                 yield event
 
-    async def _replay_slices(self) -> AsyncIterator[Iterable[Event]]:
+    async def _replay_slices(self) -> AsyncIterator[Iterable[Event[T]]]:
         """The committed events in slices, the hot path of replay and of ``source()``.
 
         A chunk (``_replay_chunks``) is built by C loops (map, zip), leaving the consumer's
@@ -441,7 +488,7 @@ class Stream:
         return self._scheduler
 
     async def _source(self, reader: Callable[[Any], Any],
-                      continue_after_replay: bool) -> AsyncIterator[Event]:
+                      continue_after_replay: bool) -> AsyncIterator[Event[T]]:
         try:
             generation, skip = self._take_over()
             life = self._life
@@ -492,6 +539,7 @@ class Stream:
                 live_values: list[bytes] = buf.live_values if buf is not None else []
                 live_offsets: list[bytes] = buf.live_offsets if buf is not None else []
                 live_ms = -1
+                dumps = self._value_dumps  # orjson.dumps, or the stream's type's
                 runner: asyncio.Task[Any] | None = None  # the task that ran the last hold()
                 # The stream's hold while this call is live: held while not settled (a later
                 # source() call settles it, see _take_over).
@@ -513,7 +561,7 @@ class Stream:
                     else:
                         value, offset, off = item, None, b""
                     try:
-                        data = _dumps(value)
+                        data = dumps(value)
                     except TypeError as exc:
                         raise unserializable(where, exc) from None
                     # checked_json's tests, when they can fail: a "null" (orjson's NaN and
@@ -595,7 +643,7 @@ class Stream:
                 settle_stop_cancel(self._life)
 
     async def _source_batches(self, reader: Callable[[Any], Any],
-                              continue_after_replay: bool) -> AsyncIterator[Batch]:
+                              continue_after_replay: bool) -> AsyncIterator[Batch[T]]:
         """``run.source_batches()``: ``_source`` a batch at a time (see ``Run.source_batches``)."""
         try:
             generation, skip = self._take_over()
@@ -647,11 +695,12 @@ class Stream:
                     if barrier is not None and barrier._cut_barrier is not None:
                         await barrier.wait_cut()  # a waiting cut goes first
                     off = b"" if offset is None else dumps_value(offset, f"the offset of {where}")
+                    stored = values if self._codec is None else self._fragments(values)
                     # The last value carries the offset, in a record of its own; the others go
                     # in batch records without offsets (a list of nulls would cost 5 bytes each).
-                    records = await self._encode_records(values[:-1], None, scheduler)
+                    records = await self._encode_records(stored[:-1], None, scheduler)
                     if values:
-                        records.append((dumps_value(values[-1], f"{where} (batch index "
+                        records.append((dumps_value(stored[-1], f"{where} (batch index "
                                                                 f"{len(values) - 1})"), off, 1))
                     time_ms = self._clock_ns() // 1_000_000
                     if scheduler is None or barrier is None:
@@ -711,7 +760,11 @@ class Stream:
             self._realtime(segments) if self._policy.realtime else self._stored(segments))
         if self._metrics.enabled:  # counted a chunk at a time, never per event
             chunks = self._metrics.replaying(self.name, sum(s.records for s in segments), chunks)
+        codec, seen = self._codec, 0
         async for chunk in chunks:
+            if codec is not None:  # a typed stream's values, decoded a chunk at a time
+                chunk = codec.decode_values(chunk[0], chunk[1], seen, self._where), *chunk[1:]
+                seen += len(chunk[0])
             yield chunk
 
     async def _stored(self, segments: list[fmt.SegmentRef]) -> AsyncIterator[

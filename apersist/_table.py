@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import Any, TypeVar, overload
 
+import anyio.lowlevel
 import orjson
 
 from . import _format as fmt
 from . import _values
 from ._barrier import CONSUMER
+from ._codec import Codec, ValueCodec, value_codec
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
 from ._store import Store
 from ._values import checked_json, unserializable
 
-__all__ = ["Table", "TableState", "load_table_state"]
+__all__ = ["Table", "TableState", "decode_table_state", "load_table_state"]
 
 _dumps = orjson.dumps
+V = TypeVar("V")
+D = TypeVar("D")
 _consumer = CONSUMER.get
 _RECORD_OVERHEAD = fmt.RECORD_OVERHEAD
 _U = ord("u")
@@ -104,8 +108,34 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
     return state, sum(ref.records for ref in deltas)
 
 
-class Table(MutableMapping[str, Any]):
+async def decode_table_state(state: dict[str, Any], codec: ValueCodec, where: str) -> None:
+    """A loaded table's values decoded in place into ``codec``'s type, yielding to the
+    event loop every few milliseconds; ``ValueError`` naming the key of one that does not
+    fit. The state is nobody else's yet: keys are neither added nor removed meanwhile."""
+    decode = codec.decode
+    if decode is None:
+        return
+    pacer = Pacer()
+    for key, value in state.items():
+        state[key] = codec.decode_one(value, f"{where} (key {key!r})")
+        if pacer.due():
+            await pacer.pause()
+
+
+def _item_dumps(codec: ValueCodec) -> Callable[[list[Any]], bytes]:
+    """A typed table's ``[key, value]`` record: the value's JSON from its type."""
+    dumps, fragment = codec.dumps, orjson.Fragment
+
+    def item(pair: list[Any]) -> bytes:
+        return _dumps([pair[0], fragment(dumps(pair[1]))])
+
+    return item
+
+
+class Table(MutableMapping[str, V]):
     """A persistent ``str -> JSON`` mapping. Get one with ``await run.table(name)``.
+
+    Generic in its values' type: ``Table[Total]`` from ``run.table(name, type=Total)``.
 
     Setting a key records an upsert delta and deleting one records a delete delta; both are
     committed with the run's next commit, which persists each key's last change only (a
@@ -115,8 +145,14 @@ class Table(MutableMapping[str, Any]):
     """
 
     def __init__(self, name: str, state: dict[str, Any], *, scheduler: Scheduler | None,
-                 deltas_since_snapshot: int = 0, life: Lifecycle | None = None) -> None:
+                 deltas_since_snapshot: int = 0, life: Lifecycle | None = None,
+                 codec: ValueCodec | None = None) -> None:
         self.name = name
+        # type= or codec=: what writes a ``[key, value]`` record (orjson.dumps itself for
+        # an untyped table). ``state`` holds values of that type already.
+        self._codec = codec
+        self._dumps: Callable[[list[Any]], bytes] = (
+            _dumps if codec is None else _item_dumps(codec))
         self._life = life or Lifecycle()
         self._state = state
         self._scheduler = scheduler
@@ -143,7 +179,7 @@ class Table(MutableMapping[str, Any]):
                     and len(state.records) == len(state)):
                 self._records, state.records = state.records, None
             else:
-                self._records = {key: b"%b" % orjson.dumps([key, value])
+                self._records = {key: b"%b" % self._dumps([key, value])
                                  for key, value in state.items()}
             self._dirty = {}
             scheduler.register_deltas(name, self._take_dirty)
@@ -152,8 +188,28 @@ class Table(MutableMapping[str, Any]):
     def __repr__(self) -> str:
         return f"<apersist.Table name={self.name!r} len={len(self._state)}>"
 
-    def __getitem__(self, key: str) -> Any:
-        return self._state[key]
+    async def _set_codec(self, value_type: Any, codec: Codec[Any] | None) -> None:
+        """Give this table its values' type (``run.table(name, type=...)`` once the table is
+        open): the first call that names one fixes it for the run, its values decoded now;
+        another type later raises ``TypeError`` naming both."""
+        key = codec if codec is not None else value_type
+        if key is None or (self._codec is not None and self._codec.key == key):
+            return
+        resolved = value_codec(value_type, codec)
+        assert resolved is not None
+        if self._codec is not None:
+            raise TypeError(f"{self._where} already has a type in this run: "
+                            f"has={self._codec.label} asked={resolved.label}")
+        # In one step, with no await: the table is in use, and a value set meanwhile would
+        # be decoded twice. A table opened untyped first (by run.compact()) is the case.
+        for name, value in list(self._state.items()):
+            self._state[name] = resolved.decode_one(value, f"{self._where} (key {name!r})")
+        self._codec = resolved
+        self._dumps = _item_dumps(resolved)
+        await anyio.lowlevel.checkpoint()
+
+    def __getitem__(self, key: str) -> V:
+        return self._state[key]  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)
@@ -164,6 +220,11 @@ class Table(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return key in self._state
 
+    @overload
+    def get(self, key: str, /) -> V | None: ...
+    @overload
+    def get(self, key: str, /, default: V | D) -> V | D: ...
+
     def get(self, key: str, default: Any = None) -> Any:
         """``table[key]`` if ``key`` is in the table, else ``default``.
 
@@ -172,7 +233,7 @@ class Table(MutableMapping[str, Any]):
         """
         return self._state.get(key, default)
 
-    def __setitem__(self, key: str, value: Any) -> None:
+    def __setitem__(self, key: str, value: V) -> None:
         # The hot path: about three dict writes and one dumps (docs/performance.md,
         # "Table writes"). dumps_value and checked_json are inlined for the common case.
         if not isinstance(key, str):
@@ -180,7 +241,7 @@ class Table(MutableMapping[str, Any]):
         # Checked in every mode, so a value is refused the same way whether or not this
         # run persists tables; before anything changes, so a refused one changes nothing.
         try:
-            data = _dumps([key, value])
+            data = self._dumps([key, value])  # orjson.dumps, or the table's type's
         except TypeError as exc:
             raise unserializable(self._where, exc) from None
         # checked_json's own tests, first of all whether the text has a "null" (orjson's

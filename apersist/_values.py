@@ -71,8 +71,23 @@ def dumps_value(value: Any, where: str) -> bytes:
 
 
 def unserializable(where: str, exc: TypeError) -> TypeError:
-    """The error for a value orjson refused (``exc``), naming ``where`` it was recorded."""
-    return TypeError(f"cannot serialize value for {where}: {exc}")
+    """The error for a value orjson refused (``exc``), naming ``where`` it was recorded,
+    with how to store it where orjson's own message does not say."""
+    message = str(exc)
+    hint = next((text for name, text in _HINTS if message.endswith(f": {name}")), "")
+    return TypeError(f"cannot serialize value for {where}: {message}{hint}")
+
+
+# Types JSON has no form for, and how to store them (docs/api.md, "Values of your types").
+_HINTS = (
+    ("decimal.Decimal", ": store str(value), or give type= a dataclass (or pydantic or msgspec "
+                        "model) whose field is a Decimal, and it comes back as a Decimal"),
+    ("bytes", ": store base64 text, or give type= a dataclass whose field is bytes"),
+    ("bytearray", ": store base64 text, or give type= a dataclass whose field is bytes"),
+    ("memoryview", ": store base64 text, or give type= a dataclass whose field is bytes"),
+    ("set", ": store a sorted list, or give type= a dataclass whose field is a set"),
+    ("frozenset", ": store a sorted list, or give type= a dataclass whose field is a set"),
+)
 
 
 def checked_json(data: bytes, value: Any, where: str) -> bytes:

@@ -4,7 +4,9 @@
 each step that apersist's record and replay paths take, by itself and over the same small
 dicts as the suite, and the two whole paths; then the live path of the headline job
 (``job.py``): its reader alone, with apersist's ``run.source()`` around it, with the table
-write, and the table write and the row's ``orjson.dumps`` by themselves.
+write, and the table write and the row's ``orjson.dumps`` by themselves; then the cost of
+``type=`` (values of the user's types): the same events as a dataclass, recorded, replayed
+and read live with ``type=``, against the plain dicts.
 
 The steps call apersist's own code where it has one (the framing of ``record_many``, the
 segment check and walk of replay), so the table follows the code as it changes. That is
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import datetime as dt
+import decimal
 import gc
 import sys
 import tempfile
@@ -34,6 +39,7 @@ import orjson
 
 import apersist
 from apersist import _format as fmt
+from apersist._codec import value_codec
 from apersist._scheduler import BATCH_ENTRIES
 from apersist._stream import Event, _encode_batch  # the serialization record_many runs
 from benchmarks import job
@@ -353,6 +359,140 @@ def source_rows(rows: int, repeats: int) -> list[tuple[str, float]]:
     ]
 
 
+@dataclasses.dataclass
+class Click:
+    """``make_values``'s dict as a dataclass: the same fields, the same JSON."""
+
+    user: str
+    n: int
+    ok: bool
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedClick:
+    """``Click`` with ``slots=True``: orjson writes it through a slower path."""
+
+    user: str
+    n: int
+    ok: bool
+
+
+@dataclasses.dataclass
+class Payment:
+    """A value whose fields JSON has no type for: stored as text, decoded by annotation."""
+
+    user: str
+    amount: decimal.Decimal
+    at: dt.datetime
+
+
+def typed_rows(values: list[dict[str, Any]], repeats: int) -> list[tuple[str, float]]:
+    """``type=`` against plain values: record, replay and the live path of ``run.source()``."""
+    n = len(values)
+    clicks = [Click(**value) for value in values]
+    at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    payments = [Payment(v["user"], decimal.Decimal(v["n"]) / 100, at) for v in values]
+    click_codec, payment_codec = value_codec(Click, None), value_codec(Payment, None)
+    assert click_codec is not None
+    assert payment_codec is not None
+    slotted = [SlottedClick(**value) for value in values]
+    loaded = [orjson.loads(orjson.dumps(value)) for value in values]
+    loaded_payments = [orjson.loads(payment_codec.dumps(p)) for p in payments]
+
+    def step(fn: Callable[[Any], object], items: list[Any]) -> float:
+        def each() -> None:
+            for item in items:
+                fn(item)
+        return per_event_us(each, n, repeats)
+
+    def decode(codec: Any, items: list[Any]) -> float:
+        # As replay decodes: map over a chunk of fresh dicts (copied outside the clock).
+        chunks = [[dict(d) for d in items[first:first + BATCH_ENTRIES]]
+                  for first in range(0, n, BATCH_ENTRIES)]
+
+        def each() -> None:
+            for chunk in chunks:
+                codec.decode_values(chunk, None, 0, "bench")
+        best = per_event_us(each, n, 1)
+        for _ in range(repeats - 1):  # fresh dicts for every run: decoding converts in place
+            chunks[:] = [[dict(d) for d in items[first:first + BATCH_ENTRIES]]
+                         for first in range(0, n, BATCH_ENTRIES)]
+            best = min(best, per_event_us(each, n, 1))
+        return best
+
+    async def record(items: list[Any], kind: type | None) -> float:
+        with tempfile.TemporaryDirectory() as root:
+            config = apersist.Config(apersist.Backend.filesystem(root))
+            async with apersist.run(config) as run:
+                stream = run.stream("bench") if kind is None else run.stream("bench", type=kind)
+                put = stream.record
+                started = time.thread_time()
+                for item in items:
+                    await put(item)
+                return time.thread_time() - started
+
+    def timed_record(items: list[Any], kind: type | None) -> float:
+        return min(asyncio.run(record(items, kind)) for _ in range(repeats)) / n * 1e6
+
+    def timed_replay(items: list[Any], kind: type | None) -> float:
+        async def fill(root: str) -> None:
+            async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+                stream = run.stream("bench") if kind is None else run.stream("bench", type=kind)
+                for first in range(0, n, BATCH):
+                    await stream.record_many(items[first:first + BATCH])
+
+        async def replay(root: str) -> None:
+            async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+                stream = run.stream("bench") if kind is None else run.stream("bench", type=kind)
+                async for _ in stream.replay():
+                    pass
+
+        with tempfile.TemporaryDirectory() as root:
+            asyncio.run(fill(root))
+            return per_event_us_async(lambda: replay(root), n, repeats)
+
+    def timed_source(items: list[Any], kind: type | None) -> float:
+        async def read(offset: Any) -> Any:
+            for index, item in enumerate(items):
+                yield item, index
+
+        async def live() -> float:
+            with tempfile.TemporaryDirectory() as root:
+                config = apersist.Config(apersist.Backend.filesystem(root))
+                async with apersist.run(config) as run:
+                    events = (run.source("bench", read) if kind is None
+                              else run.source("bench", read, type=kind))
+                    started = time.thread_time()
+                    async for _ in events:
+                        pass
+                    return time.thread_time() - started
+        return min(asyncio.run(live()) for _ in range(repeats)) / n * 1e6
+
+    return [
+        ("floor: **apersist `record()`** of the plain dicts, whole", timed_record(values, None)),
+        ("`orjson.dumps` of the dict", step(orjson.dumps, values)),
+        ("`orjson.dumps` of the dataclass (orjson writes it natively)", step(orjson.dumps, clicks)),
+        ("`orjson.dumps` of the same dataclass with `slots=True`", step(orjson.dumps, slotted)),
+        ("the typed encoder on the dataclass (`isinstance` check, `orjson.dumps` with the "
+         "`default` hook, NaN probe)", step(click_codec.dumps, clicks)),
+        ("**apersist `record()`** of the dataclasses with `type=Click`, whole",
+         timed_record(clicks, Click)),
+        ("**apersist `replay()`** of the plain dicts, whole", timed_replay(values, None)),
+        ("decoding a replayed chunk into `Click`s (`Click(**d)` mapped over the chunk)",
+         decode(click_codec, loaded)),
+        ("**apersist `replay()`** with `type=Click`, whole", timed_replay(clicks, Click)),
+        ("**apersist `run.source()`** live over the plain dicts, nothing done per event",
+         timed_source(values, None)),
+        ("**apersist `run.source()`** live with `type=Click`", timed_source(clicks, Click)),
+        ("the typed encoder on a `Payment` (a `Decimal` and a `datetime` field: the `default` "
+         "hook writes the Decimal as text)", step(payment_codec.dumps, payments)),
+        ("decoding a replayed chunk into `Payment`s (`Decimal(text)`, "
+         "`datetime.fromisoformat`)", decode(payment_codec, loaded_payments)),
+        ("**apersist `record()`** with `type=Payment`, whole", timed_record(payments, Payment)),
+        ("**apersist `replay()`** with `type=Payment`, whole", timed_replay(payments, Payment)),
+    ]
+
+
 async def _least_source(items: Any) -> Any:
     """A persisted source stripped to what any must do per event (see source_rows)."""
     dumps, clock = orjson.dumps, time.time_ns
@@ -409,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = render(args.events, args.repeats, [
         ("record", record_rows(values, args.repeats), True),
         ("replay", replay_rows(values, args.repeats), True),
-        ("job, `run.source()` live path", source_rows(args.events, args.repeats), False)])
+        ("job, `run.source()` live path", source_rows(args.events, args.repeats), False),
+        ("typed values, `type=`", typed_rows(values, args.repeats), False)])
     print(table)
     if args.out:
         args.out.write_text(table + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ def _run(name: str, *args: str) -> str:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"queue_service.py", "enrichment_cache.py", "backtest_replay.py"}
+    tested = {"queue_service.py", "enrichment_cache.py", "backtest_replay.py", "typed_orders.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -45,3 +45,14 @@ def test_backtests_see_the_same_events_at_any_pace(tmp_path: Path) -> None:
     speedrun, realtime = out.splitlines()
     assert speedrun.startswith("speedrun: profit ")
     assert speedrun.split()[2] == realtime.split("profit ")[1].split()[0]
+
+
+def test_typed_orders_replay_as_orders_after_a_restart(tmp_path: Path) -> None:
+    store = str(tmp_path / "state")
+    first = _run("typed_orders.py", "--store", store).splitlines()
+    assert first[0] == "live     #0 10 ACME @ 101.25 at 09:30 (Order)"
+    assert first[-1] == "position: 33 ACME, cost 3350.00 (Position)"
+    second = _run("typed_orders.py", "--store", store).splitlines()
+    assert second[:3] == [line.replace("live    ", "replayed") for line in first[:3]]
+    assert second[3] == "live     #3 13 ACME @ 102.00 at 09:33 (Order)"
+    assert second[-1] == "position: 75 ACME, cost 7645.00 (Position)"
