@@ -1,0 +1,274 @@
+"""Hostile review of values of the user's types (``type=``, ``codec=``) and of metrics.
+
+Each test states a promise of docs/api.md ("Values of your types") or docs/operations.md
+("Metrics") that a hostile user can break: a typed value either round-trips exactly or is
+refused at the call, never accepted and then lost, altered, or left to fail every later
+replay; events are counted once for what a replay hands on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pydantic
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import apersist
+
+
+async def _round_trip(tp: Any, values: list[Any]) -> list[Any]:
+    """Record ``values`` on a stream of ``type=tp``, then replay them in a new run."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        stream = run.stream("s", type=tp)
+        for value in values:
+            await stream.record(value)
+    async with apersist.run(apersist.Config(backend)) as run:
+        return [event.value async for event in run.stream("s", type=tp).replay()]
+
+
+async def _refused_or_round_trips(tp: Any, value: Any) -> None:
+    """The issue's rule: refused at the call (TypeError), or given back equal."""
+    try:
+        replayed = await _round_trip(tp, [value])
+    except TypeError:
+        return
+    assert replayed == [value]
+
+
+# ------------------------------------------------------------------ dates and times
+
+
+@dataclasses.dataclass(frozen=True)
+class Trade:
+    day: dt.date  # a datetime is a date: mypy takes one here
+
+
+async def test_a_datetime_in_a_date_field_round_trips() -> None:
+    """A ``datetime`` is a ``date`` (mypy --strict accepts it in a ``date`` field). It was
+    stored as datetime text, and every replay failed: ``date.fromisoformat`` refuses it."""
+    value = Trade(dt.datetime(2026, 1, 5, 9, 30, tzinfo=dt.UTC))
+    await _refused_or_round_trips(Trade, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stamp:
+    at: dt.datetime
+
+
+async def test_an_offset_with_seconds_keeps_its_instant() -> None:
+    """orjson writes a UTC offset in whole minutes (+05:45:30 as +05:46): the replayed
+    datetime was 30 seconds off, silently. Offsets with seconds are real: every zone's
+    local mean time before its standard time (Europe/Amsterdam until 1937: +00:19:32)."""
+    tz = dt.timezone(dt.timedelta(hours=5, minutes=45, seconds=30))
+    value = Stamp(dt.datetime(2026, 1, 1, 12, 0, tzinfo=tz))
+    try:
+        replayed = await _round_trip(Stamp, [value])
+    except TypeError:
+        return
+    assert replayed[0].at == value.at, (replayed[0].at - value.at)
+
+
+# ------------------------------------------------------------------ dataclass shapes
+
+
+@dataclasses.dataclass
+class WithDerived:
+    qty: int
+
+    def __post_init__(self) -> None:
+        self.doubled = self.qty * 2  # an attribute that is not a field
+
+
+async def test_an_attribute_set_in_post_init_does_not_break_replay() -> None:
+    """orjson writes every attribute in ``__dict__``, not the fields: ``doubled`` was
+    stored, and replay called ``WithDerived(qty=1, doubled=2)``: a poison event."""
+    await _refused_or_round_trips(WithDerived, WithDerived(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Private:
+    _secret: int
+    shown: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivateWithDefault:
+    shown: int
+    _rate: int = 5
+
+
+async def test_a_field_named_with_an_underscore_is_kept_or_refused() -> None:
+    """orjson leaves out attributes whose names start with "_": the field was dropped,
+    replay then failed (no default) or, worse, gave back the default silently."""
+    await _refused_or_round_trips(Private, Private(3, 4))
+    await _refused_or_round_trips(PrivateWithDefault, PrivateWithDefault(1, 9))
+
+
+@dataclasses.dataclass
+class Scaled:
+    qty: int
+    scale: dataclasses.InitVar[int]
+
+    def __post_init__(self, scale: int) -> None:
+        self.qty *= scale
+
+
+async def test_a_required_init_var_is_refused_at_the_call() -> None:
+    """An InitVar is not stored (it is not a field), so a class with a required one can
+    never be rebuilt: recorded fine, every replay failed."""
+    await _refused_or_round_trips(Scaled, Scaled(2, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Base:
+    qty: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Derived(Base):
+    note: str = ""
+
+
+async def test_a_subclass_value_does_not_poison_the_stream() -> None:
+    """``Stream[Base].record(Derived(...))`` type-checks and passed the call's isinstance
+    test; its extra field was stored and replay called ``Base(qty=1, note='x')``."""
+    try:
+        replayed = await _round_trip(Base, [Derived(1, "x")])
+    except TypeError:
+        return
+    assert [item.qty for item in replayed] == [1]
+
+
+class Pair(enum.Enum):
+    LOW = (0, 10)
+    HIGH = (10, 100)
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    pair: Pair
+
+
+async def test_an_enum_whose_value_json_cannot_give_back_is_refused_or_round_trips() -> None:
+    """orjson writes an enum as its value: a tuple came back a list, and
+    ``Pair([0, 10])`` failed every replay."""
+    await _refused_or_round_trips(Band, Band(Pair.LOW))
+
+
+# ------------------------------------------------------------------ NaN anywhere in it
+
+
+@dataclasses.dataclass(frozen=True)
+class Readings:
+    values: frozenset[float]
+
+
+class Quote(pydantic.BaseModel):
+    price: float
+
+
+class Tick(msgspec.Struct):
+    price: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    quote: Quote | None = None
+    tick: Tick | None = None
+
+
+async def test_nan_in_a_set_field_is_refused() -> None:
+    """docs/api.md: NaN and infinities "anywhere in it" are refused at the call. In a set
+    field they were written as null and replayed as None, silently."""
+    with pytest.raises(TypeError, match="NaN"):
+        await _round_trip(Readings, [Readings(frozenset([1.0, float("nan")]))])
+
+
+async def test_nan_in_a_nested_model_is_refused() -> None:
+    """A pydantic or msgspec model inside a dataclass: NaN was stored as null, and every
+    replay failed (the model refuses None for a float)."""
+    with pytest.raises(TypeError, match="NaN"):
+        await _round_trip(Holder, [Holder(quote=Quote(price=float("inf")))])
+    with pytest.raises(TypeError, match="NaN"):
+        await _round_trip(Holder, [Holder(tick=Tick(price=float("nan")))])
+
+
+# ------------------------------------------------------------------ types that are not classes
+
+
+async def test_a_value_of_another_type_is_refused_for_a_union_or_generic_type() -> None:
+    """docs/api.md: a value of another type raises TypeError at the call. For ``type=``
+    an ``X | None`` or a ``list[X]``, nothing was checked: a dict was stored, and every
+    replay of the stream failed."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        optional = run.stream("optional", type=Base | None)  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="stream 'optional'"):
+            await optional.record({"qty": 1})
+        await optional.record(None)
+        await optional.record(Base(2))
+        several = run.stream("several", type=list[Base])  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="stream 'several'"):
+            await several.record({"qty": 1})
+        await several.record([Base(3)])
+    async with apersist.run(apersist.Config(backend)) as run:
+        assert [e.value async for e in run.stream("optional", type=Base | None).replay()] == [  # type: ignore[call-overload]
+            None, Base(2)]
+        assert [e.value async for e in run.stream("several", type=list[Base]).replay()] == [  # type: ignore[call-overload]
+            [Base(3)]]
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _points(reader: InMemoryMetricReader) -> dict[tuple[str, frozenset[tuple[str, Any]]], Any]:
+    found: dict[tuple[str, frozenset[tuple[str, Any]]], Any] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = (point.count, point.sum) if hasattr(point, "count") else point.value
+                    found[metric.name, frozenset(point.attributes.items())] = value
+    return found
+
+
+class _ReaderFailed(Exception):
+    pass
+
+
+async def test_a_reconnecting_source_counts_its_replay_once() -> None:
+    """docs/api.md: a service catches its reader's error and calls ``source()`` again; the
+    later calls replay nothing already yielded. ``apersist.events.replayed`` counts what
+    a replay handed on, yet each reconnect counted the whole replay again (3 calls of a
+    1000-event replay: 3000)."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("s").record_many([{"i": i} for i in range(1000)])
+
+    async def flaky(offset: Any) -> AsyncIterator[Any]:
+        yield {"i": -1}
+        raise _ReaderFailed
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    handed_on = 0
+    async with apersist.run(apersist.Config(backend), meter_provider=provider) as run:
+        for _ in range(3):
+            try:
+                async for event in run.source("s", flaky):
+                    handed_on += event.replayed
+            except _ReaderFailed:
+                pass
+    attrs = frozenset({"apersist.backend": "memory", "apersist.stream": "s"}.items())
+    assert handed_on == 1000
+    assert _points(reader)["apersist.events.replayed", attrs] == handed_on
+    assert _points(reader)["apersist.replay.remaining", attrs] == 0
