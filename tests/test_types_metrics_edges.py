@@ -272,3 +272,24 @@ async def test_a_reconnecting_source_counts_its_replay_once() -> None:
     assert handed_on == 1000
     assert _points(reader)["apersist.events.replayed", attrs] == handed_on
     assert _points(reader)["apersist.replay.remaining", attrs] == 0
+
+
+# ------------------------------------------------------------------ tables
+
+
+async def test_a_table_that_fails_to_take_its_type_is_left_as_it_was() -> None:
+    """A table opened untyped (by ``run.compact()``, or an earlier call) takes its type at
+    a later ``run.table(name, type=...)``, which decodes its values. One value that does
+    not fit raised ValueError, but the values before it were decoded already: the table
+    held a mix, and once the bad key was fixed, every later call failed on the decoded
+    ones ("expected a JSON object for Base: got=Base")."""
+    async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
+        table = await run.table("t")
+        table["a"] = {"qty": 1}
+        table["b"] = 5  # does not fit Base
+        with pytest.raises(ValueError, match="key 'b'"):
+            await run.table("t", type=Base)
+        assert table["a"] == {"qty": 1}  # untouched: the table is still untyped
+        del table["b"]
+        typed = await run.table("t", type=Base)
+        assert dict(typed) == {"a": Base(1)}
