@@ -128,15 +128,41 @@ def value_codec(value_type: Any, codec: Codec[Any] | None) -> ValueCodec | None:
     if value_type is None:
         return None
     decode = _decoder(value_type, _name(value_type), {})
-    check = value_type if isinstance(value_type, type) else None
-    if check is float:
-        check = (int, float)  # type: ignore[assignment]  # as float annotations take ints
+    classes = _instance_check(value_type)
+    check = None if classes is None else classes[0] if len(classes) == 1 else classes
     to_builtins: Callable[[Any], Any] | None = None
     if _is_pydantic(value_type):
         to_builtins = _pydantic_dump
     elif _is_msgspec(value_type):
         to_builtins = sys.modules["msgspec"].to_builtins
-    return ValueCodec(value_type, _name(value_type), _typed_dumps(check, to_builtins), decode)
+    return ValueCodec(value_type, _name(value_type),
+                      _typed_dumps(check, _name(value_type), to_builtins), decode)
+
+
+def _instance_check(tp: Any) -> tuple[type, ...] | None:
+    """The classes a value of ``tp`` is an instance of, for the check at the call: the
+    type itself, a union's members, a generic's origin (``list[Order]``: a list), or None
+    where no class tells (``Any``, ``Literal``). A float annotation takes ints too."""
+    if tp is float:
+        return (int, float)
+    if isinstance(tp, type):
+        return (tp,)
+    if isinstance(tp, typing.NewType):
+        return _instance_check(tp.__supertype__)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _instance_check(args[0])
+    if origin is typing.Union or origin is types.UnionType:
+        classes: tuple[type, ...] = ()
+        for arg in args:
+            more = _instance_check(arg)
+            if more is None:
+                return None
+            classes += more
+        return classes
+    if isinstance(origin, type):
+        return (origin,)
+    return None
 
 
 def _name(obj: Any) -> str:
@@ -149,20 +175,26 @@ def _pydantic_dump(value: Any) -> Any:
     return value.model_dump(mode="json")
 
 
+class _NonFinite(TypeError):
+    """NaN or an infinity, found where orjson would have written null."""
+
+
 def _nonfinite() -> TypeError:
-    return TypeError("NaN and infinity do not round-trip through JSON")
+    return _NonFinite("NaN and infinity do not round-trip through JSON")
 
 
-def _typed_dumps(check: type | tuple[type, ...] | None,
+def _typed_dumps(check: type | tuple[type, ...] | None, expected: str,
                  to_builtins: Callable[[Any], Any] | None) -> Callable[[Any], bytes]:
-    label = (check[-1] if isinstance(check, tuple) else check)
-    expected = None if label is None else label.__qualname__
-
     def dumps(value: Any) -> bytes:
         if check is not None and not isinstance(value, check):
             raise TypeError(f"expected a value of type {expected}: got={type(value).__qualname__}")
         obj = value if to_builtins is None else to_builtins(value)
-        data = _dumps(obj, _default)
+        try:
+            data = _dumps(obj, _default)
+        except TypeError as exc:  # orjson's message drops _default's: give that one
+            if isinstance(exc.__cause__, _NonFinite):
+                raise _nonfinite() from None
+            raise
         if 117 in data and data.partition(b"null")[1] and _has_nonfinite(obj):
             raise _nonfinite()
         return data
@@ -190,12 +222,18 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, bytes | bytearray | memoryview):
         return base64.b64encode(obj).decode("ascii")
     if isinstance(obj, set | frozenset):
-        return list(obj)
-    if _is_pydantic(type(obj)):
-        return obj.model_dump(mode="json")
-    if _is_msgspec(type(obj)):
-        return sys.modules["msgspec"].to_builtins(obj)
-    raise TypeError(f"Type is not JSON serializable: {type(obj).__qualname__}")
+        out: Any = list(obj)
+    elif _is_pydantic(type(obj)):
+        out = obj.model_dump(mode="json")
+    elif _is_msgspec(type(obj)):
+        out = sys.modules["msgspec"].to_builtins(obj)
+    else:
+        raise TypeError(f"Type is not JSON serializable: {type(obj).__qualname__}")
+    # orjson writes NaN and infinities in what this returns as null; the value's own walk
+    # (_has_nonfinite) does not look inside sets and models.
+    if _has_nonfinite(out):
+        raise _nonfinite()
+    return out
 
 
 def _is_pydantic(tp: Any) -> bool:
@@ -216,6 +254,13 @@ def _decimal(value: Any) -> decimal.Decimal:
     return decimal.Decimal(value if isinstance(value, str) else str(value))
 
 
+def _date(value: Any) -> dt.date:
+    # A datetime is a date (a date field may hold one): its text is longer than a date's.
+    if isinstance(value, str) and len(value) > 10:
+        return dt.datetime.fromisoformat(value)
+    return dt.date.fromisoformat(value)
+
+
 def _bytes(value: Any) -> bytes:
     return base64.b64decode(value, validate=True)
 
@@ -226,7 +271,7 @@ _IDENTITY: set[Any] = {Any, object, str, int, float, bool, type(None), None, dic
 _SCALARS: dict[Any, _Decoder] = {
     decimal.Decimal: _decimal,
     dt.datetime: dt.datetime.fromisoformat,
-    dt.date: dt.date.fromisoformat,
+    dt.date: _date,
     dt.time: dt.time.fromisoformat,
     uuid.UUID: uuid.UUID,
     bytes: _bytes,
@@ -257,6 +302,7 @@ def _decoder(tp: Any, what: str, memo: dict[type, list[_Decoder | None]]) -> _De
             return scalar
     if isinstance(tp, type):
         if issubclass(tp, enum.Enum):
+            _check_enum(tp, what)
             return tp
         if dataclasses.is_dataclass(tp):
             return _dataclass_decoder(tp, memo)
@@ -314,6 +360,21 @@ def _decoder(tp: Any, what: str, memo: dict[type, list[_Decoder | None]]) -> _De
                     "codec=apersist.Codec(encode=..., decode=...)")
 
 
+def _check_enum(tp: type[enum.Enum], what: str) -> None:
+    """orjson writes an enum as its value: each value must come back from JSON as itself
+    (a tuple comes back a list, a Decimal is refused), or ``TypeError``."""
+    for member in tp:
+        try:
+            back = orjson.loads(_dumps(member.value))
+        except TypeError:
+            back = _dumps  # not the value, whatever it is
+        if type(back) is not type(member.value) or back != member.value:
+            raise TypeError(f"apersist cannot store {what}: the value of {_name(tp)}."
+                            f"{member.name} ({member.value!r}) does not come back from JSON "
+                            "as itself; give the enum str or int values, or give "
+                            "codec=apersist.Codec(encode=..., decode=...)")
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -336,6 +397,17 @@ def _dataclass_decoder(cls: type, memo: dict[type, list[_Decoder | None]]) -> _D
         raise TypeError(f"apersist cannot read the annotations of {_name(cls)} (define the "
                         f"types it names at module level): {exc}") from exc
     fields = dataclasses.fields(cls)
+    for f in fields:
+        if f.init and f.name.startswith("_"):
+            raise TypeError(f"apersist cannot store field {_name(cls)}.{f.name}: orjson leaves "
+                            "out attributes whose names start with '_'; rename the field, or "
+                            "give codec=apersist.Codec(encode=..., decode=...)")
+    for name, f in cls.__dataclass_fields__.items():  # type: ignore[attr-defined]
+        if (isinstance(hints.get(name), dataclasses.InitVar)
+                and f.default is dataclasses.MISSING):
+            raise TypeError(f"apersist cannot store {_name(cls)}: its InitVar {name} is not "
+                            "stored, and __init__ needs it to rebuild a value; give it a "
+                            "default, or give codec=apersist.Codec(encode=..., decode=...)")
     dropped = frozenset(f.name for f in fields if not f.init)  # orjson writes them; __init__ sets them
     convert = [(f.name, d) for f in fields if f.init
                for d in [_decoder(hints.get(f.name, Any), f"field {_name(cls)}.{f.name}", memo)]
