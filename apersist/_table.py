@@ -202,8 +202,11 @@ class Table(MutableMapping[str, V]):
                             f"has={self._codec.label} asked={resolved.label}")
         # In one step, with no await: the table is in use, and a value set meanwhile would
         # be decoded twice. A table opened untyped first (by run.compact()) is the case.
-        for name, value in list(self._state.items()):
-            self._state[name] = resolved.decode_one(value, f"{self._where} (key {name!r})")
+        # All or nothing: a value that does not fit leaves the table as it was (untyped),
+        # not half decoded, so that the call may be made again once the value is fixed.
+        decoded = {name: resolved.decode_one(value, f"{self._where} (key {name!r})")
+                   for name, value in self._state.items()}
+        self._state.update(decoded)
         self._codec = resolved
         self._dumps = _item_dumps(resolved)
         await anyio.lowlevel.checkpoint()
