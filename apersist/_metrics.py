@@ -63,9 +63,10 @@ class Metrics:
     def backpressure_ended(self, seconds: float) -> None:
         """That wait is over after ``seconds`` (made room, failed or cancelled)."""
 
-    def replaying(self, stream: str, total: int,
-                  chunks: AsyncIterator[_Chunk]) -> AsyncIterator[_Chunk]:
-        """``chunks`` of ``stream``'s replay (``total`` events in all), counted as yielded."""
+    def replaying(self, stream: str, total: int, chunks: AsyncIterator[_Chunk],
+                  skip: int = 0) -> AsyncIterator[_Chunk]:
+        """``chunks`` of ``stream``'s replay (``total`` events in all), counted as yielded,
+        but for the first ``skip`` events (a later ``source()`` call leaves them out)."""
         return chunks
 
     def watch_retries(self, driver: object) -> Callable[[], None]:
@@ -203,20 +204,25 @@ class RunMetrics(Metrics):
     def backpressure_ended(self, seconds: float) -> None:
         self._i.backpressure_duration.record(seconds, self._attrs)
 
-    async def replaying(self, stream: str, total: int,
-                        chunks: AsyncIterator[_Chunk]) -> AsyncIterator[_Chunk]:
+    async def replaying(self, stream: str, total: int, chunks: AsyncIterator[_Chunk],
+                        skip: int = 0) -> AsyncIterator[_Chunk]:
         # An async generator here, a plain function in the base class (which hands
         # ``chunks`` back untouched): both return an async iterator of the chunks.
         attrs = self._of_stream(stream)
         replayed, remaining = self._i.events_replayed, self._i.replay_remaining
-        remaining.add(total, attrs)
-        left = total
+        left = total - skip
+        remaining.add(left, attrs)
         unsaid = 0  # handed on, not yet told to the SDK
         clock = time.monotonic_ns
         told = clock()
         try:
             async for chunk in chunks:
-                unsaid += len(chunk[0])
+                count = len(chunk[0])
+                if skip:  # handed on by an earlier source() call: not counted again
+                    passed = min(skip, count)
+                    skip -= passed
+                    count -= passed
+                unsaid += count
                 if clock() - told >= _REPLAY_FLUSH_NS:
                     replayed.add(unsaid, attrs)
                     remaining.add(-unsaid, attrs)

@@ -373,7 +373,7 @@ class Stream(Generic[T]):
             for event in events:
                 yield event
 
-    async def _replay_slices(self) -> AsyncIterator[Iterable[Event[T]]]:
+    async def _replay_slices(self, skip: int = 0) -> AsyncIterator[Iterable[Event[T]]]:
         """The committed events in slices, the hot path of replay and of ``source()``.
 
         A chunk (``_replay_chunks``) is built by C loops (map, zip), leaving the consumer's
@@ -381,11 +381,12 @@ class Stream(Generic[T]):
         ``BATCH_ENTRIES``). The clock is read between two slices: past ``COOPERATE_NS``
         since the last yield, this yields to the event loop. A consumer that spends long on
         each event gets smaller slices, so that it is asked again within a fraction of that.
+        ``skip``: the first events a caller leaves out (see ``_replay_chunks``).
         """
         clock = time.perf_counter_ns
         per = BATCH_ENTRIES  # events between two readings of the clock
         yielded = last = clock()
-        async for values, offsets, times in self._replay_chunks():
+        async for values, offsets, times in self._replay_chunks(skip):
             events = map(_new_event, repeat(Event), zip(
                 values, repeat(None) if offsets is None else offsets, times, repeat(True)))
             count = len(values)
@@ -499,7 +500,7 @@ class Stream(Generic[T]):
                 await yield_to_loop()
                 return
             seen = 0
-            async for events in self._replay_slices():
+            async for events in self._replay_slices(skip):
                 if life.stopping:  # run.stop(): a slice is at most a millisecond of the loop's
                     return
                 for event in events:
@@ -654,7 +655,7 @@ class Stream(Generic[T]):
             seen = 0
             clock = time.perf_counter_ns
             yielded = clock()
-            async for values, offsets, times in self._replay_chunks():
+            async for values, offsets, times in self._replay_chunks(skip):
                 if life.stopping:
                     return
                 first, seen = seen, seen + len(values)
@@ -746,11 +747,15 @@ class Stream(Generic[T]):
         if aclose is not None:
             await aclose()
 
-    async def _replay_chunks(self) -> AsyncIterator[tuple[list[Any], list[Any] | None,
-                                                          list[int]]]:
+    async def _replay_chunks(self, skip: int = 0) -> AsyncIterator[
+            tuple[list[Any], list[Any] | None, list[int]]]:
         """The committed events as (values, offsets, times) chunks: a batch record, or up
         to ``BATCH_ENTRIES`` single ones; one event at a time, each on its recorded time,
-        under ``REALTIME_REPLAY``. What replay, ``source()`` and batch sources read."""
+        under ``REALTIME_REPLAY``. What replay, ``source()`` and batch sources read.
+
+        ``skip``: the first events the caller leaves out, which an earlier ``source()`` call
+        of this run handed on already; the metrics do not count them again.
+        """
         self._life.check("replay()")
         if not self._policy.replay:
             return
@@ -758,8 +763,9 @@ class Stream(Generic[T]):
                                                                self._opened_seq)]
         chunks: AsyncIterator[tuple[list[Any], list[Any] | None, list[int]]] = (
             self._realtime(segments) if self._policy.realtime else self._stored(segments))
-        if self._metrics.enabled:  # counted a chunk at a time, never per event
-            chunks = self._metrics.replaying(self.name, sum(s.records for s in segments), chunks)
+        total = sum(s.records for s in segments)
+        if self._metrics.enabled and total > skip:  # counted a chunk at a time, never per event
+            chunks = self._metrics.replaying(self.name, total, chunks, skip)
         codec, seen = self._codec, 0
         async for chunk in chunks:
             if codec is not None:  # a typed stream's values, decoded a chunk at a time
