@@ -293,3 +293,16 @@ async def test_a_table_that_fails_to_take_its_type_is_left_as_it_was() -> None:
         del table["b"]
         typed = await run.table("t", type=Base)
         assert dict(typed) == {"a": Base(1)}
+
+
+async def test_type_any_takes_any_json_value() -> None:
+    """``type=Any`` (and ``Any | None``) is a JSON value taken as stored, as an ``Any``
+    field is. On Python 3.11 ``typing.Any`` is a class, so the call's check ran
+    ``isinstance(value, Any)``, which raises: every record() of the stream failed with
+    "cannot serialize value ...: typing.Any cannot be used with isinstance()"."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("any", type=Any).record({"a": 1})
+        await run.stream("maybe", type=Any | None).record([1, "x"])  # type: ignore[call-overload]
+    async with apersist.run(apersist.Config(backend)) as run:
+        assert [e.value async for e in run.stream("any", type=Any).replay()] == [{"a": 1}]
