@@ -145,6 +145,8 @@ def _instance_check(tp: Any) -> tuple[type, ...] | None:
     where no class tells (``Any``, ``Literal``). A float annotation takes ints too."""
     if tp is float:
         return (int, float)
+    if tp is Any or tp is object:  # Any is a class on 3.11, which isinstance() refuses
+        return None
     if isinstance(tp, type):
         return (tp,)
     if isinstance(tp, typing.NewType):
