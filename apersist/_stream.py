@@ -763,9 +763,10 @@ class Stream(Generic[T]):
                                                                self._opened_seq)]
         chunks: AsyncIterator[tuple[list[Any], list[Any] | None, list[int]]] = (
             self._realtime(segments) if self._policy.realtime else self._stored(segments))
-        total = sum(s.records for s in segments)
-        if self._metrics.enabled and total > skip:  # counted a chunk at a time, never per event
-            chunks = self._metrics.replaying(self.name, total, chunks, skip)
+        if self._metrics.enabled:  # counted a chunk at a time, never per event
+            total = sum(s.records for s in segments)
+            if total > skip:
+                chunks = self._metrics.replaying(self.name, total, chunks, skip)
         codec, seen = self._codec, 0
         async for chunk in chunks:
             if codec is not None:  # a typed stream's values, decoded a chunk at a time
