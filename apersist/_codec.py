@@ -174,7 +174,9 @@ def _name(obj: Any) -> str:
 
 
 def _pydantic_dump(value: Any) -> Any:
-    return value.model_dump(mode="json")
+    # What model_validate takes back: fields by alias (as it reads them), and no computed
+    # fields (round_trip), which a model with extra="forbid" would refuse.
+    return value.model_dump(mode="json", by_alias=True, round_trip=True)
 
 
 class _NonFinite(TypeError):
@@ -226,7 +228,7 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, set | frozenset):
         out: Any = list(obj)
     elif _is_pydantic(type(obj)):
-        out = obj.model_dump(mode="json")
+        out = _pydantic_dump(obj)
     elif _is_msgspec(type(obj)):
         out = sys.modules["msgspec"].to_builtins(obj)
     else:
