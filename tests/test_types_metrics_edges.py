@@ -343,3 +343,35 @@ async def test_a_pydantic_model_with_a_computed_field_round_trips() -> None:
     """``model_dump`` writes computed fields; a model that forbids extra input then refused
     its own stored form on every replay."""
     assert await _round_trip(StrictOrder, [StrictOrder(qty=2)]) == [StrictOrder(qty=2)]
+
+
+# ------------------------------------------------------------------ replay's error
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    at: dt.datetime
+    qty: int
+    side: str  # a field added without a default, after "qty" was stored without it
+
+
+async def test_a_value_that_does_not_fit_is_named_by_its_own_position_and_offset() -> None:
+    """docs/api.md: the replay's ValueError names the event's position and offset. The
+    decoder converts a chunk's dicts in place; looking for the culprit, it decoded those
+    again (``fromisoformat`` of a datetime), and named the chunk's first event, with an
+    error that was not the event's."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        stream = run.stream("fills")  # written untyped: by an older version, say
+        for i in range(5):
+            await stream.record({"at": "2026-01-01T00:00:00", "qty": i, "side": "b"}, offset=i)
+        await stream.record({"at": "2026-01-01T00:00:00", "qty": 5}, offset=55)
+    async with apersist.run(apersist.Config(backend)) as run:
+        with pytest.raises(ValueError, match=r"position=5 offset=55 .*side") as caught:
+            await _drain(run.stream("fills", type=Fill).replay())
+        assert "fromisoformat" not in str(caught.value)
+
+
+async def _drain(events: AsyncIterator[Any]) -> None:
+    async for _event in events:
+        pass
