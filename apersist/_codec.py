@@ -85,18 +85,20 @@ class ValueCodec:
         decode = self.decode
         if decode is None:
             return values
+        decoded: list[Any] = []
         try:
-            return list(map(decode, values))
-        except Exception:  # find the culprit, for a message that names it
-            for index, value in enumerate(values):
-                try:
-                    decode(value)
-                except Exception as exc:
-                    offset = None if offsets is None else offsets[index]
-                    raise ValueError(
-                        f"cannot decode a stored value of {where} as {self.label}: "
-                        f"position={first + index} offset={offset!r} error={exc}") from exc
-            raise
+            # extend() keeps what map() gave before it raised: the culprit is the next
+            # value. (Decoding the chunk again to find it would not do: a dataclass's
+            # decoder converts its dict in place, so a value decoded once fails a second
+            # time, and the message would name that event, with an error not its own.)
+            decoded.extend(map(decode, values))
+        except Exception as exc:
+            index = len(decoded)
+            offset = None if offsets is None else offsets[index]
+            raise ValueError(
+                f"cannot decode a stored value of {where} as {self.label}: "
+                f"position={first + index} offset={offset!r} error={exc}") from exc
+        return decoded
 
     def decode_one(self, value: Any, where: str) -> Any:
         """One stored value decoded (a table's), ``ValueError`` naming ``where``."""
