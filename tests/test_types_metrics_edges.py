@@ -375,3 +375,22 @@ async def test_a_value_that_does_not_fit_is_named_by_its_own_position_and_offset
 async def _drain(events: AsyncIterator[Any]) -> None:
     async for _event in events:
         pass
+
+
+async def test_a_table_taking_its_type_leaves_the_values_it_was_given_alone() -> None:
+    """The decoder converts a dict in place: taking a type decoded the very dicts the
+    table was given (the caller's own objects), and after a refusal the table, untyped,
+    held half-converted dicts that the next try could no longer decode."""
+    given = {"at": "2026-01-01T00:00:00", "qty": 1, "side": "b"}
+    async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
+        table = await run.table("t")
+        table["a"] = given
+        table["b"] = {"at": "2026-01-01T00:00:00", "qty": 2}  # no "side": does not fit
+        with pytest.raises(ValueError, match="key 'b'"):
+            await run.table("t", type=Fill)
+        assert given == {"at": "2026-01-01T00:00:00", "qty": 1, "side": "b"}
+        assert table["a"] == given
+        del table["b"]
+        typed = await run.table("t", type=Fill)
+        assert dict(typed) == {"a": Fill(dt.datetime(2026, 1, 1), 1, "b")}
+        assert given["at"] == "2026-01-01T00:00:00"
