@@ -204,8 +204,13 @@ class Table(MutableMapping[str, V]):
         # be decoded twice. A table opened untyped first (by run.compact()) is the case.
         # All or nothing: a value that does not fit leaves the table as it was (untyped),
         # not half decoded, so that the call may be made again once the value is fixed.
-        decoded = {name: resolved.decode_one(value, f"{self._where} (key {name!r})")
-                   for name, value in self._state.items()}
+        # Decoded from fresh JSON (the key's record, else the value written again): a
+        # dataclass's decoder converts its dict in place, and the dicts here are the ones
+        # the table was given, the caller's own.
+        records, loads = self._records, orjson.loads
+        decoded = {name: resolved.decode_one(
+            loads(records[name])[1] if name in records else loads(_dumps(value)),
+            f"{self._where} (key {name!r})") for name, value in self._state.items()}
         self._state.update(decoded)
         self._codec = resolved
         self._dumps = _item_dumps(resolved)
