@@ -415,6 +415,9 @@ def _dataclass_decoder(cls: type, memo: dict[type, list[_Decoder | None]]) -> _D
                             "stored, and __init__ needs it to rebuild a value; give it a "
                             "default, or give codec=apersist.Codec(encode=..., decode=...)")
     dropped = frozenset(f.name for f in fields if not f.init)  # orjson writes them; __init__ sets them
+    init_names = frozenset(f.name for f in fields if f.init) | frozenset(
+        name for name, f in cls.__dataclass_fields__.items()  # type: ignore[attr-defined]
+        if isinstance(hints.get(name), dataclasses.InitVar))
     convert = [(f.name, d) for f in fields if f.init
                for d in [_decoder(hints.get(f.name, Any), f"field {_name(cls)}.{f.name}", memo)]
                if d is not None]
@@ -430,7 +433,17 @@ def _dataclass_decoder(cls: type, memo: dict[type, list[_Decoder | None]]) -> _D
         for name, field_decoder in convert:
             if name in value:
                 value[name] = field_decoder(value[name])
-        return cls(**value)
+        try:
+            return cls(**value)
+        except TypeError:
+            # Names __init__ does not take: attributes orjson wrote besides the fields
+            # (set in __post_init__, or a subclass's fields), or fields the class no
+            # longer has. Left out, as pydantic and msgspec leave out unknown fields; a
+            # value that fails without them fails for its own reason.
+            known = {key: item for key, item in value.items() if key in init_names}
+            if len(known) == len(value):
+                raise
+            return cls(**known)
 
     cell[0] = decode
     return decode
