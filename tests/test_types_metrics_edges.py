@@ -394,3 +394,18 @@ async def test_a_table_taking_its_type_leaves_the_values_it_was_given_alone() ->
         typed = await run.table("t", type=Fill)
         assert dict(typed) == {"a": Fill(dt.datetime(2026, 1, 1), 1, "b")}
         assert given["at"] == "2026-01-01T00:00:00"
+
+
+class Blob(pydantic.BaseModel):
+    data: bytes
+
+
+async def test_a_pydantic_model_pydantic_cannot_dump_is_refused_naming_the_stream() -> None:
+    """pydantic writes ``bytes`` as UTF-8 text by default: binary data made
+    ``model_dump`` raise a bare UnicodeDecodeError out of record(), naming neither the
+    stream nor what to do, where docs/api.md promises a TypeError naming the stream."""
+    async with apersist.run(apersist.Config(apersist.Backend.memory())) as run:
+        with pytest.raises(TypeError, match="stream 'blobs'"):
+            await run.stream("blobs", type=Blob).record(Blob(data=b"\xff\x00"))
+        with pytest.raises(TypeError, match="stream 'blobs'"):
+            await run.stream("blobs", type=Blob).record_many([Blob(data=b"\xff")])
