@@ -194,7 +194,14 @@ def _typed_dumps(check: type | tuple[type, ...] | None, expected: str,
     def dumps(value: Any) -> bytes:
         if check is not None and not isinstance(value, check):
             raise TypeError(f"expected a value of type {expected}: got={type(value).__qualname__}")
-        obj = value if to_builtins is None else to_builtins(value)
+        if to_builtins is None:
+            obj = value
+        else:
+            try:
+                obj = to_builtins(value)
+            except (TypeError, ValueError) as exc:  # the model's own dump refused it
+                raise TypeError(f"{expected} could not be dumped by its library: "
+                                f"{type(exc).__name__}: {exc}") from exc
         try:
             data = _dumps(obj, _default)
         except TypeError as exc:  # orjson's message drops _default's: give that one
