@@ -409,3 +409,24 @@ async def test_a_pydantic_model_pydantic_cannot_dump_is_refused_naming_the_strea
             await run.stream("blobs", type=Blob).record(Blob(data=b"\xff\x00"))
         with pytest.raises(TypeError, match="stream 'blobs'"):
             await run.stream("blobs", type=Blob).record_many([Blob(data=b"\xff")])
+
+
+async def test_the_replay_backlog_is_empty_once_the_run_has_ended() -> None:
+    """``apersist.replay.remaining`` is the backlog of the replays *in progress*. A replay
+    iterator still referenced when its run ended (kept on an object, or by a task that
+    outlives the block) kept its backlog in the series for as long as it lived: a
+    long-lived service's dashboard showed a backlog that nothing would ever drain."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("s").record_many(list(range(1000)))
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    async with apersist.run(apersist.Config(backend), meter_provider=provider) as run:
+        kept = run.stream("s").replay()
+        assert (await kept.__anext__()).value == 0
+    attrs = frozenset({"apersist.backend": "memory", "apersist.stream": "s"}.items())
+    assert _points(reader)["apersist.replay.remaining", attrs] == 0
+    assert _points(reader)["apersist.events.replayed", attrs] == 256  # the chunk handed on
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        await kept.__anext__()
+    assert _points(reader)["apersist.replay.remaining", attrs] == 0
