@@ -74,6 +74,9 @@ class Metrics:
         called."""
         return _nothing
 
+    def close(self) -> None:
+        """The run has ended: the replays it left unfinished are in progress no more."""
+
 
 def _nothing() -> None:
     pass
@@ -155,6 +158,18 @@ class _Instruments:
             "How long a writer waited for a commit to make room.", _SECONDS_BUCKETS)
 
 
+class _Backlog:
+    """One replay in progress: what it has yet to hand on (as told to the SDK), and what
+    it has handed on since it last told the SDK."""
+
+    __slots__ = ("attrs", "left", "unsaid")
+
+    def __init__(self, attrs: dict[str, str], left: int) -> None:
+        self.attrs = attrs
+        self.left = left
+        self.unsaid = 0
+
+
 class RunMetrics(Metrics):
     """One run's metrics: the instruments of its meter provider, with its attributes."""
 
@@ -166,6 +181,7 @@ class RunMetrics(Metrics):
         self._attrs = {"apersist.backend": backend}
         self._stream_attrs: dict[str, dict[str, str]] = {}
         self._op_attrs: dict[str, dict[str, str]] = {}
+        self._backlogs: set[_Backlog] = set()  # the replays in progress
 
     def _of_stream(self, stream: str) -> dict[str, str]:
         attrs = self._stream_attrs.get(stream)
@@ -210,9 +226,9 @@ class RunMetrics(Metrics):
         # ``chunks`` back untouched): both return an async iterator of the chunks.
         attrs = self._of_stream(stream)
         replayed, remaining = self._i.events_replayed, self._i.replay_remaining
-        left = total - skip
-        remaining.add(left, attrs)
-        unsaid = 0  # handed on, not yet told to the SDK
+        backlog = _Backlog(attrs, total - skip)
+        self._backlogs.add(backlog)
+        remaining.add(backlog.left, attrs)
         clock = time.monotonic_ns
         told = clock()
         try:
@@ -222,20 +238,33 @@ class RunMetrics(Metrics):
                     passed = min(skip, count)
                     skip -= passed
                     count -= passed
-                unsaid += count
+                backlog.unsaid += count
                 if clock() - told >= _REPLAY_FLUSH_NS:
+                    unsaid = backlog.unsaid
                     replayed.add(unsaid, attrs)
                     remaining.add(-unsaid, attrs)
-                    left -= unsaid
-                    unsaid, told = 0, clock()
+                    backlog.left -= unsaid
+                    backlog.unsaid, told = 0, clock()
                 yield chunk
         finally:
             # Ended, failed or abandoned: what it handed on is counted, and nothing of
             # this replay is left in the backlog.
-            if unsaid:
-                replayed.add(unsaid, attrs)
-            if left:
-                remaining.add(-left, attrs)
+            self._backlogs.discard(backlog)
+            self._settle(backlog)
+
+    def _settle(self, backlog: _Backlog) -> None:
+        if backlog.unsaid:
+            self._i.events_replayed.add(backlog.unsaid, backlog.attrs)
+        if backlog.left:
+            self._i.replay_remaining.add(-backlog.left, backlog.attrs)
+        backlog.left = backlog.unsaid = 0
+
+    def close(self) -> None:
+        # A replay iterator kept past the run (on an object, by a task that outlives the
+        # block) is in progress no more: it raises if it is asked for more.
+        for backlog in self._backlogs:
+            self._settle(backlog)
+        self._backlogs.clear()
 
     def watch_retries(self, driver: object) -> Callable[[], None]:
         # The run's own retry layer (S3, Azure) or one inside a driver it was given: each

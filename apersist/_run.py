@@ -457,6 +457,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             cache.close()
     finally:
         unwatch()
+        metrics.close()
         if given is None:
             with anyio.CancelScope(shield=True):
                 await driver.aclose()
