@@ -431,3 +431,20 @@ async def test_the_replay_backlog_is_empty_once_the_run_has_ended() -> None:
         await _drain(kept)  # (the rest of the slice in hand, then the refusal)
     assert _points(reader)["apersist.replay.remaining", attrs] == 0
     assert _points(reader)["apersist.events.replayed", attrs] == 256
+
+
+# ------------------------------------------------------------------ beside the brief
+
+
+async def test_a_replay_part_way_through_refuses_at_once_when_the_block_has_ended() -> None:
+    """docs/api.md ("Run"): iterating ``replay()`` after the block raises RuntimeError,
+    "also an iterator that was part-way through when the block ended". It handed on the
+    rest of the slice in hand first (up to 255 more events), checked only per chunk."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend)) as run:
+        await run.stream("s").record_many(list(range(1000)))
+    async with apersist.run(apersist.Config(backend)) as run:
+        kept = run.stream("s").replay()
+        assert (await kept.__anext__()).value == 0
+    with pytest.raises(RuntimeError, match="the run has ended"):
+        await kept.__anext__()
