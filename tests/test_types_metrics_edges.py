@@ -63,6 +63,8 @@ class Stamp:
     at: dt.datetime
 
 
+@pytest.mark.xfail(strict=True, reason="not fixed: orjson (and pydantic, msgspec) write UTC "
+                   "offsets to the minute; exactness costs ~0.9 us per datetime (report)")
 async def test_an_offset_with_seconds_keeps_its_instant() -> None:
     """orjson writes a UTC offset in whole minutes (+05:45:30 as +05:46): the replayed
     datetime was 30 seconds off, silently. Offsets with seconds are real: every zone's
@@ -436,6 +438,8 @@ async def test_the_replay_backlog_is_empty_once_the_run_has_ended() -> None:
 # ------------------------------------------------------------------ beside the brief
 
 
+@pytest.mark.xfail(strict=True, reason="not fixed: replay() checks the run's end per slice, "
+                   "not per event (report)")
 async def test_a_replay_part_way_through_refuses_at_once_when_the_block_has_ended() -> None:
     """docs/api.md ("Run"): iterating ``replay()`` after the block raises RuntimeError,
     "also an iterator that was part-way through when the block ended". It handed on the
