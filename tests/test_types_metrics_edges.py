@@ -63,8 +63,8 @@ class Stamp:
     at: dt.datetime
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: orjson (and pydantic, msgspec) write UTC "
-                   "offsets to the minute; exactness costs ~0.9 us per datetime (report)")
+@pytest.mark.xfail(strict=True, reason="a documented limit (docs/api.md, Values of your "
+                   "types): UTC offsets are stored to the minute, as RFC 3339 writes them")
 async def test_an_offset_with_seconds_keeps_its_instant() -> None:
     """orjson writes a UTC offset in whole minutes (+05:45:30 as +05:46): the replayed
     datetime was 30 seconds off, silently. Offsets with seconds are real: every zone's
