@@ -1,0 +1,194 @@
+"""Hostile review of the operator's toolbox (issue 15): the command line's error paths,
+``salvage``'s destination, ``verify``'s exit codes. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TEST_BUCKET
+from servers import S3_KEY_ID, S3_REGION, S3_SECRET
+
+import apersist
+from apersist import _cli
+from apersist import _format as fmt
+from apersist._cli import main
+from apersist._drivers import Driver, ObjectInfo
+from apersist._errors import BackendError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _fill(root: Path | apersist.Backend) -> None:
+    backend = root if isinstance(root, apersist.Backend) else apersist.Backend.filesystem(root)
+    async with apersist.run(apersist.Config(backend)) as run:
+        orders = run.stream("orders")
+        for i in range(5):
+            await orders.record({"n": i}, offset=i)
+        counts = await run.table("counts")
+        counts["a"] = 1
+        await run.commit()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    asyncio.run(_fill(root))
+    return root
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _cli_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The command line in a shell of its own, so that a test can close its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(["bash", "-c", f"{sys.executable} -m apersist._cli {command}"], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+# ----------------------------------------------------------------------------- salvage's DEST
+
+
+@pytest.mark.parametrize("dest", ["gs://bucket/salvaged", "S3://bucket/salvaged",
+                                  "s3:/bucket/salvaged", "https://bucket.example/salvaged"])
+def test_salvage_into_a_root_of_an_unknown_scheme_is_refused(
+        store: Path, tmp_path: Path, dest: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped scheme used to become a local directory (./gs:/bucket/salvaged): the
+    operator believed the store safe in the cloud while it sat in the working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["salvage", str(store), dest]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "s3://" in line, line
+    assert "az://" in line, line
+    assert list(work.iterdir()) == []
+    # Reading commands say the same, rather than "no store directory at this path".
+    assert main(["inspect", dest]) == 2
+    assert "s3://" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inside", ["salvaged", "writers/0/salvaged", "./writers/../salvaged"])
+def test_salvage_into_a_directory_inside_root_is_refused(
+        store: Path, inside: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new store inside the damaged one: a later ``rm -rf ROOT`` of the damaged store, the
+    natural next step, deletes the salvaged one with it; and ROOT's listings now hold it."""
+    before = _files(store)
+    assert main(["salvage", str(store), str(store / inside)]) == 2
+    assert "inside" in capsys.readouterr().err
+    assert _files(store) == before
+
+
+def test_salvage_into_a_parent_of_root_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ROOT inside DEST: DEST is not empty, refused as such (this held up)."""
+    root = tmp_path / "a" / "store"
+    asyncio.run(_fill(root))
+    assert main(["salvage", str(root), str(tmp_path / "a")]) == 2
+    assert "must be empty" in capsys.readouterr().err
+
+
+def test_salvage_into_a_prefix_inside_root_on_s3_is_refused(
+        tmp_path: Path, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+                        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                        "AWS_DEFAULT_REGION": S3_REGION}.items():
+        monkeypatch.setenv(name, value)
+    prefix = f"rev15-{os.getpid()}-{tmp_path.name}"
+    root = f"s3://{TEST_BUCKET}/{prefix}"
+    asyncio.run(_fill(_cli.backend_from_root(root)))
+    assert main(["salvage", root, f"{root}/salvaged"]) == 2
+    assert "inside" in capsys.readouterr().err
+    # A sibling prefix that merely starts with the same letters is not inside.
+    assert main(["salvage", root, f"{root}-salvaged"]) == 0
+
+
+# ----------------------------------------------------------------------------- stderr closed
+
+
+@pytest.mark.parametrize("redirect", ["2>&-; echo rc=$?",
+                                      "2>&1 >/dev/null | true; echo rc=${PIPESTATUS[0]}"])
+def test_an_error_with_stderr_closed_still_exits_2(tmp_path: Path, redirect: str) -> None:
+    """Exit 1 means damage found: a missing root with stderr closed (a daemon, ``2>&-``) or
+    piped into a reader that went away used to exit 1, from the traceback of the failed
+    write of the error line."""
+    done = _cli_shell(f"inspect {tmp_path / 'missing'} {redirect}", tmp_path)
+    assert done.stdout.strip().splitlines()[-1] == "rc=2", done
+
+
+def test_damage_with_stderr_closed_still_exits_1(store: Path, tmp_path: Path) -> None:
+    segment = next((store / "writers/0/segments").iterdir())
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    done = _cli_shell(f"verify {store} 2>&-; echo rc=$?", tmp_path)
+    assert done.stdout.strip().splitlines()[-1] == "rc=1", done
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def test_verify_of_a_store_of_a_newer_format_is_not_damage(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A newer apersist wrote the store: verify called it damage (exit 1, ``damaged: ...``),
+    which sends an operator to salvage a store that is whole, while inspect, dump and
+    salvage exit 2 with IncompatibleFormatError, as documented."""
+    commit = sorted((store / "writers/0/commits").iterdir())[-1]
+    body = fmt._decode_checked("k", commit.read_bytes())
+    body["format"] = [fmt.FORMAT_MAJOR + 1, 0]
+    commit.write_bytes(fmt._encode_checked(body))
+    assert main(["verify", str(store), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["error"]["type"] == "IncompatibleFormatError"
+    assert "damaged" not in captured.out
+
+
+class _FailingGets:
+    """A driver whose reads of segments fail as a backend outage does."""
+
+    def __init__(self, inner: Driver) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+        if "/segments/" in key:
+            raise BackendError(f"connection reset by peer: key={key}")
+        return await self.inner.get(key, start=start, end=end)
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        await self.inner.put(key, data, if_absent=if_absent)
+
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        await self.inner.delete(keys)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_verify_that_meets_a_backend_failure_is_not_damage(
+        store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A network failure while verify reads segments was printed as ``damaged: ...`` and
+    exited 1: the store is whole, the backend was not."""
+    real = _cli.open_driver
+    monkeypatch.setattr(_cli, "open_driver", lambda backend: _FailingGets(real(backend)))
+    assert main(["verify", str(store)]) == 2
+    captured = capsys.readouterr()
+    assert "damaged" not in captured.out
+    assert captured.err.startswith("apersist verify: BackendError: ")
