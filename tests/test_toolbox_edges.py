@@ -192,3 +192,102 @@ def test_verify_that_meets_a_backend_failure_is_not_damage(
     captured = capsys.readouterr()
     assert "damaged" not in captured.out
     assert captured.err.startswith("apersist verify: BackendError: ")
+
+
+# ----------------------------------------------------------------------------- a lost commit log
+
+
+def _lose_the_commit_log(store: Path) -> None:
+    """What ``aws s3 rm --recursive .../commits/`` or a bucket lifecycle rule does: every
+    commit record and checkpoint gone; the epoch record and the segments, with the data,
+    left."""
+    for folder in ("commits", "checkpoints"):
+        for path in sorted((store / "writers/0" / folder).rglob("*"), reverse=True):
+            if path.is_file():
+                path.unlink()
+    assert any((store / "writers/0/segments").rglob("*.seg"))
+
+
+def test_verify_of_a_store_whose_commit_log_is_gone_is_damage(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Segments are written only after their epoch's fence commit, which gc keeps for good:
+    segments with no commit record and no checkpoint mean the log was lost. verify said
+    ``verify ok`` (exit 0), so the operator never learnt the data was unreachable."""
+    _lose_the_commit_log(store)
+    assert main(["verify", str(store)]) == 1
+    assert "commit log" in capsys.readouterr().out
+
+
+def test_salvage_of_a_store_whose_commit_log_is_gone_does_not_say_nothing_was_lost(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """salvage printed ``nothing lost: the source was whole`` and exited 0."""
+    _lose_the_commit_log(store)
+    assert main(["salvage", str(store), str(tmp_path / "copy"), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["complete"] is False
+    assert any("commit log" in d["message"] for d in doc["log_damage"])
+
+
+def test_a_new_store_whose_writer_stopped_before_its_fence_is_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An epoch record and nothing else (a writer stopped before its fence commit) is a
+    whole, empty store: no damage (this held up, and must stay so)."""
+    async def epoch_only() -> None:
+        store = apersist._store.Store(
+            apersist._drivers.open_driver(apersist.Backend.filesystem(tmp_path / "s")),
+            clock_ms=lambda: 1)
+        await store._put_created(fmt.epoch_key(fmt.WRITER, 1), fmt.EpochRecord(
+            fmt.WRITER, 1, 1, "t").encode())
+        await store._driver.aclose()
+
+    asyncio.run(epoch_only())
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- writers' names
+
+
+def test_the_command_lines_writers_name_themselves(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``compact`` fences a running service and ``salvage`` writes a new store: the
+    service's FencedError and ``inspect`` then named host and pid only (label null), not
+    that it was the operator's command line."""
+    assert main(["compact", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(store), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["writer"]["label"] == "apersist-compact"
+    assert main(["salvage", str(store), str(tmp_path / "copy")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "copy"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["writer"]["label"] == "apersist-salvage"
+
+
+@pytest.mark.parametrize("label", ["a\x9b2Jb", "a\x80b", "a\x9fb"])
+def test_a_writer_label_with_a_c1_control_character_is_refused(label: str) -> None:
+    """The docs say "without spaces or control characters"; C1 controls (U+0080..U+009F;
+    U+009B is the 8-bit CSI of terminals) passed, and ``apersist inspect`` printed them."""
+    with pytest.raises(ValueError, match="writer_label"):
+        apersist.Config(apersist.Backend.memory(), writer_label=label)
+
+
+# ----------------------------------------------------------------------------- dump
+
+
+def test_dump_of_an_unknown_name_in_a_store_of_many_streams_is_one_short_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The error line listed every stream and table: with thousands, one line of hundreds
+    of kilobytes at 3 a.m. The close names and a count are what helps."""
+    root = tmp_path / "many"
+
+    async def fill() -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            for i in range(3000):
+                await run.stream(f"orders-{i:05d}").record(i)
+
+    asyncio.run(fill())
+    assert main(["dump", str(root), "orders-0001x"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert len(line) < 2000, len(line)
+    assert "did you mean: orders-" in line, line
+    assert "3000" in line, line
