@@ -291,3 +291,14 @@ def test_dump_of_an_unknown_name_in_a_store_of_many_streams_is_one_short_line(
     assert len(line) < 2000, len(line)
     assert "did you mean: orders-" in line, line
     assert "3000" in line, line
+
+
+def test_gc_of_a_store_whose_commit_log_is_gone_deletes_nothing(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no commit naming them, every segment is garbage to gc: ``gc --grace-seconds 0``
+    deleted the only data left of the store, with exit 0."""
+    _lose_the_commit_log(store)
+    before = _files(store)
+    assert main(["gc", str(store), "--grace-seconds", "0"]) == 1
+    assert "commit log" in capsys.readouterr().err
+    assert _files(store) == before
