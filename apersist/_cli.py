@@ -33,7 +33,7 @@ from ._errors import CorruptDataError, PersistenceError
 from ._gc import collect_garbage
 from ._inspect import summarize, verify
 from ._progress import CountingDriver, progress_bar
-from ._recover import Damage, is_store, open_readable
+from ._recover import Damage, is_store, lost_commit_log, open_readable
 from ._run import run
 from ._salvage import LogReport, SalvageReport, salvage
 
@@ -308,7 +308,9 @@ def _loss(log: LogReport) -> str:
 
 async def _compact(args: argparse.Namespace, out: _Output) -> int:
     retention = Retention(max_events=args.max_events, max_age_ms=args.max_age_ms)
-    config = Config(backend_from_root(args.root), retention=retention)
+    # Named, so that the service this fences, and inspect, say it was the command line.
+    config = Config(backend_from_root(args.root), retention=retention,
+                    writer_label="apersist-compact")
     driver = await _open_store(args.root, counting="compact")
     try:
         async with run(config, driver=driver) as r:
@@ -330,6 +332,11 @@ async def _gc(args: argparse.Namespace, out: _Output) -> int:
     dry_run, grace_s = args.dry_run, args.grace_seconds
     driver = await _open_store(args.root, counting="gc")
     try:
+        # With no commit log, every segment looks like garbage: the data that is left.
+        lost = await lost_commit_log(driver, 0)
+        if lost is not None:
+            raise CorruptDataError(f"gc deletes nothing in a store whose commit log is lost; "
+                                   f"salvage what is left first: {lost.message}")
         # gc's own clock dates the garbage (see apersist/_gc.py); writers' clocks never do.
         plan = await collect_garbage(driver, grace_ms=round(grace_s * 1000),
                                      now_ms=time.time_ns() // 1_000_000, dry_run=dry_run)

@@ -21,6 +21,10 @@ from ._recover import Damage, OpenedStore, read_log
 __all__ = ["DumpResult", "UnknownNameError", "dump_stream", "dump_table", "resolve", "table_rows"]
 
 
+# Names listed by the error of an unknown name, at most.
+_LISTED = 20
+
+
 class UnknownNameError(ValueError):
     """``dump`` was given a name that is neither a stream nor a table of the store."""
 
@@ -54,7 +58,10 @@ def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
     close = [candidates[c] for c in difflib.get_close_matches(name.lower(), list(candidates), n=3,
                                                               cutoff=0.6)]
     hint = f" did you mean: {', '.join(close)}?" if close else ""
-    listing = ", ".join(known) if known else "none"
+    # A store may hold thousands of names: the first few and a count keep this one line.
+    listing = ", ".join(known[:_LISTED]) if known else "none"
+    if len(known) > _LISTED:
+        listing += f", ... ({len(known)} in all)"
     # A name added by a commit after the damage cannot be seen: say the log is cut short.
     cut = (f" (the commit log reads only up to commit {opened.store.last_seq}; damaged: "
            f"{opened.damage[0].message})" if opened.damage else "")

@@ -14,6 +14,7 @@ from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError
 from ._gc import plan_gc, read_marker
+from ._recover import lost_commit_log
 from ._store import Store
 
 __all__ = ["StoreReport", "find_garbage", "summarize", "verify"]
@@ -93,6 +94,9 @@ async def verify(driver: Driver) -> list[str]:
         await store.load()
     except CorruptDataError as exc:
         return [str(exc)]
+    lost = await lost_commit_log(driver, store.last_seq)
+    if lost is not None:
+        problems.append(lost.message)
     # Every epoch record, not only those live commits name (load() checked those): each
     # must decode and name the epoch of its own key.
     prefix = fmt.epochs_prefix(fmt.WRITER)

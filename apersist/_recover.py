@@ -30,7 +30,8 @@ from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError, PersistenceError
 from ._store import Store, _State
 
-__all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "open_readable", "read_log"]
+__all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "lost_commit_log",
+           "open_readable", "read_log"]
 
 # Segments fetched at once while a log is read (each is checked as it comes).
 _READ_AHEAD = 8
@@ -103,6 +104,29 @@ async def is_store(driver: Driver) -> bool:
     return False
 
 
+async def lost_commit_log(driver: Driver, last_seq: int) -> Damage | None:
+    """The damage of a store whose commit log is gone while its data is not: segments are
+    listed, but no commit record and no checkpoint (a writer uploads segments only after
+    its epoch's fence commit, which gc keeps for good). None if the store has a commit
+    (``last_seq``), or no segment: an epoch record alone is a writer that stopped before
+    its fence, a whole empty store."""
+    if last_seq > 0:
+        return None
+    segments = 0
+    async for _info in driver.list(fmt.segments_prefix(fmt.WRITER)):
+        segments += 1
+    if not segments:
+        return None
+    # Listed after the segments: a writer that fenced a new store meanwhile is seen here.
+    for prefix in (fmt.commits_prefix(fmt.WRITER), fmt.checkpoints_prefix(fmt.WRITER)):
+        async for _info in driver.list(prefix):
+            return None
+    key = fmt.commits_prefix(fmt.WRITER)
+    return Damage(key, 0, f"the commit log is missing: segments exist, but no commit record "
+                          f"or checkpoint names them, so their data cannot be read in order: "
+                          f"key={key} offset=0 segments={segments}")
+
+
 async def open_readable(driver: Driver) -> OpenedStore:
     """Read the store's commit log as far as it is whole; never raises ``CorruptDataError``.
 
@@ -114,10 +138,13 @@ async def open_readable(driver: Driver) -> OpenedStore:
     store = Store(driver, clock_ms=lambda: 0)
     try:
         await store.load()
-        return OpenedStore(store, [])
+        gone = await lost_commit_log(driver, store.last_seq)
+        return OpenedStore(store, [] if gone is None else [gone])
     except CorruptDataError as exc:
         refused = Damage.of(exc, fmt.writer_prefix(fmt.WRITER))
     state, damage, lost, after = await _walk_log(store, driver)
+    if not damage and (missing := await lost_commit_log(driver, state.last_seq)) is not None:
+        damage.append(missing)
     # The store's own state is replaced by the walked one: the same fold (Store._apply) of
     # the same records, stopped at the last whole commit instead of refused.
     store._state = state
