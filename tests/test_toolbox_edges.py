@@ -302,3 +302,22 @@ def test_gc_of_a_store_whose_commit_log_is_gone_deletes_nothing(
     assert main(["gc", str(store), "--grace-seconds", "0"]) == 1
     assert "commit log" in capsys.readouterr().err
     assert _files(store) == before
+
+
+@pytest.mark.parametrize(("name", "noun"), [("orders", "events"), ("counts", "rows")])
+def test_dump_of_a_store_with_a_damaged_epoch_record_says_nothing_was_cut(
+        store: Path, name: str, noun: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The commit log reads whole past a damaged epoch record, and every event is printed;
+    dump said ``stream orders is damaged; the 5 events before the damage were printed``,
+    which tells the operator that later events were lost."""
+    epoch = next((store / "writers/0/epochs").iterdir())
+    data = bytearray(epoch.read_bytes())
+    data[40] ^= 1
+    epoch.write_bytes(bytes(data))
+    assert main(["dump", str(store), name]) == 1
+    captured = capsys.readouterr()
+    count = len(captured.out.splitlines())
+    [line] = captured.err.splitlines()
+    assert f"all {count} {noun} were printed" in line, line
+    assert f"{name} is damaged" not in line, line
+    assert "key=writers/0/epochs/" in line
