@@ -208,7 +208,10 @@ async def _dump(args: argparse.Namespace, out: _Output) -> int:
         noun = "events" if kind == "stream" else "rows"
         printed = (f"the {result.count} {noun} before the damage were printed" if result.cut
                    else f"all {result.count} {noun} were printed: the damage lost none")
-        out.warn(f"apersist dump: {kind} {args.name} is damaged; {printed}: {first.message}")
+        # The log's own damage comes first; without any, the damage is the store's (an
+        # epoch record, a commit record), not this log's.
+        subject = f"{kind} {args.name}" if len(result.damage) > len(opened.damage) else "the store"
+        out.warn(f"apersist dump: {subject} is damaged; {printed}: {first.message}")
         for more in result.damage[1:]:
             out.warn(f"apersist dump: also damaged: {more.message}")
         return EXIT_DAMAGE

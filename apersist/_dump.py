@@ -86,7 +86,9 @@ async def dump_stream(opened: OpenedStore, name: str,
             if part.damage is not None:
                 result.damage.insert(0, part.damage)
                 result.cut = not part.whole
-    result.cut = result.cut or bool(opened.damage)
+    # The store's own damage cuts the dump only if it ended the commit log early (a damaged
+    # epoch record, or an older checkpoint read instead of a damaged newer one, lose nothing).
+    result.cut = result.cut or opened.lost_commits > 0
     return result
 
 
@@ -140,7 +142,7 @@ async def dump_table(opened: OpenedStore, name: str,
         rows, damage, counts = await table_rows(opened, name, bar.update)
     result.damage[:0] = damage
     # A table whose damaged segments all read (only a trailer hit) lost no row.
-    result.cut = bool(opened.damage) or counts["snapshot_kept"] < counts["snapshot_records"] or (
+    result.cut = opened.lost_commits > 0 or counts["snapshot_kept"] < counts["snapshot_records"] or (
         counts["deltas_kept"] < counts["delta_records"])
     for record in rows.values():
         key, value = orjson.loads(record)
