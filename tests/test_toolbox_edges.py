@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import apersist
 from apersist import _cli
 from apersist import _format as fmt
 from apersist._cli import main
-from apersist._drivers import Driver, ObjectInfo
-from apersist._errors import BackendError
+from apersist._drivers import Driver, ObjectInfo, open_driver
+from apersist._errors import BackendError, WriterActiveError
+from apersist._store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,9 +235,7 @@ def test_a_new_store_whose_writer_stopped_before_its_fence_is_whole(
     """An epoch record and nothing else (a writer stopped before its fence commit) is a
     whole, empty store: no damage (this held up, and must stay so)."""
     async def epoch_only() -> None:
-        store = apersist._store.Store(
-            apersist._drivers.open_driver(apersist.Backend.filesystem(tmp_path / "s")),
-            clock_ms=lambda: 1)
+        store = Store(open_driver(apersist.Backend.filesystem(tmp_path / "s")), clock_ms=lambda: 1)
         await store._put_created(fmt.epoch_key(fmt.WRITER, 1), fmt.EpochRecord(
             fmt.WRITER, 1, 1, "t").encode())
         await store._driver.aclose()
@@ -321,3 +321,31 @@ def test_dump_of_a_store_with_a_damaged_epoch_record_says_nothing_was_cut(
     assert f"all {count} {noun} were printed" in line, line
     assert f"{name} is damaged" not in line, line
     assert "key=writers/0/epochs/" in line
+
+
+# ----------------------------------------------------------------------------- takeover_idle_ms
+
+
+async def test_a_writer_that_committed_while_the_store_was_opened_is_active(tmp_path: Path) -> None:
+    """The idle check measured the age of the newest commit *as loaded*: a writer that
+    committed after the opening run listed the log (a load of a long log takes seconds on
+    S3) was judged by its older commit, and taken over while at work."""
+    backend = apersist.Backend.filesystem(tmp_path / "s")
+    async with apersist.run(apersist.Config(backend, writer_label="busy")) as busy:
+        await busy.stream("s").record(1)
+        await busy.commit()
+        hour_ago = time.time() - 3600
+        for path in (tmp_path / "s").rglob("*.json"):
+            os.utime(path, (hour_ago, hour_ago))
+        driver = open_driver(backend)
+        try:
+            opening = Store(driver, clock_ms=lambda: time.time_ns() // 1_000_000)
+            await opening.load()  # sees the commit of an hour ago
+            await busy.stream("s").record(2)
+            await busy.commit()  # the busy writer commits now
+            with pytest.raises(WriterActiveError) as info:
+                await opening.refuse_active_writer(60_000)
+            assert info.value.holder is not None
+            assert info.value.holder.label == "busy"
+        finally:
+            await driver.aclose()
