@@ -349,3 +349,29 @@ async def test_a_writer_that_committed_while_the_store_was_opened_is_active(tmp_
             assert info.value.holder.label == "busy"
         finally:
             await driver.aclose()
+
+
+def test_dump_of_a_stream_that_only_later_commits_hold_is_damage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The name is right, and the commit records after the damage that still decode name
+    it: dump said ``UnknownNameError`` and exit 2 (a typo), where the stream was lost to
+    damage (exit 1, damage found)."""
+    root = tmp_path / "s"
+
+    async def fill() -> None:
+        async with apersist.run(apersist.Config(apersist.Backend.filesystem(root))) as run:
+            await run.stream("orders").record(1)
+            await run.commit()
+            await run.stream("orders").record(2)
+            await run.commit()
+            await run.stream("late").record("x")
+            await run.commit()
+
+    asyncio.run(fill())
+    commits = sorted(p for p in (root / "writers/0/commits").rglob("*.json"))
+    damaged = commits[-2]  # the second commit of orders; "late" comes in the one after it
+    damaged.write_bytes(damaged.read_bytes().replace(b'"commit"', b'"commiT"'))
+    assert main(["dump", str(root), "late"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "CorruptDataError" in line, line
+    assert f"key=writers/0/commits/{damaged.name}" in line, line
