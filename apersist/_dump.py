@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._errors import CorruptDataError
 from ._progress import progress_bar
 from ._recover import Damage, OpenedStore, read_log
 
@@ -51,6 +52,15 @@ def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
         return "stream"
     if name in tables:
         return "table"
+    kinds = (fmt.KIND_TABLE, fmt.KIND_TABLE_SNAPSHOT) + (() if table else (fmt.KIND_EVENTS,))
+    lost = sorted({k for k, n in opened.beyond if n == name and k in kinds})
+    if lost and opened.damage:
+        # Not a typo: the commits that hold it come after the damage that ends the log.
+        what = "stream" if lost == [fmt.KIND_EVENTS] else "table" if fmt.KIND_EVENTS not in lost else (
+            "stream or table")
+        raise CorruptDataError(f"the {what} {name} is only in commits after the last whole one "
+                               f"(commit {opened.store.last_seq}), which damage cut off: none of "
+                               f"it can be read; damaged: {opened.damage[0].message}")
     kind = "table" if table else "stream or table"
     known = [f"table {t}" for t in tables] if table else (
         [f"stream {s}" for s in streams] + [f"table {t}" for t in tables])
