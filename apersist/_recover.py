@@ -109,22 +109,27 @@ async def lost_commit_log(driver: Driver, last_seq: int) -> Damage | None:
     listed, but no commit record and no checkpoint (a writer uploads segments only after
     its epoch's fence commit, which gc keeps for good). None if the store has a commit
     (``last_seq``), or no segment: an epoch record alone is a writer that stopped before
-    its fence, a whole empty store."""
+    its fence, a whole empty store. Reads one listing entry of each prefix, mostly."""
     if last_seq > 0:
         return None
-    segments = 0
-    async for _info in driver.list(fmt.segments_prefix(fmt.WRITER)):
-        segments += 1
-    if not segments:
-        return None
-    # Listed after the segments: a writer that fenced a new store meanwhile is seen here.
-    for prefix in (fmt.commits_prefix(fmt.WRITER), fmt.checkpoints_prefix(fmt.WRITER)):
+
+    async def any_under(prefix: str) -> bool:
         async for _info in driver.list(prefix):
-            return None
+            return True
+        return False
+
+    async def logged() -> bool:
+        return (await any_under(fmt.commits_prefix(fmt.WRITER))
+                or await any_under(fmt.checkpoints_prefix(fmt.WRITER)))
+
+    # The log is listed again after the segments: a writer that fenced a new store since
+    # the first look is seen then (its fence commit lands before any of its segments).
+    if await logged() or not await any_under(fmt.segments_prefix(fmt.WRITER)) or await logged():
+        return None
     key = fmt.commits_prefix(fmt.WRITER)
     return Damage(key, 0, f"the commit log is missing: segments exist, but no commit record "
                           f"or checkpoint names them, so their data cannot be read in order: "
-                          f"key={key} offset=0 segments={segments}")
+                          f"key={key} offset=0")
 
 
 async def open_readable(driver: Driver) -> OpenedStore:
