@@ -375,3 +375,44 @@ def test_dump_of_a_stream_that_only_later_commits_hold_is_damage(
     [line] = capsys.readouterr().err.splitlines()
     assert "CorruptDataError" in line, line
     assert f"key=writers/0/commits/{damaged.name}" in line, line
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+async def test_reading_a_log_for_dump_and_salvage_holds_a_bounded_window_of_bytes() -> None:
+    """``read_log`` fetched 8 segments at once whatever their size: with a writer's
+    ``max_segment_bytes`` of 256 MiB, ``dump`` and ``salvage`` held 2 GiB before printing a
+    line. A run's replay bounds its window by bytes (8 MiB, or one segment if bigger)."""
+    from apersist import _recover
+
+    backend = apersist.Backend.memory()
+    segment = 2 << 20
+    config = apersist.Config(backend, max_segment_bytes=segment, max_pending_bytes=64 << 20,
+                             snapshot_interval_ms=3_600_000)
+    async with apersist.run(config) as run:
+        stream = run.stream("big")
+        for i in range(8 * 2 * 512):  # 8 segments of 2 MiB: 16 MiB, twice the bound
+            await stream.record("x" * 2000, offset=i)
+        await run.commit()
+
+    fetched = 0
+
+    class Counting(_FailingGets):
+        async def get(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
+            nonlocal fetched
+            data = await self.inner.get(key, start=start, end=end)
+            if "/segments/" in key:
+                fetched += len(data)
+            return data
+
+    driver = Counting(open_driver(backend))
+    try:
+        opened = await _recover.open_readable(driver)
+        refs = [s.ref for s in opened.store.segments(fmt.KIND_EVENTS, "big")]
+        assert len(refs) >= 8
+        async for _part in _recover.read_log(opened.store, fmt.KIND_EVENTS, "big"):
+            break
+        assert fetched <= max(8 << 20, max(r.size for r in refs)), (fetched, len(refs))
+    finally:
+        await driver.aclose()
