@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -25,14 +26,14 @@ import orjson
 
 from . import __version__
 from . import _format as fmt
-from ._config import AwsS3Settings, Backend, Config, Retention
+from ._config import AwsS3Settings, AzureBackend, Backend, Config, FilesystemBackend, Retention, S3Backend
 from ._drivers import Driver, open_driver
 from ._dump import dump_stream, dump_table, resolve
 from ._errors import CorruptDataError, PersistenceError
 from ._gc import collect_garbage
 from ._inspect import summarize, verify
 from ._progress import CountingDriver, progress_bar
-from ._recover import Damage, is_store, open_readable
+from ._recover import Damage, is_store, lost_commit_log, open_readable
 from ._run import run
 from ._salvage import LogReport, SalvageReport, salvage
 
@@ -49,6 +50,11 @@ EXIT_PIPE_CLOSED = 141  # as a process killed by SIGPIPE: 128 + 13
 # (added by a newer report) is printed generically after them.
 _INSPECT_KEYS = frozenset({"last_seq", "live_commits", "writer_epoch", "stored_bytes", "writer", "streams",
                            "tables", "cache"})
+
+
+# A root that looks like a URL (``scheme:/...``; a scheme of two letters or more, so that a
+# Windows drive letter is still a path).
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 class NotAStoreError(ValueError):
@@ -78,6 +84,11 @@ def backend_from_root(root: str, *, create: bool = False) -> Backend:
             raise ValueError("az:// roots need AZURE_STORAGE_ACCOUNT and AZURE_STORAGE_KEY")
         return Backend.azure(prefix, account, key, container,
                              endpoint=os.environ.get("AZURE_STORAGE_ENDPOINT"))
+    if _URL_RE.match(root):
+        # A mistyped scheme (gs://, S3://, s3:/) would otherwise be a local directory, and
+        # salvage would write its store there.
+        raise ValueError(f"unknown scheme: a root is s3://bucket/prefix, az://container/prefix "
+                         f"or a directory: root={root}")
     if create:
         if os.path.exists(root) and not os.path.isdir(root):
             raise ValueError(f"not a directory: root={root}")
@@ -99,7 +110,7 @@ class _Output:
             sys.stdout.write(text + "\n")
 
     def warn(self, text: str) -> None:
-        sys.stderr.write(text + "\n")
+        _say(text)
 
     def finish(self) -> None:
         if self.as_json:
@@ -197,17 +208,45 @@ async def _dump(args: argparse.Namespace, out: _Output) -> int:
         noun = "events" if kind == "stream" else "rows"
         printed = (f"the {result.count} {noun} before the damage were printed" if result.cut
                    else f"all {result.count} {noun} were printed: the damage lost none")
-        out.warn(f"apersist dump: {kind} {args.name} is damaged; {printed}: {first.message}")
+        # The log's own damage comes first; without any, the damage is the store's (an
+        # epoch record, a commit record), not this log's.
+        subject = f"{kind} {args.name}" if len(result.damage) > len(opened.damage) else "the store"
+        out.warn(f"apersist dump: {subject} is damaged; {printed}: {first.message}")
         for more in result.damage[1:]:
             out.warn(f"apersist dump: also damaged: {more.message}")
         return EXIT_DAMAGE
     return EXIT_OK
 
 
+def _inside(dest: Backend, root: Backend) -> bool:
+    """Whether the store at ``dest`` would lie inside the one at ``root`` (or be it)."""
+    def parts(prefix: str) -> list[str]:
+        return [p for p in prefix.split("/") if p]
+
+    if isinstance(dest, FilesystemBackend) and isinstance(root, FilesystemBackend):
+        return dest.path.resolve().is_relative_to(root.path.resolve())
+    if isinstance(dest, S3Backend) and isinstance(root, S3Backend):
+        same = (dest.bucket_settings.bucket_name, dest.bucket_settings.endpoint) == (
+            root.bucket_settings.bucket_name, root.bucket_settings.endpoint)
+    elif isinstance(dest, AzureBackend) and isinstance(root, AzureBackend):
+        same = (dest.account, dest.container, dest.endpoint) == (
+            root.account, root.container, root.endpoint)
+    else:
+        return False
+    inner, outer = parts(dest.root_path), parts(root.root_path)
+    return same and inner[:len(outer)] == outer
+
+
 async def _salvage(args: argparse.Namespace, out: _Output) -> int:
+    dest_backend = backend_from_root(args.dest, create=True)
+    if _inside(dest_backend, backend_from_root(args.root)):
+        # The new store would be mixed into the damaged one's tree: removing the damaged
+        # store, the next step, would remove it too.
+        raise ValueError(f"the destination of a salvage must not be inside the store it "
+                         f"salvages: root={args.root} dest={args.dest}")
     source = await _open_store(args.root)
     try:
-        dest: Driver = open_driver(backend_from_root(args.dest, create=True))
+        dest: Driver = open_driver(dest_backend)
         try:
             report = await salvage(source, dest)
         finally:
@@ -272,7 +311,9 @@ def _loss(log: LogReport) -> str:
 
 async def _compact(args: argparse.Namespace, out: _Output) -> int:
     retention = Retention(max_events=args.max_events, max_age_ms=args.max_age_ms)
-    config = Config(backend_from_root(args.root), retention=retention)
+    # Named, so that the service this fences, and inspect, say it was the command line.
+    config = Config(backend_from_root(args.root), retention=retention,
+                    writer_label="apersist-compact")
     driver = await _open_store(args.root, counting="compact")
     try:
         async with run(config, driver=driver) as r:
@@ -294,6 +335,11 @@ async def _gc(args: argparse.Namespace, out: _Output) -> int:
     dry_run, grace_s = args.dry_run, args.grace_seconds
     driver = await _open_store(args.root, counting="gc")
     try:
+        # With no commit log, every segment looks like garbage: the data that is left.
+        lost = await lost_commit_log(driver, 0)
+        if lost is not None:
+            raise CorruptDataError(f"gc deletes nothing in a store whose commit log is lost; "
+                                   f"salvage what is left first: {lost.message}")
         # gc's own clock dates the garbage (see apersist/_gc.py); writers' clocks never do.
         plan = await collect_garbage(driver, grace_ms=round(grace_s * 1000),
                                      now_ms=time.time_ns() // 1_000_000, dry_run=dry_run)
@@ -463,11 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # fails, a fenced writer) is 2.
         code = EXIT_DAMAGE if isinstance(exc, CorruptDataError) else EXIT_ERROR
         if args.debug:
-            traceback.print_exc(file=sys.stderr)
+            _say(traceback.format_exc().rstrip("\n"))
         kind = type(exc).__name__
         if not isinstance(exc, PersistenceError | ValueError | OSError):
             kind = f"unexpected {kind} (run with --debug for the traceback)"
-        sys.stderr.write(f"apersist {args.command}: {kind}: {_one_line(exc)}\n")
+        _say(f"apersist {args.command}: {kind}: {_one_line(exc)}")
         out.doc = {"error": {"type": type(exc).__name__, "message": _one_line(exc)}}
     if args.json:
         out.doc["exit_code"] = code
@@ -477,6 +523,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _pipe_closed()
     return code
+
+
+def _say(text: str) -> None:
+    """Write one line to stderr, if it can still be written: a closed stderr (``2>&-``, a
+    daemon) or one piped into a reader that went away must not turn the exit code into a
+    traceback's 1, which means damage found."""
+    stderr = sys.stderr
+    if stderr is None:  # started with it closed: descriptor 2 may be any file opened since
+        return
+    try:
+        stderr.write(text + "\n")
+        stderr.flush()
+    except (OSError, ValueError):
+        # Its reader went away: point it at devnull, so that the interpreter has nothing
+        # left to fail to flush at exit.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stderr.fileno())
 
 
 def _pipe_closed() -> int:

@@ -512,7 +512,7 @@ class Config:
 
 
 # A label is shown in messages among key=value facts: no spaces, no control characters.
-_LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,128}")
+_LABEL_RE = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,128}")  # C0, DEL and C1 controls
 
 
 def _label(value: object) -> str:

@@ -15,10 +15,15 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._errors import CorruptDataError
 from ._progress import progress_bar
 from ._recover import Damage, OpenedStore, read_log
 
 __all__ = ["DumpResult", "UnknownNameError", "dump_stream", "dump_table", "resolve", "table_rows"]
+
+
+# Names listed by the error of an unknown name, at most.
+_LISTED = 20
 
 
 class UnknownNameError(ValueError):
@@ -47,6 +52,15 @@ def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
         return "stream"
     if name in tables:
         return "table"
+    kinds = (fmt.KIND_TABLE, fmt.KIND_TABLE_SNAPSHOT) + (() if table else (fmt.KIND_EVENTS,))
+    lost = sorted({k for k, n in opened.beyond if n == name and k in kinds})
+    if lost and opened.damage:
+        # Not a typo: the commits that hold it come after the damage that ends the log.
+        what = "stream" if lost == [fmt.KIND_EVENTS] else "table" if fmt.KIND_EVENTS not in lost else (
+            "stream or table")
+        raise CorruptDataError(f"the {what} {name} is only in commits after the last whole one "
+                               f"(commit {opened.store.last_seq}), which damage cut off: none of "
+                               f"it can be read; damaged: {opened.damage[0].message}")
     kind = "table" if table else "stream or table"
     known = [f"table {t}" for t in tables] if table else (
         [f"stream {s}" for s in streams] + [f"table {t}" for t in tables])
@@ -54,7 +68,10 @@ def resolve(opened: OpenedStore, name: str, *, table: bool) -> str:
     close = [candidates[c] for c in difflib.get_close_matches(name.lower(), list(candidates), n=3,
                                                               cutoff=0.6)]
     hint = f" did you mean: {', '.join(close)}?" if close else ""
-    listing = ", ".join(known) if known else "none"
+    # A store may hold thousands of names: the first few and a count keep this one line.
+    listing = ", ".join(known[:_LISTED]) if known else "none"
+    if len(known) > _LISTED:
+        listing += f", ... ({len(known)} in all)"
     # A name added by a commit after the damage cannot be seen: say the log is cut short.
     cut = (f" (the commit log reads only up to commit {opened.store.last_seq}; damaged: "
            f"{opened.damage[0].message})" if opened.damage else "")
@@ -79,7 +96,9 @@ async def dump_stream(opened: OpenedStore, name: str,
             if part.damage is not None:
                 result.damage.insert(0, part.damage)
                 result.cut = not part.whole
-    result.cut = result.cut or bool(opened.damage)
+    # The store's own damage cuts the dump only if it ended the commit log early (a damaged
+    # epoch record, or an older checkpoint read instead of a damaged newer one, lose nothing).
+    result.cut = result.cut or opened.lost_commits > 0
     return result
 
 
@@ -133,7 +152,7 @@ async def dump_table(opened: OpenedStore, name: str,
         rows, damage, counts = await table_rows(opened, name, bar.update)
     result.damage[:0] = damage
     # A table whose damaged segments all read (only a trailer hit) lost no row.
-    result.cut = bool(opened.damage) or counts["snapshot_kept"] < counts["snapshot_records"] or (
+    result.cut = opened.lost_commits > 0 or counts["snapshot_kept"] < counts["snapshot_records"] or (
         counts["deltas_kept"] < counts["delta_records"])
     for record in rows.values():
         key, value = orjson.loads(record)

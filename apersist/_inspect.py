@@ -12,8 +12,9 @@ import orjson
 from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
-from ._errors import PersistenceError
+from ._errors import CorruptDataError
 from ._gc import plan_gc, read_marker
+from ._recover import lost_commit_log
 from ._store import Store
 
 __all__ = ["StoreReport", "find_garbage", "summarize", "verify"]
@@ -81,13 +82,21 @@ async def summarize(driver: Driver) -> StoreReport:
 
 
 async def verify(driver: Driver) -> list[str]:
-    """Read and check every live object; return one line per damaged object (empty: all good)."""
+    """Read and check every live object; return one line per damaged object (empty: all good).
+
+    Only damage (``CorruptDataError``) is returned: a backend that fails (``BackendError``)
+    or a store of a newer format (``IncompatibleFormatError``) raises, for the store may
+    well be whole.
+    """
     problems: list[str] = []
     store = Store(driver, clock_ms=lambda: 0)
     try:
         await store.load()
-    except PersistenceError as exc:
+    except CorruptDataError as exc:
         return [str(exc)]
+    lost = await lost_commit_log(driver, store.last_seq)
+    if lost is not None:
+        problems.append(lost.message)
     # Every epoch record, not only those live commits name (load() checked those): each
     # must decode and name the epoch of its own key.
     prefix = fmt.epochs_prefix(fmt.WRITER)
@@ -97,7 +106,7 @@ async def verify(driver: Driver) -> list[str]:
             continue
         try:
             await store.read_epoch(number)
-        except PersistenceError as exc:
+        except CorruptDataError as exc:
             problems.append(str(exc))
     # Every commit record and checkpoint, those a checkpoint folds included (opening reads
     # only the newest checkpoint and the commits after it).
@@ -111,7 +120,7 @@ async def verify(driver: Driver) -> list[str]:
     # The gc marker, if gc ever wrote one (a damaged one only postpones gc, but is damage).
     try:
         await read_marker(driver, fmt.WRITER)
-    except PersistenceError as exc:
+    except CorruptDataError as exc:
         problems.append(str(exc))
     for kind in sorted(fmt.KINDS):
         for name in store.log_names(kind):
@@ -123,7 +132,7 @@ async def verify(driver: Driver) -> list[str]:
                     walk = view.event_chunks(4096) if kind == fmt.KIND_EVENTS else view.records()
                     for _ in walk:
                         pass
-                except PersistenceError as exc:
+                except CorruptDataError as exc:
                     problems.append(str(exc))
     return problems
 
@@ -136,7 +145,7 @@ async def _check_numbered(driver: Driver, key: str, number: int,
         record = decode(key, await driver.get(key))
     except ObjectNotFoundError:
         return None  # collected since it was listed
-    except PersistenceError as exc:
+    except CorruptDataError as exc:
         return str(exc)
     if record.seq != number or record.writer != fmt.WRITER:
         return (f"record names another position: key={key} offset=0 seq={record.seq} "

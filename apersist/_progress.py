@@ -24,8 +24,13 @@ DELAY_S = 1.0
 
 def progress_bar(desc: str, *, total: int | None = None, unit: str = "object") -> tqdm[Any]:
     """A tqdm bar on stderr, disabled (drawing nothing) unless stderr is a terminal."""
-    return tqdm(desc=desc, total=total, unit=f" {unit}", file=sys.stderr, delay=DELAY_S,
-                disable=not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+    stderr = sys.stderr  # None when the process was started with it closed (2>&-)
+    try:
+        terminal = stderr is not None and stderr.isatty()
+    except (OSError, ValueError):
+        terminal = False
+    return tqdm(desc=desc, total=total, unit=f" {unit}", file=stderr, delay=DELAY_S,
+                disable=not terminal, leave=False, dynamic_ncols=True)
 
 
 class CountingDriver:

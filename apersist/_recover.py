@@ -30,10 +30,13 @@ from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError, PersistenceError
 from ._store import Store, _State
 
-__all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "open_readable", "read_log"]
+__all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "lost_commit_log",
+           "open_readable", "read_log"]
 
-# Segments fetched at once while a log is read (each is checked as it comes).
+# Segments fetched at once while a log is read (each is checked as it comes), holding at
+# most _WINDOW_BYTES (or one segment, if bigger).
 _READ_AHEAD = 8
+_WINDOW_BYTES = 8 << 20
 # A segment's trailer: count, body length, body CRC, trailer CRC, end magic.
 _TRAILER_SIZE = fmt._TRAILER.size
 
@@ -103,6 +106,34 @@ async def is_store(driver: Driver) -> bool:
     return False
 
 
+async def lost_commit_log(driver: Driver, last_seq: int) -> Damage | None:
+    """The damage of a store whose commit log is gone while its data is not: segments are
+    listed, but no commit record and no checkpoint (a writer uploads segments only after
+    its epoch's fence commit, which gc keeps for good). None if the store has a commit
+    (``last_seq``), or no segment: an epoch record alone is a writer that stopped before
+    its fence, a whole empty store. Reads one listing entry of each prefix, mostly."""
+    if last_seq > 0:
+        return None
+
+    async def any_under(prefix: str) -> bool:
+        async for _info in driver.list(prefix):
+            return True
+        return False
+
+    async def logged() -> bool:
+        return (await any_under(fmt.commits_prefix(fmt.WRITER))
+                or await any_under(fmt.checkpoints_prefix(fmt.WRITER)))
+
+    # The log is listed again after the segments: a writer that fenced a new store since
+    # the first look is seen then (its fence commit lands before any of its segments).
+    if await logged() or not await any_under(fmt.segments_prefix(fmt.WRITER)) or await logged():
+        return None
+    key = fmt.commits_prefix(fmt.WRITER)
+    return Damage(key, 0, f"the commit log is missing: segments exist, but no commit record "
+                          f"or checkpoint names them, so their data cannot be read in order: "
+                          f"key={key} offset=0")
+
+
 async def open_readable(driver: Driver) -> OpenedStore:
     """Read the store's commit log as far as it is whole; never raises ``CorruptDataError``.
 
@@ -114,10 +145,13 @@ async def open_readable(driver: Driver) -> OpenedStore:
     store = Store(driver, clock_ms=lambda: 0)
     try:
         await store.load()
-        return OpenedStore(store, [])
+        gone = await lost_commit_log(driver, store.last_seq)
+        return OpenedStore(store, [] if gone is None else [gone])
     except CorruptDataError as exc:
         refused = Damage.of(exc, fmt.writer_prefix(fmt.WRITER))
     state, damage, lost, after = await _walk_log(store, driver)
+    if not damage and (missing := await lost_commit_log(driver, state.last_seq)) is not None:
+        damage.append(missing)
     # The store's own state is replaced by the walked one: the same fold (Store._apply) of
     # the same records, stopped at the last whole commit instead of refused.
     store._state = state
@@ -261,8 +295,16 @@ async def read_log(store: Store, kind: str, name: str, *,
         newest = store.segments(kind, name)[-1].seq
         refs = [seg.ref for seg in store.segments(kind, name) if seg.seq == newest]
     driver = store._driver  # the store's own driver: read_log reads what it names
-    for start in range(0, len(refs), _READ_AHEAD):
-        window = refs[start:start + _READ_AHEAD]
+    start = 0
+    while start < len(refs):
+        # At most _READ_AHEAD segments and _WINDOW_BYTES (or one segment, if bigger), as a
+        # run's replay reads: a writer's segments may be hundreds of MiB each.
+        end, size = start + 1, refs[start].size
+        while end < len(refs) and end - start < _READ_AHEAD and size + refs[end].size <= _WINDOW_BYTES:
+            size += refs[end].size
+            end += 1
+        window = refs[start:end]
+        start = end
         blobs = await gather_bounded([functools.partial(_fetch, driver, ref) for ref in window],
                                      _READ_AHEAD)
         for ref, data in zip(window, blobs, strict=True):

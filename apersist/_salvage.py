@@ -168,7 +168,7 @@ async def salvage(source: Driver, dest: Driver) -> SalvageReport:
     store = opened.store
     report = SalvageReport(store.last_seq, opened.lost_commits, list(opened.damage),
                            dict(opened.beyond), opened.unreadable_commits)
-    target = Store(dest, clock_ms=lambda: time.time_ns() // 1_000_000)
+    target = Store(dest, clock_ms=lambda: time.time_ns() // 1_000_000, label="apersist-salvage")
     await target.load()
     await target.acquire_writer()
     writer = _Writer(target)

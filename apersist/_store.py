@@ -734,9 +734,13 @@ class Store:
         of the two machines' clocks otherwise.
         """
         state = self._state
-        if state.last_seq == 0:
+        # The newest commit now, not the newest loaded: a writer at work may have committed
+        # since the log was listed (loading a long log takes seconds), and its older commit
+        # would make it look idle.
+        newer = await self._commit_keys_after(state.last_seq)
+        if state.last_seq == 0 and not newer:
             return None
-        keys = [fmt.commit_key(self._writer, state.last_seq)]
+        keys = [newer[-1] if newer else fmt.commit_key(self._writer, state.last_seq)]
         if state.checkpoint:
             keys.append(fmt.checkpoint_key(self._writer, state.checkpoint))
         written: int | None = None
@@ -748,7 +752,10 @@ class Store:
             now = await self._storage_now()
             if now is not None:
                 return max(0, now - written), "storage"
-        return max(0, self._clock_ms() - state.last_time_ms), "writer"
+        last_time_ms = state.last_time_ms
+        if newer:
+            last_time_ms = fmt.CommitRecord.decode(newer[-1], await self._driver.get(newer[-1])).time_ms
+        return max(0, self._clock_ms() - last_time_ms), "writer"
 
     async def _storage_now(self) -> int | None:
         """The storage's clock now: the modification time of a scratch object, written,
