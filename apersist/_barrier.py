@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
 import anyio
 
 from ._buffer import LogBuffer
-from ._consumers import ConsumerSpot, consumer_left, spot_consumer
+from ._consumers import ASEND_TYPE, ConsumerSpot, consumer_left, spot_consumer
 
 __all__ = ["CONSUMER", "Consumer", "Held", "SourceBarrier", "claim_consumer"]
 
@@ -74,22 +74,6 @@ def claim_consumer() -> None:
         CONSUMER.set(Consumer(task))
 
 
-async def _one_step() -> AsyncIterator[None]:
-    yield None
-
-
-def _asend_type() -> type:
-    """The type of ``anext(agen)``: an async generator's step, which asyncio runs as a task's
-    coroutine by itself (``ensure_future(anext(it))``)."""
-    agen = _one_step()
-    step = agen.__anext__()
-    step.close()  # type: ignore[attr-defined]
-    return type(step)
-
-
-_ASEND = _asend_type()
-
-
 def _wraps_an_await(task: asyncio.Task[Any] | None) -> bool:
     """Whether ``task`` runs nothing but one step of an iterator for another task: an async
     generator's ``anext(it)`` as its coroutine (``asyncio.wait_for(anext(it), t)`` on Python
@@ -97,7 +81,7 @@ def _wraps_an_await(task: asyncio.Task[Any] | None) -> bool:
     if task is None:
         return False
     coro = task.get_coro()
-    if type(coro) is _ASEND:
+    if type(coro) is ASEND_TYPE:
         return True
     code = getattr(coro, "cr_code", None)
     return (code is not None and code.co_name == "_wrap_awaitable"

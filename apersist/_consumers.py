@@ -24,11 +24,11 @@ import functools
 import gc
 import inspect
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["ConsumerSpot", "awaits_of", "consumer_left", "spot_consumer"]
+__all__ = ["ASEND_TYPE", "ConsumerSpot", "awaits_of", "consumer_left", "spot_consumer"]
 
 _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 _YIELD_VALUE = dis.opmap["YIELD_VALUE"]
@@ -39,16 +39,17 @@ async def _one() -> Any:
     yield None
 
 
-def _step_types() -> tuple[type, ...]:
-    """The types of an async generator's steps: ``anext(gen)`` and ``gen.athrow(...)``."""
-    agen = _one()
-    steps = (agen.__anext__(), agen.aclose())
-    for step in steps:
-        step.close()
-    return tuple({type(step) for step in steps})
+def _step_type(make: Callable[[Any], Any]) -> type:
+    step = make(_one())
+    step.close()
+    return type(step)
 
 
-_STEP_TYPES = _step_types()
+#: The type of ``anext(gen)``: an async generator's step, which asyncio may run as a
+#: task's coroutine by itself (``ensure_future(anext(it))``).
+ASEND_TYPE = _step_type(lambda agen: agen.__anext__())
+# The types of an async generator's steps: ``anext(gen)`` and ``gen.athrow(...)``.
+_STEP_TYPES = (ASEND_TYPE, _step_type(lambda agen: agen.aclose()))
 
 #: The last step of ``awaits_of`` where it could not follow the chain any further.
 UNSEEN = object()
