@@ -220,13 +220,8 @@ class Run:
         ``codec``) is the stream's, as in ``stream()``: live and replayed events hold
         values of that type.
         """
-        if not callable(reader):
-            raise TypeError(f"reader must be callable: got={_Type(reader).__name__}")
-        claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
-        stream = self.stream(name, retention=retention)
-        stream._set_codec(type, codec)
-        source = stream._source(
-            reader, self._config.continue_after_replay)
+        stream = self._source_stream(name, reader, type, codec, retention)
+        source = stream._source(reader, self._config.continue_after_replay)
         register_source(self._life, source)  # run.stop() may have to wake it
         return source
 
@@ -256,15 +251,21 @@ class Run:
         ``source()`` and ``stream().replay()`` see: the two forms may take turns.
         ``type`` (or ``codec``) is the stream's, as in ``stream()``.
         """
+        stream = self._source_stream(name, reader, type, codec, retention)
+        source = stream._source_batches(reader, self._config.continue_after_replay)
+        register_source(self._life, source)  # run.stop() may have to wake it
+        return source
+
+    def _source_stream(self, name: str, reader: Callable[[Any], Any], type: Any,
+                       codec: Codec[Any] | None, retention: Retention | None) -> Stream[Any]:
+        """For ``source()`` and ``source_batches()``: the stream, its codec set, in a task
+        that is now a consumer."""
         if not callable(reader):
             raise TypeError(f"reader must be callable: got={_Type(reader).__name__}")
         claim_consumer()  # see SourceBarrier.hold: the task that loops is the consumer
         stream = self.stream(name, retention=retention)
         stream._set_codec(type, codec)
-        source = stream._source_batches(
-            reader, self._config.continue_after_replay)
-        register_source(self._life, source)  # run.stop() may have to wake it
-        return source
+        return stream
 
     @overload
     async def table(self, name: str) -> Table[Any]: ...
