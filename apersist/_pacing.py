@@ -22,7 +22,13 @@ COOPERATE_NS = 1_000_000
 
 
 async def yield_to_loop() -> None:
-    """Let the event loop run everything that became due, then resume (see ``pause``)."""
+    """Let the event loop run everything that became due, then resume."""
+    # A timer, not a checkpoint: a task whose timer or I/O became due during the step
+    # is made ready by the loop iteration that notices it and runs in the one after.
+    # A checkpoint resumes this loop ahead of it (asyncio runs its ready queue in
+    # order), so it would wait for the next step as well: two or three steps of stall.
+    # A timer due now is handled after the I/O and the earlier timers of its
+    # iteration, so everything that became due during the step goes first.
     # asyncio's own sleep, not anyio's: this runs about a thousand times a second in a
     # busy loop, and anyio's adds a get_running_loop() call (a getpid system call on 3.11).
     await asyncio.sleep(_RESUME_AFTER_S)
@@ -57,13 +63,7 @@ class Pacer:
 
     async def pause(self) -> None:
         """Let the event loop run its other work, then start the next step."""
-        # A timer, not a checkpoint: a task whose timer or I/O became due during the step
-        # is made ready by the loop iteration that notices it and runs in the one after.
-        # A checkpoint resumes this loop ahead of it (asyncio runs its ready queue in
-        # order), so it would wait for the next step as well: two or three steps of stall.
-        # A timer due now is handled after the I/O and the earlier timers of its
-        # iteration, so everything that became due during the step goes first.
-        await anyio.sleep(_RESUME_AFTER_S)
+        await yield_to_loop()
         self._deadline = time.perf_counter() + self._step
 
 
