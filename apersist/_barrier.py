@@ -97,7 +97,7 @@ class Held:
     """
 
     __slots__ = ("buf", "buffered", "closed", "consumer", "mark", "offset", "records",
-                 "settled", "spot", "stream", "task", "time_ms", "value", "wrote")
+                 "settled", "spot", "stream", "task", "time_ms", "value")
 
     def __init__(self, buf: LogBuffer | None, stream: str) -> None:
         self.buf = buf  # None: the stream records offsets only (OFFSETS_ONLY)
@@ -105,7 +105,6 @@ class Held:
         self.task: asyncio.Task[Any] | None = None
         self.consumer: Consumer | None = None
         self.mark = 0  # the consumer's writes when the event was handed over
-        self.wrote = False  # marked written by other means (see ``keeps``)
         self.value = b""
         self.offset = b""
         self.time_ms = 0
@@ -122,7 +121,7 @@ class Held:
     def written(self) -> bool:
         """Whether its task wrote state since the event was handed over."""
         consumer = self.consumer
-        return self.wrote or (consumer is not None and consumer.writes != self.mark)
+        return consumer is not None and consumer.writes != self.mark
 
 
 class SourceBarrier:
@@ -172,7 +171,7 @@ class SourceBarrier:
         held.task = task
         held.consumer = consumer
         held.mark = consumer.writes
-        held.wrote = held.settled = held.closed = held.buffered = False
+        held.settled = held.closed = held.buffered = False
         held.value = value
         held.offset = offset
         held.time_ms = time_ms
