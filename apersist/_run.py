@@ -291,12 +291,13 @@ class Run:
         async with self._table_lock:
             table = self._tables.get(name)
             if table is None:
+                # TypeError for a type it cannot store, before the table is read.
+                resolved = value_codec(type, codec)
                 state: dict[str, Any] = {}
                 deltas = 0
                 if self._policy.tables_load:
                     state, deltas = await load_table_state(self._store, name, self._opened_seq)
                 persist = self._scheduler if self._policy.tables_persist else None
-                resolved = value_codec(type, codec)  # TypeError for a type it cannot store
                 if resolved is not None:
                     await decode_table_state(state, resolved, f"table {name!r}")
                 table = self._tables[name] = Table(name, state, scheduler=persist,
