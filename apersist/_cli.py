@@ -424,42 +424,38 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="on error, print the traceback; log the apersist logger's DEBUG "
                              "lines to stderr")
-    root_help = "a directory, s3://bucket/prefix or az://container/prefix"
+    # Every command but the demo reads a store at ROOT, its first positional argument.
+    rooted = argparse.ArgumentParser(add_help=False, parents=[common])
+    rooted.add_argument("root", help="a directory, s3://bucket/prefix or az://container/prefix")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("inspect", parents=[common],
+    p = sub.add_parser("inspect", parents=[rooted],
                        help="commits, streams, offsets, tables, sizes, writer epoch")
-    p.add_argument("root", help=root_help)
     p.add_argument("--allow-empty", action="store_true",
                    help="report a root that holds no store as an empty store instead of an error")
-    p = sub.add_parser("verify", parents=[common], help="read and check every live object")
-    p.add_argument("root", help=root_help)
-    p = sub.add_parser("dump", parents=[common],
+    p = sub.add_parser("verify", parents=[rooted], help="read and check every live object")
+    p = sub.add_parser("dump", parents=[rooted],
                        help="a stream's events or a table's rows, one JSON line each, as far as "
                             "they can be read")
-    p.add_argument("root", help=root_help)
     p.add_argument("name", help="a stream's name, or a table's (a stream first, if both exist)")
     p.add_argument("--table", action="store_true", help="NAME is a table")
-    p = sub.add_parser("salvage", parents=[common],
+    p = sub.add_parser("salvage", parents=[rooted],
                        help="copy everything that can still be read into a new store and say "
                             "what was lost")
-    p.add_argument("root", help=root_help)
     p.add_argument("dest", help="the new store: an empty or absent directory, or an empty "
                                 "s3:// or az:// prefix")
-    p = sub.add_parser("compact", parents=[common],
+    p = sub.add_parser("compact", parents=[rooted],
                        help="all maintenance: fold tables, merge small segments, drop old cache "
                             "versions, checkpoint (takes the writer role: a running writer is "
                             "fenced)")
-    p.add_argument("root", help=root_help)
     p.add_argument("--max-events", type=_count, default=None,
                    help="retention of every stream: keep its last N events (0: offsets only)")
     p.add_argument("--max-age-ms", type=_count, default=None,
                    help="retention of every stream: keep the events this recent, by this "
                         "machine's clock")
-    p = sub.add_parser("gc", parents=[common],
+    p = sub.add_parser("gc", parents=[rooted],
                        help="mark what no checkpoint or live commit needs (old segments, "
                             "folded commit records, old checkpoints, leftovers); delete what "
                             "was marked at least the grace period ago")
-    p.add_argument("root", help=root_help)
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be deleted and marked; write and delete nothing")
     p.add_argument("--grace-seconds", type=_grace_seconds, default=3600.0,
