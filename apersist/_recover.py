@@ -22,13 +22,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 
 from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError, PersistenceError
-from ._store import Store, _State, segment_windows
+from ._store import _THREAD_CHECK_BYTES, Store, _State, segment_windows
 
 __all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "lost_commit_log",
            "open_readable", "read_log"]
@@ -304,7 +305,12 @@ async def read_log(store: Store, kind: str, name: str, *,
                 yield LogPart(ref, [], Damage(ref.key, 0, f"commit names a missing segment: "
                                                           f"key={ref.key} offset=0"), whole=False)
                 return
-            part = _read_segment(ref, data)
+            # Checking a big segment (CRCs, then every record decoded) is CPU work: in a
+            # worker thread, as Store.read_segment checks one, so the event loop never stalls.
+            if len(data) > _THREAD_CHECK_BYTES:
+                part = await anyio.to_thread.run_sync(_read_segment, ref, data)
+            else:
+                part = _read_segment(ref, data)
             yield part
             if not part.whole:
                 return
