@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -117,9 +117,11 @@ class _Output:
             sys.stdout.buffer.write(orjson.dumps(self.doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 
+@contextlib.asynccontextmanager
 async def _open_store(root: str, *, allow_empty: bool = False,
-                      counting: str | None = None) -> Driver:
-    """The driver of ``root``'s store; ``NotAStoreError`` if nothing of a store is there.
+                      counting: str | None = None) -> AsyncIterator[Driver]:
+    """The driver of ``root``'s store, closed on leaving; ``NotAStoreError`` if nothing of
+    a store is there.
 
     With ``counting``, the driver moves a progress bar of that name by every object it
     reads, lists, writes or deletes.
@@ -129,23 +131,19 @@ async def _open_store(root: str, *, allow_empty: bool = False,
         if not allow_empty and not await is_store(driver):
             raise NotAStoreError(f"no apersist store at this root (no epoch, commit or checkpoint "
                                  f"record under writers/{fmt.WRITER}/): root={root}")
-    except BaseException:
+        if counting is not None:
+            driver = CountingDriver(driver, progress_bar(counting, unit="object"))
+        yield driver
+    finally:
         await driver.aclose()
-        raise
-    if counting is not None:
-        return CountingDriver(driver, progress_bar(counting, unit="object"))
-    return driver
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 async def _inspect(args: argparse.Namespace, out: _Output) -> int:
-    driver = await _open_store(args.root, allow_empty=args.allow_empty)
-    try:
+    async with _open_store(args.root, allow_empty=args.allow_empty) as driver:
         report = await summarize(driver)
-    finally:
-        await driver.aclose()
     doc = report.to_json()
     out.doc = doc
     out.line(f"store: {args.root}")
@@ -168,11 +166,8 @@ async def _inspect(args: argparse.Namespace, out: _Output) -> int:
 
 
 async def _verify(args: argparse.Namespace, out: _Output) -> int:
-    driver = await _open_store(args.root, counting="verify")
-    try:
+    async with _open_store(args.root, counting="verify") as driver:
         problems = await verify(driver)
-    finally:
-        await driver.aclose()
     damaged = [Damage.of(CorruptDataError(p), "") for p in problems]
     out.doc = {"ok": not problems, "damaged": [d.to_json() for d in damaged]}
     for line in problems:
@@ -185,8 +180,7 @@ async def _verify(args: argparse.Namespace, out: _Output) -> int:
 
 
 async def _dump(args: argparse.Namespace, out: _Output) -> int:
-    driver = await _open_store(args.root)
-    try:
+    async with _open_store(args.root) as driver:
         opened = await open_readable(driver)
         kind = resolve(opened, args.name, table=args.table)
         items: list[dict[str, Any]] = []
@@ -198,8 +192,6 @@ async def _dump(args: argparse.Namespace, out: _Output) -> int:
         dump = dump_table if kind == "table" else dump_stream
         result = await dump(opened, args.name, emit)
         stdout.flush()
-    finally:
-        await driver.aclose()
     out.doc = {"name": result.name, "kind": result.kind, "count": result.count,
                "items": items, "complete": not result.damage,
                "damage": [d.to_json() for d in result.damage]}
@@ -244,15 +236,12 @@ async def _salvage(args: argparse.Namespace, out: _Output) -> int:
         # store, the next step, would remove it too.
         raise ValueError(f"the destination of a salvage must not be inside the store it "
                          f"salvages: root={args.root} dest={args.dest}")
-    source = await _open_store(args.root)
-    try:
+    async with _open_store(args.root) as source:
         dest: Driver = open_driver(dest_backend)
         try:
             report = await salvage(source, dest)
         finally:
             await dest.aclose()
-    finally:
-        await source.aclose()
     out.doc = report.to_json()
     _print_salvage(report, args, out)
     return EXIT_DAMAGE if report.lost else EXIT_OK
@@ -314,16 +303,13 @@ async def _compact(args: argparse.Namespace, out: _Output) -> int:
     # Named, so that the service this fences, and inspect, say it was the command line.
     config = Config(backend_from_root(args.root), retention=retention,
                     writer_label="apersist-compact")
-    driver = await _open_store(args.root, counting="compact")
-    try:
-        async with run(config, driver=driver) as r:
-            tables = r._store.table_names()
-            await r.compact()  # opens every table of the store to fold it
-            segments = sum(len(r._store.segments(kind, name)) for kind in sorted(fmt.KINDS)
-                           for name in r._store.log_names(kind))
-            checkpoint, last = r._store.checkpoint_seq, r._store.last_seq
-    finally:
-        await driver.aclose()
+    async with (_open_store(args.root, counting="compact") as driver,
+                run(config, driver=driver) as r):
+        tables = r._store.table_names()
+        await r.compact()  # opens every table of the store to fold it
+        segments = sum(len(r._store.segments(kind, name)) for kind in sorted(fmt.KINDS)
+                       for name in r._store.log_names(kind))
+        checkpoint, last = r._store.checkpoint_seq, r._store.last_seq
     out.doc = {"tables": len(tables), "live_segments": segments, "checkpoint_seq": checkpoint,
                "last_seq": last}
     out.line(f"compacted {len(tables)} table(s); {segments} live segment(s); checkpoint at "
@@ -333,8 +319,7 @@ async def _compact(args: argparse.Namespace, out: _Output) -> int:
 
 async def _gc(args: argparse.Namespace, out: _Output) -> int:
     dry_run, grace_s = args.dry_run, args.grace_seconds
-    driver = await _open_store(args.root, counting="gc")
-    try:
+    async with _open_store(args.root, counting="gc") as driver:
         # With no commit log, every segment looks like garbage: the data that is left.
         lost = await lost_commit_log(driver, 0)
         if lost is not None:
@@ -343,8 +328,6 @@ async def _gc(args: argparse.Namespace, out: _Output) -> int:
         # gc's own clock dates the garbage (see apersist/_gc.py); writers' clocks never do.
         plan = await collect_garbage(driver, grace_ms=round(grace_s * 1000),
                                      now_ms=time.time_ns() // 1_000_000, dry_run=dry_run)
-    finally:
-        await driver.aclose()
     out.doc = {"dry_run": dry_run, "grace_seconds": grace_s, "now_ms": plan.now_ms,
                "deleted": list(plan.due), "marked": dict(plan.waiting), "new": list(plan.new),
                "damaged_marker": plan.damaged_marker}
@@ -424,42 +407,38 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="on error, print the traceback; log the apersist logger's DEBUG "
                              "lines to stderr")
-    root_help = "a directory, s3://bucket/prefix or az://container/prefix"
+    # Every command but the demo reads a store at ROOT, its first positional argument.
+    rooted = argparse.ArgumentParser(add_help=False, parents=[common])
+    rooted.add_argument("root", help="a directory, s3://bucket/prefix or az://container/prefix")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("inspect", parents=[common],
+    p = sub.add_parser("inspect", parents=[rooted],
                        help="commits, streams, offsets, tables, sizes, writer epoch")
-    p.add_argument("root", help=root_help)
     p.add_argument("--allow-empty", action="store_true",
                    help="report a root that holds no store as an empty store instead of an error")
-    p = sub.add_parser("verify", parents=[common], help="read and check every live object")
-    p.add_argument("root", help=root_help)
-    p = sub.add_parser("dump", parents=[common],
+    p = sub.add_parser("verify", parents=[rooted], help="read and check every live object")
+    p = sub.add_parser("dump", parents=[rooted],
                        help="a stream's events or a table's rows, one JSON line each, as far as "
                             "they can be read")
-    p.add_argument("root", help=root_help)
     p.add_argument("name", help="a stream's name, or a table's (a stream first, if both exist)")
     p.add_argument("--table", action="store_true", help="NAME is a table")
-    p = sub.add_parser("salvage", parents=[common],
+    p = sub.add_parser("salvage", parents=[rooted],
                        help="copy everything that can still be read into a new store and say "
                             "what was lost")
-    p.add_argument("root", help=root_help)
     p.add_argument("dest", help="the new store: an empty or absent directory, or an empty "
                                 "s3:// or az:// prefix")
-    p = sub.add_parser("compact", parents=[common],
+    p = sub.add_parser("compact", parents=[rooted],
                        help="all maintenance: fold tables, merge small segments, drop old cache "
                             "versions, checkpoint (takes the writer role: a running writer is "
                             "fenced)")
-    p.add_argument("root", help=root_help)
     p.add_argument("--max-events", type=_count, default=None,
                    help="retention of every stream: keep its last N events (0: offsets only)")
     p.add_argument("--max-age-ms", type=_count, default=None,
                    help="retention of every stream: keep the events this recent, by this "
                         "machine's clock")
-    p = sub.add_parser("gc", parents=[common],
+    p = sub.add_parser("gc", parents=[rooted],
                        help="mark what no checkpoint or live commit needs (old segments, "
                             "folded commit records, old checkpoints, leftovers); delete what "
                             "was marked at least the grace period ago")
-    p.add_argument("root", help=root_help)
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be deleted and marked; write and delete nothing")
     p.add_argument("--grace-seconds", type=_grace_seconds, default=3600.0,

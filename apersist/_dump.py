@@ -18,8 +18,10 @@ from . import _format as fmt
 from ._errors import CorruptDataError
 from ._progress import progress_bar
 from ._recover import Damage, OpenedStore, read_log
+from ._store import Store
 
-__all__ = ["DumpResult", "UnknownNameError", "dump_stream", "dump_table", "resolve", "table_rows"]
+__all__ = ["DumpResult", "UnknownNameError", "dump_stream", "dump_table", "resolve", "table_records",
+           "table_rows"]
 
 
 # Names listed by the error of an unknown name, at most.
@@ -102,6 +104,16 @@ async def dump_stream(opened: OpenedStore, name: str,
     return result
 
 
+def table_records(store: Store, name: str) -> tuple[int, int]:
+    """The records a table's state is read from: its newest snapshot's, and its deltas'
+    after that snapshot's commit (those of the snapshot's own commit are in it already, as
+    ``load_table_state`` reads a table). Older snapshots and deltas are not read."""
+    snapshots = store.segments(fmt.KIND_TABLE_SNAPSHOT, name)
+    since = snapshots[-1].seq if snapshots else 0
+    return (sum(s.ref.records for s in snapshots if s.seq == since),
+            sum(s.ref.records for s in store.segments(fmt.KIND_TABLE, name) if s.seq > since))
+
+
 async def table_rows(opened: OpenedStore, name: str,
                      on_records: Callable[[int], object] | None = None
                      ) -> tuple[dict[str, bytes], list[Damage], dict[str, int]]:
@@ -115,15 +127,12 @@ async def table_rows(opened: OpenedStore, name: str,
     """
     rows: dict[str, bytes] = {}
     damage: list[Damage] = []
-    counts = {"snapshot_records": 0, "snapshot_kept": 0, "delta_records": 0, "deltas_kept": 0}
     store = opened.store
+    snapshot_records, delta_records = table_records(store, name)
+    counts = {"snapshot_records": snapshot_records, "snapshot_kept": 0,
+              "delta_records": delta_records, "deltas_kept": 0}
     snapshots = store.segments(fmt.KIND_TABLE_SNAPSHOT, name)
     since = snapshots[-1].seq if snapshots else 0
-    counts["snapshot_records"] = sum(s.ref.records for s in snapshots if s.seq == since)
-    # The deltas of the snapshot's own commit are in the snapshot already (as
-    # ``load_table_state`` reads a table): only later ones apply.
-    counts["delta_records"] = sum(s.ref.records for s in store.segments(fmt.KIND_TABLE, name)
-                                  if s.seq > since)
     for kind, kept, after in ((fmt.KIND_TABLE_SNAPSHOT, "snapshot_kept", 0),
                               (fmt.KIND_TABLE, "deltas_kept", since)):
         async for part in read_log(store, kind, name, after_seq=after):
@@ -145,9 +154,7 @@ async def dump_table(opened: OpenedStore, name: str,
                      emit: Callable[[dict[str, Any]], None]) -> DumpResult:
     """Hand ``emit`` one ``{"key", "value"}`` per row of table ``name``, as far as it reads."""
     result = DumpResult(name, "table", damage=list(opened.damage))
-    store = opened.store
-    total = sum(s.ref.records for kind in (fmt.KIND_TABLE_SNAPSHOT, fmt.KIND_TABLE)
-                for s in store.segments(kind, name))
+    total = sum(table_records(opened.store, name))
     with progress_bar(f"dump {name}", total=total, unit="record") as bar:
         rows, damage, counts = await table_rows(opened, name, bar.update)
     result.damage[:0] = damage

@@ -22,21 +22,21 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import orjson
 
 from . import _format as fmt
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError, PersistenceError
-from ._store import Store, _State
+from ._store import _THREAD_CHECK_BYTES, Store, _State, segment_windows
 
 __all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "lost_commit_log",
            "open_readable", "read_log"]
 
-# Segments fetched at once while a log is read (each is checked as it comes), holding at
-# most _WINDOW_BYTES (or one segment, if bigger).
+# Segments fetched at once while a log is read (each is checked as it comes), in windows
+# bounded in bytes as a run's (``segment_windows``).
 _READ_AHEAD = 8
-_WINDOW_BYTES = 8 << 20
 # A segment's trailer: count, body length, body CRC, trailer CRC, end magic.
 _TRAILER_SIZE = fmt._TRAILER.size
 
@@ -295,16 +295,9 @@ async def read_log(store: Store, kind: str, name: str, *,
         newest = store.segments(kind, name)[-1].seq
         refs = [seg.ref for seg in store.segments(kind, name) if seg.seq == newest]
     driver = store._driver  # the store's own driver: read_log reads what it names
-    start = 0
-    while start < len(refs):
-        # At most _READ_AHEAD segments and _WINDOW_BYTES (or one segment, if bigger), as a
-        # run's replay reads: a writer's segments may be hundreds of MiB each.
-        end, size = start + 1, refs[start].size
-        while end < len(refs) and end - start < _READ_AHEAD and size + refs[end].size <= _WINDOW_BYTES:
-            size += refs[end].size
-            end += 1
-        window = refs[start:end]
-        start = end
+    # Windows bounded as a run's replay reads them: a writer's segments may be hundreds
+    # of MiB each.
+    for window in segment_windows(refs, _READ_AHEAD):
         blobs = await gather_bounded([functools.partial(_fetch, driver, ref) for ref in window],
                                      _READ_AHEAD)
         for ref, data in zip(window, blobs, strict=True):
@@ -312,7 +305,12 @@ async def read_log(store: Store, kind: str, name: str, *,
                 yield LogPart(ref, [], Damage(ref.key, 0, f"commit names a missing segment: "
                                                           f"key={ref.key} offset=0"), whole=False)
                 return
-            part = _read_segment(ref, data)
+            # Checking a big segment (CRCs, then every record decoded) is CPU work: in a
+            # worker thread, as Store.read_segment checks one, so the event loop never stalls.
+            if len(data) > _THREAD_CHECK_BYTES:
+                part = await anyio.to_thread.run_sync(_read_segment, ref, data)
+            else:
+                part = _read_segment(ref, data)
             yield part
             if not part.whole:
                 return

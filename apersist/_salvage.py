@@ -26,7 +26,7 @@ import orjson
 
 from . import _format as fmt
 from ._drivers import Driver
-from ._dump import table_rows
+from ._dump import table_records, table_rows
 from ._progress import progress_bar
 from ._recover import Damage, LogPart, open_readable, read_log
 from ._store import SegmentBlob, Store
@@ -173,8 +173,11 @@ async def salvage(source: Driver, dest: Driver) -> SalvageReport:
     await target.acquire_writer()
     writer = _Writer(target)
     offsets = dict(store.offsets)
-    total = sum(seg.ref.records for kind in sorted(fmt.KINDS) for name in store.log_names(kind)
-                for seg in store.segments(kind, name))
+    # The records read: every event and cache entry, and of a table only what its state
+    # is read from (its older snapshots and deltas are not).
+    total = sum(seg.ref.records for kind in (fmt.KIND_EVENTS, fmt.KIND_CACHE)
+                for name in store.log_names(kind) for seg in store.segments(kind, name)) + sum(
+        sum(table_records(store, name)) for name in opened.table_names())
     with progress_bar("salvage", total=total, unit="record") as bar:
         for name in opened.stream_names():
             log = report.streams[name] = LogReport(

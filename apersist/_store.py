@@ -18,7 +18,7 @@ import os
 import socket
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -62,6 +62,21 @@ def this_process() -> tuple[str, int]:
     """The host name and process id an epoch record names (a seam: the golden store's
     script replaces it, so that its bytes do not depend on the machine that wrote them)."""
     return socket.gethostname(), os.getpid()
+
+
+def segment_windows(refs: Sequence[fmt.SegmentRef], most: int
+                    ) -> Iterator[Sequence[fmt.SegmentRef]]:
+    """Split ``refs`` in order into read-ahead windows: at most ``most`` segments and
+    ``_WINDOW_BYTES`` each (or one segment, if that is bigger), so that reading a window at
+    once keeps memory bounded however long the log (a segment may be hundreds of MiB)."""
+    start = 0
+    while start < len(refs):
+        end, size = start + 1, refs[start].size
+        while end < len(refs) and end - start < most and size + refs[end].size <= _WINDOW_BYTES:
+            size += refs[end].size
+            end += 1
+        yield refs[start:end]
+        start = end
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,15 +612,7 @@ class Store:
         ``_WINDOW_BYTES`` (or one segment, if that is bigger), so memory stays bounded
         however long the history.
         """
-        index = 0
-        while index < len(refs):
-            window = [refs[index]]
-            size = refs[index].size
-            while (index + len(window) < len(refs) and len(window) < self.read_concurrency
-                   and size + refs[index + len(window)].size <= _WINDOW_BYTES):
-                size += refs[index + len(window)].size
-                window.append(refs[index + len(window)])
-            index += len(window)
+        for window in segment_windows(refs, self.read_concurrency):
             yield await gather_bounded(
                 [functools.partial(self.read_segment, ref) for ref in window], self.read_concurrency)
 

@@ -27,20 +27,18 @@ logger = logging.getLogger("apersist")
 SCRATCH_PREFIX = "_check/"
 
 
+#: Why the refusal matters, said before what to use instead.
+_WHY = "without it apersist can neither make commits atomic nor fence an older writer"
 #: What to use instead, by driver name: the refusal says what would work, not only what failed.
 _REMEDIES = {
-    "s3": ("without it apersist can neither make commits atomic nor fence an older writer; "
-           "use AWS S3 (conditional writes since August 2024) or an S3-compatible server "
+    "s3": ("use AWS S3 (conditional writes since August 2024) or an S3-compatible server "
            "release that honours If-None-Match: * on PutObject and CompleteMultipartUpload "
            "(upgrade the server, or ask its vendor), or store on Backend.azure or "
            "Backend.filesystem"),
-    "azure": ("without it apersist can neither make commits atomic nor fence an older "
-              "writer; use Azure Blob Storage or Azurite, which honour If-None-Match: * on "
-              "uploads and block-list commits, and make sure no proxy in between drops the "
-              "header"),
+    "azure": ("use Azure Blob Storage or Azurite, which honour If-None-Match: * on uploads "
+              "and block-list commits, and make sure no proxy in between drops the header"),
 }
-_REMEDY = ("without it apersist can neither make commits atomic nor fence an older writer; "
-           "a driver's put(if_absent=True) must let exactly one of several racing creators "
+_REMEDY = ("a driver's put(if_absent=True) must let exactly one of several racing creators "
            "win (see the driver protocol, and apersist.testing.check_driver)")
 
 
@@ -65,7 +63,7 @@ async def verify_create_if_absent(driver: Driver) -> None:
     await driver.delete([key])
     if problem is not None:
         raise BackendError(f"storage does not honour create-if-absent: {problem}; "
-                           f"{_REMEDIES.get(driver.name, _REMEDY)}: "
+                           f"{_WHY}; {_REMEDIES.get(driver.name, _REMEDY)}: "
                            f"driver={driver.name} key={key}")
     logger.debug("storage honours create-if-absent: driver=%s", driver.name)
 
