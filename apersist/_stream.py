@@ -16,7 +16,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _format as fmt
 from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
-from ._codec import Codec, ValueCodec, value_codec
+from ._codec import Codec, ValueCodec, next_codec
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
 from ._metrics import NO_METRICS, Metrics
@@ -169,16 +169,10 @@ class Stream(Generic[T]):
     def _set_codec(self, value_type: Any, codec: Codec[Any] | None) -> None:
         """Give this stream its values' type: the first call that names one fixes it for
         the run; another type later raises ``TypeError`` naming both."""
-        key = codec if codec is not None else value_type
-        if key is None or (self._codec is not None and self._codec.key == key):
-            return
-        resolved = value_codec(value_type, codec)
-        assert resolved is not None
-        if self._codec is not None:
-            raise TypeError(f"{self._where} already has a type in this run: "
-                            f"has={self._codec.label} asked={resolved.label}")
-        self._codec = resolved
-        self._value_dumps = resolved.dumps
+        resolved = next_codec(self._codec, value_type, codec, self._where)
+        if resolved is not None:
+            self._codec = resolved
+            self._value_dumps = resolved.dumps
 
     def _fragments(self, values: Sequence[Any], first: int = 0) -> list[Any]:
         """A typed stream's ``values`` as orjson fragments of their JSON (what the batch
