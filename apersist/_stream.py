@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice, repeat
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -118,6 +119,22 @@ def _value_and_offset(item: Any) -> tuple[Any, Any]:
     if (type(item) is tuple or isinstance(item, tuple)) and len(item) == 2:
         return item[0], item[1]
     return item, None
+
+
+@contextmanager
+def _ending_on_stop(life: Lifecycle) -> Iterator[None]:
+    """Around a ``source()`` or ``source_batches()`` call: run.stop() may wake it with a
+    cancellation while it waits (see _stopping); the call then ends there, normally. When
+    it ends with the run stopping, a cancellation of run.stop()'s that never reached it is
+    taken back."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not take_back_stop_cancel(life):
+            raise
+    finally:
+        if life.stopping:
+            settle_stop_cancel(life)
 
 
 class Stream(Generic[T]):
@@ -484,7 +501,7 @@ class Stream(Generic[T]):
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event[T]]:
-        try:
+        with _ending_on_stop(self._life):
             generation, skip = self._take_over()
             life = self._life
             if life.stopping:
@@ -629,18 +646,11 @@ class Stream(Generic[T]):
                         yielded = clock_ns() if wall else time.monotonic_ns()
             finally:
                 await self._end_live(iterator, self._holding)
-        except asyncio.CancelledError:
-            # run.stop() woke this source while it waited (see _stopping): end here.
-            if not take_back_stop_cancel(self._life):
-                raise
-        finally:
-            if self._life.stopping:
-                settle_stop_cancel(self._life)
 
     async def _source_batches(self, reader: Callable[[Any], Any],
                               continue_after_replay: bool) -> AsyncIterator[Batch[T]]:
         """``run.source_batches()``: ``_source`` a batch at a time (see ``Run.source_batches``)."""
-        try:
+        with _ending_on_stop(self._life):
             generation, skip = self._take_over()
             life = self._life
             if life.stopping:  # called after run.stop(): see _source
@@ -724,13 +734,6 @@ class Stream(Generic[T]):
                         return
             finally:
                 await self._end_live(iterator, held)
-        except asyncio.CancelledError:
-            # run.stop() woke this source while it waited (see _stopping): end here.
-            if not take_back_stop_cancel(self._life):
-                raise
-        finally:
-            if self._life.stopping:
-                settle_stop_cancel(self._life)
 
     async def _end_live(self, iterator: Any, hold: Held | None) -> None:
         """A live source ends: what its consumer records no longer waits to go after its
