@@ -353,12 +353,14 @@ class Stream(Generic[T]):
 
     def _encode(self, value: Any, offset: Any) -> tuple[bytes, bytes, int]:
         """One event's JSON, its offset's JSON (b"" for none) and its ``time_ms``."""
-        if self._codec is not None:
+        if self._codec is None:
+            data = dumps_value(value, self._where)
+        else:
             try:
-                value = _Fragment(self._value_dumps(value))
+                data = self._value_dumps(value)  # which refuses NaN and infinity itself
             except TypeError as exc:
                 raise unserializable(self._where, exc) from None
-        data = dumps_value(value, self._where)
+            data = checked_json(data, None, self._where)  # the size
         off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
         return data, off, self._clock_ms()
 
