@@ -246,15 +246,16 @@ class Stream(Generic[T]):
         if not buf.fast_from_ns <= now < buf.fast_until_ns or len(data) > self._fast_bytes:
             # At least once a millisecond (the fast path's window), and on every large
             # event: the place where record() yields to the event loop if it is due.
-            if scheduler.add_event(buf, checked_json(data, value, self._where), b"",
-                                   now // 1_000_000):
+            # (A typed value's dumps refused NaN and infinity itself: its size only.)
+            checked = checked_json(data, None if self._codec else value, self._where)
+            if scheduler.add_event(buf, checked, b"", now // 1_000_000):
                 await scheduler.wait_capacity()
             else:
                 await self._cooperate()
             return
         # A "null" (orjson's NaN and infinity) needs a "u": `117 in data` is one memchr,
         # cheaper than the substring test, which runs only then.
-        if 117 in data and data.partition(b"null")[1]:
+        if 117 in data and data.partition(b"null")[1] and self._codec is None:
             checked_json(data, value, self._where)  # raises for NaN or infinity
         # LogBuffer.append, inlined for an event without an offset: the one place outside
         # _buffer that writes a LogBuffer's fields, kept because record() is the hottest
@@ -582,7 +583,9 @@ class Stream(Generic[T]):
                     # infinity) needs a "u", and `117 in data` is one memchr; a large value
                     # may pass the record size.
                     if len(data) > fast_bytes or (117 in data and data.partition(b"null")[1]):
-                        checked_json(data, value, where)  # NaN, infinity, too long: raises
+                        # NaN, infinity (an untyped value's: a type's dumps refused them),
+                        # too long: raises
+                        checked_json(data, None if self._codec else value, where)
                     now = clock_ns()
                     time_ms = now // 1_000_000
                     if scheduler._unusable is not None:

@@ -251,7 +251,8 @@ class Table(MutableMapping[str, V]):
         # NaN and infinity), are skipped when it has no "u" at all: an int operand makes
         # `in` one memchr, several times cheaper than partition() (numbers-only records).
         if (_U in data and data.partition(b"null")[1]) or len(data) > _values.MAX_JSON_BYTES:
-            checked_json(data, value, self._where)  # NaN, infinity, too long: raises
+            # NaN, infinity (an untyped value's: a type's dumps refused them), too long
+            checked_json(data, None if self._codec else value, self._where)
         dirty = self._dirty
         if dirty is not None:
             if key not in dirty:
