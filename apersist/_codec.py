@@ -27,7 +27,7 @@ import orjson
 
 from ._values import _has_nonfinite
 
-__all__ = ["Codec", "ValueCodec", "value_codec"]
+__all__ = ["Codec", "ValueCodec", "next_codec", "value_codec"]
 
 T = TypeVar("T")
 
@@ -139,6 +139,23 @@ def value_codec(value_type: Any, codec: Codec[Any] | None) -> ValueCodec | None:
         to_builtins = sys.modules["msgspec"].to_builtins
     return ValueCodec(value_type, _name(value_type),
                       _typed_dumps(check, _name(value_type), to_builtins), decode)
+
+
+def next_codec(has: ValueCodec | None, value_type: Any, codec: Codec[Any] | None,
+               where: str) -> ValueCodec | None:
+    """What a stream or table of a run (``where``, with ``has`` its codec so far) takes for
+    ``type=value_type`` or ``codec=codec``: the first call that names one fixes it for the
+    run; None when the call names none or the one it has already. Another type later
+    raises ``TypeError`` naming both."""
+    key = codec if codec is not None else value_type
+    if key is None or (has is not None and has.key == key):
+        return None
+    resolved = value_codec(value_type, codec)
+    assert resolved is not None
+    if has is not None:
+        raise TypeError(f"{where} already has a type in this run: "
+                        f"has={has.label} asked={resolved.label}")
+    return resolved
 
 
 def _instance_check(tp: Any) -> tuple[type, ...] | None:

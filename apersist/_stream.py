@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice, repeat
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -16,7 +17,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from . import _format as fmt
 from ._barrier import CONSUMER, Held
 from ._buffer import BATCH_ENTRIES
-from ._codec import Codec, ValueCodec, value_codec
+from ._codec import Codec, ValueCodec, next_codec
 from ._concurrency import cancelled_by_another_task, current_task_getter
 from ._lifecycle import Lifecycle
 from ._metrics import NO_METRICS, Metrics
@@ -120,6 +121,22 @@ def _value_and_offset(item: Any) -> tuple[Any, Any]:
     return item, None
 
 
+@contextmanager
+def _ending_on_stop(life: Lifecycle) -> Iterator[None]:
+    """Around a ``source()`` or ``source_batches()`` call: run.stop() may wake it with a
+    cancellation while it waits (see _stopping); the call then ends there, normally. When
+    it ends with the run stopping, a cancellation of run.stop()'s that never reached it is
+    taken back."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not take_back_stop_cancel(life):
+            raise
+    finally:
+        if life.stopping:
+            settle_stop_cancel(life)
+
+
 class Stream(Generic[T]):
     """A named, persistent, append-only sequence of events. Get one with ``run.stream()``.
 
@@ -169,16 +186,10 @@ class Stream(Generic[T]):
     def _set_codec(self, value_type: Any, codec: Codec[Any] | None) -> None:
         """Give this stream its values' type: the first call that names one fixes it for
         the run; another type later raises ``TypeError`` naming both."""
-        key = codec if codec is not None else value_type
-        if key is None or (self._codec is not None and self._codec.key == key):
-            return
-        resolved = value_codec(value_type, codec)
-        assert resolved is not None
-        if self._codec is not None:
-            raise TypeError(f"{self._where} already has a type in this run: "
-                            f"has={self._codec.label} asked={resolved.label}")
-        self._codec = resolved
-        self._value_dumps = resolved.dumps
+        resolved = next_codec(self._codec, value_type, codec, self._where)
+        if resolved is not None:
+            self._codec = resolved
+            self._value_dumps = resolved.dumps
 
     def _fragments(self, values: Sequence[Any], first: int = 0) -> list[Any]:
         """A typed stream's ``values`` as orjson fragments of their JSON (what the batch
@@ -235,15 +246,16 @@ class Stream(Generic[T]):
         if not buf.fast_from_ns <= now < buf.fast_until_ns or len(data) > self._fast_bytes:
             # At least once a millisecond (the fast path's window), and on every large
             # event: the place where record() yields to the event loop if it is due.
-            if scheduler.add_event(buf, checked_json(data, value, self._where), b"",
-                                   now // 1_000_000):
+            # (A typed value's dumps refused NaN and infinity itself: its size only.)
+            checked = checked_json(data, None if self._codec else value, self._where)
+            if scheduler.add_event(buf, checked, b"", now // 1_000_000):
                 await scheduler.wait_capacity()
             else:
                 await self._cooperate()
             return
         # A "null" (orjson's NaN and infinity) needs a "u": `117 in data` is one memchr,
         # cheaper than the substring test, which runs only then.
-        if 117 in data and data.partition(b"null")[1]:
+        if 117 in data and data.partition(b"null")[1] and self._codec is None:
             checked_json(data, value, self._where)  # raises for NaN or infinity
         # LogBuffer.append, inlined for an event without an offset: the one place outside
         # _buffer that writes a LogBuffer's fields, kept because record() is the hottest
@@ -342,12 +354,14 @@ class Stream(Generic[T]):
 
     def _encode(self, value: Any, offset: Any) -> tuple[bytes, bytes, int]:
         """One event's JSON, its offset's JSON (b"" for none) and its ``time_ms``."""
-        if self._codec is not None:
+        if self._codec is None:
+            data = dumps_value(value, self._where)
+        else:
             try:
-                value = _Fragment(self._value_dumps(value))
+                data = self._value_dumps(value)  # which refuses NaN and infinity itself
             except TypeError as exc:
                 raise unserializable(self._where, exc) from None
-        data = dumps_value(value, self._where)
+            data = checked_json(data, None, self._where)  # the size
         off = b"" if offset is None else dumps_value(offset, f"the offset of {self._where}")
         return data, off, self._clock_ms()
 
@@ -490,7 +504,7 @@ class Stream(Generic[T]):
 
     async def _source(self, reader: Callable[[Any], Any],
                       continue_after_replay: bool) -> AsyncIterator[Event[T]]:
-        try:
+        with _ending_on_stop(self._life):
             generation, skip = self._take_over()
             life = self._life
             if life.stopping:
@@ -569,7 +583,9 @@ class Stream(Generic[T]):
                     # infinity) needs a "u", and `117 in data` is one memchr; a large value
                     # may pass the record size.
                     if len(data) > fast_bytes or (117 in data and data.partition(b"null")[1]):
-                        checked_json(data, value, where)  # NaN, infinity, too long: raises
+                        # NaN, infinity (an untyped value's: a type's dumps refused them),
+                        # too long: raises
+                        checked_json(data, None if self._codec else value, where)
                     now = clock_ns()
                     time_ms = now // 1_000_000
                     if scheduler._unusable is not None:
@@ -635,18 +651,11 @@ class Stream(Generic[T]):
                         yielded = clock_ns() if wall else time.monotonic_ns()
             finally:
                 await self._end_live(iterator, self._holding)
-        except asyncio.CancelledError:
-            # run.stop() woke this source while it waited (see _stopping): end here.
-            if not take_back_stop_cancel(self._life):
-                raise
-        finally:
-            if self._life.stopping:
-                settle_stop_cancel(self._life)
 
     async def _source_batches(self, reader: Callable[[Any], Any],
                               continue_after_replay: bool) -> AsyncIterator[Batch[T]]:
         """``run.source_batches()``: ``_source`` a batch at a time (see ``Run.source_batches``)."""
-        try:
+        with _ending_on_stop(self._life):
             generation, skip = self._take_over()
             life = self._life
             if life.stopping:  # called after run.stop(): see _source
@@ -730,13 +739,6 @@ class Stream(Generic[T]):
                         return
             finally:
                 await self._end_live(iterator, held)
-        except asyncio.CancelledError:
-            # run.stop() woke this source while it waited (see _stopping): end here.
-            if not take_back_stop_cancel(self._life):
-                raise
-        finally:
-            if self._life.stopping:
-                settle_stop_cancel(self._life)
 
     async def _end_live(self, iterator: Any, hold: Held | None) -> None:
         """A live source ends: what its consumer records no longer waits to go after its

@@ -12,7 +12,7 @@ import orjson
 from . import _format as fmt
 from . import _values
 from ._barrier import CONSUMER
-from ._codec import Codec, ValueCodec, value_codec
+from ._codec import Codec, ValueCodec, next_codec
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
@@ -192,14 +192,9 @@ class Table(MutableMapping[str, V]):
         """Give this table its values' type (``run.table(name, type=...)`` once the table is
         open): the first call that names one fixes it for the run, its values decoded now;
         another type later raises ``TypeError`` naming both."""
-        key = codec if codec is not None else value_type
-        if key is None or (self._codec is not None and self._codec.key == key):
+        resolved = next_codec(self._codec, value_type, codec, self._where)
+        if resolved is None:
             return
-        resolved = value_codec(value_type, codec)
-        assert resolved is not None
-        if self._codec is not None:
-            raise TypeError(f"{self._where} already has a type in this run: "
-                            f"has={self._codec.label} asked={resolved.label}")
         # In one step, with no await: the table is in use, and a value set meanwhile would
         # be decoded twice. A table opened untyped first (by run.compact()) is the case.
         # All or nothing: a value that does not fit leaves the table as it was (untyped),
@@ -256,7 +251,8 @@ class Table(MutableMapping[str, V]):
         # NaN and infinity), are skipped when it has no "u" at all: an int operand makes
         # `in` one memchr, several times cheaper than partition() (numbers-only records).
         if (_U in data and data.partition(b"null")[1]) or len(data) > _values.MAX_JSON_BYTES:
-            checked_json(data, value, self._where)  # NaN, infinity, too long: raises
+            # NaN, infinity (an untyped value's: a type's dumps refused them), too long
+            checked_json(data, None if self._codec else value, self._where)
         dirty = self._dirty
         if dirty is not None:
             if key not in dirty:
