@@ -14,26 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import numbers_forever, stored_i_and_table
 
 import apersist
 
 LEFT = "was left by"
-
-
-async def _numbers(offset: int | None) -> AsyncIterator[tuple[dict[str, int], int]]:
-    i = 0 if offset is None else offset + 1
-    while True:
-        yield {"i": i}, i
-        i += 1
-
-
-async def _stored(root: Path) -> tuple[list[int], dict[str, Any]]:
-    """What a restart would see now (a reader of the store, while the writer still runs)."""
-    config = apersist.Config(apersist.Backend.filesystem(root),
-                             snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
-        events = [e.value["i"] async for e in run.stream("s").replay()]
-        return events, dict(await run.table("t"))
 
 
 # --------------------------------------------------------------------------------------
@@ -52,10 +37,10 @@ async def test_continue_in_body_is_not_a_left_loop(
             started = time.perf_counter()
             await run.commit()
             took = time.perf_counter() - started
-            committed.append((took, await _stored(tmp_path)))
+            committed.append((took, await stored_i_and_table(tmp_path)))
 
         committer: asyncio.Task[None] | None = None
-        async for event in run.source("s", _numbers):
+        async for event in run.source("s", numbers_forever):
             i = event.value["i"]
             if i % 2 == 0 and i != 2:
                 continue  # skip even events (an ordinary filter)
@@ -98,10 +83,10 @@ async def test_consumer_awaited_through_an_awaitable_object(
             await run.stream("other").record(0)
             started = time.perf_counter()
             await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+            committed.append((time.perf_counter() - started, await stored_i_and_table(tmp_path)))
 
         async def consume() -> None:
-            async for event in run.source("s", _numbers):
+            async for event in run.source("s", numbers_forever):
                 i = event.value["i"]
                 if i == 1:
                     committer = asyncio.create_task(commit_from_elsewhere())
@@ -129,14 +114,14 @@ async def test_break_then_return_the_event_to_the_caller(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
 
         async def commit_from_elsewhere() -> None:
             await run.stream("other").record(0)
             started = time.perf_counter()
             await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+            committed.append((time.perf_counter() - started, await stored_i_and_table(tmp_path)))
 
         async def next_odd(it: AsyncIterator[apersist.Event]) -> apersist.Event:
             found = None
@@ -361,7 +346,7 @@ async def test_helper_reads_a_prefix_then_the_caller_loops(
             await run.stream("other").record(0)
             started = time.perf_counter()
             await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+            committed.append((time.perf_counter() - started, await stored_i_and_table(tmp_path)))
 
         async def skip_header(it: AsyncIterator[apersist.Event]) -> None:
             async for event in it:
@@ -370,7 +355,7 @@ async def test_helper_reads_a_prefix_then_the_caller_loops(
                         raise ValueError("a header this service does not know")
                     break
 
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         with contextlib.suppress(ValueError):  # go on without it
             await skip_header(events)
         committer: asyncio.Task[None] | None = None
@@ -493,14 +478,14 @@ async def test_async_generator_yields_the_event_after_its_loop(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        kept = [run.source("s", _numbers)]  # the source, referenced
+        kept = [run.source("s", numbers_forever)]  # the source, referenced
         committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
 
         async def commit_from_elsewhere() -> None:
             await run.stream("other").record(0)
             started = time.perf_counter()
             await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+            committed.append((time.perf_counter() - started, await stored_i_and_table(tmp_path)))
 
         async def up_to_marker(it: AsyncIterator[apersist.Event]) -> AsyncIterator[apersist.Event]:
             last = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -189,3 +190,22 @@ async def read_golden_shape(backend: apersist.Backend, expected: dict[str, Any],
         calls = [[arg, square(arg)] for arg, _result in expected["cache"]["calls"]]
         got["cache"] = {**expected["cache"], "calls": calls}
     return got
+
+
+async def numbers_forever(offset: int | None) -> AsyncIterator[tuple[dict[str, int], int]]:
+    """An endless reader: ``{"i": i}`` at offset ``i``, resumed after ``offset``."""
+    i = 0 if offset is None else offset + 1
+    while True:
+        yield {"i": i}, i
+        i += 1
+
+
+async def stored_i_and_table(root: Path) -> tuple[list[int], dict[str, Any]]:
+    """What a restart would see now of stream ``s`` (its ``i`` values) and table ``t``: read
+    by a read-only run, while the writer may still run."""
+    config = apersist.Config(apersist.Backend.filesystem(root),
+                             snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(config) as run:
+        events = [e.value["i"] async for e in run.stream("s").replay()]
+        return events, dict(await run.table("t"))
+
