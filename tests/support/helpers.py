@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import anyio
 
 import apersist
+from apersist._config import MemoryBackend
 from apersist._drivers import Driver, ObjectInfo, open_driver
 
 VERBS = ("put", "get", "list", "delete")
@@ -209,3 +210,20 @@ async def stored_i_and_table(root: Path) -> tuple[list[int], dict[str, Any]]:
         events = [e.value["i"] async for e in run.stream("s").replay()]
         return events, dict(await run.table("t"))
 
+
+async def numbers_up_to(offset: int | None, stop: int) -> AsyncIterator[tuple[int, int]]:
+    """A bounded reader: ``i`` at offset ``i`` up to ``stop``, resumed after ``offset``."""
+    start = 0 if offset is None else offset + 1
+    for i in range(start, stop):
+        yield i, i
+
+
+async def crash_state(objects: dict[str, bytes]) -> tuple[list[Any], dict[str, Any], Any]:
+    """What a crash at the instant ``objects`` was copied would leave: stream ``numbers``'s
+    committed events, table ``sums`` and the stream's offset."""
+    config = apersist.Config(MemoryBackend(objects=dict(objects)),
+                             snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(config) as run:
+        stream = run.stream("numbers")
+        events = [e.value async for e in stream.replay()]
+        return events, dict(await run.table("sums")), stream.offset
