@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 import apersist
 from apersist._config import MemoryBackend
@@ -227,3 +228,15 @@ async def crash_state(objects: dict[str, bytes]) -> tuple[list[Any], dict[str, A
         stream = run.stream("numbers")
         events = [e.value async for e in stream.replay()]
         return events, dict(await run.table("sums")), stream.offset
+
+
+class Turns:
+    """Counts how often a task gets to run (it yields at once each time)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await anyio.lowlevel.checkpoint()
