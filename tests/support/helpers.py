@@ -97,10 +97,6 @@ def counting(config: apersist.Config) -> AbstractAsyncContextManager[CountingDri
     return driver_for(config, CountingDriver)
 
 
-def config(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
-    return apersist.Config(backend, **kwargs)
-
-
 async def wait_until(predicate: Callable[[], bool], *, limit_s: float = 5.0,
                      what: str = "condition") -> None:
     """Poll ``predicate`` until it holds; fail after ``limit_s`` seconds."""
