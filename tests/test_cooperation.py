@@ -29,6 +29,7 @@ class Ticker:
         self.ticks = 0
         self.worst = 0.0
         self._last = 0.0
+        self.started = anyio.Event()  # set at the first tick
 
     async def run(self) -> None:
         self._last = time.perf_counter()
@@ -38,6 +39,7 @@ class Ticker:
             self.worst = max(self.worst, now - self._last)
             self._last = now
             self.ticks += 1
+            self.started.set()
 
 
 async def beside_a_ticker(body: Callable[[apersist.Run], Awaitable[None]], *,
@@ -49,8 +51,9 @@ async def beside_a_ticker(body: Callable[[apersist.Run], Awaitable[None]], *,
     async with apersist.run(config_, clock_ms=clock_ms) as run, \
             anyio.create_task_group() as tg:
         tg.start_soon(ticker.run)
-        await anyio.sleep(0.01)  # the ticker has started
+        await ticker.started.wait()
         ticker.worst = 0.0
+        ticker.ticks = 0  # from here on: what the body lets the ticker do
         await body(run)
         tg.cancel_scope.cancel()
     return ticker

@@ -10,15 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from helpers import crash_state, numbers_up_to
 
 import apersist
-from apersist._config import MemoryBackend
-
-
-async def _numbers(offset: int | None, stop: int) -> AsyncIterator[tuple[int, int]]:
-    start = 0 if offset is None else offset + 1
-    for i in range(start, stop):
-        yield i, i
 
 
 async def _batches(offset: int | None, stop: int) -> AsyncIterator[tuple[list[int], int]]:
@@ -27,21 +21,10 @@ async def _batches(offset: int | None, stop: int) -> AsyncIterator[tuple[list[in
         yield [i], i
 
 
-async def _state_of(objects: dict[str, bytes]) -> tuple[list[Any], dict[str, Any], Any]:
-    """What a crash at the instant ``objects`` was copied would leave: the stream's
-    committed events, the table and the stream's offset."""
-    config = apersist.Config(MemoryBackend(objects=dict(objects)),
-                             snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
-        stream = run.stream("numbers")
-        events = [e.value async for e in stream.replay()]
-        return events, dict(await run.table("sums")), stream.offset
-
-
 def _source(run: apersist.Run, batches: bool, stop: int) -> Any:
     if batches:
         return run.source_batches("numbers", lambda off: _batches(off, stop))
-    return run.source("numbers", lambda off: _numbers(off, stop))
+    return run.source("numbers", lambda off: numbers_up_to(off, stop))
 
 
 @pytest.mark.parametrize("batches", [False, True], ids=["source", "source_batches"])
@@ -68,7 +51,7 @@ async def test_an_event_fetched_by_wait_for_is_committed_with_its_state(batches:
             sums["count"] = sums.get("count", 0) + 1
         await asyncio.gather(*commits)
     for objects in crashes:
-        events, table, _offset = await _state_of(objects)
+        events, table, _offset = await crash_state(objects)
         assert table.get("count", 0) == len(events), (events, table)
 
 
@@ -99,7 +82,7 @@ async def test_a_task_the_iterator_was_handed_to_leaves_its_event_out_when_cance
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await run.commit()
-    events, table, offset = await _state_of(backend.objects)
+    events, table, offset = await crash_state(backend.objects)
     assert (events, table, offset) == ([0], {"count": 1}, 0)
     # The restart reads the event again and applies it once.
     async with apersist.run(apersist.Config(backend)) as run:
@@ -107,7 +90,7 @@ async def test_a_task_the_iterator_was_handed_to_leaves_its_event_out_when_cance
         async for event in _source(run, batches, 10):
             if not event.replayed:
                 sums["count"] += 1
-    events, table, offset = await _state_of(backend.objects)
+    events, table, offset = await crash_state(backend.objects)
     assert (events, table, offset) == (list(range(10)), {"count": 10}, 9)
 
 
@@ -117,9 +100,9 @@ async def test_a_record_on_the_sources_own_stream_comes_after_the_event() -> Non
     backend = apersist.Backend.memory()
     async with apersist.run(apersist.Config(backend)) as run:
         stream = run.stream("numbers")
-        async for event in run.source("numbers", lambda off: _numbers(off, 2)):
+        async for event in run.source("numbers", lambda off: numbers_up_to(off, 2)):
             await stream.record(f"after {event.value}")
-    events, _table, _offset = await _state_of(backend.objects)
+    events, _table, _offset = await crash_state(backend.objects)
     assert events == [0, "after 0", 1, "after 1"]
 
 
@@ -130,9 +113,9 @@ async def test_records_on_the_sources_own_stream_keep_their_order_across_commits
     backend = apersist.Backend.memory()
     async with apersist.run(apersist.Config(backend, snapshot_interval_ms=0)) as run:
         stream = run.stream("numbers")
-        async for event in run.source("numbers", lambda off: _numbers(off, 50)):
+        async for event in run.source("numbers", lambda off: numbers_up_to(off, 50)):
             await stream.record(f"after {event.value}")
             await stream.record_many([f"more {event.value}"])
-    events, _table, offset = await _state_of(backend.objects)
+    events, _table, offset = await crash_state(backend.objects)
     expected = [x for i in range(50) for x in (i, f"after {i}", f"more {i}")]
     assert (events, offset) == (expected, 49)

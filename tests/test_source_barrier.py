@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import anyio
 import anyio.lowlevel
+from helpers import crash_state, numbers_up_to
 
 import apersist
-from apersist._config import MemoryBackend
-
-
-async def _numbers(offset: int | None, stop: int) -> AsyncIterator[tuple[int, int]]:
-    start = 0 if offset is None else offset + 1
-    for i in range(start, stop):
-        yield i, i
-
-
-async def _state_of(objects: dict[str, bytes]) -> tuple[list[int], dict[str, Any], Any]:
-    config = apersist.Config(MemoryBackend(objects=dict(objects)),
-                             snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
-        stream = run.stream("numbers")
-        events = [e.value async for e in stream.replay()]
-        return events, dict(await run.table("sums")), stream.offset
 
 
 async def test_every_commit_holds_events_with_their_table_updates() -> None:
@@ -43,7 +25,7 @@ async def test_every_commit_holds_events_with_their_table_updates() -> None:
         tg.start_soon(watch)
         async with apersist.run(apersist.Config(backend)) as run:
             sums = await run.table("sums")
-            async for event in run.source("numbers", lambda off: _numbers(off, 400)):
+            async for event in run.source("numbers", lambda off: numbers_up_to(off, 400)):
                 # Give the group-commit scheduler every chance to cut mid-event.
                 await anyio.lowlevel.checkpoint()
                 sums["count"] = sums.get("count", 0) + 1
@@ -54,7 +36,7 @@ async def test_every_commit_holds_events_with_their_table_updates() -> None:
     distinct = {tuple(sorted(s.items())) for s in snapshots}
     assert len(distinct) > 5, "the watcher saw too few commits to test anything"
     for snapshot in distinct:
-        events, table, offset = await _state_of(dict(snapshot))
+        events, table, offset = await crash_state(dict(snapshot))
         assert events == list(range(len(events)))
         assert table.get("count", 0) == len(events), (table, len(events))
         assert table.get("total", 0) == sum(events)
@@ -66,7 +48,7 @@ async def test_commit_inside_the_loop_body_does_not_wait_for_itself() -> None:
     async with apersist.run(apersist.Config(backend, snapshot_interval_ms=60_000)) as run:
         seen = 0
         with anyio.fail_after(10):
-            async for _event in run.source("numbers", lambda off: _numbers(off, 5)):
+            async for _event in run.source("numbers", lambda off: numbers_up_to(off, 5)):
                 seen += 1
                 info = await run.commit()
                 assert info.deltas >= 1
@@ -79,7 +61,7 @@ async def test_back_pressure_inside_the_loop_body_does_not_deadlock() -> None:
     async with apersist.run(config) as run:
         side = run.stream("side")
         with anyio.fail_after(20):
-            async for event in run.source("numbers", lambda off: _numbers(off, 300)):
+            async for event in run.source("numbers", lambda off: numbers_up_to(off, 300)):
                 await side.record({"payload": "x" * 100, "n": event.value})
     async with apersist.run(apersist.Config(backend)) as run:
         assert [e.value["n"] async for e in run.stream("side").replay()] == list(range(300))
@@ -91,7 +73,7 @@ async def test_two_concurrent_sources_both_finish_and_commit() -> None:
         sums = await run.table("sums")
 
         async def consume(name: str) -> None:
-            async for event in run.source(name, lambda off: _numbers(off, 200)):
+            async for event in run.source(name, lambda off: numbers_up_to(off, 200)):
                 await anyio.lowlevel.checkpoint()
                 sums[name] = event.value
 

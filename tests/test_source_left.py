@@ -12,18 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import numbers_forever, stored_i_and_table
 
 import apersist
 
 LEFT = "was left by"
 HELD_LONG = 1.0  # a commit held by a left consumer waited the hold timeout (5 s)
-
-
-async def _numbers(offset: int | None) -> AsyncIterator[tuple[dict[str, int], int]]:
-    i = 0 if offset is None else offset + 1
-    while True:
-        yield {"i": i}, i
-        i += 1
 
 
 async def _commit_latencies(run: apersist.Run, count: int = 3) -> list[float]:
@@ -39,19 +33,11 @@ async def _commit_latencies(run: apersist.Run, count: int = 3) -> list[float]:
     return await asyncio.create_task(commits())
 
 
-async def _stored(root: Path) -> tuple[list[int], dict[str, Any]]:
-    config = apersist.Config(apersist.Backend.filesystem(root),
-                             snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
-        events = [e.value["i"] async for e in run.stream("s").replay()]
-        return events, dict(await run.table("t"))
-
-
 async def test_a_break_with_the_iterator_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         async for event in events:
             t[str(event.value["i"])] = 1
             if event.value["i"] == 3:
@@ -62,7 +48,7 @@ async def test_a_break_with_the_iterator_kept(tmp_path: Path, caplog: pytest.Log
         assert "by a break or a return" in warnings[0]
         assert "stream=s" in warnings[0]
         del events
-    assert await _stored(tmp_path) == ([0, 1, 2, 3], {"0": 1, "1": 1, "2": 1, "3": 1})
+    assert await stored_i_and_table(tmp_path) == ([0, 1, 2, 3], {"0": 1, "1": 1, "2": 1, "3": 1})
 
 
 async def test_an_exception_caught_by_a_caller_that_keeps_the_iterator(
@@ -77,7 +63,7 @@ async def test_an_exception_caught_by_a_caller_that_keeps_the_iterator(
 
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         with pytest.raises(ValueError, match="bad event"):
             await consume(events, t)
         assert max(await _commit_latencies(run)) < HELD_LONG
@@ -85,7 +71,7 @@ async def test_an_exception_caught_by_a_caller_that_keeps_the_iterator(
         assert len(warnings) == 1
         assert "by an exception" in warnings[0]
         del events
-    assert await _stored(tmp_path) == ([0, 1, 2], {"0": 1, "1": 1, "2": 1})
+    assert await stored_i_and_table(tmp_path) == ([0, 1, 2], {"0": 1, "1": 1, "2": 1})
 
 
 async def test_a_slow_body_is_still_waited_for(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -93,7 +79,7 @@ async def test_a_slow_body_is_still_waited_for(tmp_path: Path, caplog: pytest.Lo
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
         latencies: list[float] = []
-        async for event in run.source("s", _numbers):
+        async for event in run.source("s", numbers_forever):
             if event.value["i"] == 1:
                 committer = asyncio.create_task(_commit_latencies(run, 1))
                 await asyncio.sleep(0.4)  # the commit must wait for this body
@@ -110,7 +96,7 @@ async def test_a_loop_handed_on_to_a_function_is_still_waited_for(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         async for event in events:
             if event.value["i"] == 1:
                 break
@@ -138,7 +124,7 @@ async def test_a_wrapping_async_generator_is_still_waited_for(
         t = await run.table("t")
 
         async def enriched() -> AsyncIterator[int]:
-            async for event in run.source("s", _numbers):
+            async for event in run.source("s", numbers_forever):
                 yield event.value["i"] * 10
 
         async for value in enriched():

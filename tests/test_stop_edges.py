@@ -9,31 +9,43 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import numbers_forever, stored_i_and_table
 
 import apersist
 
 LEFT = "was left by"
 
 
-async def _numbers(offset: int | None) -> AsyncIterator[tuple[dict[str, int], int]]:
-    i = 0 if offset is None else offset + 1
-    while True:
-        yield {"i": i}, i
-        i += 1
+Committed = list[tuple[float, tuple[list[int], dict[str, Any]]]]
 
 
-async def _stored(root: Path) -> tuple[list[int], dict[str, Any]]:
-    """What a restart would see now (a reader of the store, while the writer still runs)."""
-    config = apersist.Config(apersist.Backend.filesystem(root),
-                             snapshot_access=apersist.SnapshotAccess.REPLAY)
-    async with apersist.run(config) as run:
-        events = [e.value["i"] async for e in run.stream("s").replay()]
-        return events, dict(await run.table("t"))
+def _commits_from_elsewhere(
+        run: apersist.Run, root: Path) -> tuple[Committed, Callable[[], Awaitable[None]]]:
+    """A commit from another task, as a service's other work makes one, and the list it
+    appends to: how long it waited and what a restart would see right after it."""
+    committed: Committed = []
+
+    async def commit_from_elsewhere() -> None:
+        await run.stream("other").record(0)
+        started = time.perf_counter()
+        await run.commit()
+        took = time.perf_counter() - started
+        committed.append((took, await stored_i_and_table(root)))
+
+    return committed, commit_from_elsewhere
+
+
+def _assert_event_1_waited_for(committed: Committed) -> None:
+    """The first commit from elsewhere waited for the body at work on event 1."""
+    took, (stored, table) = committed[0]
+    # Never: event 1 durable without the state its body derived from it.
+    assert not (1 in stored and "1" not in table), (stored, table)
+    assert took >= 0.3, took
 
 
 # --------------------------------------------------------------------------------------
@@ -45,17 +57,10 @@ async def test_continue_in_body_is_not_a_left_loop(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
-
-        async def commit_from_elsewhere() -> None:
-            await run.stream("other").record(0)
-            started = time.perf_counter()
-            await run.commit()
-            took = time.perf_counter() - started
-            committed.append((took, await _stored(tmp_path)))
+        committed, commit_from_elsewhere = _commits_from_elsewhere(run, tmp_path)
 
         committer: asyncio.Task[None] | None = None
-        async for event in run.source("s", _numbers):
+        async for event in run.source("s", numbers_forever):
             i = event.value["i"]
             if i % 2 == 0 and i != 2:
                 continue  # skip even events (an ordinary filter)
@@ -66,10 +71,7 @@ async def test_continue_in_body_is_not_a_left_loop(
             t[str(i)] = "done"
         assert committer is not None
         await committer
-        took, (events, table) = committed[0]
-        # Never: event 1 durable without the state its body derived from it.
-        assert not (1 in events and "1" not in table), (events, table)
-        assert took >= 0.3, took
+        _assert_event_1_waited_for(committed)
         assert not [r.getMessage() for r in caplog.records if LEFT in r.getMessage()]
 
 
@@ -92,16 +94,10 @@ async def test_consumer_awaited_through_an_awaitable_object(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
-
-        async def commit_from_elsewhere() -> None:
-            await run.stream("other").record(0)
-            started = time.perf_counter()
-            await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+        committed, commit_from_elsewhere = _commits_from_elsewhere(run, tmp_path)
 
         async def consume() -> None:
-            async for event in run.source("s", _numbers):
+            async for event in run.source("s", numbers_forever):
                 i = event.value["i"]
                 if i == 1:
                     committer = asyncio.create_task(commit_from_elsewhere())
@@ -112,9 +108,7 @@ async def test_consumer_awaited_through_an_awaitable_object(
                     return
 
         await _Traced(consume())
-        took, (events, table) = committed[0]
-        assert not (1 in events and "1" not in table), (events, table)
-        assert took >= 0.3, took
+        _assert_event_1_waited_for(committed)
         assert not [r.getMessage() for r in caplog.records if LEFT in r.getMessage()]
 
 
@@ -129,14 +123,8 @@ async def test_break_then_return_the_event_to_the_caller(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        events = run.source("s", _numbers)
-        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
-
-        async def commit_from_elsewhere() -> None:
-            await run.stream("other").record(0)
-            started = time.perf_counter()
-            await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+        events = run.source("s", numbers_forever)
+        committed, commit_from_elsewhere = _commits_from_elsewhere(run, tmp_path)
 
         async def next_odd(it: AsyncIterator[apersist.Event]) -> apersist.Event:
             found = None
@@ -153,9 +141,7 @@ async def test_break_then_return_the_event_to_the_caller(
         t[str(event.value["i"])] = "done"
         await next_odd(events)  # asks for the next event: done with event 1
         await committer
-        took, (stored, table) = committed[0]
-        assert not (1 in stored and "1" not in table), (stored, table)
-        assert took >= 0.3, took
+        _assert_event_1_waited_for(committed)
         del events
 
 
@@ -355,13 +341,7 @@ async def test_helper_reads_a_prefix_then_the_caller_loops(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
-
-        async def commit_from_elsewhere() -> None:
-            await run.stream("other").record(0)
-            started = time.perf_counter()
-            await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+        committed, commit_from_elsewhere = _commits_from_elsewhere(run, tmp_path)
 
         async def skip_header(it: AsyncIterator[apersist.Event]) -> None:
             async for event in it:
@@ -370,7 +350,7 @@ async def test_helper_reads_a_prefix_then_the_caller_loops(
                         raise ValueError("a header this service does not know")
                     break
 
-        events = run.source("s", _numbers)
+        events = run.source("s", numbers_forever)
         with contextlib.suppress(ValueError):  # go on without it
             await skip_header(events)
         committer: asyncio.Task[None] | None = None
@@ -384,9 +364,7 @@ async def test_helper_reads_a_prefix_then_the_caller_loops(
                 break
         assert committer is not None
         await committer
-        took, (stored, table) = committed[0]
-        assert not (1 in stored and "1" not in table), (stored, table)
-        assert took >= 0.3, took
+        _assert_event_1_waited_for(committed)
         del events
 
 
@@ -493,14 +471,8 @@ async def test_async_generator_yields_the_event_after_its_loop(
     caplog.set_level(logging.WARNING, "apersist")
     async with apersist.run(apersist.Config(apersist.Backend.filesystem(tmp_path))) as run:
         t = await run.table("t")
-        kept = [run.source("s", _numbers)]  # the source, referenced
-        committed: list[tuple[float, tuple[list[int], dict[str, Any]]]] = []
-
-        async def commit_from_elsewhere() -> None:
-            await run.stream("other").record(0)
-            started = time.perf_counter()
-            await run.commit()
-            committed.append((time.perf_counter() - started, await _stored(tmp_path)))
+        kept = [run.source("s", numbers_forever)]  # the source, referenced
+        committed, commit_from_elsewhere = _commits_from_elsewhere(run, tmp_path)
 
         async def up_to_marker(it: AsyncIterator[apersist.Event]) -> AsyncIterator[apersist.Event]:
             last = None
@@ -516,9 +488,7 @@ async def test_async_generator_yields_the_event_after_its_loop(
             await asyncio.sleep(0.4)  # works on event 1
             t[str(event.value["i"])] = "done"
         await committer
-        took, (stored, table) = committed[0]
-        assert not (1 in stored and "1" not in table), (stored, table)
-        assert took >= 0.3, took
+        _assert_event_1_waited_for(committed)
         del kept
 
 

@@ -22,7 +22,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import orjson
 import pytest
-from helpers import table_state
+from helpers import Turns, table_state
 
 import apersist
 import apersist._pacing
@@ -154,18 +154,6 @@ async def test_the_caches_memory_follows_its_serialized_size(tmp_path: Path, tra
     assert await written() / serialized < MEMORY_BOUND
     await release_finished_runs(finished)
     assert await opened() / serialized < MEMORY_BOUND
-
-
-class Turns:
-    """Counts how often a task gets to run (it yields at once each time)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def run(self) -> None:
-        while True:
-            self.count += 1
-            await anyio.lowlevel.checkpoint()
 
 
 async def test_opening_a_big_table_lets_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:

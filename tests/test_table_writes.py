@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import orjson
 import pytest
-from helpers import CountingDriver, counting, driver_for, table_state, wait_until
+from helpers import CountingDriver, Turns, counting, driver_for, table_state, wait_until
 
 import apersist
 import apersist._pacing
@@ -166,18 +166,6 @@ async def test_a_commit_holds_each_keys_record_as_it_was_at_the_cut(
         deltas = await deltas_by_commit(run, "t")
         assert deltas[info.seq] == [[key, "after"] for key in keys]
     assert await table_state(backend, "t") == dict.fromkeys(keys, "after")
-
-
-class Turns:
-    """Counts how often a task gets to run (it yields at once each time)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    async def run(self) -> None:
-        while True:
-            self.count += 1
-            await anyio.lowlevel.checkpoint()
 
 
 async def test_a_commit_of_many_changed_keys_lets_other_tasks_run(

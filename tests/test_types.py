@@ -14,7 +14,7 @@ import enum
 import math
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, NewType, assert_type
+from typing import Annotated, Any, NewType, TypeVar, assert_type
 
 import msgspec
 import pydantic
@@ -77,6 +77,20 @@ def memory_config(**kwargs: Any) -> tuple[apersist.Backend, apersist.Config]:
     return backend, apersist.Config(backend, **kwargs)
 
 
+T = TypeVar("T")
+
+
+async def recorded_then_replayed(value: T, stream: str, cls: type[T]) -> apersist.Event[T]:
+    """``value`` recorded on a stream typed ``cls`` by one run, replayed by the next: the
+    stream's one event."""
+    _, config = memory_config()
+    async with apersist.run(config) as run:
+        await run.stream(stream, type=cls).record(value)
+    async with apersist.run(config) as run:
+        [event] = [e async for e in run.stream(stream, type=cls).replay()]
+    return event
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -115,11 +129,7 @@ async def test_a_naive_datetime_and_an_aware_one_keep_their_kind() -> None:
 
     tick = Tick(dt.datetime(2026, 3, 1, 8), dt.datetime(2026, 3, 1, 8, tzinfo=dt.timezone(
         dt.timedelta(hours=5, minutes=30))))
-    _, config = memory_config()
-    async with apersist.run(config) as run:
-        await run.stream("ticks", type=Tick).record(tick)
-    async with apersist.run(config) as run:
-        [event] = [e async for e in run.stream("ticks", type=Tick).replay()]
+    event = await recorded_then_replayed(tick, "ticks", Tick)
     assert event.value == tick
     assert event.value.naive.tzinfo is None
     assert event.value.aware.utcoffset() == dt.timedelta(hours=5, minutes=30)
@@ -361,11 +371,7 @@ async def test_a_type_that_refers_to_itself() -> None:
         children: list[Node] = dataclasses.field(default_factory=list)
 
     tree = Node("root", decimal.Decimal("1.5"), [Node("leaf", decimal.Decimal("0.25"))])
-    _, config = memory_config()
-    async with apersist.run(config) as run:
-        await run.stream("s", type=Node).record(tree)
-    async with apersist.run(config) as run:
-        [event] = [e async for e in run.stream("s", type=Node).replay()]
+    event = await recorded_then_replayed(tree, "s", Node)
     assert event.value == tree
     assert type(event.value.children[0]) is Node
 

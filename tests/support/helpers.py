@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 import apersist
+from apersist._config import MemoryBackend
 from apersist._drivers import Driver, ObjectInfo, open_driver
 
 VERBS = ("put", "get", "list", "delete")
@@ -92,10 +95,6 @@ async def driver_for(config: apersist.Config, wrap: Callable[[Driver], D]) -> As
 def counting(config: apersist.Config) -> AbstractAsyncContextManager[CountingDriver]:
     """A ``CountingDriver`` around the driver a run would open for ``config``."""
     return driver_for(config, CountingDriver)
-
-
-def config(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
-    return apersist.Config(backend, **kwargs)
 
 
 async def wait_until(predicate: Callable[[], bool], *, limit_s: float = 5.0,
@@ -189,3 +188,51 @@ async def read_golden_shape(backend: apersist.Backend, expected: dict[str, Any],
         calls = [[arg, square(arg)] for arg, _result in expected["cache"]["calls"]]
         got["cache"] = {**expected["cache"], "calls": calls}
     return got
+
+
+async def numbers_forever(offset: int | None) -> AsyncIterator[tuple[dict[str, int], int]]:
+    """An endless reader: ``{"i": i}`` at offset ``i``, resumed after ``offset``."""
+    i = 0 if offset is None else offset + 1
+    while True:
+        yield {"i": i}, i
+        i += 1
+
+
+async def stored_i_and_table(root: Path) -> tuple[list[int], dict[str, Any]]:
+    """What a restart would see now of stream ``s`` (its ``i`` values) and table ``t``: read
+    by a read-only run, while the writer may still run."""
+    config = apersist.Config(apersist.Backend.filesystem(root),
+                             snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(config) as run:
+        events = [e.value["i"] async for e in run.stream("s").replay()]
+        return events, dict(await run.table("t"))
+
+
+async def numbers_up_to(offset: int | None, stop: int) -> AsyncIterator[tuple[int, int]]:
+    """A bounded reader: ``i`` at offset ``i`` up to ``stop``, resumed after ``offset``."""
+    start = 0 if offset is None else offset + 1
+    for i in range(start, stop):
+        yield i, i
+
+
+async def crash_state(objects: dict[str, bytes]) -> tuple[list[Any], dict[str, Any], Any]:
+    """What a crash at the instant ``objects`` was copied would leave: stream ``numbers``'s
+    committed events, table ``sums`` and the stream's offset."""
+    config = apersist.Config(MemoryBackend(objects=dict(objects)),
+                             snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with apersist.run(config) as run:
+        stream = run.stream("numbers")
+        events = [e.value async for e in stream.replay()]
+        return events, dict(await run.table("sums")), stream.offset
+
+
+class Turns:
+    """Counts how often a task gets to run (it yields at once each time)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await anyio.lowlevel.checkpoint()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from helpers import read_golden_shape
 
 import apersist
 from apersist import _maintenance, _store
@@ -204,23 +205,6 @@ async def write_store(root: Path) -> dict[str, Any]:
     }
 
 
-async def replay_all(root: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """Read the store back the way a user would, in the shape of ``expected.json``."""
-    cfg = apersist.Config(apersist.Backend.filesystem(root),
-                          snapshot_access=apersist.SnapshotAccess.REPLAY)
-    got: dict[str, Any] = {"format": expected["format"], "streams": {}, "tables": {}}
-    async with apersist.run(cfg) as run:
-        for name in expected["streams"]:
-            stream = run.stream(name)
-            got["streams"][name] = {
-                "events": [[e.value, e.offset, e.time_ms] async for e in stream.replay()],
-                "offset": stream.offset}
-        for name in expected["tables"]:
-            got["tables"][name] = dict(await run.table(name))
-    got["cache"] = expected["cache"]
-    return got
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     version = f"{apersist.FORMAT_MAJOR}.{apersist.FORMAT_MINOR}"
@@ -243,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tmp) / "store"
             expected = asyncio.run(write_store(root))
             # What was written must read back as what was meant, before it is kept.
-            got = asyncio.run(replay_all(root, expected))
+            got = asyncio.run(read_golden_shape(apersist.Backend.filesystem(root), expected))
             if orjson.dumps(got) != orjson.dumps(expected):
                 print("the store does not read back as written", file=sys.stderr)
                 return 1
