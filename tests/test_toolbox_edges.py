@@ -392,7 +392,9 @@ async def test_reading_a_log_for_dump_and_salvage_holds_a_bounded_window_of_byte
                              snapshot_interval_ms=3_600_000)
     async with apersist.run(config) as run:
         stream = run.stream("big")
-        for i in range(8 * 2 * 512):  # 8 segments of 2 MiB: 16 MiB, twice the bound
+        # 24 MiB of 2 KB events: at least 10 segments. A segment is cut when its open
+        # batch is framed, up to a quarter past 2 MiB, so 16 MiB made 7 or 8 of them.
+        for i in range(12 * 1024):
             await stream.record("x" * 2000, offset=i)
         await run.commit()
 
