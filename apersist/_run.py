@@ -115,7 +115,9 @@ class Run:
         return self._life.stopping
 
     async def wait_stopping(self) -> None:
-        """Return once ``stop()`` is called (or a signal came, with ``stop_on_signals``)."""
+        """Return once ``stop()`` is called (or a signal came, with ``stop_on_signals``), or
+        once the run's block has been left, whichever comes first: nothing can stop a run
+        that has ended, so a task still waiting then is let go rather than left waiting."""
         await self._life.stopped.wait()
 
     async def commit(self) -> CommitInfo:
@@ -439,6 +441,9 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
                             await the_run._maintainer.at_end()
                     finally:
                         the_run._life.ended = True
+                        # A task still awaiting wait_stopping() (one outside the block)
+                        # would otherwise wait for good: nothing can stop an ended run.
+                        the_run._life.stopped.set()
                         if scheduler is not None:
                             scheduler.close()
                         tg.cancel_scope.cancel()

@@ -281,3 +281,14 @@ async def test_a_loop_signal_handler_of_the_application_comes_back(tmp_path: Pat
         assert mine == ["mine"]  # the application's, once the block is left
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def test_wait_stopping_lets_go_once_the_run_has_ended(tmp_path: Path) -> None:
+    """A task outside the block that waits for a stop must not wait for good once the run
+    has ended without one."""
+    async with apersist.run(_config(apersist.Backend.filesystem(tmp_path))) as run:
+        waiter = asyncio.create_task(run.wait_stopping())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+    await asyncio.wait_for(waiter, 1)
+    assert not run.stopping  # let go, not stopped
