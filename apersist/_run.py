@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,7 +19,7 @@ import anyio.lowlevel
 from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
 from ._codec import Codec, value_codec
-from ._concurrency import unwrap_group
+from ._concurrency import gather_bounded, unwrap_group
 from ._config import Config, Retention, describe_backend
 from ._drivers import Driver, open_driver
 from ._drivers.base import capabilities_of, check_driver_object
@@ -374,7 +375,15 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency,
                       label=config.writer_label)
         opened = time.perf_counter()
-        await store.load()
+        if policy.writer and capabilities_of(driver).verify_conditional_writes:
+            # Once, before writing anything: a store that lets two creators win would break
+            # commits and fencing silently. The check touches only a scratch key, so it runs
+            # beside loading the log: on an object store its three round trips would
+            # otherwise come on top of the load's.
+            await gather_bounded([store.load, functools.partial(verify_create_if_absent, driver)],
+                                 2)
+        else:
+            await store.load()
         if not policy.writer and store.last_seq == 0:
             # A read-only run of a mistyped root would otherwise replay nothing, silently.
             logger.warning("no store at this root: a read-only run (SnapshotAccess.REPLAY) "
@@ -383,10 +392,6 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         if policy.writer:
             if config.takeover_idle_ms is not None:
                 await store.refuse_active_writer(config.takeover_idle_ms)
-            if capabilities_of(driver).verify_conditional_writes:
-                # Once, before writing anything: a store that lets two creators win would
-                # break commits and fencing silently.
-                await verify_create_if_absent(driver)
             await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
