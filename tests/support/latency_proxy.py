@@ -300,12 +300,12 @@ class LatencyProxy:
     async def _serve(self, ready: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
         def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.ensure_future(self._connection(reader, writer))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            tasks[task] = writer
+            task.add_done_callback(tasks.pop)
 
         server = await asyncio.start_server(on_connect, LOOPBACK, 0)
         self._port = int(server.sockets[0].getsockname()[1])
@@ -313,9 +313,14 @@ class LatencyProxy:
         try:
             await self._stop.wait()
         finally:
+            # A connection asyncio accepted just now becomes a transport a few loop turns
+            # later, and asyncio (3.11) leaks its socket if the server is closed in between:
+            # let such connections arrive first, so that they are closed below.
+            await asyncio.sleep(0.05)
             server.close()
-            for task in list(tasks):
+            for task, writer in list(tasks.items()):
                 task.cancel()
+                writer.close()  # also when the task is cancelled before it ever ran
             await asyncio.gather(*tasks, return_exceptions=True)
             await server.wait_closed()
 
@@ -341,11 +346,12 @@ class LatencyProxy:
         except (ConnectionError, OSError, ValueError, asyncio.IncompleteReadError):
             pass  # either side went away (or sent garbage): drop this connection only
         finally:
-            for writer in (client_w, upstream_w):
-                if writer is not None:
-                    writer.close()
-                    with contextlib.suppress(ConnectionError, OSError):
-                        await writer.wait_closed()
+            writers = [w for w in (client_w, upstream_w) if w is not None]
+            for writer in writers:  # both before any await: a cancel may come at the first
+                writer.close()
+            for writer in writers:
+                with contextlib.suppress(ConnectionError, OSError):
+                    await writer.wait_closed()
 
     async def _upstream_pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              number: int, pending: list[Callable[[float], None]]) -> None:
