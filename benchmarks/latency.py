@@ -37,8 +37,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# backends.py put tests/support on the path.
-from latency_proxy import LatencyProxy, TracedRequest
 
 import apersist
 
@@ -58,6 +56,12 @@ from .backends import (
     write_replay_stream,
 )
 from .common import Report, Row, Series, Settings, Target, guarded, log, median
+
+# The proxy lives with the tests' servers (tests/support), imported as they are (backends.py).
+SUPPORT = str(Path(__file__).resolve().parent.parent / "tests" / "support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
+from latency_proxy import LatencyProxy, TracedRequest  # noqa: E402 (tests/support, just above)
 
 COMMIT_RATIO_TARGET = 1.5  # 16 segments' commit over 1 segment's, at a real latency
 READ_AHEAD_TARGET = 8.0
