@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -280,10 +281,20 @@ def describe(phase: str, trace: Sequence[TracedRequest], elapsed_s: float, root:
              f"{elapsed_s * 1000:.0f} ms", ""]
     start = min((r.arrived for r in trace), default=0.0)
     for number, group in enumerate(groups, 1):
-        what = ", ".join(f"{r.method} {_short(r.path, root)}" for r in group[:4])
+        what = ", ".join(_what(r, root) for r in group[:4])
         more = f" (+{len(group) - 4} more)" if len(group) > 4 else ""
         lines.append(f"{number}. +{(group[0].arrived - start) * 1000:.0f} ms: {what}{more}")
     return [*lines, ""]
+
+
+def _what(request: TracedRequest, root: str) -> str:
+    """``PUT key``, ``GET key``, ``LIST prefix`` or ``POST (batch delete)``, relative to ``root``."""
+    query = parse_qs(request.query)
+    if "prefix" in query:
+        return f"LIST {query['prefix'][0].removeprefix(root + '/') or '(root)'}"
+    if request.method == "POST":
+        return "POST (batch delete)"
+    return f"{request.method} {_short(request.path, root)}"
 
 
 def _short(path: str, root: str) -> str:

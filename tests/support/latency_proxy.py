@@ -66,6 +66,7 @@ class TracedRequest:
     method: str
     path: str
     connection: int
+    query: str = ""  # the request target's query string (a listing's ``prefix=``), undecoded
 
 
 class _Pacer:
@@ -106,6 +107,7 @@ class _RequestParser:
         self._ended = False  # the last step ended a request
         self.method = ""
         self.path = ""
+        self.query = ""
 
     def feed(self, data: bytes) -> list[tuple[bool, bytes]]:
         self._buffer += data
@@ -170,7 +172,8 @@ class _RequestParser:
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         self.method = parts[0]
-        self.path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+        target = parts[1] if len(parts) > 1 else ""
+        self.path, _, self.query = target.partition("?")
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -360,12 +363,13 @@ class LatencyProxy:
         while data := await reader.read(_READ_BYTES):
             for first, piece in parser.feed(data):
                 if first:
-                    pending[:] = [await self._hold(parser.method, parser.path, number)]
+                    pending[:] = [await self._hold(parser.method, parser.path, parser.query, number)]
                 await pacer.send(writer, piece)
         if writer.can_write_eof():
             writer.write_eof()
 
-    async def _hold(self, method: str, path: str, number: int) -> Callable[[float], None]:
+    async def _hold(self, method: str, path: str, query: str,
+                    number: int) -> Callable[[float], None]:
         """Count a request that just arrived, wait out the delay; return the stamp of its answer."""
         arrived = time.perf_counter()
         with self._lock:
@@ -377,7 +381,7 @@ class LatencyProxy:
             return lambda _moment: None
         with self._lock:
             index = len(self._trace)
-            self._trace.append(TracedRequest(arrived, forwarded, None, method, path, number))
+            self._trace.append(TracedRequest(arrived, forwarded, None, method, path, number, query))
 
         def answered(moment: float) -> None:
             with self._lock:
