@@ -57,7 +57,8 @@ class TracedRequest:
 
     ``arrived``: its first byte reached the proxy; ``forwarded``: the proxy sent it on
     (``arrived`` + the delay); ``answered``: the response's first byte came back (None if
-    none did). ``connection`` numbers the client connection it came on.
+    none did; an interim ``100 Continue`` counts as the first byte). ``connection``
+    numbers the client connection it came on.
     """
 
     arrived: float
