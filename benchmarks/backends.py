@@ -735,7 +735,9 @@ def servers(backends: Sequence[str], log_dir: Path, report: Report) -> Iterator[
         yield unders
 
 
-async def run_backends(unders: Sequence[Under], settings: Settings, report: Report) -> None:
+async def run_backends(unders: Sequence[Under], settings: Settings, report: Report, *,
+                       sections: bool = True) -> None:
+    """The object-store workloads (``sections=False``: only those behind the latency proxy)."""
     bs = BackendSettings.make(settings)
     for under in unders:
         if under.name.startswith("S3"):
@@ -745,8 +747,13 @@ async def run_backends(unders: Sequence[Under], settings: Settings, report: Repo
     neighbours = Neighbours(tuple(under.pid for under in unders))
     # One section at a time, backend after backend: a server idles while the other works,
     # so neither competes with the other for the cores.
-    for section in SECTIONS:
+    for section in SECTIONS if sections else ():
         for under in unders:
             await guarded(report, f"{under.name}: {section.__name__.removeprefix('section_')}",
                           section(under, bs, report))
+    from .latency import section_latency
+
+    # Behind the latency proxy, as a remote store answers (latency.py); last, on its own.
+    for under in unders:
+        await guarded(report, f"{under.name}: latency", section_latency(under, settings, report))
     report.notes["backends: CPU used by other processes while measuring"] = neighbours.describe()

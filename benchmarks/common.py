@@ -408,6 +408,8 @@ class Settings:
     history_commits: tuple[int, ...] = (1000, 5000, 20000)  # open and replay against history
     job_rows: int = 1_000_000  # the headline job (job.py)
     peers: bool = False  # run the job in Pathway 0.33.0 too (peers/)
+    latency_ms: tuple[float, ...] = (0.0, 20.0)  # the object stores' workloads behind the proxy
+    latency_history: int = 5000  # commits of the long store opened behind the proxy
 
     @property
     def warmup_events(self) -> int:

@@ -205,8 +205,37 @@ def write_plots(report: Report, directory: Path) -> list[Path]:
         ax.set_title(f"Peak memory while recording (one process per size){tag}", fontsize=11)
         ax.legend(fontsize=8)
         save(fig, "memory.png")
+    if "latency" in series:
+        save(latency_figure(plt, series["latency"], tag), "latency.png")
     log(f"wrote {len(written)} plots into {directory}")
     return written
+
+
+LATENCY_BARS = (("commit_1_ms", "commit, 1 segment"), ("commit_16_ms", "commit, 16 segments"),
+                ("replay_ahead_s", "replay, read-ahead"), ("replay_one_s", "replay, 1 GET at a time"),
+                ("open_writer_ms", "open the long store (writer)"))
+
+
+def latency_figure(plt: Any, data: dict[str, dict[str, dict[str, Any]]], tag: str) -> Any:
+    """Bars per backend: each latency workload's time at each delay per request (latency.py)."""
+    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4.4), squeeze=False)
+    for ax, (backend, by_delay) in zip(axes[0], data.items(), strict=True):
+        delays = sorted(by_delay, key=float)
+        width = 0.8 / max(1, len(delays))
+        for index, delay in enumerate(delays):
+            values = by_delay[delay]
+            heights = [values.get(key, float("nan")) * (1000 if key.endswith("_s") else 1)
+                       for key, _label in LATENCY_BARS]
+            ax.bar([i + index * width for i in range(len(LATENCY_BARS))], heights, width,
+                   label=f"{float(delay):g} ms per request")
+        ax.set_xticks([i + width * (len(delays) - 1) / 2 for i in range(len(LATENCY_BARS))])
+        ax.set_xticklabels([label for _key, label in LATENCY_BARS], rotation=30, ha="right",
+                           fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{backend}{tag}", fontsize=11)
+        ax.legend(fontsize=8)
+    return fig
 
 
 # --------------------------------------------------------------------------- comparison

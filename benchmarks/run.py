@@ -29,17 +29,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ("job", "record", "replay", "commit", "stall", "memory", "table", "cached", "state",
-             "history", "backends")
+             "history", "backends", "latency")
 BACKENDS = ("filesystem", "s3", "azure")
 FULL = {"events": 1_000_000, "repeats": 3, "batch": 1024, "streams": 16, "commit_samples": 200,
         "producers": "1,8,64", "memory_events": "1000000,10000000",
         "table_sizes": "1000,10000,100000,1000000", "state_keys": "100000,1000000",
         "cache_calls": 20_000, "backend_events": 200_000, "history_commits": "1000,5000,20000",
-        "job_rows": 1_000_000}
+        "job_rows": 1_000_000, "latency_history": 5000}
 QUICK = {"events": 20_000, "repeats": 2, "batch": 1024, "streams": 16, "commit_samples": 10,
          "producers": "1,8,64", "memory_events": "10000,100000", "table_sizes": "100,1000,3000",
          "state_keys": "2000,20000", "cache_calls": 2_000, "backend_events": 2_000,
-         "history_commits": "100,400", "job_rows": 20_000}
+         "history_commits": "100,400", "job_rows": 20_000, "latency_history": 100}
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -49,6 +49,16 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers: {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 0: {text!r}")
     return values
 
 
@@ -100,6 +110,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        help="one-event commits of the long-history stores: open and replay time "
                             "against history (1000,5000,20000; 100,400)")
     knobs.add_argument("--cache-calls", type=int, help="@cached calls per sample (20,000; 2,000)")
+    knobs.add_argument("--latency-ms", type=float_list, default=(0.0, 20.0),
+                       help="delays per HTTP request of the latency workloads on S3 and Azure, "
+                            "through tests/support/latency_proxy.py (0,20)")
+    knobs.add_argument("--latency-history", type=int,
+                       help="commits of the long store the latency workloads open (5,000; 100)")
     knobs.add_argument("--backend-events", type=int,
                        help="small events recorded/replayed on S3 and Azure (200,000; 2,000)")
     out = parser.add_argument_group("output")

@@ -53,7 +53,8 @@ def make_settings(args: argparse.Namespace, root: Path) -> Settings:
                     cache_calls=args.cache_calls,
                     backend_events=args.backend_events, backends=args.backends,
                     history_commits=args.history_commits, job_rows=args.job_rows,
-                    peers=args.peers)
+                    peers=args.peers, latency_ms=args.latency_ms,
+                    latency_history=args.latency_history)
 
 
 async def record_replay(values: list[Any], floor: RecordFloor, settings: Settings, stores: Stores,
@@ -122,13 +123,13 @@ def run_suite(args: argparse.Namespace, root: Path) -> Report:
                     log(f"{name} FAILED: {exc}")
                     report.errors.append(f"{name}: {type(exc).__name__}: {str(exc)[:500]}")
     remote = tuple(b for b in settings.backends if b != "filesystem")
-    if remote and "backends" in only:
+    if remote and {"backends", "latency"} & set(only):
         from .backends import run_backends, servers
 
         with workload_scope(report, "object stores"):
             try:
                 with servers(remote, root, report) as unders:
-                    asyncio.run(run_backends(unders, settings, report))
+                    asyncio.run(run_backends(unders, settings, report, sections="backends" in only))
             except Exception as exc:  # servers that did not start: keep the other results
                 log(f"object stores FAILED: {exc}")
                 report.errors.append(f"object stores: {type(exc).__name__}: {str(exc)[:500]}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from latency_proxy import proxied
 from servers import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
@@ -35,6 +36,10 @@ import apersist
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 BACKEND_KINDS = ["memory", "filesystem", "s3", "azure"]
+# APERSIST_TEST_LATENCY_MS=N puts a LatencyProxy (tests/support/latency_proxy.py) adding N ms
+# per request in front of the S3 and Azure servers: the suite then runs against stores that
+# answer like remote ones. 0 (the default) talks to the servers directly.
+LATENCY_MS = float(os.environ.get("APERSIST_TEST_LATENCY_MS") or 0)
 TEST_BUCKET = "apersist-tests"
 TEST_CONTAINER = "apersist-tests"
 
@@ -49,8 +54,8 @@ def _run_async(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with s3_server(tmp_path_factory.getbasetemp()) as url:
-        yield url
+    with s3_server(tmp_path_factory.getbasetemp()) as url, proxied(url, LATENCY_MS) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +77,8 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 @pytest.fixture(scope="session")
 def azure_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with azure_server(tmp_path_factory.getbasetemp()) as url:
-        yield url
+    with azure_server(tmp_path_factory.getbasetemp()) as url, proxied(url, LATENCY_MS) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="session")
