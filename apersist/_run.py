@@ -8,7 +8,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
@@ -380,8 +380,9 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             # commits and fencing silently. The check touches only a scratch key, so it runs
             # beside loading the log: on an object store its three round trips would
             # otherwise come on top of the load's.
-            await gather_bounded([store.load, functools.partial(verify_create_if_absent, driver)],
-                                 2)
+            both: list[Callable[[], Awaitable[None]]] = [
+                store.load, functools.partial(verify_create_if_absent, driver)]
+            await gather_bounded(both, 2)
         else:
             await store.load()
         if not policy.writer and store.last_seq == 0:
