@@ -344,8 +344,10 @@ def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:
             frames.append(_decode(ref, value, offset, time_ms, count, at))
             end = after
     except CorruptDataError as exc:
-        if damage.key == ref.key and damage.offset == 0:
-            damage = Damage.of(exc, ref.key)  # a closer position than the whole-segment check
+        if (damage.key == ref.key and damage.offset == 0) or isinstance(exc, _LostWhole):
+            # A closer position than the whole-segment check, or the plainer news that a
+            # compressed segment's records are all gone.
+            damage = Damage.of(exc, ref.key)
         return LogPart(ref, frames, damage, whole=False)
     # Every record passed its own CRC: the segment lost none if they fill its body (as
     # the commit sized it) and hold the count the commit names. Only its trailer (or
@@ -353,6 +355,10 @@ def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:
     whole = (len(data) == ref.size and end == len(data) - _TRAILER_SIZE
              and sum(f.count for f in frames) == ref.records)
     return LogPart(ref, frames, damage, whole=whole)
+
+
+class _LostWhole(CorruptDataError):
+    """A compressed segment's body does not decompress: none of its records can be read."""
 
 
 def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, bytes | None, int,
@@ -393,7 +399,7 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
     try:
         raw = decompress_body(ref.key, pos, str(codec), data[pos:end])
     except CorruptDataError as exc:
-        raise CorruptDataError(f"compressed segment body is damaged, so none of its records "
+        raise _LostWhole(f"compressed segment body is damaged, so none of its records "
                                f"can be located: the segment is lost whole: key={ref.key} "
                                f"offset={pos} cause={exc}") from None
     for value, offset, time_ms, count, at, after in _walk_framed(ref, raw, 0, len(raw), major):
