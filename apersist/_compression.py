@@ -98,7 +98,9 @@ def compress_body(body: bytes | bytearray | memoryview,
     stored raw: no codec configured, a tiny body, or one that compressing does not make
     smaller (already-compressed values, say). The caller keeps ``body`` in the last case,
     so no copy of it is made."""
-    if compression.codec is None or len(body) < MIN_COMPRESS_BYTES:
+    if compression.codec is None or not MIN_COMPRESS_BYTES <= len(body) <= MAX_BODY_BYTES:
+        # Beyond MAX_BODY_BYTES (one record of a GiB or more) readers would refuse the
+        # frame as a bomb: such a body is stored raw.
         return None, None
     stored = _compressor(compression.level).compress(body)
     if len(stored) >= len(body):

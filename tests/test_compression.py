@@ -368,3 +368,26 @@ async def test_every_level_reads_back(level: int) -> None:
     backend = apersist.Backend.memory()
     await record_rows(backend, 0, 1000, compression_level=level)
     assert await values(backend, "rows") == [pathway_row(i) for i in range(1000)]
+
+
+@pytest.mark.parametrize(("rows", "merged"), [(250, 3), (1000, 0)])
+async def test_a_merge_is_bounded_by_raw_bytes_not_by_stored_ones(rows: int, merged: int) -> None:
+    """Merges are planned on stored sizes, which compression makes many times smaller than
+    the records: a merged segment must still hold at most ``max_segment_bytes`` of raw
+    records (so readers never meet bodies beyond what writers cut), and a group that would
+    not merge into fewer segments is left alone rather than rewritten again and again."""
+    backend = apersist.Backend.memory()
+    max_bytes = 64 << 10  # 250 rows: about 10 KiB raw; 1000: about 38 KiB
+    for part in range(maintenance.FANOUT):
+        await record_rows(backend, part * rows, rows, max_segment_bytes=max_bytes)
+    before = await segments(backend)
+    async with apersist.run(apersist.Config(backend, max_segment_bytes=max_bytes)) as run:
+        await run.compact()
+    new = {k: d for k, d in (await segments(backend)).items() if k not in before}
+    assert len(new) == merged
+    for key, data in new.items():
+        (count,) = struct.unpack_from("<Q", data, len(data) - _TRAILER_SIZE)
+        view = fmt.SegmentView(fmt.SegmentRef(key, fmt.KIND_EVENTS, "rows", count, len(data)), data)
+        assert view.raw_bytes <= max_bytes
+    n = rows * maintenance.FANOUT
+    assert await values(backend, "rows") == [pathway_row(i) for i in range(n)]
