@@ -628,7 +628,7 @@ class SegmentMeta:
 
 
 #: Segments of this major version and later may store their body compressed.
-_CODEC_SINCE: Final = 5
+CODEC_SINCE: Final = 5
 
 
 def encode_segment_head(meta: SegmentMeta, codec: str | None = None) -> bytes:
@@ -662,7 +662,7 @@ def looks_compressed(data: bytes | bytearray) -> bool:
     if len(data) < _HEAD.size:
         return False
     magic, major, _minor, meta_len = _HEAD.unpack_from(data, 0)
-    return (magic == SEGMENT_MAGIC and major >= _CODEC_SINCE
+    return (magic == SEGMENT_MAGIC and major >= CODEC_SINCE
             and b'"codec"' in data[_HEAD.size:_HEAD.size + meta_len])
 
 
@@ -708,7 +708,7 @@ class SegmentView:
         self._head = RECORD_HEAD_V1 if major == 1 else RECORD_HEAD
         meta = orjson.loads(data[_HEAD.size:head_end])
         self.meta = SegmentMeta(meta.get("key"), meta.get("kind"), meta.get("name"))
-        codec = meta.get("codec") if major >= _CODEC_SINCE else None
+        codec = meta.get("codec") if major >= CODEC_SINCE else None
         if codec is not None and not isinstance(codec, str):
             raise CorruptDataError(f"segment codec field is damaged: key={key} offset={_HEAD.size}")
         self.codec: str | None = codec

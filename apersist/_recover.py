@@ -389,7 +389,7 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
     # The body ends where the trailer starts, if the object has its full size; a truncated
     # object ends its body early, and the record it cuts fails to fit.
     end = len(data) - _TRAILER_SIZE if len(data) == ref.size else len(data)
-    codec = meta.get("codec") if major >= 5 else None
+    codec = meta.get("codec") if major >= fmt.CODEC_SINCE else None
     if codec is None:
         yield from _walk_framed(ref, data, pos, end, major)
         return
@@ -399,9 +399,9 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
     try:
         raw = decompress_body(ref.key, pos, str(codec), data[pos:end])
     except CorruptDataError as exc:
-        raise _LostWhole(f"compressed segment body is damaged, so none of its records "
-                               f"can be located: the segment is lost whole: key={ref.key} "
-                               f"offset={pos} cause={exc}") from None
+        raise _LostWhole(f"compressed segment body is damaged, so none of its records can "
+                         f"be located: the segment is lost whole: key={ref.key} offset={pos} "
+                         f"cause={exc}") from None
     for value, offset, time_ms, count, at, after in _walk_framed(ref, raw, 0, len(raw), major):
         # Positions are in the decompressed records; the last record ends the stored body.
         yield value, offset, time_ms, count, at, (end if after == len(raw) else pos)

@@ -56,6 +56,8 @@ def needs_thread(data: bytes) -> bool:
     if len(data) > _THREAD_CHECK_BYTES:
         return True
     return len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data)
+
+
 # Objects read at once (commit records when loading, segments in a replay window): a
 # store's default ``read_concurrency``.
 _READ_CONCURRENCY = 16
