@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 from urllib.parse import urlsplit
 
+from ._compression import CODECS, DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, ZSTD
+
 __all__ = [
     "AwsS3Settings",
     "AzureBackend",
@@ -407,6 +409,11 @@ class Config:
     inspect``) and ``takeover_idle_ms`` (refuse to open for writing, with
     ``WriterActiveError``, while the store's writer committed within this many ms; None,
     the default: the newest writer always takes over).
+
+    How segments are stored: ``compression`` (``"zstd"``, the default, or ``None`` to store
+    segment bodies raw) at ``compression_level`` (zstd's levels 1 to 22; 3 by default, which
+    compresses at hundreds of MB/s). Either way the store is readable by this version
+    whatever it was written with: each segment says how it is stored.
     """
 
     backend: Backend
@@ -424,6 +431,8 @@ class Config:
     realtime_max_gap_ms: int | None
     writer_label: str | None
     takeover_idle_ms: int | None
+    compression: str | None
+    compression_level: int
 
     def __init__(
         self,
@@ -443,6 +452,8 @@ class Config:
         realtime_max_gap_ms: int | None = None,
         writer_label: str | None = None,
         takeover_idle_ms: int | None = None,
+        compression: str | None = ZSTD,
+        compression_level: int = DEFAULT_LEVEL,
     ) -> None:
         if not isinstance(backend, Backend) or type(backend) is Backend:
             raise TypeError("backend must be built with apersist.Backend.filesystem/s3/azure/memory: "
@@ -486,6 +497,8 @@ class Config:
         setter(self, "writer_label", None if writer_label is None else _label(writer_label))
         setter(self, "takeover_idle_ms", None if takeover_idle_ms is None else
                _non_negative_int(takeover_idle_ms, "takeover_idle_ms", minimum=1))
+        setter(self, "compression", _compression(compression))
+        setter(self, "compression_level", _compression_level(compression_level))
 
     @classmethod
     def simple_config(
@@ -527,6 +540,29 @@ def _label(value: object) -> str:
     if not valid:
         raise ValueError(f"writer_label must be 1 to 128 characters without spaces or control "
                          f"characters: writer_label={value!r}")
+    return value
+
+
+def _compression(value: object) -> str | None:
+    """``compression``: a codec segments can be stored with, or None for raw bodies."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"compression must be a str or None: got={type(value).__name__}")
+    if value not in CODECS:
+        raise ValueError(f"compression must be one of {sorted(CODECS)} or None: "
+                         f"compression={value!r}")
+    return value
+
+
+def _compression_level(value: object) -> int:
+    """``compression_level``: one of zstd's levels (checked even when compression is off,
+    so that turning it on later cannot fail)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"compression_level must be an int: got={type(value).__name__}")
+    if not MIN_LEVEL <= value <= MAX_LEVEL:
+        raise ValueError(f"compression_level must be from {MIN_LEVEL} to {MAX_LEVEL}: "
+                         f"compression_level={value}")
     return value
 
 

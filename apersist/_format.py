@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import orjson
 
+from ._compression import decompress_body
 from ._errors import CorruptDataError, IncompatibleFormatError
 
 __all__ = [
@@ -31,8 +32,8 @@ __all__ = [
     "WriterInfo",
 ]
 
-FORMAT_MAJOR: Final = 4
-FORMAT_MINOR: Final = 1
+FORMAT_MAJOR: Final = 5
+FORMAT_MINOR: Final = 0
 
 # The log kinds a segment can hold.
 KIND_EVENTS: Final = "events"          # a stream's events
@@ -557,6 +558,11 @@ def offset_changes(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> d
 #            (crc covers the 20 head bytes, value and offset; offset_len 0 means no offset)
 # trailer := count:u64 body_len:u64 body_crc:u32 trailer_crc:u32 END_MAGIC(4)
 #
+# Format 5 stores the body compressed when meta says so ("codec": "zstd"): the bytes
+# between header and trailer are then one zstd frame of the records above, and the
+# trailer's body_len and body_crc describe those stored bytes, so storage damage is caught
+# before anything is decompressed. Without "codec" the body is stored raw, as before.
+#
 # A record holds ``count`` entries that share its time_ms. With count 1, value is the entry
 # and offset its offset. With more (event logs only: a batch), value is a JSON array of the
 # entries' values and offset is empty (none has an offset) or a JSON array of as many
@@ -621,8 +627,16 @@ class SegmentMeta:
     name: str
 
 
-def encode_segment_head(meta: SegmentMeta) -> bytes:
-    raw = orjson.dumps({"key": meta.key, "kind": meta.kind, "name": meta.name})
+#: Segments of this major version and later may store their body compressed.
+CODEC_SINCE: Final = 5
+
+
+def encode_segment_head(meta: SegmentMeta, codec: str | None = None) -> bytes:
+    """The header frame; ``codec`` names how the body is stored (None: raw)."""
+    fields = {"key": meta.key, "kind": meta.kind, "name": meta.name}
+    if codec is not None:
+        fields["codec"] = codec
+    raw = orjson.dumps(fields)
     head = _HEAD.pack(SEGMENT_MAGIC, FORMAT_MAJOR, FORMAT_MINOR, len(raw)) + raw
     return head + U32.pack(zlib.crc32(head))
 
@@ -632,19 +646,38 @@ def encode_segment_trailer(count: int, body: bytes | bytearray) -> bytes:
     return fields + U32.pack(zlib.crc32(fields)) + SEGMENT_END
 
 
-def encode_segment(meta: SegmentMeta, body: bytes | bytearray, count: int) -> bytes:
-    """Build a whole segment around a body of framed records (see ``append_record``)."""
-    return b"".join((encode_segment_head(meta), body, encode_segment_trailer(count, body)))
+def encode_segment(meta: SegmentMeta, body: bytes | bytearray, count: int,
+                   codec: str | None = None) -> bytes:
+    """Build a whole segment around a stored body: framed records (see ``append_record``),
+    or with ``codec`` those records compressed (see ``_compression.compress_body``)."""
+    return b"".join((encode_segment_head(meta, codec), body,
+                     encode_segment_trailer(count, body)))
+
+
+def looks_compressed(data: bytes | bytearray) -> bool:
+    """Whether a segment's header seems to name a codec: a hint, unchecked (the header's
+    checksum is not verified), for deciding where to check the segment. Decompressing
+    costs far more per stored byte than checking a raw body, so a compressed segment goes
+    to a worker thread at a smaller stored size."""
+    if len(data) < _HEAD.size:
+        return False
+    magic, major, _minor, meta_len = _HEAD.unpack_from(data, 0)
+    return (magic == SEGMENT_MAGIC and major >= CODEC_SINCE
+            and b'"codec"' in data[_HEAD.size:_HEAD.size + meta_len])
 
 
 class SegmentView:
     """A checked, in-memory segment whose records can be iterated lazily.
 
     Construction verifies the header, the trailer and the body checksum, so a torn or
-    corrupted segment is refused before a single record is handed out.
+    corrupted segment is refused before a single record is handed out. A compressed body
+    (format 5) is decompressed then, once the checksum of its stored bytes holds: the view
+    keeps only the decompressed records (``codec`` says how they were stored,
+    ``stored_bytes`` and ``raw_bytes`` how big the body was stored and is).
     """
 
-    __slots__ = ("_body_end", "_body_start", "_data", "_head", "count", "key", "major", "meta")
+    __slots__ = ("_body_end", "_body_start", "_data", "_head", "codec", "count", "key", "major",
+                 "meta", "raw_bytes", "stored_bytes")
 
     def __init__(self, ref: SegmentRef, data: bytes) -> None:
         key = ref.key
@@ -675,6 +708,10 @@ class SegmentView:
         self._head = RECORD_HEAD_V1 if major == 1 else RECORD_HEAD
         meta = orjson.loads(data[_HEAD.size:head_end])
         self.meta = SegmentMeta(meta.get("key"), meta.get("kind"), meta.get("name"))
+        codec = meta.get("codec") if major >= CODEC_SINCE else None
+        if codec is not None and not isinstance(codec, str):
+            raise CorruptDataError(f"segment codec field is damaged: key={key} offset={_HEAD.size}")
+        self.codec: str | None = codec
         if self.meta != SegmentMeta(key, ref.kind, ref.name):
             raise CorruptDataError(f"segment belongs elsewhere: key={key} offset={_HEAD.size} "
                                    f"holds={self.meta.key}")
@@ -689,14 +726,25 @@ class SegmentView:
             raise CorruptDataError(f"segment length or count differs from its trailer: key={key} "
                                    f"offset={trailer_at} records={count} expected={ref.records}")
         self.count = count
+        self.stored_bytes = self.raw_bytes = body_len
         if zlib.crc32(memoryview(data)[self._body_start:self._body_end]) != body_crc:
-            self._raise_at_first_damaged_record()
+            if codec is None:
+                self._raise_at_first_damaged_record()
+            # A compressed body cannot be walked record by record: it is lost as a whole.
             raise CorruptDataError(f"segment body checksum mismatch: key={key} "
                                    f"offset={self._body_start}")
+        if codec is not None:
+            raw = decompress_body(key, self._body_start, codec,
+                                  memoryview(data)[self._body_start:self._body_end])
+            # From here on the view holds the records alone: the stored (compressed) bytes
+            # are dropped with ``data``, so a read never keeps both copies.
+            self._data, self._body_start, self._body_end = raw, 0, len(raw)
+            self.raw_bytes = len(raw)
 
     def body(self) -> memoryview:
-        """The checked body: the framed records, which another segment's body may take on
-        as they are (format 2.0 and later; a 1.x body's records are framed otherwise)."""
+        """The checked body: the framed records (decompressed, if they were stored
+        compressed), which another segment's body may take on as they are (format 2.0 and
+        later; a 1.x body's records are framed otherwise)."""
         return memoryview(self._data)[self._body_start:self._body_end]
 
     def _raise_at_first_damaged_record(self) -> None:

@@ -95,10 +95,12 @@ def tier(size: int) -> int:
 
 
 def plan_merges(log: Sequence[LoggedSegment], max_bytes: int,
-                limit: int = 1 << 30) -> list[list[fmt.SegmentRef]]:
+                limit: int = 1 << 30, skip: frozenset[str] | set[str] = frozenset(),
+                ) -> list[list[fmt.SegmentRef]]:
     """Groups of ``FANOUT`` consecutive segments of one tier, each group at most
     ``max_bytes`` in all, at most ``limit`` of them from the start of the log: what
-    merging rewrites, one segment per group."""
+    merging rewrites, one segment per group. A group holding a key of ``skip`` is left
+    out (see ``Maintainer._merge``)."""
     groups: list[list[fmt.SegmentRef]] = []
     start = 0
     while start < len(log) and len(groups) < limit:
@@ -108,7 +110,8 @@ def plan_merges(log: Sequence[LoggedSegment], max_bytes: int,
             end += 1
         for first in range(start, end - FANOUT + 1, FANOUT):
             group = [seg.ref for seg in log[first:first + FANOUT]]
-            if sum(ref.size for ref in group) <= max_bytes and len(groups) < limit:
+            if (sum(ref.size for ref in group) <= max_bytes and len(groups) < limit
+                    and not any(ref.key in skip for ref in group)):
                 groups.append(group)
         start = end
     return groups
@@ -166,6 +169,10 @@ class Maintainer:
         self._backlog = False  # the last step stopped at its budget: more is due
         # Segments a compact() found to hold no event older than the age bound (_drop_old).
         self._young: set[str] = set()
+        # Segments of a group that merging would not shrink: sizes are planned on stored
+        # (compressed) bytes, but a merged body is bounded by ``max_segment_bytes`` of raw
+        # records, so a group of well-compressed segments may not merge into fewer.
+        self._unmergeable: set[str] = set()
 
     async def run(self) -> None:
         """The background loop: after commits, merge what is due, and checkpoint."""
@@ -275,21 +282,40 @@ class Maintainer:
         if len(log) < FANOUT:
             return 0
         planned = 0
-        for group in plan_merges(log, self._max_bytes, budget.rewrites):
+        for group in plan_merges(log, self._max_bytes, budget.rewrites, self._unmergeable):
             if budget.spent:
                 break
-            body = bytearray()
-            count = 0
-            pacer = Pacer()
-            async for view in self._store.read_segments(group):
-                count += await _reframe(body, view, pacer)
-                await anyio.lowlevel.checkpoint()
-            budget.take([(body, count)])
+            bodies = await self._merged_bodies(group)
+            if len(bodies) > len(group) // 2:
+                # Not worth a rewrite (it would be planned again and again): the segments
+                # hold nearly a merged segment's raw records each already.
+                self._unmergeable.update(ref.key for ref in group)
+                logger.debug("merge left out: %d segments would merge into %d: kind=%s name=%s",
+                             len(group), len(bodies), kind, name)
+                continue
+            budget.take(bodies)
             taken.update(ref.key for ref in group)
-            self._scheduler.add_rewrite(kind, name, tuple(ref.key for ref in group),
-                                        [(body, count)])
+            self._scheduler.add_rewrite(kind, name, tuple(ref.key for ref in group), bodies)
             planned += 1
         return planned
+
+    async def _merged_bodies(self, group: list[fmt.SegmentRef]) -> Bodies:
+        """The records of ``group``, re-framed into bodies of at most ``max_segment_bytes``
+        of raw records each (or one segment's, if bigger): the stored sizes the merge was
+        planned on may be many times smaller than the records they hold, and a reader must
+        never be handed a body beyond what a writer cuts (``_compression.MAX_BODY_BYTES``)."""
+        bodies: Bodies = []
+        body, count = bytearray(), 0
+        pacer = Pacer()
+        async for view in self._store.read_segments(group):
+            if body and len(body) + view.raw_bytes > self._max_bytes:
+                bodies.append((body, count))
+                body, count = bytearray(), 0
+            count += await _reframe(body, view, pacer)
+            del view  # its records are in ``body`` now
+            await anyio.lowlevel.checkpoint()
+        bodies.append((body, count))
+        return bodies
 
     async def _retain(self, name: str, retention: Retention, taken: set[str], budget: _Budget,
                       *, exact: bool) -> int:

@@ -26,10 +26,11 @@ import anyio
 import orjson
 
 from . import _format as fmt
+from ._compression import decompress_body
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError, PersistenceError
-from ._store import _THREAD_CHECK_BYTES, Store, _State, segment_windows
+from ._store import Store, _State, needs_thread, segment_windows
 
 __all__ = ["Damage", "Frame", "LogPart", "OpenedStore", "is_store", "lost_commit_log",
            "open_readable", "read_log"]
@@ -307,7 +308,7 @@ async def read_log(store: Store, kind: str, name: str, *,
                 return
             # Checking a big segment (CRCs, then every record decoded) is CPU work: in a
             # worker thread, as Store.read_segment checks one, so the event loop never stalls.
-            if len(data) > _THREAD_CHECK_BYTES:
+            if needs_thread(data):
                 part = await anyio.to_thread.run_sync(_read_segment, ref, data)
             else:
                 part = _read_segment(ref, data)
@@ -343,8 +344,10 @@ def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:
             frames.append(_decode(ref, value, offset, time_ms, count, at))
             end = after
     except CorruptDataError as exc:
-        if damage.key == ref.key and damage.offset == 0:
-            damage = Damage.of(exc, ref.key)  # a closer position than the whole-segment check
+        if (damage.key == ref.key and damage.offset == 0) or isinstance(exc, _LostWhole):
+            # A closer position than the whole-segment check, or the plainer news that a
+            # compressed segment's records are all gone.
+            damage = Damage.of(exc, ref.key)
         return LogPart(ref, frames, damage, whole=False)
     # Every record passed its own CRC: the segment lost none if they fill its body (as
     # the commit sized it) and hold the count the commit names. Only its trailer (or
@@ -352,6 +355,10 @@ def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:
     whole = (len(data) == ref.size and end == len(data) - _TRAILER_SIZE
              and sum(f.count for f in frames) == ref.records)
     return LogPart(ref, frames, damage, whole=whole)
+
+
+class _LostWhole(CorruptDataError):
+    """A compressed segment's body does not decompress: none of its records can be read."""
 
 
 def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, bytes | None, int,
@@ -378,11 +385,32 @@ def _walk_records(ref: fmt.SegmentRef, data: bytes) -> Iterator[tuple[bytes, byt
     if not isinstance(meta, dict) or (meta.get("key"), meta.get("kind"), meta.get("name")) != (
             ref.key, ref.kind, ref.name):
         return
-    record_head = fmt.RECORD_HEAD_V1 if major == 1 else fmt.RECORD_HEAD
     pos = head_end + 4
     # The body ends where the trailer starts, if the object has its full size; a truncated
     # object ends its body early, and the record it cuts fails to fit.
     end = len(data) - _TRAILER_SIZE if len(data) == ref.size else len(data)
+    codec = meta.get("codec") if major >= fmt.CODEC_SINCE else None
+    if codec is None:
+        yield from _walk_framed(ref, data, pos, end, major)
+        return
+    # A compressed body has no record boundaries to resync on: either the whole frame
+    # decompresses (zstd's own checksum holding), and its records are walked as a raw
+    # body's, or none of its records can be located and the segment is lost whole.
+    try:
+        raw = decompress_body(ref.key, pos, str(codec), data[pos:end])
+    except CorruptDataError as exc:
+        raise _LostWhole(f"compressed segment body is damaged, so none of its records can "
+                         f"be located: the segment is lost whole: key={ref.key} offset={pos} "
+                         f"cause={exc}") from None
+    for value, offset, time_ms, count, at, after in _walk_framed(ref, raw, 0, len(raw), major):
+        # Positions are in the decompressed records; the last record ends the stored body.
+        yield value, offset, time_ms, count, at, (end if after == len(raw) else pos)
+
+
+def _walk_framed(ref: fmt.SegmentRef, data: bytes, pos: int, end: int, major: int
+                 ) -> Iterator[tuple[bytes, bytes | None, int, int, int, int]]:
+    """``_walk_records`` over framed records from ``pos`` to ``end`` of ``data``."""
+    record_head = fmt.RECORD_HEAD_V1 if major == 1 else fmt.RECORD_HEAD
     while pos + record_head.size + 4 <= end:
         fields = record_head.unpack_from(data, pos)
         if major == 1:

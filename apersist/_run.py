@@ -19,6 +19,7 @@ import anyio.lowlevel
 from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
 from ._codec import Codec, value_codec
+from ._compression import Compression
 from ._concurrency import gather_bounded, unwrap_group
 from ._config import Config, Retention, describe_backend
 from ._drivers import Driver, open_driver
@@ -396,7 +397,9 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
             await store.acquire_writer()
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
-                                  max_segment_bytes=config.max_segment_bytes, metrics=metrics)
+                                  max_segment_bytes=config.max_segment_bytes, metrics=metrics,
+                                  compression=Compression(config.compression,
+                                                          config.compression_level))
             if policy.reset:
                 scheduler.request_reset()
         opened_seq = store.last_seq

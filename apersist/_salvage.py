@@ -25,6 +25,8 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
+from ._compression import DEFAULT as DEFAULT_COMPRESSION
+from ._compression import compress_off_loop
 from ._drivers import Driver
 from ._dump import table_records, table_rows
 from ._progress import progress_bar
@@ -140,7 +142,10 @@ class _Writer:
     async def _add(self, kind: str, name: str) -> None:
         body, count, self._body, self._count = self._body, self._count, bytearray(), 0
         key = self._store.new_segment_key()
-        data = fmt.encode_segment(fmt.SegmentMeta(key, kind, name), body, count)
+        # The salvaged store is written as a run writes: compressed with the defaults.
+        stored, codec = await compress_off_loop(body, DEFAULT_COMPRESSION)
+        data = fmt.encode_segment(fmt.SegmentMeta(key, kind, name),
+                                  body if stored is None else stored, count, codec)
         self._blobs.append(SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(data)), data))
         self._bytes += len(data)
         if self._bytes >= _COMMIT_BYTES and kind != fmt.KIND_TABLE_SNAPSHOT:

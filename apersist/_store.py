@@ -45,6 +45,19 @@ logger = logging.getLogger("apersist")
 # Segments larger than this are checked (CRC over the body) in a worker thread, so that
 # the event loop never stalls on a big checksum.
 _THREAD_CHECK_BYTES = 256 << 10
+# A compressed segment expands about tenfold as it is checked: decompressing 32 KiB and
+# walking what it gives costs about what checking 256 KiB of raw records does.
+_THREAD_DECOMPRESS_BYTES = 32 << 10
+
+
+def needs_thread(data: bytes) -> bool:
+    """Whether checking segment ``data`` (``SegmentView``) is work enough for a worker
+    thread rather than the event loop."""
+    if len(data) > _THREAD_CHECK_BYTES:
+        return True
+    return len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data)
+
+
 # Objects read at once (commit records when loading, segments in a replay window): a
 # store's default ``read_concurrency``.
 _READ_CONCURRENCY = 16
@@ -564,6 +577,8 @@ class Store:
         data = self._recent.pop(ref.key, None)
         if data is not None:
             self._recent_bytes -= len(data)
+            if needs_thread(data):
+                return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
             return fmt.SegmentView(ref, data)
         try:
             data = await self._driver.get(ref.key)
@@ -577,7 +592,7 @@ class Store:
                     f"offset=0 seq={self._state.last_seq} store_seq={newest}") from None
             raise CorruptDataError(f"commit names a missing segment: key={ref.key} "
                                    "offset=0") from None
-        if len(data) > _THREAD_CHECK_BYTES:
+        if needs_thread(data):
             return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
         return fmt.SegmentView(ref, data)
 

@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ("job", "record", "replay", "commit", "stall", "memory", "table", "cached", "state",
-             "history", "backends", "latency")
+WORKLOADS = ("job", "record", "replay", "compression", "commit", "stall", "memory", "table",
+             "cached", "state", "history", "backends", "latency")
 BACKENDS = ("filesystem", "s3", "azure")
 FULL = {"events": 1_000_000, "repeats": 3, "batch": 1024, "streams": 16, "commit_samples": 200,
         "producers": "1,8,64", "memory_events": "1000000,10000000",

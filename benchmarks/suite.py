@@ -22,6 +22,7 @@ from .common import (
     make_values,
     workload_scope,
 )
+from .compression import section_compression
 from .job import section_job
 from .memory import section_memory
 from .stall import section_stall
@@ -90,6 +91,9 @@ async def filesystem_workloads(settings: Settings, only: tuple[str, ...], stores
         del values
         gc.unfreeze()
         gc.collect()
+    if "compression" in only:
+        with workload_scope(report, "compression"):
+            await guarded(report, "compression", section_compression(settings, stores, report))
     if "commit" in only:
         with workload_scope(report, "commit latency"):
             await guarded(report, "commit latency", core.section_commit_latency(settings, stores, report))

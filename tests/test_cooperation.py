@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import stored_objects
 
 import apersist
 
@@ -169,6 +170,34 @@ async def test_replay_yields_to_the_loop() -> None:
     ticker = await beside_a_ticker(body, backend=backend)
     assert count >= 300_000
     assert_cooperative(ticker)
+
+
+async def test_compressing_and_decompressing_big_segments_does_not_stall_the_loop() -> None:
+    """Segments of 32 MiB of raw records: zstd compresses each in a worker thread at the
+    commit, and decompresses it in one when replay reads it back; inline, either would
+    hold the loop for tens of ms."""
+    backend = apersist.Backend.memory()
+    big = [{"n": i, "pad": f"{i % 97:04d}" * 40} for i in range(150_000)]  # about 26 MiB
+
+    async def write(run: apersist.Run) -> None:
+        await run.stream("s").record_many(big)
+        await run.commit()
+
+    config = {"max_segment_bytes": 32 << 20, "max_pending_bytes": 1 << 30}
+    assert_cooperative(await beside_a_ticker(write, backend=backend, **config))
+    stored = await stored_objects(backend)
+    segments = [d for k, d in stored.items() if k.endswith(".seg")]
+    assert b'"codec":"zstd"' in max(segments, key=len)
+    assert sum(map(len, segments)) < (8 << 20)  # stored compressed
+    count = 0
+
+    async def read(run: apersist.Run) -> None:
+        nonlocal count
+        async for _event in run.stream("s").replay():
+            count += 1
+
+    assert_cooperative(await beside_a_ticker(read, backend=backend, **config))
+    assert count == len(big)
 
 
 @pytest.mark.parametrize("interval_ms", [50])

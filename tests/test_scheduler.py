@@ -212,15 +212,18 @@ async def test_concurrent_commit_callers_all_return_durable_commits(
     assert await read_only_values(backend, "s") == list(range(20))
 
 
-async def test_segments_built_in_place_are_the_bytes_built_by_join(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", [None, "zstd"])
+async def test_segments_built_in_place_are_the_bytes_built_by_join(
+        tmp_path: Path, compression: str | None) -> None:
     """Segments are built in their own buffer (no copy holding the GIL): the filesystem
     gets the buffer, the memory backend bytes of it. Both must be exactly what
     encode_segment's join makes, small segments (built on the loop) and big ones (their
-    trailer CRC in a thread) alike."""
-    big = [{"n": i, "pad": "q" * 200} for i in range(6000)]  # past _THREAD_BUILD_BYTES
+    trailer CRC in a thread) alike; compressed ones are joined around the stored bytes."""
+    big = [{"n": i, "pad": "q" * 200} for i in range(6000)]  # past _THREAD_BUILD_BYTES raw
     backends = [apersist.Backend.memory(), apersist.Backend.filesystem(tmp_path / "fs")]
     for backend in backends:
-        async with apersist.run(apersist.Config(backend), clock_ms=FakeClock(7)) as run:
+        config = apersist.Config(backend, compression=compression)
+        async with apersist.run(config, clock_ms=FakeClock(7)) as run:
             await run.stream("small").record({"a": 1})
             await run.stream("big").record_many(big)
             table = await run.table("t")
@@ -228,7 +231,8 @@ async def test_segments_built_in_place_are_the_bytes_built_by_join(tmp_path: Pat
     memory, filesystem = [await stored_objects(b) for b in backends]
     segments = sorted(k for k in memory if k.endswith(".seg"))
     assert len(segments) == 3
-    assert max(len(memory[k]) for k in segments) > 1 << 20
+    if compression is None:
+        assert max(len(memory[k]) for k in segments) > 1 << 20
     assert segments == sorted(k for k in filesystem if k.endswith(".seg"))
     assert all(memory[k] == filesystem[k] for k in segments)
     for key in segments:
@@ -238,4 +242,5 @@ async def test_segments_built_in_place_are_the_bytes_built_by_join(tmp_path: Pat
         (count,) = struct.unpack_from("<Q", data, len(data) - 28)
         body = data[20 + meta_len:len(data) - 28]
         assert data == fmt.encode_segment(fmt.SegmentMeta(key, meta["kind"], meta["name"]),
-                                          body, count)
+                                          body, count, meta.get("codec"))
+        assert meta.get("codec") == (compression if len(body) > 1000 else None)
