@@ -22,7 +22,11 @@ an older one); then more events and a table delta,
 committed as the run ends, after the newest checkpoint. From format 4.1 on the epoch records
 name their writer: each run has a ``writer_label`` (``golden-1`` to ``golden-3``), and the host
 and process id are fixed (``golden-host``, 4242) so that the bytes do not depend on the
-machine that wrote them. ``expected.json`` next to
+machine that wrote them. From format 5.0 on segment bodies are stored zstd-compressed (those
+under 128 bytes raw), and a small commit carries its segments inline in its record: the third
+run's one-event commits are inline, and it ends with a commit of a batch that compresses well
+(inline, compressed) and one of values that do not compress, too big for a record to carry
+(segment objects). ``expected.json`` next to
 ``store/`` lists what a reader must get back: each stream's events (value, offset, time_ms)
 and final offset, each table's state and the cached results.
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import random
 import shutil
 import sys
@@ -86,6 +91,11 @@ TICKS_RUN2: list[tuple[Any, Any]] = [("tick-2 (no offset)", None)]
 SMALL_COMMITS = _maintenance.FANOUT + 4
 SMALL_AFTER = 2
 TABLE_RUN3 = {"grace": {"ŋ": [4]}, "alice": 3}
+# Format 5.0: a batch that zstd shrinks (a compressed segment, small enough that its commit
+# carries it inline), then values that do not shrink, too many bytes for a commit record to
+# carry (segment objects of their own). Seeded, so the bytes are reproducible.
+WIDE = [{"wide": i, "text": "the same words again and again " * 3} for i in range(120)]
+NOISE = [base64.b64encode(random.Random(5000 + i).randbytes(3072)).decode() for i in range(14)]
 
 
 def square(x: Any) -> Any:
@@ -193,6 +203,11 @@ async def write_store(root: Path) -> dict[str, Any]:
         for key, value in TABLE_RUN3.items():
             table[key] = value
         clock.now += 1_000
+        for name, values in (("wide", WIDE), ("noise", NOISE)):
+            await run.stream(name).record_many(values)
+            events[name] = [[v, None, clock.now] for v in values]
+            clock.now += 1_000
+            await run.commit()
     state = {**TABLE_RUN1_BEFORE, **TABLE_RUN1_AFTER, **TABLE_RUN2, **TABLE_RUN3}
     del state["dave"], state["carol"]
     return {
