@@ -462,9 +462,10 @@ def test_the_map_of_one_version_is_never_read_as_the_other(major: int) -> None:
 
 def test_this_format_is_a_new_major_version() -> None:
     """A 3.x reader ignores unknown fields, so it would keep the segments a 4.0 commit's
-    ``rewrites`` replace and replay merged events twice: it must refuse the store instead."""
-    assert fmt.FORMAT_MAJOR == 4
-    assert orjson.loads(COMMIT.encode())["body"]["format"] == [4, fmt.FORMAT_MINOR]
+    ``rewrites`` replace and replay merged events twice; a 4.x reader would find no object
+    under a 5.0 commit's inline segments: each must refuse the store instead."""
+    assert fmt.FORMAT_MAJOR == 5
+    assert orjson.loads(COMMIT.encode())["body"]["format"] == [5, fmt.FORMAT_MINOR]
 
 
 def test_a_commit_with_rewrites_round_trips_and_a_3x_one_has_none() -> None:
