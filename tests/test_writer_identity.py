@@ -59,7 +59,7 @@ def test_an_epoch_record_names_its_writer_and_one_without_a_name_still_reads() -
     named = fmt.EpochRecord("0", 3, 1_700_000_000_123, "ab" * 16, "web-1", 77, "replica-a")
     body = orjson.loads(named.encode()[len(b'{"body":'):named.encode().rfind(b',"crc32":')])
     assert (body["format"], body["host"], body["pid"], body["label"]) == (
-        [4, 1], "web-1", 77, "replica-a")
+        [fmt.FORMAT_MAJOR, fmt.FORMAT_MINOR], "web-1", 77, "replica-a")
     assert fmt.EpochRecord.decode(key, named.encode()) == named
     assert named.writer_info() == apersist.WriterInfo(3, 1_700_000_000_123, "web-1", 77,
                                                       "replica-a")
