@@ -178,6 +178,9 @@ class Store:
         self._recent_bytes = 0
         # Epoch records read so far (read_epoch), so that naming a writer costs no request.
         self._epoch_records: dict[int, fmt.EpochRecord] = {}
+        # The keys of each bucket of commit keys the last _commit_keys_after listed, so that
+        # checking the records of inline segments (_check_homes_exist) does not list it again.
+        self._listed_commits: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -331,8 +334,12 @@ class Store:
         numbered: dict[int, str] = {}
         bucket = (after + 1) // fmt.BUCKET
         top = after
+        self._listed_commits.clear()
         while True:
-            async for info in self._driver.list(fmt.commit_bucket_prefix(self._writer, bucket)):
+            bucket_prefix = fmt.commit_bucket_prefix(self._writer, bucket)
+            listed = self._listed_commits[bucket_prefix] = set()
+            async for info in self._driver.list(bucket_prefix):
+                listed.add(info.key)
                 seq = fmt.number_in_key(info.key, prefix)
                 if seq is not None and seq > after:
                     numbered[seq] = info.key
@@ -522,6 +529,10 @@ class Store:
                             fmt.commit_bucket_prefix(self._writer, seq // fmt.BUCKET))
             if prefix in buckets:
                 buckets = {prefix}
+            for bucket in list(buckets):  # listed a moment ago, when finding the commits
+                if bucket in self._listed_commits:
+                    found.update(self._listed_commits[bucket])
+                    buckets.discard(bucket)
 
             def lister(bucket: str) -> Callable[[], Awaitable[None]]:
                 async def list_one() -> None:
