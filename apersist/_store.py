@@ -900,7 +900,9 @@ class Store:
 
     async def commit(self, blobs: Sequence[SegmentBlob], offsets: Mapping[str, bytes], *,
                      reset: bool, rewrites: Sequence[PendingRewrite] = ()) -> int:
-        """Upload ``blobs`` concurrently, then write the commit record that names them.
+        """Upload ``blobs`` concurrently, then write the commit record that names them; or,
+        when they hold at most ``fmt.INLINE_BYTES`` in all, write the record carrying them
+        inline (format 5.0: one create-if-absent request, and no upload).
 
         ``offsets`` is every stream's offset after the commit (for a reset, those of the new
         history); the record holds only what differs from the current ``offsets``.
