@@ -7,6 +7,9 @@ additions) or ``FORMAT_MAJOR`` (readers must refuse) when the bytes change.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import datetime
 import re
 import struct
@@ -304,17 +307,42 @@ class EpochRecord:
 
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
-    """A commit's reference to one segment: enough to find, size-check and verify it."""
+    """A commit's reference to one segment: enough to find, size-check and verify it.
+
+    ``key`` is the segment's identity (its meta names it; rewrites and checkpoints refer to
+    it by it). ``home`` says where its bytes live: None for an object of its own under
+    ``key``, else the key of the commit record that holds them inline (format 5.0: a small
+    commit is one object, ``INLINE_BYTES``); no object is ever written under ``key`` then.
+    """
 
     key: str
     kind: str
     name: str
     records: int
     size: int
+    home: str | None = None
+
+    @property
+    def inline(self) -> bool:
+        """Whether the segment's bytes live in a commit record (``home``)."""
+        return self.home is not None
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "kind": self.kind, "name": self.name,
                 "records": self.records, "size": self.size}
+
+
+#: A commit whose new segments hold at most this many bytes in all carries them inline in
+#: its record (format 5.0), so that it is one create-if-absent request (one new file on the
+#: filesystem) instead of one per segment plus the record. Base64 makes them a third bigger
+#: in the record, and reading one decodes the whole record on the event loop: at 32 KiB
+#: that is a few hundred microseconds (under the loop's ~1 ms budget per step; 128 KiB
+#: took over 1 ms), while the request or fsync it saves costs far more. Bigger commits
+#: upload their segments as objects, as before.
+INLINE_BYTES: Final = 32 << 10
+# Format 5.0 commit records may carry segments inline (``data``); a 4.x reader would find
+# no object under their keys, so it is a major version.
+_INLINE_IN: Final = 5
 
 
 # Format 3.0 commit records hold the offsets a commit changed (``offset_changes``), where
@@ -332,7 +360,9 @@ class CommitRecord:
     bytes: the offsets this commit changed, on top of the previous commit's (``null``: the
     stream has no offset any more), or the whole map when ``whole_offsets`` (see
     ``apply_offsets``). ``major`` is the format major version that wrote the record; only
-    the current one is ever encoded.
+    the current one is ever encoded. ``inline`` maps the key of each of ``segments`` whose
+    bytes the record carries (format 5.0, ``data``) to those bytes; such a segment's ref has
+    the record's key as its ``home`` once read back.
     """
 
     writer: str
@@ -345,6 +375,7 @@ class CommitRecord:
     offsets: Mapping[str, bytes]
     major: int = FORMAT_MAJOR
     rewrites: tuple[Rewrite, ...] = ()
+    inline: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def whole_offsets(self) -> bool:
@@ -377,20 +408,32 @@ class CommitRecord:
         body = {
             "format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "commit", "writer": self.writer,
             "seq": self.seq, "epoch": self.epoch, "time_ms": self.time_ms, "token": self.token,
-            "reset": self.reset, "segments": [s.to_json() for s in self.segments],
+            "reset": self.reset, "segments": [self._segment_json(s) for s in self.segments],
             "offset_changes": {name: orjson.Fragment(raw) for name, raw in self.offsets.items()},
         }
         if self.rewrites:
             body["rewrites"] = [r.to_json() for r in self.rewrites]
         return _encode_checked(body)
 
+    def _segment_json(self, ref: SegmentRef) -> dict[str, Any]:
+        item = ref.to_json()
+        data = self.inline.get(ref.key)
+        if data is not None:
+            if len(data) != ref.size:
+                raise ValueError(f"inline segment size differs from its ref: key={ref.key} "
+                                 f"size={len(data)} expected={ref.size}")
+            item["data"] = base64.b64encode(data).decode("ascii")
+        return item
+
     @classmethod
     def decode(cls, key: str, data: bytes) -> CommitRecord:
         body = _decode_checked(key, data)
         if body.get("type") != "commit":
             raise CorruptDataError(f"object is not a commit record: key={key} offset=0")
-        refs = [_segment_ref(key, item) for item in _field(key, body, "segments", list)]
         major: int = body["format"][0]  # checked by _decode_checked
+        inline: dict[str, bytes] = {}
+        refs = [_segment_ref(key, item, inline if major >= _INLINE_IN else None)
+                for item in _field(key, body, "segments", list)]
         rewrites: list[Rewrite] = []
         if major >= _REWRITES_IN and "rewrites" in body:
             for item in _field(key, body, "rewrites", list):
@@ -417,16 +460,46 @@ class CommitRecord:
         return cls(_field(key, body, "writer", str), _field(key, body, "seq", int),
                    _field(key, body, "epoch", int), _field(key, body, "time_ms", int),
                    _field(key, body, "token", str), _field(key, body, "reset", bool),
-                   tuple(refs), offsets, major, tuple(rewrites))
+                   tuple(refs), offsets, major, tuple(rewrites), inline)
 
 
-def _segment_ref(key: str, item: object) -> SegmentRef:
-    """A segment reference of a commit record or checkpoint stored at ``key``, checked."""
+def _segment_ref(key: str, item: object, inline: dict[str, bytes] | None = None) -> SegmentRef:
+    """A segment reference of the commit record stored at ``key``, checked.
+
+    With ``inline`` (a 5.x record's own segments), a segment may carry its bytes (``data``,
+    base64): they are checked to be base64 of the segment's size, put in ``inline`` under
+    the segment's key, and the ref's ``home`` is ``key``. Anywhere else ``data`` is
+    corruption (a record of an older major version, a rewrite's new segment).
+    """
     if not isinstance(item, dict):
         raise CorruptDataError(f"record names a malformed segment: key={key} offset=0")
-    ref = SegmentRef(_field(key, item, "key", str), _field(key, item, "kind", str),
+    segment = _field(key, item, "key", str)
+    home = None
+    if "data" in item:
+        if inline is None:
+            raise CorruptDataError(f"record carries segment data where none may be: key={key} "
+                                   f"offset=0 segment={segment}")
+        text = item["data"]
+        try:
+            if not isinstance(text, str):
+                raise ValueError("not a string")
+            # Strict: only the base64 alphabet, and padding only at the end.
+            raw = binascii.a2b_base64(text, strict_mode=True)
+        except (ValueError, binascii.Error):
+            raise CorruptDataError(f"inline segment data is not base64: key={key} offset=0 "
+                                   f"segment={segment}") from None
+        if len(raw) != _field(key, item, "size", int):
+            raise CorruptDataError(f"inline segment data size differs from its ref: key={key} "
+                                   f"offset=0 segment={segment} size={len(raw)} "
+                                   f"expected={item['size']}")
+        if segment in inline:
+            raise CorruptDataError(f"record carries one segment twice: key={key} offset=0 "
+                                   f"segment={segment}")
+        inline[segment] = raw
+        home = key
+    ref = SegmentRef(segment, _field(key, item, "kind", str),
                      _field(key, item, "name", str), _field(key, item, "records", int),
-                     _field(key, item, "size", int))
+                     _field(key, item, "size", int), home)
     if ref.kind not in KINDS:
         raise IncompatibleFormatError(f"record names a segment of an unknown kind: "
                                       f"key={key} kind={ref.kind}")
@@ -452,6 +525,10 @@ class Rewrite:
         return {"kind": self.kind, "name": self.name, "old": list(self.old),
                 "new": [ref.to_json() for ref in self.new]}
 
+
+#: A checkpoint's log entry ``[seq, key, records, size]`` gains a 5th item, 1, for a
+#: segment carried inline by commit ``seq`` (format 5.0).
+_INLINE_MARK: Final = {False: (), True: (1,)}
 
 # Format 4.0 commit records may hold ``rewrites``; a 3.x reader would ignore the field and
 # replay merged events twice, so it is a major version.
@@ -486,7 +563,8 @@ class Checkpoint:
 
     def encode(self) -> bytes:
         logs = [{"kind": kind, "name": name,
-                 "segments": [[seq, ref.key, ref.records, ref.size] for seq, ref in segs]}
+                 "segments": [[seq, ref.key, ref.records, ref.size, *_INLINE_MARK[ref.inline]]
+                              for seq, ref in segs]}
                 for (kind, name), segs in self.logs.items() if segs]
         return _encode_checked({
             "format": [FORMAT_MAJOR, FORMAT_MINOR], "type": "checkpoint", "writer": self.writer,
@@ -509,6 +587,9 @@ class Checkpoint:
                 or not all(isinstance(f, int) and not isinstance(f, bool) for f in fences)):
             raise CorruptDataError(f"checkpoint field has the wrong type: key={key} offset=0")
         logs: dict[tuple[str, str], tuple[tuple[int, SegmentRef], ...]] = {}
+        writer = _field(key, body, "writer", str)
+        # A 5th item (1) marks a segment carried inline by the commit that added it.
+        lengths = (4, 5) if body["format"][0] >= _INLINE_IN else (4,)
         for item in _field(key, body, "logs", list):
             if not isinstance(item, dict):
                 raise CorruptDataError(f"checkpoint holds a malformed log: key={key} offset=0")
@@ -518,13 +599,16 @@ class Checkpoint:
                                               f"key={key} kind={kind}")
             segs = []
             for entry in _field(key, item, "segments", list):
-                if (not isinstance(entry, list) or len(entry) != 4
+                if (not isinstance(entry, list) or len(entry) not in lengths
                         or not isinstance(entry[1], str)
                         or not all(isinstance(n, int) and not isinstance(n, bool)
-                                   for n in (entry[0], entry[2], entry[3]))):
+                                   for n in (entry[0], entry[2], entry[3]))
+                        or entry[4:] not in ([], [1])):
                     raise CorruptDataError(f"checkpoint names a malformed segment: key={key} "
                                            f"offset=0 log={kind}/{name}")
-                segs.append((entry[0], SegmentRef(entry[1], kind, name, entry[2], entry[3])))
+                home = commit_key(writer, entry[0]) if len(entry) == 5 else None
+                segs.append((entry[0], SegmentRef(entry[1], kind, name, entry[2], entry[3],
+                                                  home)))
             logs[(kind, name)] = tuple(segs)
         offsets = {name: orjson.dumps(value)
                    for name, value in _field(key, body, "offsets", dict).items()}

@@ -23,7 +23,11 @@ finds five kinds of garbage:
    first commit of its epoch, a fence commit. Kept, it makes the zombie's create-if-absent
    fail (``FencedError``) however much else was collected; had it been deleted, the
    zombie's commit would land under a number that readers no longer read, and be lost
-   although acknowledged.
+   although acknowledged. **The home of a live inline segment is kept too** (format 5.0:
+   a small commit carries its segments' bytes in its record, ``SegmentRef.home``): the
+   record is that segment's only copy. Once no live commit names the segment (maintenance
+   merged it into a segment of its own, retention dropped it, a reset or a table snapshot
+   superseded it), its home is folded garbage like any other.
 3. **Checkpoints** numbered below the one the store was loaded from: a reader starts from
    the newest one it lists (``Store.load``), so an older one (even one a fenced writer
    writes again after gc collected the commits that follow it) is never read.
@@ -197,11 +201,13 @@ async def _garbage(store: Store, driver: Driver, writer: str) -> tuple[list[str]
             garbage.append(info.key)
     # Commit records that checkpoint folds, but the fence commits (see the module's doc).
     if loaded:
-        fences = set(store.fences)
+        # The fences, and the homes of live inline segments (their only copy).
+        kept = set(store.fences) | {fmt.number_in_key(home, fmt.commits_prefix(writer))
+                                    for home in store.live_homes()}
         prefix = fmt.commits_prefix(writer)
         async for info in driver.list(prefix):
             number = fmt.number_in_key(info.key, prefix)
-            if number is not None and number <= loaded and number not in fences:
+            if number is not None and number <= loaded and number not in kept:
                 garbage.append(info.key)
     # Segments no live commit names and no commit in flight can name.
     live = store.live_keys()

@@ -295,16 +295,14 @@ async def read_log(store: Store, kind: str, name: str, *,
         # Only the newest snapshot counts (a snapshot may span several segments of one commit).
         newest = store.segments(kind, name)[-1].seq
         refs = [seg.ref for seg in store.segments(kind, name) if seg.seq == newest]
-    driver = store._driver  # the store's own driver: read_log reads what it names
     # Windows bounded as a run's replay reads them: a writer's segments may be hundreds
     # of MiB each.
     for window in segment_windows(refs, _READ_AHEAD):
-        blobs = await gather_bounded([functools.partial(_fetch, driver, ref) for ref in window],
+        blobs = await gather_bounded([functools.partial(_fetch, store, ref) for ref in window],
                                      _READ_AHEAD)
         for ref, data in zip(window, blobs, strict=True):
-            if data is None:
-                yield LogPart(ref, [], Damage(ref.key, 0, f"commit names a missing segment: "
-                                                          f"key={ref.key} offset=0"), whole=False)
+            if isinstance(data, Damage):
+                yield LogPart(ref, [], data, whole=False)
                 return
             # Checking a big segment (CRCs, then every record decoded) is CPU work: in a
             # worker thread, as Store.read_segment checks one, so the event loop never stalls.
@@ -317,11 +315,18 @@ async def read_log(store: Store, kind: str, name: str, *,
                 return
 
 
-async def _fetch(driver: Driver, ref: fmt.SegmentRef) -> bytes | None:
+async def _fetch(store: Store, ref: fmt.SegmentRef) -> bytes | Damage:
+    """The bytes of one segment (its object, or its data in the commit record that carries
+    it inline), or the damage that keeps it from being read."""
     try:
-        return await driver.get(ref.key)
+        return await store.segment_bytes(ref)
     except ObjectNotFoundError:
-        return None
+        if ref.home is not None:
+            return Damage(ref.home, 0, f"commit record holding an inline segment is missing: "
+                                       f"key={ref.home} offset=0 segment={ref.key}")
+        return Damage(ref.key, 0, f"commit names a missing segment: key={ref.key} offset=0")
+    except CorruptDataError as exc:  # the record that carries it inline is damaged
+        return Damage.of(exc, ref.home or ref.key)
 
 
 def _read_segment(ref: fmt.SegmentRef, data: bytes) -> LogPart:

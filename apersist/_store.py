@@ -11,6 +11,7 @@ with ``FencedError`` without landing anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -157,6 +158,11 @@ class _State:
     def live_keys(self) -> set[str]:
         return {seg.ref.key for segs in self.logs.values() for seg in segs}
 
+    def live_homes(self) -> set[str]:
+        """The commit records that hold a live segment's bytes (format 5.0, inline)."""
+        return {seg.ref.home for segs in self.logs.values() for seg in segs
+                if seg.ref.home is not None}
+
 
 class Store:
     """One writer's log in a store root, over a driver it does not own."""
@@ -185,6 +191,9 @@ class Store:
         self._recent_bytes = 0
         # Epoch records read so far (read_epoch), so that naming a writer costs no request.
         self._epoch_records: dict[int, fmt.EpochRecord] = {}
+        # The keys of each bucket of commit keys the last _commit_keys_after listed, so that
+        # checking the records of inline segments (_check_homes_exist) does not list it again.
+        self._listed_commits: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ reading state
     @property
@@ -278,6 +287,11 @@ class Store:
             if record.reset:
                 live_from = index
         await self._check_segments_exist(state)
+        # The inline segments of the records just read, newest kept (bounded), so that a
+        # replay right after opening reads them without fetching their records again.
+        live = state.live_keys()
+        self._remember([(k, d) for record in records[live_from:]
+                        for k, d in record.inline.items() if k in live])
         epochs: dict[int, str] = {}
         if state.checkpoint and state.commits > len(keys) - live_from:
             # Live commits inside the checkpoint: its newest commit's epoch stands for them
@@ -333,8 +347,12 @@ class Store:
         numbered: dict[int, str] = {}
         bucket = (after + 1) // fmt.BUCKET
         top = after
+        self._listed_commits.clear()
         while True:
-            async for info in self._driver.list(fmt.commit_bucket_prefix(self._writer, bucket)):
+            bucket_prefix = fmt.commit_bucket_prefix(self._writer, bucket)
+            listed = self._listed_commits[bucket_prefix] = set()
+            async for info in self._driver.list(bucket_prefix):
+                listed.add(info.key)
                 seq = fmt.number_in_key(info.key, prefix)
                 if seq is not None and seq > after:
                     numbered[seq] = info.key
@@ -473,7 +491,9 @@ class Store:
         ``fmt.BUCKET`` keys each), so the cost follows the live state, not the history.
         """
         named: dict[str, LoggedSegment] = {
-            seg.ref.key: seg for segs in state.logs.values() for seg in segs}
+            seg.ref.key: seg for segs in state.logs.values() for seg in segs
+            if seg.ref.home is None}
+        await self._check_homes_exist(state)
         if not named:
             return
         if capabilities_of(self._driver).point_lookups:
@@ -498,6 +518,45 @@ class Store:
 
         await gather_bounded([lister(p) for p in sorted(prefixes)], self.read_concurrency)
         self._check_sizes(named, sizes)
+
+    async def _check_homes_exist(self, state: _State) -> None:
+        """Check that the commit record holding each live inline segment exists.
+
+        Those after the checkpoint were just read; the others (folded into it) are found by
+        listing only the buckets of commit keys that hold them, so the cost follows the
+        live state, as for segments.
+        """
+        homes = {seg.ref.home: seg.ref.key for segs in state.logs.values() for seg in segs
+                 if seg.ref.home is not None and seg.seq <= state.checkpoint}
+        if not homes:
+            return
+        found: set[str] = set()
+        if capabilities_of(self._driver).point_lookups:
+            found.update(await self._driver.sizes(list(homes)))  # type: ignore[attr-defined]
+        else:
+            prefix = fmt.commits_prefix(self._writer)
+            buckets = set()
+            for home in homes:
+                seq = fmt.number_in_key(home, prefix)
+                buckets.add(prefix if seq is None else
+                            fmt.commit_bucket_prefix(self._writer, seq // fmt.BUCKET))
+            if prefix in buckets:
+                buckets = {prefix}
+            for bucket in list(buckets):  # listed a moment ago, when finding the commits
+                if bucket in self._listed_commits:
+                    found.update(self._listed_commits[bucket])
+                    buckets.discard(bucket)
+
+            def lister(bucket: str) -> Callable[[], Awaitable[None]]:
+                async def list_one() -> None:
+                    found.update([info.key async for info in self._driver.list(bucket)])
+                return list_one
+
+            await gather_bounded([lister(b) for b in sorted(buckets)], self.read_concurrency)
+        for home, key in homes.items():
+            if home not in found:
+                raise CorruptDataError(f"commit record holding a live inline segment is "
+                                       f"missing: key={home} offset=0 segment={key}")
 
     def _check_sizes(self, named: Mapping[str, LoggedSegment], sizes: Mapping[str, int]) -> None:
         for key, seg in named.items():
@@ -581,7 +640,7 @@ class Store:
                 return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
             return fmt.SegmentView(ref, data)
         try:
-            data = await self._driver.get(ref.key)
+            data = await self.segment_bytes(ref)
         except ObjectNotFoundError:
             newest = await self._seq_past(ref.key)
             if newest is not None:
@@ -590,11 +649,37 @@ class Store:
                     f"store moved on and no live commit names it; reopen the store (apersist "
                     f"gc's grace period was shorter than this reader's life): key={ref.key} "
                     f"offset=0 seq={self._state.last_seq} store_seq={newest}") from None
+            if ref.home is not None:
+                raise CorruptDataError(f"commit record holding an inline segment is missing: "
+                                       f"key={ref.home} offset=0 segment={ref.key}") from None
             raise CorruptDataError(f"commit names a missing segment: key={ref.key} "
                                    "offset=0") from None
         if needs_thread(data):
             return await anyio.to_thread.run_sync(fmt.SegmentView, ref, data)
         return fmt.SegmentView(ref, data)
+
+    async def segment_bytes(self, ref: fmt.SegmentRef) -> bytes:
+        """The stored bytes of one segment, unchecked: its object, or for an inline one
+        (``ref.home``) its data in the commit record that holds it.
+
+        Raises ``ObjectNotFoundError`` if the object (or the record) is missing, and
+        ``CorruptDataError`` if the record is damaged or does not carry the segment. The
+        other inline segments of that record are kept a while (``_remember``): one commit
+        may carry a stream's and a table's, read one after the other.
+        """
+        if ref.home is None:
+            return await self._driver.get(ref.key)
+        data = self._recent.pop(ref.key, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+            return data
+        record = fmt.CommitRecord.decode(ref.home, await self._driver.get(ref.home))
+        data = record.inline.get(ref.key)
+        if data is None:
+            raise CorruptDataError(f"commit record does not carry an inline segment it should: "
+                                   f"key={ref.home} offset=0 segment={ref.key}")
+        self._remember([(k, d) for k, d in record.inline.items() if k != ref.key])
+        return data
 
     async def _seq_past(self, key: str) -> int | None:
         """The store's newest commit number if the log moved on past segment ``key``: it is
@@ -830,7 +915,9 @@ class Store:
 
     async def commit(self, blobs: Sequence[SegmentBlob], offsets: Mapping[str, bytes], *,
                      reset: bool, rewrites: Sequence[PendingRewrite] = ()) -> int:
-        """Upload ``blobs`` concurrently, then write the commit record that names them.
+        """Upload ``blobs`` concurrently, then write the commit record that names them; or,
+        when they hold at most ``fmt.INLINE_BYTES`` in all, write the record carrying them
+        inline (format 5.0: one create-if-absent request, and no upload).
 
         ``offsets`` is every stream's offset after the commit (for a reset, those of the new
         history); the record holds only what differs from the current ``offsets``.
@@ -845,14 +932,19 @@ class Store:
         if self._epoch is None:
             raise RuntimeError("commit on a store that does not hold the writer role")
         kept = [] if reset else self._applicable(rewrites)
+        # A small commit carries its own new segments in its record (never a rewrite's):
+        # one create-if-absent request, one new file, instead of one per segment and the
+        # record. Upload before commit holds trivially: the record is the segments' object.
+        inline = 0 < sum(len(b.data) for b in blobs) <= fmt.INLINE_BYTES
         record = self._next_record(blobs, self._offset_changes(offsets, reset=reset),
                                    reset=reset,
                                    rewrites=[fmt.Rewrite(r.kind, r.name, tuple(r.old),
                                                          tuple(b.ref for b in r.new))
-                                             for r in kept])
+                                             for r in kept], inline=inline)
         blobs = [*blobs, *(b for r in kept for b in r.new)]
+        uploads = [b for r in kept for b in r.new] if inline else blobs
         key = fmt.commit_key(self._writer, record.seq)
-        if not await self._publish(key, record, blobs):
+        if not await self._publish(key, record, uploads):
             theirs = await self._epoch_of(key)
             holder, facts = await self._holder_facts(theirs, "current_")
             self._fenced = FencedError(
@@ -861,18 +953,23 @@ class Store:
             logger.warning("%s", self._fenced)
             raise self._fenced
         self._apply(self._state, key, record)
-        self._remember(blobs)
+        self._remember([(b.ref.key, b.data) for b in blobs])
         return record.seq
 
-    def _remember(self, blobs: Sequence[SegmentBlob]) -> None:
-        """Keep the bytes of small segments just committed, newest first out of a bounded
-        memory, so that merging them (``_maintenance``) reads them without a request: on
-        an object store, a paced source's merges would otherwise GET every small segment."""
+    def _remember(self, blobs: Sequence[tuple[str, bytes | bytearray]]) -> None:
+        """Keep the bytes of small segments (key, data) just committed or read inline,
+        oldest first out of a bounded memory, so that merging them (``_maintenance``) or
+        replaying them after opening reads them without a request: on an object store, a
+        paced source's merges would otherwise GET every small segment (or, inline, the
+        commit record that carries it)."""
         recent = self._recent
-        for blob in blobs:
-            if len(blob.data) <= _RECENT_SEGMENT_BYTES:
-                recent[blob.ref.key] = bytes(blob.data)
-                self._recent_bytes += len(blob.data)
+        for key, data in blobs:
+            if len(data) <= _RECENT_SEGMENT_BYTES:
+                old = recent.pop(key, None)
+                if old is not None:
+                    self._recent_bytes -= len(old)
+                recent[key] = bytes(data)
+                self._recent_bytes += len(data)
         while self._recent_bytes > _RECENT_BYTES:
             _key, data = recent.popitem(last=False)
             self._recent_bytes -= len(data)
@@ -899,12 +996,22 @@ class Store:
         return self._last_stamp
 
     def _next_record(self, blobs: Sequence[SegmentBlob], offsets: dict[str, bytes], *,
-                     reset: bool, rewrites: Sequence[fmt.Rewrite] = ()) -> fmt.CommitRecord:
+                     reset: bool, rewrites: Sequence[fmt.Rewrite] = (),
+                     inline: bool = False) -> fmt.CommitRecord:
+        """The next commit record; with ``inline`` it carries the bytes of ``blobs``, whose
+        refs then name it as their ``home``."""
         assert self._epoch is not None, "commits are written only by the writer"
+        seq = self._state.last_seq + 1
+        refs = tuple(b.ref for b in blobs)
+        data: dict[str, bytes] = {}
+        if inline:
+            home = fmt.commit_key(self._writer, seq)
+            refs = tuple(dataclasses.replace(ref, home=home) for ref in refs)
+            data = {b.ref.key: bytes(b.data) for b in blobs}
         return fmt.CommitRecord(
-            writer=self._writer, seq=self._state.last_seq + 1, epoch=self._epoch,
+            writer=self._writer, seq=seq, epoch=self._epoch,
             time_ms=self._stamp(), token=uuid.uuid4().hex, reset=reset,
-            segments=tuple(b.ref for b in blobs), offsets=offsets, rewrites=tuple(rewrites))
+            segments=refs, offsets=offsets, rewrites=tuple(rewrites), inline=data)
 
     def _applicable(self, rewrites: Sequence[PendingRewrite]) -> list[PendingRewrite]:
         """The rewrites that apply to the log as it is: each one's run is consecutive in
@@ -949,6 +1056,10 @@ class Store:
     def live_keys(self) -> set[str]:
         """Every segment key a live commit (or the checkpoint) names."""
         return self._state.live_keys()
+
+    def live_homes(self) -> set[str]:
+        """The keys of the commit records that carry a live segment inline."""
+        return self._state.live_homes()
 
     async def write_checkpoint(self) -> int:
         """Fold the log as it is now into a checkpoint.

@@ -31,6 +31,7 @@ from servers import (
 )
 
 import apersist
+from apersist import _format as fmt
 
 # No client may ever probe a cloud metadata address from the tests.
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
@@ -146,3 +147,14 @@ def backend_factory(backend_kind: str, tmp_path: Path,
         return make_backend(backend_kind, tmp_path / name, request)
 
     return make
+
+
+@pytest.fixture
+def segment_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every commit uploads its segments as objects of their own, however small (format
+    5.0 carries a small commit's segments inline in its record: ``fmt.INLINE_BYTES``).
+
+    For the tests whose subject is segment objects: their uploads, sizes, loss, damage and
+    collection. ``tests/test_inline_commits.py`` covers the inline ones.
+    """
+    monkeypatch.setattr(fmt, "INLINE_BYTES", 0)

@@ -69,6 +69,7 @@ def test_dump_writes_nothing(store: Path) -> None:
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_verify_ok_then_names_a_damaged_segment(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(store)]) == 0
     assert "verify ok" in capsys.readouterr().out
@@ -97,6 +98,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_gc_marks_first_and_deletes_only_what_an_earlier_run_marked_a_grace_period_ago(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     segments = store / "writers/0/segments"
@@ -151,6 +153,7 @@ def test_gc_refuses_a_grace_period_that_is_not_a_number_of_seconds(
     assert _files(store) == before
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_gc_reports_a_damaged_marker_and_starts_over(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (store / "writers/0/segments" / f"{1:020d}-{999:020d}.seg").write_bytes(b"junk")
@@ -399,6 +402,7 @@ def test_demo_with_json_prints_only_its_document_on_stdout(tmp_path: Path) -> No
     assert "must be a whole number, 0 or more: '-5'" in bad.stderr
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_a_damaged_trailer_loses_no_event(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Only the trailer of the segment of "orders" is hit: every record still passes its own
     # checksum, so dump prints every event, and salvage keeps them, but both report it.

@@ -82,6 +82,7 @@ def _is_tmp(path: str) -> bool:
     return Path(path).name.startswith(".tmp-")
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_the_record_is_linked_after_every_fsync_it_depends_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "store"

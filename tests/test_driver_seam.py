@@ -46,6 +46,7 @@ def _cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
 # --------------------------------------------------------------------------- used as given
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_given_driver_is_the_runs_storage(backend: apersist.Backend) -> None:
     cfg = _cfg(backend)
     async with counting(cfg) as driver:

@@ -120,6 +120,7 @@ def store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> ap
     return make_backend(store_kind, tmp_path, request)
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_transient_faults_are_retried_away(store_kind: str, store: apersist.Backend,
                                                  faults: Callable[..., Faults]) -> None:
     backend = store
@@ -165,6 +166,7 @@ SEGMENTS, COMMITS = "writers/*/segments/*", "writers/*/commits/*"
 
 # A permanent fault on a segment upload and on the commit record; on the object stores,
 # one of each (every run there costs real round trips).
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 @pytest.mark.parametrize(("store_kind", "target"), [
     ("memory", SEGMENTS), ("memory", COMMITS), ("filesystem", SEGMENTS),
     ("filesystem", COMMITS), ("s3", COMMITS), ("azure", SEGMENTS)])

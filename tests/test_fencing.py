@@ -138,6 +138,7 @@ async def test_group_commit_mode_is_fenced_too(backend: apersist.Backend) -> Non
     assert await values_and_offsets(backend, "s") == [("old", 1), ("new", 3)]
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_commit_in_flight_during_the_takeover_is_fenced_and_invisible(
         backend: apersist.Backend) -> None:
     outcome: list[BaseException] = []

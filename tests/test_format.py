@@ -462,8 +462,9 @@ def test_the_map_of_one_version_is_never_read_as_the_other(major: int) -> None:
 
 def test_this_format_is_a_new_major_version() -> None:
     """A 4.x reader would take a 5.0 segment's compressed body for framed records (it
-    ignores meta fields it does not know): it must refuse the store instead. (4.0 was a
-    major bump too: a 3.x reader would keep the segments a commit's ``rewrites`` replace.)"""
+    ignores meta fields it does not know), and would find no object under a 5.0 commit's
+    inline segments: it must refuse the store instead. (4.0 was a major bump too: a 3.x
+    reader would keep the segments a commit's ``rewrites`` replace.)"""
     assert fmt.FORMAT_MAJOR == 5
     assert orjson.loads(COMMIT.encode())["body"]["format"] == [5, fmt.FORMAT_MINOR]
 

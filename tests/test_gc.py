@@ -31,6 +31,9 @@ from apersist._stream import wall_clock_ms
 HOUR_MS = 3_600_000
 GRACE_MS = HOUR_MS  # the command line's default grace period (3600 s)
 T0 = 1_800_000_000_000  # a gc clock reading, ms since the Unix epoch
+# These tests are about segment objects and the commit records that name them: every
+# commit uploads its segments (tests/test_inline_commits.py covers inline ones and gc).
+pytestmark = pytest.mark.usefixtures("segment_objects")
 MARKS = fmt.gc_marks_key("0")
 REPLAY = apersist.SnapshotAccess.REPLAY
 RECORD = apersist.SnapshotAccess.RECORD

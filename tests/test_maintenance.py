@@ -283,6 +283,7 @@ async def test_retention_argument_errors() -> None:
             run.stream("bad name", retention=apersist.Retention())
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_damage_met_by_background_maintenance_is_logged_and_the_run_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     backend = apersist.Backend.memory()

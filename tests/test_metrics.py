@@ -166,6 +166,7 @@ async def _no_wait(_seconds: float) -> None:
     await anyio.lowlevel.checkpoint()
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_retries_are_counted_through_a_faulty_driver(otel: Reader) -> None:
     """A retry layer inside the driver a run is given counts each retry, by verb; the
     layer gets its hook back when the run ends."""

@@ -54,6 +54,7 @@ async def test_breaking_out_early_leaves_no_work_behind(backend: apersist.Backen
     assert counts == [2000, 2000]
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_damaged_later_segment_raises_after_the_good_ones() -> None:
     backend = apersist.Backend.memory()
     await _fill(backend, 2000)

@@ -211,6 +211,7 @@ async def test_long_batches_with_sparse_offsets_replay_exactly(backend: apersist
     assert [e.offset for e in got] == [*offsets, *[None] * count]
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_batch_writes_the_bytes_that_single_records_write(
         backend_factory: Callable[[str], apersist.Backend]) -> None:
     """Same format: a segment framed by record_many() is byte for byte record()'s."""
@@ -232,6 +233,7 @@ async def test_a_batch_writes_the_bytes_that_single_records_write(
     assert [one[key] for key in segments] == [other[key] for key in segments]
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 @pytest.mark.parametrize("many", [False, True], ids=["record", "record_many"])
 async def test_a_batch_record_holds_at_most_batch_entries_events(
         backend_factory: Callable[[str], apersist.Backend], many: bool) -> None:

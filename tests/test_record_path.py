@@ -172,6 +172,7 @@ async def test_back_pressure_bounds_pending_bytes_on_the_fast_path(
     assert all(e.value == value for e in got)
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 @pytest.mark.parametrize("with_offsets", [False, True], ids=["fast", "offsets"])
 @pytest.mark.parametrize("size", [1, 200])
 async def test_segments_stay_near_the_segment_size(backend: apersist.Backend, size: int,
@@ -198,6 +199,7 @@ async def test_segments_stay_near_the_segment_size(backend: apersist.Backend, si
     assert [e.value for e in got] == [value] * total
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_big_value_is_a_record_of_its_own(backend: apersist.Backend) -> None:
     """A value past the open batch's budget (a quarter of a segment) is framed alone, so a
     batch record stays within a quarter of a segment, and within a record's u32 lengths

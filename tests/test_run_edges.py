@@ -65,6 +65,7 @@ async def _cancel_while_uploading(how: str, driver: CountingDriver,
     driver.gate = None
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 @pytest.mark.parametrize("how", ["wait_for", "timeout", "cancel", "taskgroup"])
 async def test_a_commit_cancelled_by_its_caller_loses_nothing(
         backend: apersist.Backend, how: str) -> None:

@@ -406,6 +406,7 @@ TARGETS: dict[str, Callable[[Built], str]] = {
 }
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_salvage_keeps_what_reads_and_names_what_was_lost(
         roots: Roots, capsys: pytest.CaptureFixture[str]) -> None:
     built = build_store(roots)
@@ -452,6 +453,7 @@ def test_salvage_keeps_what_reads_and_names_what_was_lost(
     assert len(rows) >= 20
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_dump_prints_what_reads_before_the_damage_then_exits_1(
         roots: Roots, capsys: pytest.CaptureFixture[str]) -> None:
     built = build_store(roots)

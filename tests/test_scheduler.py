@@ -42,6 +42,7 @@ async def test_group_commit_commits_soon_without_an_explicit_commit(
         assert await read_only_values(backend, "s") == ["a", *range(50)]
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_group_commit_batches_what_was_recorded_during_a_commit(
         backend: apersist.Backend) -> None:
     cfg = apersist.Config(backend, snapshot_interval_ms=0)
@@ -212,6 +213,7 @@ async def test_concurrent_commit_callers_all_return_durable_commits(
     assert await read_only_values(backend, "s") == list(range(20))
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 @pytest.mark.parametrize("compression", [None, "zstd"])
 async def test_segments_built_in_place_are_the_bytes_built_by_join(
         tmp_path: Path, compression: str | None) -> None:

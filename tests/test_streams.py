@@ -157,6 +157,7 @@ async def test_stream_returns_the_same_object(backend: apersist.Backend) -> None
         assert stream.name == "s"
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_many_events_across_many_segments_replay_completely_in_order(
         backend: apersist.Backend) -> None:
     total = 6_000

@@ -101,6 +101,7 @@ async def test_deletes_and_sets_of_one_key_in_one_commit_persist_the_last_change
     assert await table_state(backend, "t") == expected
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_a_snapshot_at_a_cut_takes_the_place_of_that_cuts_deltas() -> None:
     backend = apersist.Backend.memory()
     cfg = apersist.Config(backend, snapshot_interval_ms=QUIET)
@@ -241,6 +242,7 @@ async def test_a_write_after_the_run_ended_raises_and_buffers_nothing() -> None:
     assert await table_state(backend, "t") == {"a": 1, "b": 2}
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_after_a_failed_commit_every_write_raises_and_nothing_stays_buffered() -> None:
     backend = apersist.Backend.memory()
     cfg = apersist.Config(backend, snapshot_interval_ms=QUIET)

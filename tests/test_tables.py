@@ -137,6 +137,7 @@ async def test_compacting_an_emptied_table_reopens_it_empty(backend: apersist.Ba
     assert await table_state(backend, "t") == {"c": 3}
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 async def test_compaction_bounds_what_reopening_reads(backend: apersist.Backend) -> None:
     cfg = apersist.Config(backend, snapshot_interval_ms=QUIET)
     async with apersist.run(cfg) as run:

@@ -129,6 +129,7 @@ def test_an_error_with_stderr_closed_still_exits_2(tmp_path: Path, redirect: str
     assert done.stdout.strip().splitlines()[-1] == "rc=2", done
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_damage_with_stderr_closed_still_exits_1(store: Path, tmp_path: Path) -> None:
     segment = next((store / "writers/0/segments").iterdir())
     data = bytearray(segment.read_bytes())
@@ -184,6 +185,7 @@ class _FailingGets:
         await self.inner.aclose()
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_verify_that_meets_a_backend_failure_is_not_damage(
         store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A network failure while verify reads segments was printed as ``damaged: ...`` and
@@ -210,6 +212,7 @@ def _lose_the_commit_log(store: Path) -> None:
     assert any((store / "writers/0/segments").rglob("*.seg"))
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_verify_of_a_store_whose_commit_log_is_gone_is_damage(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Segments are written only after their epoch's fence commit, which gc keeps for good:
@@ -220,6 +223,7 @@ def test_verify_of_a_store_whose_commit_log_is_gone_is_damage(
     assert "commit log" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_salvage_of_a_store_whose_commit_log_is_gone_does_not_say_nothing_was_lost(
         store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """salvage printed ``nothing lost: the source was whole`` and exited 0."""
@@ -293,6 +297,7 @@ def test_dump_of_an_unknown_name_in_a_store_of_many_streams_is_one_short_line(
     assert "3000" in line, line
 
 
+@pytest.mark.usefixtures("segment_objects")  # its subject is segment objects
 def test_gc_of_a_store_whose_commit_log_is_gone_deletes_nothing(
         store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With no commit naming them, every segment is garbage to gc: ``gc --grace-seconds 0``

@@ -248,10 +248,13 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
     snapshot_seq = max(body["seq"] for body in live
                        if any(s["kind"] == fmt.KIND_TABLE_SNAPSHOT for s in body["segments"]))
     segments: dict[str, tuple[str, str]] = {}
-    for body in live:
+    homes: dict[str, str] = {}  # an inline segment (5.0: "data") -> the commit carrying it
+    for body, key in zip(bodies, commits, strict=True):
+        if body not in live:
+            continue
         for rewrite in body.get("rewrites", []):  # maintenance: runs of segments replaced
-            for key in rewrite["old"]:
-                segments.pop(key, None)
+            for old in rewrite["old"]:
+                segments.pop(old, None)
             for ref in rewrite["new"]:
                 segments[ref["key"]] = (ref["kind"], NEEDED)
         for ref in body["segments"]:
@@ -261,6 +264,11 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
             if ref["kind"] == fmt.KIND_TABLE and body["seq"] <= snapshot_seq:
                 role = SUPERSEDED
             segments[ref["key"]] = (ref["kind"], role)
+            if "data" in ref:
+                homes[ref["key"]] = key
+    # A commit record folded into the checkpoint is still read if it carries a live
+    # segment that the replay reads: it is that segment's only copy.
+    needed_homes = {home for seg, home in homes.items() if segments.get(seg, ("", ""))[1] == NEEDED}
     read = [body for body in live if body["seq"] > folded]
     live_epochs = {body["epoch"] for body in read}
     if folded and any(body["seq"] <= folded for body in live):
@@ -268,7 +276,8 @@ def classify(objects: dict[str, bytes]) -> list[StoredObject]:
     found = []
     for key, data in sorted(objects.items()):
         if key in commits:
-            role = NEEDED if int(COMMIT_RE.fullmatch(key).group(1)) > folded else UNREFERENCED  # type: ignore[union-attr]
+            role = (NEEDED if int(COMMIT_RE.fullmatch(key).group(1)) > folded  # type: ignore[union-attr]
+                    or key in needed_homes else UNREFERENCED)
             found.append(StoredObject(key, "commit", role, data))
         elif key in checkpoints:
             role = NEEDED if key == checkpoints[-1] else UNREFERENCED
@@ -386,8 +395,13 @@ def names_key_and_offset(message: str, key: str) -> bool:
         re.search(r"\boffset=\d+", message))
 
 
-async def run_campaign(backend: apersist.Backend, *, full: bool) -> tuple[Counter[str], list[str]]:
-    """Build the store, run every case; return the tally of outcomes and the failed cases."""
+async def run_campaign(backend: apersist.Backend, *, full: bool,
+                       inline: bool = False) -> tuple[Counter[str], list[str]]:
+    """Build the store, run every case; return the tally of outcomes and the failed cases.
+
+    ``inline``: the store's small commits carry their segments in their records (format
+    5.0), so its segment objects are only those of big commits and merges; otherwise every
+    segment is an object."""
     tally: Counter[str] = Counter()
     failures: list[str] = []
     driver = open_driver(backend)
@@ -396,18 +410,23 @@ async def run_campaign(backend: apersist.Backend, *, full: bool) -> tuple[Counte
         originals = {info.key: await driver.get(info.key) async for info in driver.list("")}
         objects = classify(originals)
         roles = Counter((o.kind, o.role) for o in objects)
-        # The store has what the campaign promises to damage.
-        for needed in ("commit", "epoch", "checkpoint", fmt.KIND_EVENTS, fmt.KIND_TABLE,
+        if inline:
+            # Records that carry live segments, folded into the checkpoint and still read.
+            folded_homes = [o for o in objects if o.kind == "commit" and o.role == NEEDED
+                            and o.key < max(k for k in originals if CHECKPOINT_RE.fullmatch(k))
+                            .replace("checkpoints", "commits")]
+            assert folded_homes, roles
+        for needed in () if inline else ("commit", "epoch", "checkpoint", fmt.KIND_EVENTS, fmt.KIND_TABLE,
                        fmt.KIND_TABLE_SNAPSHOT, fmt.KIND_CACHE):
             assert roles[(needed, NEEDED)] >= (2 if needed == "commit" else 1), roles
         for kind_and_role in [("epoch", UNREFERENCED), ("segment", UNREFERENCED),
                               ("commit", UNREFERENCED), ("checkpoint", UNREFERENCED),
                               (fmt.KIND_TABLE, SUPERSEDED), (fmt.KIND_TABLE_SNAPSHOT, SUPERSEDED)]:
-            assert roles[kind_and_role], roles
+            assert inline or roles[kind_and_role], roles
         sizes = Counter(len(o.data) for o in objects if o.key.endswith(".seg"))
         # Two segments of one size: replacing one by the other passes the size check, so
         # only the segment's own key in its header can catch it.
-        assert max(sizes.values()) >= 2, sizes
+        assert inline or max(sizes.values()) >= 2, sizes
         assert (await observe(backend)).differences(expected) == []  # the undamaged replay
         await restore(driver, originals, objects[0].key)
         newest_commit = max(o.key for o in objects if o.kind == "commit")
@@ -527,9 +546,18 @@ def check(kind: str, scope: str, tally: Counter[str], failures: list[str],
 FULL_KINDS = set(os.environ.get("APERSIST_CORRUPTION_FULL", "memory").split(","))
 
 
+@pytest.mark.usefixtures("segment_objects")  # every segment an object, damaged in every way
 @pytest.mark.parametrize("kind", ["memory", "filesystem", "s3", "azure"])
 async def test_corruption_campaign(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     full = kind in FULL_KINDS
     tally, failures = await run_campaign(make_backend(kind, tmp_path, request), full=full)
     check(kind, "full" if full else "subset", tally, failures, capsys)
+
+
+async def test_corruption_campaign_of_inline_segments(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same store with small commits carrying their segments (format 5.0), every object
+    damaged in every way: a record that carries a live segment is read, folded into the
+    checkpoint or not, so its damage is detected; the others' is ignored."""
+    tally, failures = await run_campaign(apersist.Backend.memory(), full=True, inline=True)
+    check("memory", "full, inline", tally, failures, capsys)

@@ -303,8 +303,10 @@ def plan_kill(number: int, kind: str, rng: random.Random, root: str) -> Kill:
     elif kind in SEGMENT_POINTS:
         # Every commit of the loop uploads two segments or more (a stream's and the
         # table's): the crash comes within a few commits, so the history each later check
-        # replays grows no faster than with random kills.
+        # replays grows no faster than with random kills. Small commits carry their
+        # segments inline (format 5.0) unless the worker is told otherwise.
         kill.nth = rng.randint(1, 16)
+        kill.args.append("--segment-objects")
     elif kind in MAINTENANCE_POINTS:
         # Counted from the worker's start: its first, second or third merge commit or
         # checkpoint.

@@ -43,6 +43,7 @@ import orjson
 from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
+from apersist import _format as fmt
 from apersist._drivers import Driver, open_driver
 from apersist.testing import CRASH_POINTS, FaultyDriver
 
@@ -102,6 +103,10 @@ async def check_stream(run: apersist.Run, counts: apersist.Table, k: int) -> int
 
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
+    if args.segment_objects:
+        # Small commits upload their segments too (format 5.0 would carry them inline),
+        # so that the segment crash points are reached.
+        fmt.INLINE_BYTES = 0  # type: ignore[misc]
     max_batch = int(os.environ.get("APERSIST_CRASH_MAX_BATCH", args.max_batch))
     # The store: a JSON backend spec (see servers.backend_spec) or a filesystem path.
     backend = (backend_from_spec(args.root) if args.root.startswith("{")
@@ -160,6 +165,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-events", type=int, default=1 << 62)
     parser.add_argument("--compact-rate", type=float, default=0.05,
                         help="the chance that a round calls run.compact() before its commit")
+    parser.add_argument("--segment-objects", action="store_true",
+                        help="every commit uploads its segments, however small (no inline)")
     parser.add_argument("--crash-point", choices=CRASH_POINTS,
                         help="SIGKILL this process when the driver reaches this step")
     parser.add_argument("--crash-nth", type=int, default=1,

@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 
 import apersist
+from apersist import _format as fmt
 from apersist._drivers import FilesystemDriver
 from apersist._inspect import find_garbage, verify
 
@@ -416,6 +417,9 @@ def remount_read_only(mnt: Path) -> None:
 
 def main() -> None:
     scenario, top = sys.argv[1], Path(sys.argv[2])
+    # The scenarios fill, lock and damage segment files and their directory: every commit
+    # uploads its segments (format 5.0 would carry a small commit's inline in its record).
+    fmt.INLINE_BYTES = 0  # type: ignore[misc]
     emit("start", top=str(top))
     if scenario == "eacces":
         eacces(top)  # forks: not from inside an event loop

@@ -58,6 +58,7 @@ import orjson
 from servers import WORKER_ATTEMPT_TIMEOUT_S, backend_from_spec
 
 import apersist
+from apersist import _format as fmt
 from apersist._drivers import Driver, ObjectInfo, open_driver
 from apersist._drivers.base import capabilities_of
 from apersist.testing import Capabilities
@@ -243,6 +244,10 @@ async def main(args: argparse.Namespace) -> None:
     left_error: str | None = None
     # The run of this process (there is one) goes through a pausing driver; given to the
     # run, so closed here.
+    if args.pause_at is not None and "segment" in args.pause_at:
+        # Its commits must upload their segments to reach that step (format 5.0 carries a
+        # small commit's segments inline in its record).
+        fmt.INLINE_BYTES = 0  # type: ignore[misc]
     pausing.append(PausingDriver(open_driver(backend, config), args.pause_at))
     try:
         async with contextlib.aclosing(pausing[0]), \
