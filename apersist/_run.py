@@ -376,16 +376,22 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         store = Store(driver, clock_ms=clock, upload_concurrency=config.upload_concurrency,
                       label=config.writer_label)
         opened = time.perf_counter()
-        if policy.writer and capabilities_of(driver).verify_conditional_writes:
-            # Once, before writing anything: a store that lets two creators win would break
-            # commits and fencing silently. The check touches only a scratch key, so it runs
-            # beside loading the log: on an object store its three round trips would
-            # otherwise come on top of the load's.
-            both: list[Callable[[], Awaitable[None]]] = [
-                store.load, functools.partial(verify_create_if_absent, driver)]
-            await gather_bounded(both, 2)
-        else:
-            await store.load()
+        # What opening needs besides the log goes out beside loading it, so that on an
+        # object store its round trips do not come on top of the load's: the newest epoch
+        # number, and (once, before writing anything) the create-if-absent check, without
+        # which a store that lets two creators win would break commits and fencing
+        # silently. The check touches only a scratch key it deletes.
+        newest_epoch: list[int] = []
+
+        async def list_epochs() -> None:
+            newest_epoch.append(await store.newest_epoch())
+
+        opening: list[Callable[[], Awaitable[None]]] = [store.load]
+        if policy.writer:
+            opening.append(list_epochs)
+            if capabilities_of(driver).verify_conditional_writes:
+                opening.append(functools.partial(verify_create_if_absent, driver))
+        await gather_bounded(opening, len(opening))
         if not policy.writer and store.last_seq == 0:
             # A read-only run of a mistyped root would otherwise replay nothing, silently.
             logger.warning("no store at this root: a read-only run (SnapshotAccess.REPLAY) "
@@ -394,7 +400,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         if policy.writer:
             if config.takeover_idle_ms is not None:
                 await store.refuse_active_writer(config.takeover_idle_ms)
-            await store.acquire_writer()
+            await store.acquire_writer(newest_epoch[0])
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
                                   max_segment_bytes=config.max_segment_bytes, metrics=metrics,

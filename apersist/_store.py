@@ -62,6 +62,9 @@ def needs_thread(data: bytes) -> bool:
 # Objects read at once (commit records when loading, segments in a replay window): a
 # store's default ``read_concurrency``.
 _READ_CONCURRENCY = 16
+# Commit records read at once when loading: small objects, so on an object store each wave
+# costs about one round trip, and the ~100 records after a checkpoint take two waves, not 7.
+_RECORD_READS = 64
 # Segments read ahead together by read_segments() hold at most this many bytes.
 _WINDOW_BYTES = 8 << 20
 # Commit keys asked for at once when a driver has point lookups (``_probe_commits_after``).
@@ -273,25 +276,24 @@ class Store:
             # checkpoint while we were opening (a newer checkpoint folds them): the commits
             # found then stop short (at a fence commit gc keeps, or at none), with no gap to
             # tell. A checkpoint past the last commit found says so: start again from it.
-            if not await self._newer_checkpoint(state.last_seq + len(keys)):
+            # Asked while the records are read, the two being independent requests: one
+            # round trip fewer, and the records are thrown away in the rare case it says so.
+            newer, read = await self._records_unless_newer(keys, state.last_seq + len(keys))
+            if not newer:
+                if isinstance(read, CorruptDataError):
+                    raise read
+                records = read
                 break
         else:
             raise CorruptDataError(
                 f"the store's checkpoints moved on under every attempt to open it (apersist gc "
                 f"with no grace period beside a busy writer?): key="
                 f"{fmt.checkpoints_prefix(self._writer)} offset=0")
-        records = await gather_bounded([self._reader(key) for key in keys], self.read_concurrency)
         live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
             self._apply(state, key, record)
             if record.reset:
                 live_from = index
-        await self._check_segments_exist(state)
-        # The inline segments of the records just read, newest kept (bounded), so that a
-        # replay right after opening reads them without fetching their records again.
-        live = state.live_keys()
-        self._remember([(k, d) for record in records[live_from:]
-                        for k, d in record.inline.items() if k in live])
         epochs: dict[int, str] = {}
         if state.checkpoint and state.commits > len(keys) - live_from:
             # Live commits inside the checkpoint: its newest commit's epoch stands for them
@@ -299,10 +301,44 @@ class Store:
             epochs[state.checkpoint_epoch] = fmt.checkpoint_key(self._writer, state.checkpoint)
         for key, record in zip(keys[live_from:], records[live_from:], strict=True):
             epochs.setdefault(record.epoch, key)
-        await self._check_epochs(epochs)
+        # Independent checks of what was read: their requests go out together.
+        await gather_bounded([functools.partial(self._check_segments_exist, state),
+                              functools.partial(self._check_epochs, epochs)], 2)
+        # The inline segments of the records just read, newest kept (bounded), so that a
+        # replay right after opening reads them without fetching their records again.
+        live = state.live_keys()
+        self._remember([(k, d) for record in records[live_from:]
+                        for k, d in record.inline.items() if k in live])
         self._state = state
         logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
                      self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+
+    async def _records_unless_newer(self, keys: list[str], seq: int) -> tuple[
+            bool, list[fmt.CommitRecord] | CorruptDataError]:
+        """Read the commit records ``keys`` while asking whether a checkpoint newer than
+        ``seq`` is listed: (newer, the records, or the damage reading them met).
+
+        Damage is handed back, not raised, as long as the answer is pending: records that
+        vanish as they are read are what gc leaves when a newer checkpoint folds them, and
+        then the caller starts again from that checkpoint instead.
+        """
+        newer = False
+        records: list[fmt.CommitRecord] | CorruptDataError = []
+
+        async def ask() -> None:
+            nonlocal newer
+            newer = await self._newer_checkpoint(seq)
+
+        async def read() -> None:
+            nonlocal records
+            try:
+                records = await gather_bounded([self._reader(key) for key in keys],
+                                               max(self.read_concurrency, _RECORD_READS))
+            except CorruptDataError as exc:
+                records = exc
+
+        await gather_bounded([ask, read], 2)
+        return newer, records
 
     async def _checkpoint_state(self) -> _State:
         """The state of the newest checkpoint, or an empty state for a store that has none.
@@ -742,15 +778,22 @@ class Store:
                     await send.send(exc)
 
     # ------------------------------------------------------------------ writing
-    async def acquire_writer(self) -> None:
+    async def newest_epoch(self) -> int:
+        """The highest epoch number listed under ``epochs/`` (0: none)."""
+        return max([n async for n in self._numbers(fmt.epochs_prefix(self._writer))], default=0)
+
+    async def acquire_writer(self, newest_epoch: int | None = None) -> None:
         """Take the writer role: a new epoch record, then a fence commit.
 
         Afterwards any older writer's next commit fails with ``FencedError``. If another
         writer commits while we take over, the log is reloaded and the fence retried.
+        ``newest_epoch``: ``newest_epoch()``'s answer if the caller asked it already (say,
+        while the log was loading); listed here otherwise. One that is out of date only
+        costs a retry: an epoch number taken meanwhile is refused by create-if-absent.
         """
-        prefix = fmt.epochs_prefix(self._writer)
-        epoch = max([n async for n in self._numbers(prefix)], default=0) + 1
-        epoch = max(epoch, self._state.last_epoch + 1)
+        if newest_epoch is None:
+            newest_epoch = await self.newest_epoch()
+        epoch = max(newest_epoch, self._state.last_epoch) + 1
         token = uuid.uuid4().hex
         host, pid = this_process()
         while True:

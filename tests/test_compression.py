@@ -27,6 +27,10 @@ from apersist import _maintenance as maintenance
 from apersist._cli import main
 from apersist._errors import CorruptDataError
 
+# Their subject is segment bodies as stored: every commit uploads its segments as objects
+# (a small one would otherwise carry them inline in its record, tests/test_inline_commits.py).
+pytestmark = pytest.mark.usefixtures("segment_objects")
+
 _HEAD = struct.Struct("<8sHHI")
 _TRAILER_SIZE = 28
 

@@ -43,6 +43,9 @@ BIG = "x" * (fmt.INLINE_BYTES + 1000)  # one event bigger than the inline bound
 
 
 def _cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
+    # Bodies stored raw unless a test says otherwise: the bound is on stored bytes, and
+    # these tests size their segments in raw bytes (zstd would shrink BIG to nothing).
+    kwargs.setdefault("compression", None)
     return apersist.Config(backend, snapshot_interval_ms=QUIET, **kwargs)
 
 
@@ -430,3 +433,16 @@ def test_segment_refs_compare_with_their_home() -> None:
     ref = fmt.SegmentRef(SEG_KEY, fmt.KIND_EVENTS, "s", 1, 40)
     assert not ref.inline
     assert dataclasses.replace(ref, home=COMMIT_KEY).inline
+
+
+async def test_the_bound_is_on_stored_bytes_so_compressed_segments_go_inline() -> None:
+    """A commit of more raw bytes than the bound is one object when zstd shrinks it under."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=QUIET)) as run:
+        await run.stream("s").record_many([BIG, BIG])
+        info = await run.commit()
+        key = fmt.commit_key("0", info.seq)
+        record = fmt.CommitRecord.decode(key, backend.objects[key])
+    assert info.bytes < fmt.INLINE_BYTES < 2 * len(BIG)
+    assert [ref.inline for ref in record.segments] == [True]
+    assert [e.value for e in await replayed(backend, "s")] == [BIG, BIG]
