@@ -131,27 +131,22 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def bare_commit(segments: Path, commits: Path, name: str, data: bytes) -> None:
-    """The bare I/O of a one-segment filesystem commit, in the driver's order.
+def bare_commit(commits: Path, name: str, data: bytes) -> None:
+    """The bare I/O of a small filesystem commit, in the driver's order (format 5.0: the
+    commit record carries its segments, so it is one new file).
 
-    The segment is written to a temporary name and renamed into place, the commit record
-    written to a temporary name, both fsynced, the segment directory fsynced, then the
-    record linked into place and the commit directory fsynced: one worker-thread call, as
-    ``FilesystemDriver.put_then_create`` makes it.
+    The record is written to a temporary name and fsynced, linked into place (create if
+    absent), the temporary name unlinked, and the directory fsynced: two fsyncs in one
+    worker-thread call, as ``FilesystemDriver.put(if_absent=True)`` makes them.
     """
-    seg_tmp, rec_tmp = segments / f".tmp-{name}", commits / f".tmp-{name}"
-    fds = [_write(seg_tmp, data)]
+    tmp = commits / f".tmp-{name}"
+    fd = _write(tmp, data)
     try:
-        os.rename(seg_tmp, segments / name)
-        fds.append(_write(rec_tmp, data))
-        for fd in fds:
-            os.fsync(fd)
+        os.fsync(fd)
     finally:
-        for fd in fds:
-            os.close(fd)
-    _fsync_dir(segments)
-    os.link(rec_tmp, commits / name)
-    os.unlink(rec_tmp)
+        os.close(fd)
+    os.link(tmp, commits / name)
+    os.unlink(tmp)
     _fsync_dir(commits)
 
 
