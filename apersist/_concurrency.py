@@ -104,13 +104,19 @@ async def gather_bounded(calls: Sequence[Callable[[], Awaitable[_T]]], limit: in
         async with limiter:
             results[index] = await calls[index]()
 
+    failure: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
             for index in range(len(calls)):
                 tg.start_soon(one, index)
     except BaseExceptionGroup as group:
         failures = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
-        raise (failures[0] if failures else unwrap_group(group)) from None
+        failure = failures[0] if failures else unwrap_group(group)
+    if failure is not None:
+        # Raised outside the handler, so that it keeps its own cause (a BackendError's
+        # OSError) and does not gain the group as its context; ``raise ... from None``
+        # would have erased the cause.
+        raise failure
     return results  # type: ignore[return-value]
 
 
