@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+import zstandard
 
 from ._compression import decompress_body
 from ._errors import CorruptDataError, IncompatibleFormatError
@@ -748,6 +749,24 @@ def looks_compressed(data: bytes | bytearray) -> bool:
     magic, major, _minor, meta_len = _HEAD.unpack_from(data, 0)
     return (magic == SEGMENT_MAGIC and major >= CODEC_SINCE
             and b'"codec"' in data[_HEAD.size:_HEAD.size + meta_len])
+
+
+def declared_raw_size(data: bytes | bytearray) -> int:
+    """The size a compressed segment's body says it decompresses to (its zstd frame's
+    content size), or 0 if ``data`` does not look like one: a hint, unchecked, like
+    ``looks_compressed``. The stored size says little about the work of checking a
+    compressed segment: records that repeat compress a thousandfold and more, so a few
+    KiB stored can be tens of MiB to decompress and walk (and a hostile frame may declare
+    up to ``_compression.MAX_BODY_BYTES``)."""
+    if not looks_compressed(data):
+        return 0
+    (meta_len,) = U32.unpack_from(data, 12)
+    start = _HEAD.size + meta_len + U32.size
+    try:
+        # A frame header is at most 18 bytes.
+        return max(0, zstandard.frame_content_size(bytes(data[start:start + 18])))
+    except zstandard.ZstdError:
+        return 0
 
 
 class SegmentView:

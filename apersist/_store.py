@@ -56,7 +56,12 @@ def needs_thread(data: bytes) -> bool:
     thread rather than the event loop."""
     if len(data) > _THREAD_CHECK_BYTES:
         return True
-    return len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data)
+    if len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data):
+        return True
+    # Judged by what the body decompresses to, not by its stored size: a small segment of
+    # repetitive records (7 KiB stored for 7.5 MiB of records) was decompressed on the
+    # event loop, stalling it for as long as a big raw segment would have.
+    return fmt.declared_raw_size(data) > _THREAD_CHECK_BYTES
 
 
 # Objects read at once (commit records when loading, segments in a replay window): a
