@@ -299,6 +299,7 @@ class Store:
             self._apply(state, key, record)
             if record.reset:
                 live_from = index
+        self._check_named_once(state)
         epochs: dict[int, str] = {}
         if state.checkpoint and state.commits > len(keys) - live_from:
             # Live commits inside the checkpoint: its newest commit's epoch stands for them
@@ -514,6 +515,27 @@ class Store:
         state.last_seq, state.last_epoch = record.seq, record.epoch
         state.last_time_ms = record.time_ms
         state.commits += 1
+
+    def _check_named_once(self, state: _State) -> None:
+        """Refuse a live state that names one segment twice (in one log or two).
+
+        A writer names only new segments in a commit (numbered past every segment before),
+        so a key named again is damage: a record edited (its checksum recomputed) or
+        written by a buggy writer, say a record whose inline ``data`` is a copy of an
+        earlier commit's segment under that segment's key. Without this check, the
+        segment's records were replayed twice, as data (and inline, both homes answered
+        for one key). Once per load, over the live segments: the cost of opening follows
+        the live state, as ``_check_segments_exist``'s does.
+        """
+        seen: set[str] = set()
+        for (kind, name), segs in state.logs.items():
+            for seg in segs:
+                if seg.ref.key in seen:
+                    raise CorruptDataError(
+                        f"commit names a segment the log holds already: key="
+                        f"{fmt.commit_key(self._writer, seg.seq)} offset=0 log={kind}/{name} "
+                        f"segment={seg.ref.key}")
+                seen.add(seg.ref.key)
 
     def _reader(self, key: str) -> Callable[[], Awaitable[fmt.CommitRecord]]:
         async def read() -> fmt.CommitRecord:

@@ -5,12 +5,17 @@ concurrent opening of a store. Each test here failed on ``main`` before its fix 
 from __future__ import annotations
 
 import threading
+import zlib
 from typing import Any
 
+import orjson
 import pytest
 
 import apersist
+from apersist import CorruptDataError
 from apersist import _format as fmt
+from apersist._drivers import open_driver
+from apersist._store import Store
 
 # ----------------------------------------------------------------------------- compression
 
@@ -44,3 +49,51 @@ async def test_a_small_segment_that_decompresses_big_is_checked_off_the_loop(
     assert big, checked
     assert all(stored < 32 << 10 for stored, _raw, _on_loop in big), checked  # a small object
     assert not any(on_loop for _stored, _raw, on_loop in big), checked
+
+
+# ----------------------------------------------------------------------------- inline commits
+
+
+def _rechecked(body: dict[str, Any]) -> bytes:
+    raw = orjson.dumps(body)
+    return b'{"body":%s,"crc32":%d}' % (raw, zlib.crc32(raw))
+
+
+async def _three_small_commits(backend: apersist.Backend) -> list[str]:
+    """Three inline commits of one event each to stream ``s``; their record keys."""
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=3_600_000,
+                                            compression=None)) as run:
+        first = run._store.last_seq + 1
+        for i in range(3):
+            await run.stream("s").record(i, offset=i)
+            await run.commit()
+    return [fmt.commit_key("0", seq) for seq in range(first, first + 3)]
+
+
+@pytest.mark.parametrize("how", ["instead", "beside"])
+async def test_a_commit_carrying_an_earlier_commits_segment_again_is_corruption(
+        backend: apersist.Backend, how: str) -> None:
+    """The second commit's record is edited (checksum recomputed) to carry the first
+    commit's inline segment, key and data, instead of or beside its own. Each record
+    passed its checks, and the log held the one segment twice: its event was replayed
+    twice, as data ([0, 0, 2] or [0, 1, 0, 2])."""
+    first, second, _third = await _three_small_commits(backend)
+    driver = open_driver(backend)
+    try:
+        bodies = {k: orjson.loads(await driver.get(k))["body"] for k in (first, second)}
+        (carried,) = bodies[first]["segments"]
+        assert "data" in carried  # inline
+        if how == "instead":
+            bodies[second]["segments"] = [dict(carried)]
+        else:
+            bodies[second]["segments"].append(dict(carried))
+        await driver.put(second, _rechecked(bodies[second]))
+        with pytest.raises(CorruptDataError, match=f"key={second} offset=0 .*"
+                                                   f"segment={carried['key']}"):
+            await Store(driver, clock_ms=lambda: 0).load()
+    finally:
+        await driver.aclose()
+    with pytest.raises(CorruptDataError, match=f"key={second} offset=0"):
+        async with apersist.run(apersist.Config(
+                backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+            [e.value async for e in run.stream("s").replay()]
