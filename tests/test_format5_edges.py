@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ import apersist
 from apersist import CorruptDataError
 from apersist import _format as fmt
 from apersist._drivers import open_driver
+from apersist._salvage import salvage
 from apersist._store import Store
 
 # ----------------------------------------------------------------------------- compression
@@ -97,3 +99,29 @@ async def test_a_commit_carrying_an_earlier_commits_segment_again_is_corruption(
         async with apersist.run(apersist.Config(
                 backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
             [e.value async for e in run.stream("s").replay()]
+
+
+async def test_salvage_stops_at_a_commit_carrying_an_earlier_commits_segment_again(
+        tmp_path: Path) -> None:
+    """Salvage walks a log that a run refuses commit by commit: it folded the record that
+    names the first commit's segment again and copied that event twice ([0, 0, 2])."""
+    backend = apersist.Backend.filesystem(tmp_path / "store")
+    first, second, _third = await _three_small_commits(backend)
+    driver = open_driver(backend)
+    try:
+        bodies = {k: orjson.loads(await driver.get(k))["body"] for k in (first, second)}
+        bodies[second]["segments"] = [dict(bodies[first]["segments"][0])]
+        await driver.put(second, _rechecked(bodies[second]))
+    finally:
+        await driver.aclose()
+    dest = apersist.Backend.filesystem(tmp_path / "salvaged")
+    source, target = open_driver(backend), open_driver(dest)
+    try:
+        report = await salvage(source, target)
+    finally:
+        await source.aclose()
+        await target.aclose()
+    assert report.lost
+    async with apersist.run(apersist.Config(
+            dest, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        assert [e.value async for e in run.stream("s").replay()] == [0]
