@@ -214,3 +214,59 @@ async def test_a_frame_that_decompresses_to_damaged_record_framing_is_corrupt_da
     problems = await _verified(backend)
     assert len(problems) == 1
     assert f"key={key}" in problems[0]
+
+
+async def _table_store_with_record(bad: bytes, *, snapshot: bool
+                                   ) -> tuple[apersist.Backend, str, int]:
+    """A memory store of table ``t`` whose one segment (a snapshot's or a delta's) holds a
+    few good records and ``bad`` third, every checksum as a writer computes it. Returns
+    the store, the segment's key and the bad record's offset."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=3_600_000,
+                                            compression=None)) as run:
+        table = await run.table("t")
+        for i in range(5):
+            table[f"k{i}"] = i
+        if snapshot:
+            await run.compact()
+    kind = fmt.KIND_TABLE_SNAPSHOT if snapshot else fmt.KIND_TABLE
+    driver = open_driver(backend)
+    try:
+        store = Store(driver, clock_ms=lambda: 0)
+        await store.load()
+        (seg,) = store.segments(kind, "t")
+        ref = seg.ref
+        view = await store.read_segment(ref)
+        records = [value for value, _o, _t in view.records()]
+    finally:
+        await driver.aclose()
+    records[2] = bad
+    body = _framed(records)
+    new = fmt.encode_segment(fmt.SegmentMeta(ref.key, kind, "t"), body, len(records))
+    backend.objects[ref.key] = new
+    assert ref.home is None
+    for key in [k for k in backend.objects if fmt.key_kind(k) in ("commit", "checkpoint")]:
+        text = backend.objects[key]
+        if ref.key.encode() in text:
+            body_ = orjson.loads(text)["body"]
+            raw = orjson.dumps(body_).replace(b'"size":%d' % ref.size, b'"size":%d' % len(new))
+            raw = raw.replace(b'"%s",%d,%d' % (ref.key.encode(), ref.records, ref.size),
+                              b'"%s",%d,%d' % (ref.key.encode(), ref.records, len(new)))
+            backend.objects[key] = _rechecked(orjson.loads(raw))
+    (meta_len,) = struct.unpack_from("<I", new, 12)
+    body_start = 16 + meta_len + 4  # after the header frame and its CRC
+    return backend, ref.key, body_start + len(_framed(records[:2]))
+
+
+@pytest.mark.usefixtures("segment_objects")
+@pytest.mark.parametrize("snapshot", [False, True], ids=["delta", "snapshot"])
+@pytest.mark.parametrize("bad", [b"NaN", b'"ab"', b'["k2",2,3]', b"[1,2]"])
+async def test_a_table_record_of_another_shape_is_corrupt_data(bad: bytes, snapshot: bool) -> None:
+    """A table record must be ``[key, value]`` (or ``[key]``, a delta's deletion). One that
+    did not decode escaped as orjson's error; one of another shape was taken as data: the
+    string "ab" set key "a" to "b", ``["k2", 2, 3]`` deleted k2, ``[1, 2]`` set key 1."""
+    backend, key, at = await _table_store_with_record(bad, snapshot=snapshot)
+    with pytest.raises(CorruptDataError, match=f"table record .* key={key} offset={at}$"):
+        async with apersist.run(apersist.Config(
+                backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+            dict(await run.table("t"))
