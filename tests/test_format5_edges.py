@@ -4,6 +4,7 @@ concurrent opening of a store. Each test here failed on ``main`` before its fix 
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 import zlib
@@ -18,6 +19,7 @@ import apersist
 from apersist import CorruptDataError
 from apersist import _format as fmt
 from apersist._drivers import open_driver
+from apersist._gc import collect_garbage
 from apersist._inspect import verify
 from apersist._salvage import salvage
 from apersist._store import Store
@@ -270,3 +272,75 @@ async def test_a_table_record_of_another_shape_is_corrupt_data(bad: bytes, snaps
         async with apersist.run(apersist.Config(
                 backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
             dict(await run.table("t"))
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+class _GcDuringRead:
+    """Forwards to ``inner``. The commit records a load reads wait until its newer-
+    checkpoint question was answered ("no"); then a writer commits and checkpoints, and
+    gc with no grace deletes the records that checkpoint folds, before any is read: what
+    a busy writer and ``apersist gc --grace 0`` can do between any two requests."""
+
+    def __init__(self, inner: Any, backend: apersist.Backend) -> None:
+        self.inner, self.backend = inner, backend
+        self.capabilities, self.name = inner.capabilities, inner.name
+        self.asked, self.done = asyncio.Event(), asyncio.Event()
+        self.armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def list(self, prefix: str) -> Any:
+        async def listing() -> Any:
+            async for info in self.inner.list(prefix):
+                yield info
+            if prefix == fmt.checkpoints_prefix("0"):
+                self.asked.set()
+        return listing()
+
+    async def get(self, key: str, **kwargs: Any) -> bytes:
+        if fmt.key_kind(key) == "commit" and not self.done.is_set():
+            if not self.armed:
+                await self.done.wait()
+            else:
+                self.armed = False
+                await self.asked.wait()
+                async with apersist.run(apersist.Config(self.backend,
+                                                        snapshot_interval_ms=3_600_000)) as run:
+                    await run.stream("s").record(99, offset=99)
+                    await run.commit()
+                    await run._store.write_checkpoint()
+                await collect_garbage(self.inner, grace_ms=0, now_ms=T0)
+                self.done.set()
+        data: bytes = await self.inner.get(key, **kwargs)
+        return data
+
+
+T0 = 1_800_000_000_000
+
+
+@pytest.mark.usefixtures("segment_objects")
+async def test_opening_beside_gc_with_no_grace_retries_when_records_vanish_after_the_question(
+        ) -> None:
+    """Opening reads the commit records after its checkpoint while it asks whether a newer
+    checkpoint is listed; records that vanish (gc folded them into a newer checkpoint) mean
+    "start again from that one". But the answer could come before the checkpoint was
+    written: the records then vanished after a "no", and a healthy store failed to open
+    with ``CorruptDataError: commit record vanished while opening``."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=3_600_000)) as run:
+        for i in range(3):
+            await run.stream("s").record(i, offset=i)
+            await run.commit()
+    inner = open_driver(backend)
+    try:
+        racing = _GcDuringRead(inner, backend)
+        store = Store(racing, clock_ms=lambda: 0)  # type: ignore[arg-type]
+        await store.load()
+        assert racing.done.is_set()  # the race did happen
+        assert store.checkpoint_seq == store.last_seq == 6
+        assert [seg.ref.records for seg in store.segments(fmt.KIND_EVENTS, "s")] == [1, 1, 1, 1]
+    finally:
+        await inner.aclose()
