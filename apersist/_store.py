@@ -288,12 +288,37 @@ class Store:
                 if isinstance(read, CorruptDataError):
                     raise read
                 records = read
+                try:
+                    live_from = await self._fold_checked(state, keys, records)
+                except CorruptDataError:
+                    # A live segment (or the record carrying one inline) missing may be
+                    # gc's doing too: with no grace, it deletes what a merge (or retention)
+                    # committed after our records were read moved out of the log, and a
+                    # healthy store failed to open as corrupt. If the log moved on past
+                    # what we read, start again; damage that is real is met again.
+                    if attempt < 2 and await self._moved_past(state.last_seq):
+                        continue
+                    raise
                 break
         else:
             raise CorruptDataError(
                 f"the store's checkpoints moved on under every attempt to open it (apersist gc "
                 f"with no grace period beside a busy writer?): key="
                 f"{fmt.checkpoints_prefix(self._writer)} offset=0")
+        # The inline segments of the records just read, newest kept (bounded), so that a
+        # replay right after opening reads them without fetching their records again.
+        live = state.live_keys()
+        self._remember([(k, d) for record in records[live_from:]
+                        for k, d in record.inline.items() if k in live])
+        self._state = state
+        logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
+                     self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+
+    async def _fold_checked(self, state: _State, keys: list[str],
+                            records: list[fmt.CommitRecord]) -> int:
+        """Fold ``records`` (read from ``keys``) into ``state`` and check what they name:
+        each segment once, the live segments present, the epochs' records. Returns the
+        index of the first live record (after the newest reset)."""
         live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
             self._apply(state, key, record)
@@ -310,14 +335,17 @@ class Store:
         # Independent checks of what was read: their requests go out together.
         await gather_bounded([functools.partial(self._check_segments_exist, state),
                               functools.partial(self._check_epochs, epochs)], 2)
-        # The inline segments of the records just read, newest kept (bounded), so that a
-        # replay right after opening reads them without fetching their records again.
-        live = state.live_keys()
-        self._remember([(k, d) for record in records[live_from:]
-                        for k, d in record.inline.items() if k in live])
-        self._state = state
-        logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
-                     self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+        return live_from
+
+    async def _moved_past(self, seq: int) -> bool:
+        """Whether the log moved on past commit ``seq``: a newer checkpoint, or a commit
+        after it (or a gap there: gc collecting what a newer checkpoint folds)."""
+        if await self._newer_checkpoint(seq):
+            return True
+        try:
+            return bool(await self._commit_keys_after(seq))
+        except CorruptDataError:
+            return True
 
     async def _records_unless_newer(self, keys: list[str], seq: int) -> tuple[
             bool, list[fmt.CommitRecord] | CorruptDataError]:

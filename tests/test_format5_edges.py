@@ -21,6 +21,7 @@ from apersist import _format as fmt
 from apersist._drivers import open_driver
 from apersist._gc import collect_garbage
 from apersist._inspect import verify
+from apersist._maintenance import FANOUT
 from apersist._salvage import salvage
 from apersist._store import Store
 
@@ -344,3 +345,54 @@ async def test_opening_beside_gc_with_no_grace_retries_when_records_vanish_after
         assert [seg.ref.records for seg in store.segments(fmt.KIND_EVENTS, "s")] == [1, 1, 1, 1]
     finally:
         await inner.aclose()
+
+
+class _MergeAndGcBeforeSegmentCheck:
+    """Forwards to ``inner``. When a load checks its live segments (``sizes``), first a
+    writer merges them (``compact``) and checkpoints, and gc with no grace deletes the
+    segments merged away: between the load's reading of the records and its check."""
+
+    def __init__(self, inner: Any, backend: apersist.Backend) -> None:
+        self.inner, self.backend = inner, backend
+        self.capabilities, self.name = inner.capabilities, inner.name
+        self.armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def sizes(self, keys: list[str]) -> dict[str, int]:
+        if self.armed and any(fmt.key_kind(k) == "segment" for k in keys):
+            self.armed = False
+            async with apersist.run(apersist.Config(self.backend,
+                                                    snapshot_interval_ms=3_600_000)) as run:
+                await run.compact()
+                await run._store.write_checkpoint()
+            await collect_garbage(self.inner, grace_ms=0, now_ms=T0)
+        found: dict[str, int] = await self.inner.sizes(keys)
+        return found
+
+
+@pytest.mark.usefixtures("segment_objects")
+async def test_opening_beside_a_merge_and_gc_with_no_grace_starts_again() -> None:
+    """The retry on a newer checkpoint covered only commit records that vanish: segments
+    that a merge committed meanwhile moved out of the log, and that gc (no grace) then
+    deleted, failed a healthy store's opening with ``CorruptDataError: commit names a
+    missing segment``."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=3_600_000)) as run:
+        for i in range(FANOUT):
+            await run.stream("s").record(i, offset=i)
+            await run.commit()
+    inner = open_driver(backend)
+    try:
+        racing = _MergeAndGcBeforeSegmentCheck(inner, backend)
+        store = Store(racing, clock_ms=lambda: 0)  # type: ignore[arg-type]
+        await store.load()
+        assert not racing.armed  # the race did happen
+        (merged,) = store.segments(fmt.KIND_EVENTS, "s")
+        assert merged.ref.records == FANOUT
+    finally:
+        await inner.aclose()
+    async with apersist.run(apersist.Config(
+            backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        assert [e.value async for e in run.stream("s").replay()] == list(range(FANOUT))
