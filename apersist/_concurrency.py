@@ -110,8 +110,15 @@ async def gather_bounded(calls: Sequence[Callable[[], Awaitable[_T]]], limit: in
                 tg.start_soon(one, index)
     except BaseExceptionGroup as group:
         failures = [e for e in _leaves(group) if not isinstance(e, anyio.get_cancelled_exc_class())]
-        raise (failures[0] if failures else unwrap_group(group)) from None
-    return results  # type: ignore[return-value]
+        error = failures[0] if failures else unwrap_group(group)
+    else:
+        return results  # type: ignore[return-value]
+    # Raised outside the ``except``: ``raise error from None`` there set the error's own
+    # ``__cause__`` to None, so a BackendError lost the OSError behind it (its errno) when
+    # it came out of a group (opening a store whose root cannot be listed, say), and a
+    # plain ``raise error`` there would chain the group as its context. Here it is raised
+    # as it was made.
+    raise error
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -18,6 +18,7 @@ import zstandard
 import apersist
 from apersist import CorruptDataError
 from apersist import _format as fmt
+from apersist._concurrency import gather_bounded
 from apersist._drivers import open_driver
 from apersist._gc import collect_garbage
 from apersist._inspect import verify
@@ -396,3 +397,43 @@ async def test_opening_beside_a_merge_and_gc_with_no_grace_starts_again() -> Non
     async with apersist.run(apersist.Config(
             backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
         assert [e.value async for e in run.stream("s").replay()] == list(range(FANOUT))
+
+
+async def test_an_error_out_of_concurrent_opening_keeps_its_cause() -> None:
+    """Opening runs the load, the epoch listing and the create-if-absent probe at once
+    (``gather_bounded``), which raised the first failure ``from None``: that set the
+    failure's own ``__cause__`` to None, so a ``BackendError`` lost the ``OSError`` (errno)
+    behind it whenever two calls ran (a writer's opening of a root it cannot list:
+    tests/campaigns/test_resource_faults.py failed or passed by timing)."""
+
+    async def fails() -> None:
+        try:
+            raise PermissionError(13, "permission denied")
+        except OSError as exc:
+            raise apersist.BackendError("filesystem list failed: permission denied") from exc
+
+    async def waits() -> None:
+        await asyncio.sleep(1)
+
+    with pytest.raises(apersist.BackendError) as caught:
+        await gather_bounded([fails, waits], 2)
+    assert isinstance(caught.value.__cause__, PermissionError)
+    assert caught.value.__cause__.errno == 13
+    assert not isinstance(caught.value.__context__, BaseExceptionGroup)
+
+    backend = apersist.Backend.memory()
+    driver = open_driver(backend)
+
+    async def no_listing(prefix: str) -> Any:
+        try:
+            raise PermissionError(13, "permission denied")
+        except OSError as exc:
+            raise apersist.BackendError(f"list failed: prefix={prefix}") from exc
+        yield  # an async generator, as list is
+
+    driver.list = no_listing  # type: ignore[method-assign]
+    with pytest.raises(apersist.BackendError) as caught:
+        async with apersist.run(apersist.Config(backend), driver=driver):
+            pass
+    assert isinstance(caught.value.__cause__, PermissionError)
+    await driver.aclose()
