@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+import zstandard
 
 from ._compression import decompress_body
 from ._errors import CorruptDataError, IncompatibleFormatError
@@ -750,6 +751,24 @@ def looks_compressed(data: bytes | bytearray) -> bool:
             and b'"codec"' in data[_HEAD.size:_HEAD.size + meta_len])
 
 
+def declared_raw_size(data: bytes | bytearray) -> int:
+    """The size a compressed segment's body says it decompresses to (its zstd frame's
+    content size), or 0 if ``data`` does not look like one: a hint, unchecked, like
+    ``looks_compressed``. The stored size says little about the work of checking a
+    compressed segment: records that repeat compress a thousandfold and more, so a few
+    KiB stored can be tens of MiB to decompress and walk (and a hostile frame may declare
+    up to ``_compression.MAX_BODY_BYTES``)."""
+    if not looks_compressed(data):
+        return 0
+    (meta_len,) = U32.unpack_from(data, 12)
+    start = _HEAD.size + meta_len + U32.size
+    try:
+        # A frame header is at most 18 bytes.
+        return max(0, zstandard.frame_content_size(bytes(data[start:start + 18])))
+    except zstandard.ZstdError:
+        return 0
+
+
 class SegmentView:
     """A checked, in-memory segment whose records can be iterated lazily.
 
@@ -913,8 +932,12 @@ class SegmentView:
         values: list[bytes] = []
         offsets: list[bytes | None] | None = None
         times: list[int] = []
+        overhead = self._head.size + U32.size  # a record's framing: its head and CRC
+        first_at = 0  # where the chunk's first record starts, for a message
         for value, offset, time_ms, count, at in self.frames():
             if count == 1:
+                if not values:
+                    first_at = at
                 if offset is not None and offsets is None:
                     offsets = [None] * len(values)
                 values.append(value)
@@ -923,11 +946,11 @@ class SegmentView:
                     offsets.append(offset)
                 if len(values) < limit:
                     continue
-                yield _decode_singles(values, offsets, times)
+                yield _decode_singles(values, offsets, times, key, first_at, overhead)
                 values, offsets, times = [], None, []
                 continue
             if values:
-                yield _decode_singles(values, offsets, times)
+                yield _decode_singles(values, offsets, times, key, first_at, overhead)
                 values, offsets, times = [], None, []
             try:
                 items = loads(value)
@@ -940,11 +963,31 @@ class SegmentView:
                                        f"offset={at} count={count}")
             yield items, offs, [time_ms] * count
         if values:
-            yield _decode_singles(values, offsets, times)
+            yield _decode_singles(values, offsets, times, key, first_at, overhead)
 
 
 def _decode_singles(values: list[bytes], offsets: list[bytes | None] | None,
-                    times: list[int]) -> tuple[list[Any], list[Any] | None, list[int]]:
+                    times: list[int], key: str = "", first_at: int = 0,
+                    overhead: int = 0) -> tuple[list[Any], list[Any] | None, list[int]]:
     loads = orjson.loads
-    decoded = None if offsets is None else [None if o is None else loads(o) for o in offsets]
-    return list(map(loads, values)), decoded, times
+    try:
+        decoded = None if offsets is None else [None if o is None else loads(o) for o in offsets]
+        return list(map(loads, values)), decoded, times
+    except orjson.JSONDecodeError:
+        pass
+    # A record whose framing holds but whose JSON does not (a writer's bug, or damage under
+    # checksums recomputed: a compressed body's records are covered by its frame's checksum,
+    # never checked one by one). It escaped as orjson's JSONDecodeError, from replay and from
+    # ``apersist verify`` alike: it is corruption, at the record's position (only this error
+    # path walks the chunk again, so the hot path pays nothing).
+    at = first_at
+    for index, value in enumerate(values):
+        offset = None if offsets is None else offsets[index]
+        try:
+            loads(value)
+            if offset is not None:
+                loads(offset)
+        except orjson.JSONDecodeError:
+            break
+        at += overhead + len(value) + (0 if offset is None else len(offset))
+    raise CorruptDataError(f"segment record does not decode: key={key} offset={at}") from None

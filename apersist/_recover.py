@@ -16,6 +16,7 @@ skipped silently. Nothing here writes.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -235,6 +236,17 @@ def _apply_whole(store: Store, state: _State, key: str, record: fmt.CommitRecord
     """
     saved = (dict(state.logs), list(state.fences), state.commits, state.reset_time_ms,
              state.last_segment, state.offsets)
+    # As Store.load checks once, over the state it loaded: a record naming a segment the
+    # log holds already (or one twice) would have its records salvaged twice, as data.
+    # Checked before the fold, per record, so that the walk stops at the one that does.
+    added = [ref.key for ref in itertools.chain(record.segments,
+                                                *(rw.new for rw in record.rewrites))]
+    once = set(added)
+    again = once & state.live_keys() or ({k for k in once if added.count(k) > 1}
+                                         if len(once) != len(added) else set())
+    if again:
+        raise CorruptDataError(f"commit names a segment the log holds already: key={key} "
+                               f"offset=0 segment={min(again)}")
     try:
         store._apply(state, key, record)
     except CorruptDataError:

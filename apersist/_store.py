@@ -56,7 +56,12 @@ def needs_thread(data: bytes) -> bool:
     thread rather than the event loop."""
     if len(data) > _THREAD_CHECK_BYTES:
         return True
-    return len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data)
+    if len(data) > _THREAD_DECOMPRESS_BYTES and fmt.looks_compressed(data):
+        return True
+    # Judged by what the body decompresses to, not by its stored size: a small segment of
+    # repetitive records (7 KiB stored for 7.5 MiB of records) was decompressed on the
+    # event loop, stalling it for as long as a big raw segment would have.
+    return fmt.declared_raw_size(data) > _THREAD_CHECK_BYTES
 
 
 # Objects read at once (commit records when loading, segments in a replay window): a
@@ -283,17 +288,43 @@ class Store:
                 if isinstance(read, CorruptDataError):
                     raise read
                 records = read
+                try:
+                    live_from = await self._fold_checked(state, keys, records)
+                except CorruptDataError:
+                    # A live segment (or the record carrying one inline) missing may be
+                    # gc's doing too: with no grace, it deletes what a merge (or retention)
+                    # committed after our records were read moved out of the log, and a
+                    # healthy store failed to open as corrupt. If the log moved on past
+                    # what we read, start again; damage that is real is met again.
+                    if attempt < 2 and await self._moved_past(state.last_seq):
+                        continue
+                    raise
                 break
         else:
             raise CorruptDataError(
                 f"the store's checkpoints moved on under every attempt to open it (apersist gc "
                 f"with no grace period beside a busy writer?): key="
                 f"{fmt.checkpoints_prefix(self._writer)} offset=0")
+        # The inline segments of the records just read, newest kept (bounded), so that a
+        # replay right after opening reads them without fetching their records again.
+        live = state.live_keys()
+        self._remember([(k, d) for record in records[live_from:]
+                        for k, d in record.inline.items() if k in live])
+        self._state = state
+        logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
+                     self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+
+    async def _fold_checked(self, state: _State, keys: list[str],
+                            records: list[fmt.CommitRecord]) -> int:
+        """Fold ``records`` (read from ``keys``) into ``state`` and check what they name:
+        each segment once, the live segments present, the epochs' records. Returns the
+        index of the first live record (after the newest reset)."""
         live_from = 0  # index of the first live commit read (after the newest reset)
         for index, (key, record) in enumerate(zip(keys, records, strict=True)):
             self._apply(state, key, record)
             if record.reset:
                 live_from = index
+        self._check_named_once(state)
         epochs: dict[int, str] = {}
         if state.checkpoint and state.commits > len(keys) - live_from:
             # Live commits inside the checkpoint: its newest commit's epoch stands for them
@@ -304,14 +335,17 @@ class Store:
         # Independent checks of what was read: their requests go out together.
         await gather_bounded([functools.partial(self._check_segments_exist, state),
                               functools.partial(self._check_epochs, epochs)], 2)
-        # The inline segments of the records just read, newest kept (bounded), so that a
-        # replay right after opening reads them without fetching their records again.
-        live = state.live_keys()
-        self._remember([(k, d) for record in records[live_from:]
-                        for k, d in record.inline.items() if k in live])
-        self._state = state
-        logger.debug("store loaded: writer=%s commits=%d last_seq=%d checkpoint=%d read=%d",
-                     self._writer, state.commits, state.last_seq, state.checkpoint, len(keys))
+        return live_from
+
+    async def _moved_past(self, seq: int) -> bool:
+        """Whether the log moved on past commit ``seq``: a newer checkpoint, or a commit
+        after it (or a gap there: gc collecting what a newer checkpoint folds)."""
+        if await self._newer_checkpoint(seq):
+            return True
+        try:
+            return bool(await self._commit_keys_after(seq))
+        except CorruptDataError:
+            return True
 
     async def _records_unless_newer(self, keys: list[str], seq: int) -> tuple[
             bool, list[fmt.CommitRecord] | CorruptDataError]:
@@ -338,6 +372,14 @@ class Store:
                 records = exc
 
         await gather_bounded([ask, read], 2)
+        if isinstance(records, CorruptDataError) and not newer:
+            # Asked again, now that the reads are over: the answer above may have come
+            # before a writer checkpointed and gc (no grace) deleted the records it folds,
+            # and a record that vanished after the question was answered then failed a
+            # healthy store's opening as corruption. A record gc deleted is folded by a
+            # checkpoint listed before it was deleted, so a question asked after the
+            # failed read sees that checkpoint.
+            newer = await self._newer_checkpoint(seq)
         return newer, records
 
     async def _checkpoint_state(self) -> _State:
@@ -509,6 +551,27 @@ class Store:
         state.last_seq, state.last_epoch = record.seq, record.epoch
         state.last_time_ms = record.time_ms
         state.commits += 1
+
+    def _check_named_once(self, state: _State) -> None:
+        """Refuse a live state that names one segment twice (in one log or two).
+
+        A writer names only new segments in a commit (numbered past every segment before),
+        so a key named again is damage: a record edited (its checksum recomputed) or
+        written by a buggy writer, say a record whose inline ``data`` is a copy of an
+        earlier commit's segment under that segment's key. Without this check, the
+        segment's records were replayed twice, as data (and inline, both homes answered
+        for one key). Once per load, over the live segments: the cost of opening follows
+        the live state, as ``_check_segments_exist``'s does.
+        """
+        seen: set[str] = set()
+        for (kind, name), segs in state.logs.items():
+            for seg in segs:
+                if seg.ref.key in seen:
+                    raise CorruptDataError(
+                        f"commit names a segment the log holds already: key="
+                        f"{fmt.commit_key(self._writer, seg.seq)} offset=0 log={kind}/{name} "
+                        f"segment={seg.ref.key}")
+                seen.add(seg.ref.key)
 
     def _reader(self, key: str) -> Callable[[], Awaitable[fmt.CommitRecord]]:
         async def read() -> fmt.CommitRecord:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
@@ -13,6 +14,7 @@ from . import _format as fmt
 from . import _values
 from ._barrier import CONSUMER
 from ._codec import Codec, ValueCodec, next_codec
+from ._errors import CorruptDataError
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
@@ -55,6 +57,14 @@ class TableState(dict[str, Any]):
         self.records: dict[str, bytes] | None = None
 
 
+def _damaged_record(view: fmt.SegmentView, index: int) -> CorruptDataError:
+    """The error for a table's record ``index`` of ``view`` whose JSON is not a table
+    record (a writer's bug, or damage under recomputed checksums), naming its position."""
+    at = next(itertools.islice(view.frames(), index, None))[4]
+    return CorruptDataError(f"table record does not decode as [key, value] or [key]: "
+                            f"key={view.key} offset={at}")
+
+
 async def load_table_state(store: Store, name: str, upto_seq: int, *,
                            keep_records: bool | None = None) -> tuple[TableState, int]:
     """Rebuild a table: its newest snapshot plus the deltas committed after it.
@@ -79,8 +89,15 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
         # A snapshot may span several segments of one commit.
         last_seq = snapshots[-1].seq
         async for view in store.read_segments([s.ref for s in snapshots if s.seq == last_seq]):
-            for value, _off, _t in view.records():
-                key, item = loads(value)
+            for index, (value, _off, _t) in enumerate(view.records()):
+                try:
+                    entry = loads(value)
+                except orjson.JSONDecodeError:
+                    entry = None
+                # [key, value], nothing else (see the deltas below).
+                if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str:
+                    raise _damaged_record(view, index)
+                key, item = entry
                 state[key] = item
                 # Between the two inserts: a dict that grows copies itself (about 20 to
                 # 40 ms past 700k keys), and both grow at the same key. A step then holds
@@ -92,8 +109,16 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
         since = last_seq
     deltas = [s.ref for s in store.segments_at(fmt.KIND_TABLE, name, upto_seq) if since < s.seq]
     async for view in store.read_segments(deltas):
-        for value, _off, _t in view.records():
-            delta = loads(value)
+        for index, (value, _off, _t) in enumerate(view.records()):
+            try:
+                delta = loads(value)
+            except orjson.JSONDecodeError:
+                delta = None
+            # [key, value] or [key] (a deletion), nothing else: a record that decoded to
+            # another shape was taken as data ("ab" set key "a" to "b", [k, v, x] deleted k)
+            # and one that did not decode escaped as orjson's error, not as corruption.
+            if type(delta) is not list or not 1 <= len(delta) <= 2 or type(delta[0]) is not str:
+                raise _damaged_record(view, index)
             if len(delta) == 2:
                 state[delta[0]] = delta[1]
                 if pacer.due():  # between the two inserts, as above
