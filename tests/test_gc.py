@@ -11,19 +11,17 @@ blaming corruption.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from conftest import BACKEND_KINDS, make_backend
-from helpers import segment_keys, stored_objects
+from helpers import driver_of, segment_keys, stored_objects
 
 import apersist
 from apersist import _format as fmt
 from apersist._cli import main
 from apersist._config import AzureBackend, FilesystemBackend, S3Backend
-from apersist._drivers import Driver, open_driver
+from apersist._drivers import open_driver
 from apersist._gc import GcMarks, GcPlan, collect_garbage
 from apersist._inspect import find_garbage, verify
 from apersist._stream import wall_clock_ms
@@ -37,15 +35,6 @@ pytestmark = pytest.mark.usefixtures("segment_objects")
 MARKS = fmt.gc_marks_key("0")
 REPLAY = apersist.SnapshotAccess.REPLAY
 RECORD = apersist.SnapshotAccess.RECORD
-
-
-@asynccontextmanager
-async def driver_of(backend: apersist.Backend) -> AsyncIterator[Driver]:
-    driver = open_driver(backend)
-    try:
-        yield driver
-    finally:
-        await driver.aclose()
 
 
 async def gc(backend: apersist.Backend, *, now_ms: int, grace_ms: int = GRACE_MS,

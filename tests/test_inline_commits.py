@@ -15,20 +15,17 @@ from __future__ import annotations
 import base64
 import dataclasses
 import zlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from helpers import counting, replayed, stored_objects, table_state
+from helpers import counting, driver_of, replayed, stored_objects, table_state
 
 import apersist
 from apersist import CorruptDataError
 from apersist import _format as fmt
 from apersist._cli import main
-from apersist._drivers import Driver, open_driver
 from apersist._gc import collect_garbage
 from apersist._inspect import verify
 from apersist._maintenance import FANOUT
@@ -47,15 +44,6 @@ def _cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
     # these tests size their segments in raw bytes (zstd would shrink BIG to nothing).
     kwargs.setdefault("compression", None)
     return apersist.Config(backend, snapshot_interval_ms=QUIET, **kwargs)
-
-
-@asynccontextmanager
-async def driver_of(backend: apersist.Backend) -> AsyncIterator[Driver]:
-    driver = open_driver(backend)
-    try:
-        yield driver
-    finally:
-        await driver.aclose()
 
 
 async def _opened(backend: apersist.Backend) -> Store:

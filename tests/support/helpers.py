@@ -92,6 +92,16 @@ async def driver_for(config: apersist.Config, wrap: Callable[[Driver], D]) -> As
         await driver.aclose()
 
 
+@asynccontextmanager
+async def driver_of(backend: apersist.Backend) -> AsyncIterator[Driver]:
+    """A driver of ``backend``, closed on the way out."""
+    driver = open_driver(backend)
+    try:
+        yield driver
+    finally:
+        await driver.aclose()
+
+
 def counting(config: apersist.Config) -> AbstractAsyncContextManager[CountingDriver]:
     """A ``CountingDriver`` around the driver a run would open for ``config``."""
     return driver_for(config, CountingDriver)
