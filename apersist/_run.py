@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -381,17 +380,30 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         # number, and (once, before writing anything) the create-if-absent check, without
         # which a store that lets two creators win would break commits and fencing
         # silently. The check touches only a scratch key it deletes.
+        # Their failures wait for the load's, so that a store that cannot be read always
+        # says so the same way (its first listing), whichever request failed first.
         newest_epoch: list[int] = []
+        check_failed: list[Exception] = []
 
         async def list_epochs() -> None:
-            newest_epoch.append(await store.newest_epoch())
+            # On failure acquire_writer() lists again, and raises what it meets then.
+            with contextlib.suppress(PersistenceError):
+                newest_epoch.append(await store.newest_epoch())
+
+        async def check_create_if_absent() -> None:
+            try:
+                await verify_create_if_absent(driver)
+            except Exception as exc:  # raised below, once the load has had its say
+                check_failed.append(exc)
 
         opening: list[Callable[[], Awaitable[None]]] = [store.load]
         if policy.writer:
             opening.append(list_epochs)
             if capabilities_of(driver).verify_conditional_writes:
-                opening.append(functools.partial(verify_create_if_absent, driver))
+                opening.append(check_create_if_absent)
         await gather_bounded(opening, len(opening))
+        if check_failed:
+            raise check_failed[0]
         if not policy.writer and store.last_seq == 0:
             # A read-only run of a mistyped root would otherwise replay nothing, silently.
             logger.warning("no store at this root: a read-only run (SnapshotAccess.REPLAY) "
@@ -400,7 +412,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         if policy.writer:
             if config.takeover_idle_ms is not None:
                 await store.refuse_active_writer(config.takeover_idle_ms)
-            await store.acquire_writer(newest_epoch[0])
+            await store.acquire_writer(newest_epoch[0] if newest_epoch else None)
             scheduler = Scheduler(store, interval_ms=config.snapshot_interval_ms,
                                   max_pending_bytes=config.max_pending_bytes,
                                   max_segment_bytes=config.max_segment_bytes, metrics=metrics,

@@ -18,6 +18,7 @@ import pytest
 from helpers import CountingDriver, counting, table_state, values, wait_until
 
 import apersist
+from apersist._drivers import ObjectInfo, open_driver
 
 
 def _cfg(backend: apersist.Backend, **kwargs: Any) -> apersist.Config:
@@ -579,3 +580,27 @@ async def test_a_commit_from_a_task_a_loop_body_left_running_waits_for_the_body(
         await asyncio.gather(*flushes)
     assert await values(backend, "feed") == [0, 1, 2]
     assert await table_state(backend, "t") == {"0": 0, "1": 1, "2": 2}
+
+
+class _UnlistableDriver(CountingDriver):
+    """Every listing fails: ``epochs/`` at once, the rest a moment later."""
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        if "/epochs/" not in prefix:
+            await anyio.sleep(0.05)
+        raise apersist.BackendError(f"cannot list: prefix={prefix}")
+        yield  # an async generator, like every driver's list
+
+
+async def test_a_store_that_cannot_be_read_fails_its_open_by_the_loads_error() -> None:
+    """Opening as a writer lists ``epochs/`` beside loading the log. Whichever request
+    fails first, the error is the load's, so an unreadable store always says so the same
+    way (the campaign of resource faults expects the checkpoints' listing, and once met the
+    epochs' instead)."""
+    config = apersist.Config(apersist.Backend.memory())
+    async with contextlib.AsyncExitStack() as stack:
+        driver = _UnlistableDriver(open_driver(config.backend, config))
+        stack.push_async_callback(driver.aclose)
+        with pytest.raises(apersist.BackendError, match="prefix=writers/0/checkpoints/"):
+            async with apersist.run(config, driver=driver):
+                pass
