@@ -239,14 +239,12 @@ def _apply_whole(store: Store, state: _State, key: str, record: fmt.CommitRecord
     # As Store.load checks once, over the state it loaded: a record naming a segment the
     # log holds already (or one twice) would have its records salvaged twice, as data.
     # Checked before the fold, per record, so that the walk stops at the one that does.
-    added = [ref.key for ref in itertools.chain(record.segments,
-                                                *(rw.new for rw in record.rewrites))]
-    once = set(added)
-    again = once & state.live_keys() or ({k for k in once if added.count(k) > 1}
-                                         if len(once) != len(added) else set())
-    if again:
-        raise CorruptDataError(f"commit names a segment the log holds already: key={key} "
-                               f"offset=0 segment={min(again)}")
+    named = state.live_keys()
+    for ref in itertools.chain(record.segments, *(rw.new for rw in record.rewrites)):
+        if ref.key in named:
+            raise CorruptDataError(f"commit names a segment the log holds already: key={key} "
+                                   f"offset=0 segment={ref.key}")
+        named.add(ref.key)
     try:
         store._apply(state, key, record)
     except CorruptDataError:
