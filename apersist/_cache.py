@@ -15,7 +15,7 @@ import anyio
 import orjson
 
 from . import _format as fmt
-from ._errors import PersistenceError
+from ._errors import CorruptDataError, PersistenceError
 from ._pacing import Pacer
 from ._scheduler import Scheduler
 from ._store import Store
@@ -73,9 +73,11 @@ class UdfCache:
             refs = [s.ref for s in store.segments_at(fmt.KIND_CACHE, fmt.CACHE_LOG, upto_seq)]
             pacer = Pacer()
             async for view in store.read_segments(refs):
-                for value, _off, _t in view.records():
-                    key, result = _split_entry(value)
-                    entries[key] = result
+                for index, (value, _off, _t) in enumerate(view.records()):
+                    entry = _split_entry(value)
+                    if entry is None:
+                        raise view.damaged_record(index, CACHE_RECORD)
+                    entries[entry[0]] = entry[1]
                     if pacer.due():
                         await pacer.pause()
         return cls(entries, scheduler)
@@ -141,20 +143,41 @@ class UdfCache:
         self._scheduler.append_framed(buf, data)  # refused once the run ended: nothing buffered
 
 
-def _split_entry(record: bytes) -> tuple[str, bytes]:
-    """(key, result JSON) of a stored entry, the record ``[key, result]`` (see ``put``).
+#: What a cache record must decode as (in the error for one that does not).
+CACHE_RECORD = "cache record does not decode as [key, result]"
 
-    The result is sliced out of the record, not decoded. A key is a function's name, a
-    version and hex digits (``_entry_key``), so its JSON has no escapes and ends at the
-    first ``",``; a record whose key has a backslash before that (an escape), or any other
-    shape, is decoded and its result encoded again.
+
+def _split_entry(record: bytes) -> tuple[str, bytes] | None:
+    """(key, result JSON) of a stored entry, the record ``[key, result]`` (see ``put``), or
+    None for a record of another shape.
+
+    The result is sliced out of the record, not decoded: its JSON is checked when a call
+    reads it (``_decoded``). A key is a function's name, a version and hex digits
+    (``_entry_key``), so its JSON has no escapes and ends at the first ``",``; a record
+    whose key has a backslash before that (an escape), or any other shape, is decoded and
+    its result encoded again.
     """
     end = record.find(b'",', 2)
     if (end > 0 and record.startswith(b'["') and record.endswith(b"]")
             and record.find(b"\\", 2, end) == -1):
         return record[2:end].decode(), record[end + 2:-1]
-    key, result = orjson.loads(record)
-    return key, b"%b" % orjson.dumps(result)
+    try:
+        entry = orjson.loads(record)
+    except orjson.JSONDecodeError:
+        return None
+    if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str:
+        return None
+    return entry[0], b"%b" % orjson.dumps(entry[1])
+
+
+def _decoded(stored: bytes, where: str, entry: str) -> Any:
+    """A stored result, decoded. Its record passed every checksum, so JSON that does not
+    decode is a writer's bug or damage under recomputed checksums: corruption, named at
+    the call that read it, not orjson's own error."""
+    try:
+        return orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        raise CorruptDataError(f"{where} does not decode: entry={entry}") from None
 
 
 def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -256,7 +279,7 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1,
                     stored = cache.get(entry)
                     if stored is not None:
                         cache.hits += 1
-                        return orjson.loads(stored)
+                        return _decoded(stored, where, entry)
                     flight = cache.flights.get(entry)
                     if flight is None:
                         break
@@ -289,7 +312,7 @@ def cached(fn: Any = None, /, *, name: str | None = None, version: int = 1,
             stored = cache.get(entry)
             if stored is not None:
                 cache.hits += 1
-                return orjson.loads(stored)
+                return _decoded(stored, where, entry)
             cache.misses += 1
             result = func(*args, **kwargs)
             cache.put(entry, dumps_value(result, where))

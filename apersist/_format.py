@@ -11,6 +11,7 @@ import base64
 import binascii
 import dataclasses
 import datetime
+import itertools
 import re
 import struct
 import zlib
@@ -911,6 +912,13 @@ class SegmentView:
         if left:
             raise CorruptDataError(f"segment record count differs from its trailer: key={key} "
                                    f"offset={end} records={self.count - left} expected={self.count}")
+
+    def damaged_record(self, index: int, what: str) -> CorruptDataError:
+        """The error for record ``index`` (counted from 0) whose JSON is not ``what`` (a
+        writer's bug, or damage under recomputed checksums), naming the record's position.
+        Walks the framing again: only an error path calls this."""
+        at = next(itertools.islice(self.frames(), index, None))[4]
+        return CorruptDataError(f"{what}: key={self.key} offset={at}")
 
     def records(self) -> Iterator[tuple[bytes, bytes | None, int]]:
         """Yield (value JSON, offset JSON or None, time_ms) for each record of a log whose

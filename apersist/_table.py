@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
@@ -14,7 +13,6 @@ from . import _format as fmt
 from . import _values
 from ._barrier import CONSUMER
 from ._codec import Codec, ValueCodec, next_codec
-from ._errors import CorruptDataError
 from ._lifecycle import Lifecycle
 from ._pacing import Pacer
 from ._scheduler import Scheduler, SnapshotBuilder
@@ -57,12 +55,8 @@ class TableState(dict[str, Any]):
         self.records: dict[str, bytes] | None = None
 
 
-def _damaged_record(view: fmt.SegmentView, index: int) -> CorruptDataError:
-    """The error for a table's record ``index`` of ``view`` whose JSON is not a table
-    record (a writer's bug, or damage under recomputed checksums), naming its position."""
-    at = next(itertools.islice(view.frames(), index, None))[4]
-    return CorruptDataError(f"table record does not decode as [key, value] or [key]: "
-                            f"key={view.key} offset={at}")
+#: What a table record must decode as (in the error for one that does not).
+_TABLE_RECORD = "table record does not decode as [key, value] or [key]"
 
 
 async def load_table_state(store: Store, name: str, upto_seq: int, *,
@@ -96,7 +90,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
                     entry = None
                 # [key, value], nothing else (see the deltas below).
                 if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str:
-                    raise _damaged_record(view, index)
+                    raise view.damaged_record(index, _TABLE_RECORD)
                 key, item = entry
                 state[key] = item
                 # Between the two inserts: a dict that grows copies itself (about 20 to
@@ -118,7 +112,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
             # another shape was taken as data ("ab" set key "a" to "b", [k, v, x] deleted k)
             # and one that did not decode escaped as orjson's error, not as corruption.
             if type(delta) is not list or not 1 <= len(delta) <= 2 or type(delta[0]) is not str:
-                raise _damaged_record(view, index)
+                raise view.damaged_record(index, _TABLE_RECORD)
             if len(delta) == 2:
                 state[delta[0]] = delta[1]
                 if pacer.due():  # between the two inserts, as above

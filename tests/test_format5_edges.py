@@ -8,6 +8,7 @@ import asyncio
 import struct
 import threading
 import zlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import zstandard
 import apersist
 from apersist import CorruptDataError
 from apersist import _format as fmt
+from apersist._cache import _entry_key
 from apersist._concurrency import gather_bounded
 from apersist._drivers import open_driver
 from apersist._gc import collect_garbage
@@ -220,33 +222,28 @@ async def test_a_frame_that_decompresses_to_damaged_record_framing_is_corrupt_da
     assert f"key={key}" in problems[0]
 
 
-async def _table_store_with_record(bad: bytes, *, snapshot: bool
-                                   ) -> tuple[apersist.Backend, str, int]:
-    """A memory store of table ``t`` whose one segment (a snapshot's or a delta's) holds a
-    few good records and ``bad`` third, every checksum as a writer computes it. Returns
-    the store, the segment's key and the bad record's offset."""
+async def _store_with_record(kind: str, name: str, write: Callable[[apersist.Run], Awaitable[None]],
+                             bad: bytes, index: int = 2) -> tuple[apersist.Backend, str, int]:
+    """A memory store whose one segment of ``kind`` and ``name`` (written by ``write``, raw)
+    holds record ``index`` replaced by ``bad``, every checksum as a writer computes it.
+    Returns the store, the segment's key and the bad record's offset."""
     backend = apersist.Backend.memory()
     async with apersist.run(apersist.Config(backend, snapshot_interval_ms=3_600_000,
                                             compression=None)) as run:
-        table = await run.table("t")
-        for i in range(5):
-            table[f"k{i}"] = i
-        if snapshot:
-            await run.compact()
-    kind = fmt.KIND_TABLE_SNAPSHOT if snapshot else fmt.KIND_TABLE
+        await write(run)
     driver = open_driver(backend)
     try:
         store = Store(driver, clock_ms=lambda: 0)
         await store.load()
-        (seg,) = store.segments(kind, "t")
+        (seg,) = store.segments(kind, name)
         ref = seg.ref
         view = await store.read_segment(ref)
         records = [value for value, _o, _t in view.records()]
     finally:
         await driver.aclose()
-    records[2] = bad
+    records[index] = bad
     body = _framed(records)
-    new = fmt.encode_segment(fmt.SegmentMeta(ref.key, kind, "t"), body, len(records))
+    new = fmt.encode_segment(fmt.SegmentMeta(ref.key, kind, name), body, len(records))
     backend.objects[ref.key] = new
     assert ref.home is None
     for key in [k for k in backend.objects if fmt.key_kind(k) in ("commit", "checkpoint")]:
@@ -259,7 +256,20 @@ async def _table_store_with_record(bad: bytes, *, snapshot: bool
             backend.objects[key] = _rechecked(orjson.loads(raw))
     (meta_len,) = struct.unpack_from("<I", new, 12)
     body_start = 16 + meta_len + 4  # after the header frame and its CRC
-    return backend, ref.key, body_start + len(_framed(records[:2]))
+    return backend, ref.key, body_start + len(_framed(records[:index]))
+
+
+async def _table_store_with_record(bad: bytes, *, snapshot: bool
+                                   ) -> tuple[apersist.Backend, str, int]:
+    """``_store_with_record`` for table ``t`` of five keys, its deltas or its snapshot."""
+    async def write(run: apersist.Run) -> None:
+        table = await run.table("t")
+        for i in range(5):
+            table[f"k{i}"] = i
+        if snapshot:
+            await run.compact()
+    kind = fmt.KIND_TABLE_SNAPSHOT if snapshot else fmt.KIND_TABLE
+    return await _store_with_record(kind, "t", write, bad)
 
 
 @pytest.mark.usefixtures("segment_objects")
@@ -274,6 +284,48 @@ async def test_a_table_record_of_another_shape_is_corrupt_data(bad: bytes, snaps
         async with apersist.run(apersist.Config(
                 backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
             dict(await run.table("t"))
+
+
+@apersist.cached(name="edges.square")
+def _square(x: int) -> int:
+    return x * x
+
+
+async def _cache_store_with_record(bad: bytes) -> tuple[apersist.Backend, str, int]:
+    """``_store_with_record`` for the cache: five entries of ``_square``, the third ``bad``."""
+    async def write(run: apersist.Run) -> None:
+        for i in range(5):
+            _square(i)
+    return await _store_with_record(fmt.KIND_CACHE, fmt.CACHE_LOG, write, bad)
+
+
+@pytest.mark.usefixtures("segment_objects")
+@pytest.mark.parametrize("bad", [b"NaN", b'"ab"', b'["k" ,1,2]', b"[1,2]", b'[" x",'])
+async def test_a_cache_record_of_another_shape_is_corrupt_data(bad: bytes) -> None:
+    """A cache record must be ``[key, result]``: one that did not decode escaped from the
+    open as orjson's ``JSONDecodeError``, and one of another shape as a ``ValueError`` of
+    unpacking. Both are corruption, at the record's position, at the open that read it."""
+    backend, key, at = await _cache_store_with_record(bad)
+    with pytest.raises(CorruptDataError, match=f"cache record .* key={key} offset={at}$"):
+        async with apersist.run(apersist.Config(
+                backend, snapshot_access=apersist.SnapshotAccess.REPLAY)):
+            pass
+
+
+@pytest.mark.usefixtures("segment_objects")
+async def test_a_cached_result_that_does_not_decode_is_corrupt_data_at_the_call() -> None:
+    """A record of the right shape whose result is not JSON is kept undecoded at the open
+    (results are sliced, not decoded); the call that read it raised orjson's
+    ``JSONDecodeError``. It raises ``CorruptDataError`` naming the function and the entry,
+    and the other entries still answer from the cache."""
+    entry = _entry_key("edges.square", 1, (2,), {})
+    backend, _key, _at = await _cache_store_with_record(b'["%s",{bad]' % entry.encode())
+    async with apersist.run(apersist.Config(
+            backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
+        assert _square(3) == 9
+        with pytest.raises(CorruptDataError, match=f"edges.square does not decode: entry={entry}$"):
+            _square(2)
+        assert run.stats["cache_hits"] == 2  # both found; the damaged one fails to decode
 
 
 # ----------------------------------------------------------------------------- opening
