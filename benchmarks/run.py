@@ -121,7 +121,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     out.add_argument("--out", type=Path, help="directory for latest.json and latest.md "
                                               "(benchmarks/results; benchmarks/results/quick)")
     out.add_argument("--plots", type=Path, help="directory for the PNG plots "
-                                                "(docs/img; the --out directory with --quick)")
+                                                "(docs/img; the --out directory with --quick "
+                                                "or --out)")
     out.add_argument("--no-plots", action="store_true", help="skip the plots")
     out.add_argument("--no-docs", action="store_true",
                      help="leave docs/performance.md alone (by default a run that is not --quick "
@@ -148,7 +149,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.out is None:
         args.out = REPO / "benchmarks/results" / ("quick" if args.quick else "")
     if args.plots is None:
-        args.plots = args.out if args.quick else REPO / "docs/img"
+        # docs/img goes with the published results only: a run written elsewhere (--out)
+        # left docs/performance.md alone but replaced its plots.
+        published = not args.quick and args.out == REPO / "benchmarks/results"
+        args.plots = REPO / "docs/img" if published else args.out
     return args
 
 
