@@ -9,6 +9,7 @@ never as wrong data.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import struct
@@ -395,3 +396,23 @@ async def test_a_merge_is_bounded_by_raw_bytes_not_by_stored_ones(rows: int, mer
         assert view.raw_bytes <= max_bytes
     n = rows * maintenance.FANOUT
     assert await values(backend, "rows") == [pathway_row(i) for i in range(n)]
+
+
+def test_a_high_levels_compressor_is_not_kept_by_the_thread_that_used_it() -> None:
+    """A compressor keeps the working memory of the biggest body it compressed (137 MiB
+    at level 22 after 8 MiB), and one was kept per level in every thread that compressed:
+    up to gigabytes across anyio's worker threads. Levels above ``MAX_KEPT_LEVEL`` make
+    one per body; lower ones (cheap, and on the commit path) are still kept."""
+    body = b"".join(orjson.dumps({"i": i, "s": "abc" * (i % 7)}) for i in range(2_000))
+    high = compression.MAX_KEPT_LEVEL + 1
+
+    def kept_after(level: int) -> tuple[set[int], bytes | None]:
+        stored, _codec = compression.compress_body(body, compression.Compression("zstd", level))
+        return set(getattr(compression._local, "compressors", {})), stored
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        low_kept, _ = pool.submit(kept_after, 3).result()
+        high_kept, stored = pool.submit(kept_after, high).result()
+    assert low_kept == high_kept == {3}
+    assert stored is not None
+    assert compression.decompress_body("k", 0, "zstd", stored) == body
