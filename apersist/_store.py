@@ -72,6 +72,9 @@ _READ_CONCURRENCY = 16
 _RECORD_READS = 64
 # Segments read ahead together by read_segments() hold at most this many bytes.
 _WINDOW_BYTES = 8 << 20
+# A log starting this close to the end of a bucket of commit keys has its next bucket
+# listed at once (``_commit_keys_after``): two checkpoint intervals.
+_NEXT_BUCKET_TOO = 256
 # Commit keys asked for at once when a driver has point lookups (``_probe_commits_after``).
 _PROBE = 256
 # A writer keeps the bytes of the small segments it committed lately, up to this much, for
@@ -426,14 +429,24 @@ class Store:
         bucket = (after + 1) // fmt.BUCKET
         top = after
         self._listed_commits.clear()
+        # A log that starts near a bucket's end (a checkpoint is made every 128 commits)
+        # is likely to go on in the next bucket: both are listed at once, saving a round
+        # trip. The next one's keys count only if this one's say the log goes on there,
+        # exactly as if it had been listed afterwards.
+        ahead = 2 if (after + 1) % fmt.BUCKET >= fmt.BUCKET - _NEXT_BUCKET_TOO else 1
+        listings: list[list[str]] = []
         while True:
-            bucket_prefix = fmt.commit_bucket_prefix(self._writer, bucket)
-            listed = self._listed_commits[bucket_prefix] = set()
-            async for info in self._driver.list(bucket_prefix):
-                listed.add(info.key)
-                seq = fmt.number_in_key(info.key, prefix)
+            if not listings:
+                listings = await gather_bounded(
+                    [functools.partial(self._list_keys, fmt.commit_bucket_prefix(self._writer, b))
+                     for b in range(bucket, bucket + ahead)], ahead)
+                ahead = 1
+            keys = listings.pop(0)
+            self._listed_commits[fmt.commit_bucket_prefix(self._writer, bucket)] = set(keys)
+            for key in keys:
+                seq = fmt.number_in_key(key, prefix)
                 if seq is not None and seq > after:
-                    numbered[seq] = info.key
+                    numbered[seq] = key
                     top = max(top, seq)
             # The log may go on in the next bucket if this one holds its last number, or
             # lacks only that one (then a later commit there is a gap, reported below).
@@ -447,6 +460,10 @@ class Store:
                     f"commit record missing while later commits exist: "
                     f"key={fmt.commit_key(self._writer, expected)} offset=0 later={seq}")
         return [numbered[seq] for seq in seqs]
+
+    async def _list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, in the driver's order."""
+        return [info.key async for info in self._driver.list(prefix)]
 
     async def _probe_commits_after(self, after: int) -> list[str]:
         """``_commit_keys_after`` on a driver with point lookups (``sizes``): the commit keys

@@ -9,14 +9,17 @@ objects (a checkpoint) is reported or worked around as docs/format.md says.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
-from helpers import counting, replayed, table_state
+from helpers import CountingDriver, counting, driver_for, replayed, table_state
 
 import apersist
 from apersist import _format as fmt
+from apersist._drivers.base import ObjectInfo
 from apersist._maintenance import CHECKPOINT_EVERY, FANOUT, plan_merges, tier
 from apersist._store import LoggedSegment, PendingRewrite, Store
 from apersist.testing import FakeClock
@@ -267,6 +270,47 @@ async def test_a_missing_commit_followed_by_later_ones_is_reported(lookups: str,
 
     with pytest.raises(apersist.CorruptDataError, match=f"commit record missing.*later={missing + 1}"):
         await open_store()
+
+
+class _OverlapDriver(CountingDriver):
+    """Lists commit buckets slowly, noting which it listed and how many at once."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.buckets: list[str] = []
+        self.listing = self.most = 0
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        if prefix.startswith(fmt.commits_prefix("0")):
+            self.buckets.append(prefix)
+            self.listing += 1
+            self.most = max(self.most, self.listing)
+            try:
+                await anyio.sleep(0.02)  # a request's round trip
+            finally:
+                self.listing -= 1
+        async for info in super().list(prefix):
+            yield info
+
+
+@pytest.mark.parametrize("commits", [CHECKPOINT_EVERY * 2 + 3, fmt.BUCKET + 3])
+async def test_a_log_near_a_buckets_end_has_the_next_bucket_listed_at_once(commits: int) -> None:
+    """Opening by listing (S3, Azure): a log that starts near the end of its bucket of
+    commit keys (its checkpoint at 896, the log going on past 999) has the next bucket
+    listed beside it, not one round trip after; one that starts far from the end lists
+    its own bucket only. Either way the open finds every commit."""
+    backend = apersist.Backend.memory()
+    await _one_event_commits(backend, commits)
+    cfg = apersist.Config(backend, snapshot_access=apersist.SnapshotAccess.REPLAY)
+    async with driver_for(cfg, _OverlapDriver) as driver, apersist.run(cfg, driver=driver) as run:
+        assert [e.value["i"] async for e in run.stream("s").replay()] == list(range(commits))
+    first = fmt.commit_bucket_prefix("0", 0)
+    if commits < fmt.BUCKET:
+        assert driver.buckets == [first]
+        assert driver.most == 1
+    else:
+        assert driver.buckets[:2] == [first, fmt.commit_bucket_prefix("0", 1)]
+        assert driver.most == 2
 
 
 async def test_retention_argument_errors() -> None:
