@@ -383,9 +383,12 @@ class Stream(Generic[T]):
         ``REALTIME_REPLAY`` the recorded gaps are kept. Yields to the event loop about
         every millisecond (docs/concepts.md, "Schedule points").
         """
+        life = self._life
         async for events in self._replay_slices():
             for event in events:
                 yield event
+                if life.ended:  # carried past the block: refused now, not a slice later
+                    life.check("replay()")
 
     async def _replay_slices(self, skip: int = 0) -> AsyncIterator[Iterable[Event[T]]]:
         """The committed events in slices, the hot path of replay and of ``source()``.
@@ -522,6 +525,8 @@ class Stream(Generic[T]):
                     if seen > skip:
                         self._replayed_by_sources = seen
                         yield event
+                        if life.ended:  # carried past the block: refused now, as replay()
+                            life.check("source()")
             if not continue_after_replay or life.stopping:
                 return
             iterator = await self._live(reader)

@@ -438,17 +438,22 @@ async def test_the_replay_backlog_is_empty_once_the_run_has_ended() -> None:
 # ------------------------------------------------------------------ beside the brief
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: replay() checks the run's end per slice, "
-                   "not per event (report)")
-async def test_a_replay_part_way_through_refuses_at_once_when_the_block_has_ended() -> None:
-    """docs/api.md ("Run"): iterating ``replay()`` after the block raises RuntimeError,
-    "also an iterator that was part-way through when the block ended". It handed on the
-    rest of the slice in hand first (up to 255 more events), checked only per chunk."""
+@pytest.mark.parametrize("how", ["replay", "source"])
+async def test_a_replay_part_way_through_refuses_at_once_when_the_block_has_ended(how: str) -> None:
+    """docs/api.md ("Run"): iterating ``replay()`` or ``source()`` after the block raises
+    RuntimeError, "also an iterator that was part-way through when the block ended". Both
+    handed on the rest of the slice in hand first (up to 255 more events), checked only
+    per chunk."""
     backend = apersist.Backend.memory()
     async with apersist.run(apersist.Config(backend)) as run:
         await run.stream("s").record_many(list(range(1000)))
+
+    async def nothing(offset: Any) -> AsyncIterator[Any]:
+        for item in ():
+            yield item
+
     async with apersist.run(apersist.Config(backend)) as run:
-        kept = run.stream("s").replay()
+        kept = run.stream("s").replay() if how == "replay" else run.source("s", nothing)
         assert (await kept.__anext__()).value == 0
-    with pytest.raises(RuntimeError, match="the run has ended"):
+    with pytest.raises(RuntimeError, match=f"the run has ended: use {how}\\(\\)"):
         await kept.__anext__()
