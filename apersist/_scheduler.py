@@ -648,7 +648,7 @@ class Scheduler:
             trailer = fmt.encode_segment_trailer(count, body)
         body[:0] = fmt.encode_segment_head(meta)
         body += trailer
-        # The one copy left is for drivers that need bytes (object stores' SDKs).
+        # The one copy left is for drivers that need bytes (see Capabilities.accepts_buffers).
         data = body if self._store.accepts_buffers else bytes(body)
         return SegmentBlob(fmt.SegmentRef(key, kind, name, count, len(data)), data)
 

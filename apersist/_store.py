@@ -211,9 +211,9 @@ class Store:
     def accepts_buffers(self) -> bool:
         """Whether the driver takes a ``bytearray`` segment (``SegmentBlob.data``) as it is.
 
-        A driver declares it (``Capabilities.accepts_buffers``: the filesystem's commit writes
-        through a memoryview); others, wrappers included, get bytes (the Azure SDK would
-        stream a bytearray as an iterable of ints).
+        A driver declares it (``Capabilities.accepts_buffers``): the filesystem's commit
+        writes through a memoryview, S3 and Azure send it as it is (the retry layer passes
+        its inner driver's on). Any other driver gets bytes.
         """
         return capabilities_of(self._driver).accepts_buffers
 

@@ -52,9 +52,9 @@ def test_drivers_satisfy_the_protocol(tmp_path: Path) -> None:
 
 
 def test_each_driver_declares_its_capabilities(tmp_path: Path) -> None:
-    """Declared beside the protocol, never probed for: the filesystem commits in one call
-    and takes buffers; it and memory answer point lookups (``sizes``); S3 and Azure ask a
-    writing run to check create-if-absent."""
+    """Declared beside the protocol, never probed for: the filesystem commits in one call;
+    it, S3 and Azure take buffers; it and memory answer point lookups (``sizes``); S3 and
+    Azure ask a writing run to check create-if-absent."""
     from apersist._drivers.azure import AzureDriver
     from apersist._drivers.s3 import S3Driver
 
@@ -62,7 +62,7 @@ def test_each_driver_declares_its_capabilities(tmp_path: Path) -> None:
     assert capabilities_of(FilesystemDriver(tmp_path)) == Capabilities(
         put_then_create=True, accepts_buffers=True, point_lookups=True, temporary_files=True)
     for cls in (S3Driver, AzureDriver):
-        assert cls.capabilities == Capabilities(verify_conditional_writes=True)
+        assert cls.capabilities == Capabilities(accepts_buffers=True, verify_conditional_writes=True)
     assert capabilities_of(object()) is NO_CAPABILITIES
 
 

@@ -385,13 +385,14 @@ async def test_wrapper_keeps_the_inner_name_and_closes_it() -> None:
     inner = ScriptedDriver()
     driver = RetryingDriver(inner, RetryPolicy())
     assert driver.name == "scripted"
-    # The wrapped driver's need for the create-if-absent check, and nothing more: it
-    # retries verb by verb, so it never offers put_then_create.
+    # The wrapped driver's need for the create-if-absent check and its taking buffers, and
+    # nothing more: it retries verb by verb, so it never offers put_then_create.
     assert driver.capabilities == Capabilities()
     everything = ScriptedDriver()
     everything.capabilities = Capabilities(  # type: ignore[attr-defined]
         put_then_create=True, accepts_buffers=True, verify_conditional_writes=True)
-    assert RetryingDriver(everything).capabilities == Capabilities(verify_conditional_writes=True)
+    assert RetryingDriver(everything).capabilities == Capabilities(
+        accepts_buffers=True, verify_conditional_writes=True)
     await driver.aclose()
     await driver.aclose()
     assert inner.closed == 2

@@ -16,7 +16,6 @@ SDK's exception chained. The account key never appears in a message.
 from __future__ import annotations
 
 import builtins
-import io
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ from typing import Any, Final
 
 import aiohttp
 import aiohttp.payload
+import anyio
+import anyio.to_thread
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -68,22 +69,54 @@ _TRANSIENT_STATUS: Final = frozenset({408, 429})
 _MIN_POOL: Final = 100
 
 
-class _Transport(AioHttpTransport):  # type: ignore[misc]  # azure-core exports it lazily, as Any
-    """The SDK's aiohttp transport, sending large bodies in chunks.
+#: Bodies at least this big are copied to ``bytes`` (which the SDK's single Put Blob demands)
+#: in a worker thread; below it the copy costs less than the thread hop.
+_THREAD_BODY_BYTES: Final = 1 << 20
+#: Each write of a large body to the connection is at most this much of it.
+_WRITE_CHUNK_BYTES: Final = 256 << 10
 
-    The SDK hands aiohttp every upload body as ``bytes`` (``upload_blob`` reads even a
-    stream into bytes first: Azure/azure-sdk-for-python#39845). aiohttp writes such a body
-    in one piece and warns about it with a ``ResourceWarning`` above 1 MiB. Wrapped in a
-    ``BytesIO`` (which shares the bytes, no copy), aiohttp writes it in chunks and yields to
-    the event loop between them. ``_get_request_data`` is azure-core's private seam for the
-    body; if it ever disappears, the warning comes back (and the tests, where warnings are
-    errors, say so) but uploads still work.
+
+class _BufferPayload(aiohttp.payload.Payload):
+    """A request body written from a buffer in chunks, each a memoryview of it: no copy.
+
+    aiohttp writes a plain ``bytes`` body in one piece (and warns about it above 1 MiB); a
+    ``BytesIO`` it writes in chunks, but its ``getbuffer()`` first copies a ``BytesIO``
+    that shares its bytes, on the event loop. Here nothing is copied but what the socket
+    does not take at once, a chunk at most, and the loop runs between chunks.
+    """
+
+    def __init__(self, value: bytes | bytearray | memoryview) -> None:
+        view = memoryview(value).cast("B")
+        super().__init__(view, content_type="application/octet-stream")
+        self._view = view
+        self._size = view.nbytes
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._view).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        view = self._view
+        for start in range(0, len(view), _WRITE_CHUNK_BYTES):
+            await writer.write(view[start:start + _WRITE_CHUNK_BYTES])
+
+
+class _Transport(AioHttpTransport):  # type: ignore[misc]  # azure-core exports it lazily, as Any
+    """The SDK's aiohttp transport, sending large bodies in chunks, without a copy.
+
+    The SDK hands aiohttp an upload body as ``bytes`` (``upload_blob`` reads even a stream
+    into bytes first: Azure/azure-sdk-for-python#39845), or as the ``memoryview`` that
+    ``_put_blocks`` gave ``stage_block``. aiohttp writes such a body in one piece and warns
+    about it with a ``ResourceWarning`` above 1 MiB; a ``_BufferPayload`` over it is written
+    in chunks, and the event loop runs between them. ``_get_request_data`` is azure-core's
+    private seam for the body; if it ever disappears, the warning comes back (and the
+    tests, where warnings are errors, say so) but uploads still work.
     """
 
     def _get_request_data(self, request: Any) -> Any:
         data = super()._get_request_data(request)
-        if isinstance(data, bytes) and len(data) > aiohttp.payload.TOO_LARGE_BYTES_BODY:
-            return io.BytesIO(data)
+        if (isinstance(data, bytes | bytearray | memoryview)
+                and len(data) > aiohttp.payload.TOO_LARGE_BYTES_BODY):
+            return _BufferPayload(data)
         return data
 
 
@@ -118,7 +151,8 @@ class AzureDriver:
     name = "azure"
     # Some servers that speak this API ignore If-None-Match (or the Azure equivalent) and let
     # every creator win: a run that writes checks the store once (probe.py).
-    capabilities = Capabilities(verify_conditional_writes=True)
+    # put takes a bytearray as it is (see put): a segment built in place is not copied.
+    capabilities = Capabilities(accepts_buffers=True, verify_conditional_writes=True)
 
     def __init__(self, backend: AzureBackend, *, multipart_bytes: int = 16 << 20,
                  max_connections: int = 16) -> None:
@@ -249,17 +283,31 @@ class AzureDriver:
         return line.replace(self._backend.password, "<account key>")
 
     # ---------------------------------------------------------------- verbs
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key``: one Put Blob, or staged blocks and their list if large.
+
+        ``data`` may be a ``bytearray`` (``accepts_buffers``); it is never changed, so a
+        retry sends the same bytes. Staged blocks are memoryviews of it. A single Put Blob
+        needs ``bytes`` (the SDK reads its body into bytes and checks the type; a bytearray
+        it would stream as an iterable of ints), so a big bytearray is copied in a worker
+        thread.
+        """
         check_key(key)
         with self._errors("put", key, creating=if_absent):
             blob = await self._blob(key)
             if len(data) >= self._multipart_bytes:
                 await self._put_blocks(blob, data, if_absent=if_absent)
-            else:
-                # overwrite=False is sent as If-None-Match: * and checked by the service.
-                await blob.upload_blob(data, length=len(data), overwrite=not if_absent)
+                return
+            if isinstance(data, bytearray):
+                if len(data) >= _THREAD_BODY_BYTES:
+                    data = await anyio.to_thread.run_sync(bytes, data)
+                else:
+                    data = bytes(data)
+            # overwrite=False is sent as If-None-Match: * and checked by the service.
+            await blob.upload_blob(data, length=len(data), overwrite=not if_absent)
 
-    async def _put_blocks(self, blob: BlobClient, data: bytes, *, if_absent: bool) -> None:
+    async def _put_blocks(self, blob: BlobClient, data: bytes | bytearray, *,
+                          if_absent: bool) -> None:
         """Upload ``data`` as staged blocks, then commit the block list: the blob appears whole
         at the commit, and with ``if_absent`` only if it does not exist by then.
 
@@ -276,10 +324,14 @@ class AzureDriver:
 
         def stage(index: int) -> Callable[[], Awaitable[None]]:
             async def call() -> None:
-                # A slice copies: memory for in-flight blocks is bounded by max_connections
-                # blocks and never exceeds the object's own size.
-                chunk = data[index * size:(index + 1) * size]
-                await blob.stage_block(block_ids[index], chunk, length=len(chunk))
+                # A memoryview's slice copies nothing (a bytes or bytearray slice would
+                # copy the block, on the event loop); the SDK passes it on to the transport
+                # as it is, which writes it in chunks (_Transport).
+                chunk = memoryview(data)[index * size:(index + 1) * size]
+                # The SDK is typed for bytes, iterables of bytes and files; a memoryview it
+                # takes as a body of its own (an iterable), unread, like a file.
+                await blob.stage_block(block_ids[index], chunk,  # type: ignore[arg-type]
+                                       length=len(chunk))
             return call
 
         await gather_bounded([stage(index) for index in range(len(block_ids))], self._max_connections)

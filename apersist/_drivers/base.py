@@ -120,8 +120,11 @@ class Capabilities:
       whole commit in one call with the contract of the function ``put_then_create`` below
       (the filesystem makes it one worker-thread call). Without it that function uses the
       plain verbs.
-    - ``accepts_buffers``: its ``put_then_create`` takes ``bytearray`` data as it is, so the
-      store hands it segments built in place, without a copy (``Store.accepts_buffers``).
+    - ``accepts_buffers``: its ``put`` (and its ``put_then_create``, if it has one) takes a
+      segment's data as a ``bytearray``, as it is, and never changes it; so the store hands
+      it segments built in place, without a copy of the whole segment on the event loop
+      (``Store.accepts_buffers``). A retry sends the same buffer again. The filesystem,
+      S3 and Azure drivers declare it, and the retry layer passes on its inner driver's.
     - ``verify_conditional_writes``: the storage behind it may not honour create-if-absent
       (some S3-compatible servers ignore ``If-None-Match``), so a run that writes checks it
       once when it opens the store (``probe.py``). The S3 and Azure drivers declare it.
@@ -181,10 +184,13 @@ async def put_then_create(driver: Driver, puts: Sequence[tuple[str, bytes | byte
     if capabilities_of(driver).put_then_create:
         await driver.put_then_create(puts, key, data)  # type: ignore[attr-defined]
         return
-    # A bytearray reaches only drivers that take one (Store.accepts_buffers); bytes() is
-    # for any other, so that put() always gets the bytes it is typed for.
-    await gather_bounded([functools.partial(driver.put, k, d if isinstance(d, bytes) else bytes(d))
-                          for k, d in puts], concurrency)
+    # A bytearray reaches only drivers that take one (Store.accepts_buffers), and goes to
+    # them as it is: a copy here would be the whole segment's, on the event loop. bytes()
+    # is for any other driver, so that its put() gets the bytes it is typed for.
+    buffers = capabilities_of(driver).accepts_buffers
+    await gather_bounded([functools.partial(
+        driver.put, k, cast(bytes, d) if buffers or isinstance(d, bytes) else bytes(d))
+        for k, d in puts], concurrency)
     await driver.put(key, data, if_absent=True)
 
 

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import anyio
 
@@ -68,9 +68,11 @@ class RetryingDriver:
       which collecting each attempt's whole listing would not. Each step of a listing (the
       wait for its next object) is one attempt for the timeout.
 
-    Its ``capabilities`` are the wrapped driver's ``verify_conditional_writes`` only: it
-    retries each verb, so it does not offer ``put_then_create`` (a retry of the whole call
-    after its create landed would put again segments that a durable commit names).
+    Its ``capabilities`` are the wrapped driver's ``verify_conditional_writes`` and
+    ``accepts_buffers`` only: it retries each verb, so it does not offer ``put_then_create``
+    (a retry of the whole call after its create landed would put again segments that a
+    durable commit names). Every attempt of a put hands the wrapped driver the same
+    ``data``, which a driver that accepts buffers never changes: a retry sends the same bytes.
     """
 
     def __init__(self, inner: Driver, policy: RetryPolicy | None = None, *,
@@ -80,8 +82,10 @@ class RetryingDriver:
         self.inner = inner
         self.name: str = inner.name
         self.policy = policy or RetryPolicy()
+        inner_capabilities = capabilities_of(inner)
         self.capabilities = Capabilities(
-            verify_conditional_writes=capabilities_of(inner).verify_conditional_writes)
+            accepts_buffers=inner_capabilities.accepts_buffers,
+            verify_conditional_writes=inner_capabilities.verify_conditional_writes)
         self._rng = rng or random.Random()
         self._sleep = sleep or anyio.sleep
         self._clock = clock or time.monotonic
@@ -156,10 +160,15 @@ class RetryingDriver:
             raise self._give_up(op, key, attempt, started, error) from error
 
     # ---------------------------------------------------------------- verbs
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Store ``data`` under ``key``, retrying transient failures (see the class doc)."""
+    async def put(self, key: str, data: bytes | bytearray, *, if_absent: bool = False) -> None:
+        """Store ``data`` under ``key``, retrying transient failures (see the class doc).
+
+        ``data`` is a ``bytearray`` only if the wrapped driver ``accepts_buffers``.
+        """
         if not if_absent:
-            await self._retry("put", key, lambda: self.inner.put(key, data))
+            # The cast: the protocol types put's data as bytes, for drivers that take only
+            # bytes; a bytearray comes only for one that declared it takes it as it is.
+            await self._retry("put", key, lambda: self.inner.put(key, cast(bytes, data)))
             return
         ambiguous = False  # some attempt failed transiently: it may have landed
 
@@ -168,7 +177,8 @@ class RetryingDriver:
             ambiguous = True
 
         try:
-            await self._retry("put", key, lambda: self.inner.put(key, data, if_absent=True),
+            await self._retry("put", key,
+                              lambda: self.inner.put(key, cast(bytes, data), if_absent=True),
                               on_transient=note_ambiguous)
         except ObjectExistsError as exists:
             if not ambiguous:

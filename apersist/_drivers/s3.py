@@ -84,12 +84,12 @@ _TRANSIENT_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504})
 _NOT_FOUND_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
-def _crc32_b64(data: bytes | memoryview) -> str:
+def _crc32_b64(data: bytes | bytearray | memoryview) -> str:
     """``x-amz-checksum-crc32``: the big-endian CRC32 of ``data``, base64-encoded."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
-def _body_with_crc32(data: bytes, start: int, end: int) -> tuple[io.BytesIO, str]:
+def _body_with_crc32(data: bytes | bytearray, start: int, end: int) -> tuple[io.BytesIO, str]:
     """``data[start:end]`` as a request body, with its CRC32; meant for a worker thread.
 
     The body is a ``BytesIO`` that owns its buffer: botocore would wrap plain bytes in a
@@ -211,8 +211,9 @@ class S3Driver:
 
     name = "s3"
     # Some servers that speak this API ignore If-None-Match (or the Azure equivalent) and let
-    # every creator win: a run that writes checks the store once (probe.py).
-    capabilities = Capabilities(verify_conditional_writes=True)
+    # every creator win: a run that writes checks the store once (probe.py). put takes a
+    # bytearray as it is (see put): a segment built in place is not copied on the loop.
+    capabilities = Capabilities(accepts_buffers=True, verify_conditional_writes=True)
 
     def __init__(self, backend: S3Backend, *, multipart_bytes: int = 16 * _MIB,
                  max_connections: int = 16) -> None:
@@ -307,19 +308,23 @@ class S3Driver:
         return self._prefix + check_key(key)
 
     # ---------------------------------------------------------------- put
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray, *, if_absent: bool = False) -> None:
         """Store ``data`` under ``key``: one PutObject, or a multipart upload if large.
 
         Either way the object appears whole or not at all. With ``if_absent`` the write
         carries ``If-None-Match: *``: S3's 412 becomes ``ObjectExistsError``; its 409 (a
         concurrent conditional write in progress) becomes ``TransientBackendError``.
+        ``data`` may be a ``bytearray`` (``accepts_buffers``): it is read, never changed,
+        and each call makes its request bodies afresh from it, so a retry sends the same
+        bytes. botocore takes a small one as it is; a big body or part is copied into a
+        ``BytesIO`` of its own in a worker thread (``_body_with_crc32``), as for bytes.
         """
         full = self._full_key(key)
         client = await self._get_client("put", full)
         if len(data) >= self._multipart_bytes:
             await self._put_multipart(client, full, data, if_absent=if_absent)
             return
-        body: bytes | io.BytesIO = data
+        body: bytes | bytearray | io.BytesIO = data
         if len(data) >= _THREAD_BODY_BYTES:
             body, checksum = await anyio.to_thread.run_sync(_body_with_crc32, data, 0, len(data))
         else:
@@ -329,7 +334,8 @@ class S3Driver:
             await client.put_object(Bucket=self._bucket, Key=full, Body=body,
                                     ChecksumCRC32=checksum, **conditions)
 
-    async def _put_multipart(self, client: Any, full: str, data: bytes, *, if_absent: bool) -> None:
+    async def _put_multipart(self, client: Any, full: str, data: bytes | bytearray, *,
+                             if_absent: bool) -> None:
         # Parts grow past multipart_bytes only if the object would need over 10,000 of them.
         part_bytes = max(self._multipart_bytes, -(-len(data) // _MAX_PARTS))
         with self._errors("put", full):
@@ -349,7 +355,7 @@ class S3Driver:
             await self._abort_multipart(client, full, upload_id)
             raise
 
-    async def _upload_parts(self, client: Any, full: str, upload_id: str, data: bytes,
+    async def _upload_parts(self, client: Any, full: str, upload_id: str, data: bytes | bytearray,
                             part_bytes: int) -> builtins.list[dict[str, Any]]:
         """Upload every part concurrently; return them in order, or raise the first failure."""
         bounds = [(start, min(start + part_bytes, len(data))) for start in range(0, len(data), part_bytes)]
