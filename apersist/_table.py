@@ -27,6 +27,7 @@ D = TypeVar("D")
 _consumer = CONSUMER.get
 _RECORD_OVERHEAD = fmt.RECORD_OVERHEAD
 _U = ord("u")
+_QUOTE = ord('"')
 
 # A commit lets go of the records it framed this many at a time, between looks at the
 # clock: dropping a million references at once (a dict or a list of them freed) touches
@@ -193,6 +194,9 @@ class Table(MutableMapping[str, V]):
         # with the scheduler when it enters (Scheduler.add_deltas), never again until the
         # next cut, so a write to a key already here does not call the scheduler at all.
         self._dirty: dict[str, bytes | None] | None = None
+        # Whether a key was deleted since the last cut (_fold_into_records then removes
+        # the deleted ones from _records).
+        self._deletions = False
         if scheduler is not None:
             if (isinstance(state, TableState) and state.records is not None
                     and len(state.records) == len(state)):
@@ -222,8 +226,10 @@ class Table(MutableMapping[str, V]):
         # dataclass's decoder converts its dict in place, and the dicts here are the ones
         # the table was given, the caller's own.
         records, loads = self._records, orjson.loads
+        dirty = self._dirty or {}  # a key written since the last cut has its record there
         decoded = {name: resolved.decode_one(
-            loads(records[name])[1] if name in records else loads(_dumps(value)),
+            loads(dirty.get(name) or records[name])[1]
+            if name in dirty or name in records else loads(_dumps(value)),
             f"{self._where} (key {name!r})") for name, value in self._state.items()}
         self._state.update(decoded)
         self._codec = resolved
@@ -256,22 +262,22 @@ class Table(MutableMapping[str, V]):
         return self._state.get(key, default)
 
     def __setitem__(self, key: str, value: V) -> None:
-        # The hot path: about three dict writes and one dumps (docs/performance.md,
-        # "Table writes"). dumps_value and checked_json are inlined for the common case.
-        if not isinstance(key, str):
-            raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+        # The hot path: one dumps, one copy, two dict writes (docs/performance.md, "Table
+        # writes"); every check that is not one of those steps is folded into one test.
         # Checked in every mode, so a value is refused the same way whether or not this
         # run persists tables; before anything changes, so a refused one changes nothing.
         try:
             data = self._dumps([key, value])  # orjson.dumps, or the table's type's
         except TypeError as exc:
-            raise unserializable(self._where, exc) from None
-        # checked_json's own tests, first of all whether the text has a "null" (orjson's
-        # NaN and infinity), are skipped when it has no "u" at all: an int operand makes
-        # `in` one memchr, several times cheaper than partition() (numbers-only records).
-        if (_U in data and data.partition(b"null")[1]) or len(data) > _values.MAX_JSON_BYTES:
-            # NaN, infinity (an untyped value's: a type's dumps refused them), too long
-            checked_json(data, None if self._codec else value, self._where)
+            raise self._refused(key, exc) from None
+        # Only a str key's record starts with '["' (byte 1 is the key's opening quote:
+        # a number, null or a list would be refused here). checked_json's own tests,
+        # first of all whether the text has a "null" (orjson's NaN and infinity), are
+        # skipped when it has no "u" at all: an int operand makes `in` one memchr,
+        # several times cheaper than partition() (numbers-only records).
+        if (data[1] != _QUOTE or (_U in data and data.partition(b"null")[1])
+                or len(data) > _values.MAX_JSON_BYTES):
+            self._check_record(key, value, data)
         dirty = self._dirty
         if dirty is not None:
             if key not in dirty:
@@ -283,8 +289,8 @@ class Table(MutableMapping[str, V]):
             # Kept per key, that was a table's memory (~4.3 GB for 1M small keys); the
             # copy is right-sized, and the block, freed at once, serves the next dumps.
             # b"%b" % data is the cheapest copy (about 50 ns for a small record); bytes()
-            # and data[:] return data itself.
-            dirty[key] = self._records[key] = b"%b" % data
+            # and data[:] return data itself. The cut moves it into _records (_take_dirty).
+            dirty[key] = b"%b" % data
             # A live source event held by this task is committed with this change.
             consumer = _consumer()
             if consumer is not None:
@@ -292,6 +298,21 @@ class Table(MutableMapping[str, V]):
         else:
             self._life.check("table writes")  # nothing is recorded here; say so all the same
         self._state[key] = value
+
+    def _refused(self, key: object, exc: TypeError) -> TypeError:
+        """The error for a write whose record orjson refused: its key's, if that is not a
+        str, else its value's."""
+        if not isinstance(key, str):
+            return TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+        return unserializable(self._where, exc)
+
+    def _check_record(self, key: object, value: Any, data: bytes) -> None:
+        """A write's record that the hot path's one test did not pass: raise if its key is
+        not a str, or if its text is not what the value says (NaN, infinity: an untyped
+        value's, a type's dumps refused them) or too long."""
+        if not isinstance(key, str):
+            raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+        checked_json(data, None if self._codec else value, self._where)
 
     def __delitem__(self, key: str) -> None:
         if key not in self._state:
@@ -302,7 +323,7 @@ class Table(MutableMapping[str, V]):
                 # About the framed ``[key]`` (escapes aside): accounting is approximate.
                 self._scheduler.add_deltas(1, _RECORD_OVERHEAD + len(key) + 4)  # type: ignore[union-attr]
             dirty[key] = None
-            self._records.pop(key, None)
+            self._deletions = True
             consumer = _consumer()  # as in __setitem__
             if consumer is not None:
                 consumer.writes += 1
@@ -326,7 +347,20 @@ class Table(MutableMapping[str, V]):
             return None
         self._dirty = {}
         self._deltas += len(dirty)
+        self._fold_into_records(dirty)
         return functools.partial(self._frame_deltas, dirty)
+
+    def _fold_into_records(self, dirty: dict[str, bytes | None]) -> None:
+        """Bring ``_records`` up to date with the changes ``dirty`` holds: writes keep their
+        record only in ``_dirty`` (one dict write fewer per write), and a cut folds them in
+        with one C-level update; deleted keys, if any, leave afterwards."""
+        records = self._records
+        records.update(dirty)  # type: ignore[arg-type]
+        if self._deletions:
+            self._deletions = False
+            for key, record in dirty.items():
+                if record is None:
+                    del records[key]
 
     def _snapshot(self) -> SnapshotBuilder | None:
         """Called by the scheduler while cutting a commit; no await between cut and this.

@@ -391,3 +391,56 @@ async def test_a_record_reset_commit_holds_the_tables_changes() -> None:
         table["new"] = 2
         assert (await run.commit()).deltas == 1
     assert await table_state(backend, "t") == {"new": 2}
+
+
+class _Name(str):
+    """A str subclass: a key like any other."""
+
+
+@pytest.mark.parametrize("key", [1, None, 1.5, True, b"k", ("a",), object()])
+@pytest.mark.parametrize("value", [1, object()], ids=["value", "bad-value"])
+@pytest.mark.parametrize("mode", [apersist.PersistenceMode.PERSISTING,
+                                  apersist.PersistenceMode.UDF_CACHING])
+async def test_a_key_that_is_not_a_str_is_refused_and_changes_nothing(
+        key: Any, value: Any, mode: apersist.PersistenceMode) -> None:
+    """The key's type is judged from the record (only a str key's starts with '["'), or
+    before the value's error when orjson refuses the record: the message is the key's,
+    in every mode, and the table and its pending changes are as they were."""
+    async with apersist.run(apersist.Config(apersist.Backend.memory(), persistence_mode=mode,
+                                            snapshot_interval_ms=QUIET)) as run:
+        table = await run.table("t")
+        table["a"] = 1
+        dirty = dict(table._dirty or {})
+        with pytest.raises(TypeError, match=r"table 't' keys must be str: got="):
+            table[key] = value
+        assert dict(table) == {"a": 1}
+        assert (table._dirty or {}) == dirty
+        table[_Name("b")] = 2
+        assert dict(table) == {"a": 1, "b": 2}
+
+
+async def test_a_snapshot_holds_the_changes_since_the_last_cut_deletions_included() -> None:
+    """Writes keep their record in the cut's changes only; the cut folds them into the
+    records a snapshot is made of, and takes out the keys deleted since (set, deleted and
+    set again, new and deleted), in the same commit as the snapshot and in later ones."""
+    backend = apersist.Backend.memory()
+    async with apersist.run(apersist.Config(backend, snapshot_interval_ms=QUIET)) as run:
+        table = await run.table("t")
+        table.update({"a": 1, "b": 1, "c": 1, "d": 1})
+        await run.commit()
+        del table["a"]
+        table["b"] = 2
+        del table["c"]
+        table["c"] = 3
+        table["e"] = 1
+        del table["e"]
+        table.request_compaction()
+        await run.commit()
+        assert await table_state(backend, "t") == {"b": 2, "c": 3, "d": 1}
+        table["a"] = 4
+        del table["d"]
+        table.request_compaction()
+        await run.commit()
+        assert sorted(orjson.loads(r) for r in table._records.values()) == [
+            ["a", 4], ["b", 2], ["c", 3]]
+    assert await table_state(backend, "t") == {"a": 4, "b": 2, "c": 3}
