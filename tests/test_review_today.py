@@ -75,3 +75,34 @@ async def test_a_log_that_goes_on_into_the_next_bucket_still_needs_its_listing(w
     async with driver_for(cfg, wrap) as driver, apersist.run(cfg, driver=driver) as run:
         assert len([e async for e in run.stream("s").replay()]) == fmt.BUCKET + 3
     assert driver.failed == 1
+
+
+# ------------------------------------------------------------- cache records and verify
+
+
+@pytest.mark.usefixtures("segment_objects")
+@pytest.mark.parametrize("bad", [b"[1,2]", b'["k" ,1,2]', b"result"])
+async def test_apersist_verify_reports_the_cache_record_that_fails_every_open(bad: bytes) -> None:
+    """29c35bf made a cache record of another shape ``CorruptDataError`` at the open:
+    every run of the store now fails there. ``apersist verify`` ("read and check every
+    live object") walks a cache segment's framing only, never its records' JSON, and
+    reports the store healthy."""
+    from test_format5_edges import _cache_store_with_record, _verified
+
+    backend, key, at = await _cache_store_with_record(bad)
+    with pytest.raises(apersist.CorruptDataError, match=f"key={key} offset={at}$"):
+        async with apersist.run(apersist.Config(backend)):
+            pass
+    problems = await _verified(backend)
+    assert [p for p in problems if f"key={key} offset={at}" in p], problems
+
+
+@pytest.mark.usefixtures("segment_objects")
+async def test_apersist_verify_reports_a_cached_result_that_fails_its_call() -> None:
+    """Likewise a record of the right shape whose result is not JSON: the ``@cached`` call
+    that reads it raises ``CorruptDataError`` (``_decoded``), verify says nothing."""
+    from test_format5_edges import _cache_store_with_record, _verified
+
+    backend, key, at = await _cache_store_with_record(b'["edges.square:1:00",{bad]')
+    problems = await _verified(backend)
+    assert [p for p in problems if f"key={key} offset={at}" in p], problems
