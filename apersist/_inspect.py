@@ -16,6 +16,8 @@ from ._errors import CorruptDataError
 from ._gc import plan_gc, read_marker
 from ._recover import lost_commit_log
 from ._store import Store
+from ._cache import CACHE_RECORD, _split_entry
+from ._table import _TABLE_RECORD
 
 __all__ = ["StoreReport", "find_garbage", "summarize", "verify"]
 
@@ -129,7 +131,11 @@ async def verify(driver: Driver) -> list[str]:
                     view = await store.read_segment(seg.ref)
                     # Walking the records checks their framing and counts; an event
                     # batch's JSON is parsed too, to check that it holds its count.
-                    walk = view.event_chunks(4096) if kind == fmt.KIND_EVENTS else view.records()
+                    # A table's or the cache's records are decoded as opening (or the
+                    # call that reads a cached result) decodes them: what fails there is
+                    # damage here too.
+                    walk = (view.event_chunks(4096) if kind == fmt.KIND_EVENTS
+                            else _checked_records(view, kind))
                     for _ in walk:
                         pass
                 except CorruptDataError as exc:
@@ -160,3 +166,27 @@ async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[st
     marker only ``grace_ms`` 0 finds anything due. ``apersist gc`` is ``collect_garbage``.
     """
     return list((await plan_gc(driver, grace_ms=grace_ms, now_ms=now_ms)).due)
+
+
+def _checked_records(view: fmt.SegmentView, kind: str) -> Any:
+    """Walk the records of a table's or the cache's segment, raising ``CorruptDataError``
+    for one that opening the store (``load_table_state``, ``UdfCache.from_store``) or a
+    ``@cached`` call reading its result would refuse."""
+    for index, (value, _offset, _time_ms) in enumerate(view.records()):
+        if kind == fmt.KIND_CACHE:
+            entry = _split_entry(value)
+            if entry is None:
+                raise view.damaged_record(index, CACHE_RECORD)
+            try:
+                orjson.loads(entry[1])
+            except orjson.JSONDecodeError:
+                raise view.damaged_record(index, "cache record's result does not decode") from None
+        else:
+            try:
+                item = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                item = None
+            sizes = (1, 2) if kind == fmt.KIND_TABLE else (2,)  # a delta may delete: [key]
+            if type(item) is not list or len(item) not in sizes or type(item[0]) is not str:
+                raise view.damaged_record(index, _TABLE_RECORD)
+        yield

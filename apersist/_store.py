@@ -434,14 +434,22 @@ class Store:
         # trip. The next one's keys count only if this one's say the log goes on there,
         # exactly as if it had been listed afterwards.
         ahead = 2 if (after + 1) % fmt.BUCKET >= fmt.BUCKET - _NEXT_BUCKET_TOO else 1
-        listings: list[list[str]] = []
+        listings: list[list[str] | Exception] = []
         while True:
             if not listings:
+                # Only the first listing is needed now: a failure of the others (listed
+                # ahead, on speculation) is kept, not raised, so that it cannot fail an
+                # open that never needs their answer (see below).
                 listings = await gather_bounded(
-                    [functools.partial(self._list_keys, fmt.commit_bucket_prefix(self._writer, b))
+                    [functools.partial(self._list_keys if b == bucket else self._list_keys_kept,
+                                       fmt.commit_bucket_prefix(self._writer, b))
                      for b in range(bucket, bucket + ahead)], ahead)
                 ahead = 1
-            keys = listings.pop(0)
+            listed = listings.pop(0)
+            # A bucket listed ahead whose listing failed is needed after all: listed now, as
+            # it would have been without listing ahead (its error, if it fails again, raised).
+            keys = (await self._list_keys(fmt.commit_bucket_prefix(self._writer, bucket))
+                    if isinstance(listed, Exception) else listed)
             self._listed_commits[fmt.commit_bucket_prefix(self._writer, bucket)] = set(keys)
             for key in keys:
                 seq = fmt.number_in_key(key, prefix)
@@ -464,6 +472,13 @@ class Store:
     async def _list_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in the driver's order."""
         return [info.key async for info in self._driver.list(prefix)]
+
+    async def _list_keys_kept(self, prefix: str) -> list[str] | Exception:
+        """``_list_keys``, or the exception it raised (a cancellation is raised)."""
+        try:
+            return await self._list_keys(prefix)
+        except Exception as exc:
+            return exc
 
     async def _probe_commits_after(self, after: int) -> list[str]:
         """``_commit_keys_after`` on a driver with point lookups (``sizes``): the commit keys
