@@ -74,7 +74,7 @@ class UdfCache:
             pacer = Pacer()
             async for view in store.read_segments(refs):
                 for index, (value, _off, _t) in enumerate(view.records()):
-                    entry = _split_entry(value)
+                    entry = split_entry(value)
                     if entry is None:
                         raise view.damaged_record(index, CACHE_RECORD)
                     entries[entry[0]] = entry[1]
@@ -147,7 +147,7 @@ class UdfCache:
 CACHE_RECORD = "cache record does not decode as [key, result]"
 
 
-def _split_entry(record: bytes) -> tuple[str, bytes] | None:
+def split_entry(record: bytes) -> tuple[str, bytes] | None:
     """(key, result JSON) of a stored entry, the record ``[key, result]`` (see ``put``), or
     None for a record of another shape.
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from . import _format as fmt
+from ._cache import CACHE_RECORD, split_entry
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError
 from ._gc import plan_gc, read_marker
 from ._recover import lost_commit_log
 from ._store import Store
-from ._cache import CACHE_RECORD, _split_entry
-from ._table import _TABLE_RECORD
+from ._table import TABLE_RECORD
 
 __all__ = ["StoreReport", "find_garbage", "summarize", "verify"]
 
@@ -168,13 +168,13 @@ async def find_garbage(driver: Driver, *, grace_ms: int, now_ms: int) -> list[st
     return list((await plan_gc(driver, grace_ms=grace_ms, now_ms=now_ms)).due)
 
 
-def _checked_records(view: fmt.SegmentView, kind: str) -> Any:
+def _checked_records(view: fmt.SegmentView, kind: str) -> Iterator[None]:
     """Walk the records of a table's or the cache's segment, raising ``CorruptDataError``
     for one that opening the store (``load_table_state``, ``UdfCache.from_store``) or a
     ``@cached`` call reading its result would refuse."""
     for index, (value, _offset, _time_ms) in enumerate(view.records()):
         if kind == fmt.KIND_CACHE:
-            entry = _split_entry(value)
+            entry = split_entry(value)
             if entry is None:
                 raise view.damaged_record(index, CACHE_RECORD)
             try:
@@ -188,5 +188,5 @@ def _checked_records(view: fmt.SegmentView, kind: str) -> Any:
                 item = None
             sizes = (1, 2) if kind == fmt.KIND_TABLE else (2,)  # a delta may delete: [key]
             if type(item) is not list or len(item) not in sizes or type(item[0]) is not str:
-                raise view.damaged_record(index, _TABLE_RECORD)
+                raise view.damaged_record(index, TABLE_RECORD)
         yield

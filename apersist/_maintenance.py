@@ -33,7 +33,7 @@ import anyio.lowlevel
 import orjson
 
 from . import _format as fmt
-from ._cache import CACHE_RECORD, UdfCache, _split_entry
+from ._cache import CACHE_RECORD, UdfCache, split_entry
 from ._config import Retention
 from ._errors import PersistenceError
 from ._pacing import Pacer
@@ -445,7 +445,7 @@ class Maintainer:
             for index, (value, _offset, _time_ms) in enumerate(view.records()):
                 if pacer.due():
                     await pacer.pause()
-                entry = _split_entry(value)
+                entry = split_entry(value)
                 if entry is None:
                     raise view.damaged_record(index, CACHE_RECORD)
                 key = entry[0]

@@ -57,7 +57,7 @@ class TableState(dict[str, Any]):
 
 
 #: What a table record must decode as (in the error for one that does not).
-_TABLE_RECORD = "table record does not decode as [key, value] or [key]"
+TABLE_RECORD = "table record does not decode as [key, value] or [key]"
 
 
 async def load_table_state(store: Store, name: str, upto_seq: int, *,
@@ -91,7 +91,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
                     entry = None
                 # [key, value], nothing else (see the deltas below).
                 if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str:
-                    raise view.damaged_record(index, _TABLE_RECORD)
+                    raise view.damaged_record(index, TABLE_RECORD)
                 key, item = entry
                 state[key] = item
                 # Between the two inserts: a dict that grows copies itself (about 20 to
@@ -113,7 +113,7 @@ async def load_table_state(store: Store, name: str, upto_seq: int, *,
             # another shape was taken as data ("ab" set key "a" to "b", [k, v, x] deleted k)
             # and one that did not decode escaped as orjson's error, not as corruption.
             if type(delta) is not list or not 1 <= len(delta) <= 2 or type(delta[0]) is not str:
-                raise view.damaged_record(index, _TABLE_RECORD)
+                raise view.damaged_record(index, TABLE_RECORD)
             if len(delta) == 2:
                 state[delta[0]] = delta[1]
                 if pacer.due():  # between the two inserts, as above

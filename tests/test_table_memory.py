@@ -26,7 +26,7 @@ from helpers import Turns, table_state
 
 import apersist
 import apersist._pacing
-from apersist._cache import _entry_key, _split_entry
+from apersist._cache import _entry_key, split_entry
 from apersist._table import TableState, load_table_state
 
 QUIET = 60_000
@@ -244,7 +244,7 @@ async def test_a_read_only_run_keeps_no_records(backend: apersist.Backend) -> No
     (b'[ "sp@1:00" , 2 ]', "sp@1:00", b"2"),  # not as put writes it: decoded instead
 ])
 def test_an_entry_is_split_into_its_key_and_result(record: bytes, key: str, result: bytes) -> None:
-    assert _split_entry(record) == (key, result)
+    assert split_entry(record) == (key, result)
     assert orjson.loads(record) == [key, orjson.loads(result)]
 
 
