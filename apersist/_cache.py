@@ -177,7 +177,9 @@ def _decoded(stored: bytes, where: str, entry: str) -> Any:
     try:
         return orjson.loads(stored)
     except orjson.JSONDecodeError:
-        raise CorruptDataError(f"{where} does not decode: entry={entry}") from None
+        # The entry keeps no position (results are slices, kept small); verify finds it.
+        raise CorruptDataError(f"{where} does not decode: entry={entry} (`apersist verify` "
+                               "names its segment and offset)") from None
 
 
 def _entry_key(name: str, version: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

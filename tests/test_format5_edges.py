@@ -323,7 +323,8 @@ async def test_a_cached_result_that_does_not_decode_is_corrupt_data_at_the_call(
     async with apersist.run(apersist.Config(
             backend, snapshot_access=apersist.SnapshotAccess.REPLAY)) as run:
         assert _square(3) == 9
-        with pytest.raises(CorruptDataError, match=f"edges.square does not decode: entry={entry}$"):
+        with pytest.raises(CorruptDataError,
+                           match=f"edges.square does not decode: entry={entry} .*apersist verify"):
             _square(2)
         assert run.stats["cache_hits"] == 2  # both found; the damaged one fails to decode
 
