@@ -17,7 +17,7 @@ import anyio
 _T = TypeVar("_T")
 
 __all__ = ["brisk_thread_switching", "cancelled_by_another_task", "current_task_getter",
-           "gather_bounded", "unwrap_group"]
+           "gather_bounded", "run_to_the_end", "unwrap_group"]
 
 #: The interpreter's switch interval while worker threads do a run's file I/O.
 BRISK_SWITCH_S = 0.0005
@@ -77,6 +77,33 @@ def cancelled_by_another_task() -> bool:
     cancel the run's task group, which would end the run's block early and silently.
     """
     return anyio.current_effective_deadline() != -math.inf
+
+
+async def run_to_the_end(call: Callable[[], Awaitable[_T]]) -> _T:
+    """Await ``call()`` to its end even if the calling task is cancelled meanwhile, then
+    re-raise that cancellation.
+
+    ``anyio.CancelScope(shield=True)`` keeps anyio's cancellations out, but not asyncio's own
+    ``Task.cancel()``: a second cancellation of a task that is cleaning up after a first
+    one (two timeouts, a ``TaskGroup`` whose sibling fails meanwhile, a supervisor that
+    insists) interrupts a shielded ``await`` all the same. ``call()`` therefore runs in a
+    task of its own, which nobody else cancels, and the caller waits for it whatever
+    reaches the caller. For cleanup that must not be cut short: closing a driver, whose
+    HTTP session would otherwise stay open.
+    """
+    task = asyncio.ensure_future(call())
+    interrupted: BaseException | None = None
+    with anyio.CancelScope(shield=True):  # anyio's cancellations do not even reach us
+        while not task.done():
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError as exc:
+                interrupted = exc
+    if interrupted is not None:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise interrupted
+    return task.result()
 
 
 def unwrap_group(exc: BaseException) -> BaseException:

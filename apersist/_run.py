@@ -19,7 +19,7 @@ from ._barrier import claim_consumer
 from ._cache import UdfCache, current_cache
 from ._codec import Codec, value_codec
 from ._compression import Compression
-from ._concurrency import gather_bounded, unwrap_group
+from ._concurrency import gather_bounded, run_to_the_end, unwrap_group
 from ._config import Config, Retention, describe_backend
 from ._drivers import Driver, open_driver
 from ._drivers.base import capabilities_of, check_driver_object
@@ -493,5 +493,7 @@ async def _opened_run(config: Config, clock: Callable[[], int], given: Driver | 
         unwatch()
         metrics.close()
         if given is None:
-            with anyio.CancelScope(shield=True):
-                await driver.aclose()
+            # To its end even if this task is cancelled (again) meanwhile: a shield does not
+            # stop asyncio's own Task.cancel(), and an interrupted close leaves the driver's
+            # HTTP session and connections open.
+            await run_to_the_end(driver.aclose)
