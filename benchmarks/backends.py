@@ -389,8 +389,11 @@ class CommitLatency:
         start = time.perf_counter()
         info = await self.run.commit()
         self._last_ms = (time.perf_counter() - start) * 1000
-        if info.bytes < len(self.segment) * streams:
-            raise RuntimeError(f"commit wrote {info.bytes} bytes, expected {streams} segments")
+        # Compressed, the same payload's segment varies by a few bytes from the calibration's
+        # (its times and offsets differ): the check is that the commit wrote its segments.
+        if info.bytes < 0.9 * len(self.segment) * streams:
+            raise RuntimeError(f"commit wrote {info.bytes} bytes, expected {streams} segments "
+                               f"of about {len(self.segment)}")
 
     async def own_io(self, segments: int) -> None:
         """What a commit of ``segments`` does on the wire: the puts, then a created record."""
