@@ -62,7 +62,7 @@ from typing import Any
 
 import cancel_points
 import pytest
-from cancel_points import PausingDriver, SteppingTask
+from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step
 
 import apersist
 from apersist import CorruptDataError, FencedError, _stopping
@@ -88,10 +88,6 @@ CI_POINTS = {"memory": 16, "filesystem": 5, "s3": 2, "azure": 2}
 CI_SCENARIOS = {"s3": "new,history", "azure": "new,history"}
 CI_MODES = {"s3": "own", "azure": "own"}
 CI_HISTORY = {"s3": 140, "azure": 140}
-
-
-class SiblingFailed(Exception):
-    """What the failing sibling of the ``taskgroup`` way raises."""
 
 
 def budget(kind: str) -> int:
@@ -243,12 +239,6 @@ async def cancelled_call(make: Callable[[], Any], way: str, point: float | None,
     loop = asyncio.get_running_loop()
     holder: dict[str, Any] = {}
 
-    def at(k: float | None, action: Callable[[Stepping], None]) -> Callable[[Stepping], None]:
-        def on_step(task: Stepping) -> None:
-            if task.steps == k:
-                action(task)
-        return on_step
-
     async def in_timeout() -> None:
         async with asyncio.timeout(None) as cm:
             holder["cm"] = cm
@@ -269,7 +259,7 @@ async def cancelled_call(make: Callable[[], Any], way: str, point: float | None,
     if way in ("none", "driver"):
         inner = outer = Stepping(make())
     elif way == "cancel":
-        inner = outer = Stepping(make(), on_step=at(point, lambda t: t.cancel()))
+        inner = outer = Stepping(make(), on_step=at_step(point, lambda t: t.cancel()))
     elif way == "twice":
         # Task.cancel() at the point, and again at the first await point after it was
         # delivered (while the task cleans up): two timeouts, a supervisor that insists.
@@ -282,40 +272,13 @@ async def cancelled_call(make: Callable[[], Any], way: str, point: float | None,
                 task.cancel()
         inner = outer = Stepping(make(), on_step=twice)
     elif way == "timeout":
-        inner = outer = Stepping(in_timeout(), on_step=at(
+        inner = outer = Stepping(in_timeout(), on_step=at_step(
             point, lambda t: holder["cm"].reschedule(loop.time())))
     elif way == "wait_for":
         inner = Stepping(make())
         outer = asyncio.ensure_future(asyncio.wait_for(inner, timeout=point))
     elif way == "taskgroup":
-        trigger = loop.create_future()
-
-        async def sibling() -> None:
-            if await trigger:
-                raise SiblingFailed("the sibling task failed")
-
-        made: list[Stepping] = []
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Stepping:
-            task = Stepping(coro, loop=loop, on_step=at(
-                point, lambda t: trigger.done() or trigger.set_result(True)), **kwargs)
-            task.add_done_callback(lambda t: trigger.done() or trigger.set_result(False))
-            made.append(task)
-            return task
-
-        async def group() -> None:
-            async with asyncio.TaskGroup() as tg:
-                previous = loop.get_task_factory()
-                loop.set_task_factory(factory)
-                try:
-                    tg.create_task(make())
-                finally:
-                    loop.set_task_factory(previous)
-                tg.create_task(sibling())
-
-        outer = asyncio.ensure_future(group())
-        await asyncio.sleep(0)
-        inner = made[0]
+        inner, outer = await cancel_points.in_failing_taskgroup(make, point, Stepping)
     else:
         raise AssertionError(way)
     cancel_points.listeners.append(listen)

@@ -52,7 +52,7 @@ from typing import Any
 import anyio
 import cancel_points
 import orjson
-from cancel_points import PausingDriver, SteppingTask, pausing_run
+from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step, pausing_run
 
 import apersist
 from apersist import FencedError
@@ -63,10 +63,6 @@ STEP_TIMEOUT_S = 30.0
 WAYS = ("cancel", "timeout", "anyio", "taskgroup", "wait_for", "driver")
 PAD = "x" * 400  # with a 1 KiB back-pressure bound, the third such event waits
 SMALL_PENDING = 1 << 10  # the smallest bound Config accepts
-
-
-class SiblingFailed(Exception):
-    """What the failing sibling of the ``taskgroup`` way raises."""
 
 
 # ----------------------------------------------------------------------------- the model
@@ -437,12 +433,6 @@ async def call_and_cancel(scenario: Scenario, run: apersist.Run, model: Model, w
         result = await scenario.call(run, model)
         returned.append(result)
 
-    def at(k: float | None, action: Callable[[SteppingTask], None]) -> Callable[[SteppingTask], None]:
-        def on_step(task: SteppingTask) -> None:
-            if task.steps == k:
-                action(task)
-        return on_step
-
     async def in_timeout() -> None:
         async with asyncio.timeout(None) as cm:
             holder["cm"] = cm
@@ -470,47 +460,20 @@ async def call_and_cancel(scenario: Scenario, run: apersist.Run, model: Model, w
         inner = SteppingTask(the_call())
         outer = inner
     elif way == "cancel":
-        inner = SteppingTask(the_call(), on_step=at(point, lambda t: t.cancel()))
+        inner = SteppingTask(the_call(), on_step=at_step(point, lambda t: t.cancel()))
         outer = inner
     elif way == "timeout":
-        inner = SteppingTask(in_timeout(), on_step=at(
+        inner = SteppingTask(in_timeout(), on_step=at_step(
             point, lambda t: holder["cm"].reschedule(loop.time())))
         outer = inner
     elif way == "anyio":
-        inner = SteppingTask(in_scope(), on_step=at(point, lambda t: holder["scope"].cancel()))
+        inner = SteppingTask(in_scope(), on_step=at_step(point, lambda t: holder["scope"].cancel()))
         outer = inner
     elif way == "wait_for":
         inner = SteppingTask(the_call())
         outer = asyncio.ensure_future(asyncio.wait_for(inner, timeout=point))
     elif way == "taskgroup":
-        trigger = loop.create_future()
-
-        async def sibling() -> None:
-            if await trigger:  # False: the call ended before reaching the point
-                raise SiblingFailed("the sibling task failed")
-
-        made: list[SteppingTask] = []
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> SteppingTask:
-            task = SteppingTask(coro, loop=loop, on_step=at(
-                point, lambda t: trigger.done() or trigger.set_result(True)), **kwargs)
-            task.add_done_callback(lambda t: trigger.done() or trigger.set_result(False))
-            made.append(task)
-            return task
-
-        async def group() -> None:
-            async with asyncio.TaskGroup() as tg:
-                previous = loop.get_task_factory()
-                loop.set_task_factory(factory)
-                try:
-                    tg.create_task(the_call())
-                finally:
-                    loop.set_task_factory(previous)
-                tg.create_task(sibling())
-
-        outer = asyncio.ensure_future(group())
-        await asyncio.sleep(0)  # the group has made its tasks
-        inner = made[0]
+        inner, outer = await cancel_points.in_failing_taskgroup(the_call, point, SteppingTask)
     else:
         raise AssertionError(f"unknown way {way}")
     if isinstance(scenario, CachedScenario):

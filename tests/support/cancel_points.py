@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.lowlevel
 from helpers import driver_for
@@ -116,6 +116,57 @@ class SteppingTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
         self.sites.append(site_of(self.get_coro()))
         if self.on_step is not None:
             self.on_step(self)
+
+
+class SiblingFailed(Exception):
+    """What the failing sibling of the ``taskgroup`` way raises."""
+
+
+_Task = TypeVar("_Task", bound=SteppingTask)
+
+
+def at_step(k: float | None, action: Callable[[_Task], None]) -> Callable[[_Task], None]:
+    """An ``on_step`` that runs ``action(task)`` when the task waits at await point ``k``."""
+    def on_step(task: _Task) -> None:
+        if task.steps == k:
+            action(task)
+    return on_step
+
+
+async def in_failing_taskgroup(make: Callable[[], Coroutine[Any, Any, Any]], point: float | None,
+                               task_type: type[_Task]) -> tuple[_Task, asyncio.Future[Any]]:
+    """The ``taskgroup`` way: ``make()`` in a ``task_type`` inside a ``TaskGroup`` whose
+    other task fails (``SiblingFailed``) once the first waits at await point ``point``,
+    so that the group cancels it. Returns that task and the group's future."""
+    loop = asyncio.get_running_loop()
+    trigger = loop.create_future()
+
+    async def sibling() -> None:
+        if await trigger:  # False: the call ended before reaching the point
+            raise SiblingFailed("the sibling task failed")
+
+    made: list[_Task] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> _Task:
+        task = task_type(coro, loop=loop, on_step=at_step(
+            point, lambda t: trigger.done() or trigger.set_result(True)), **kwargs)
+        task.add_done_callback(lambda t: trigger.done() or trigger.set_result(False))
+        made.append(task)
+        return task
+
+    async def group() -> None:
+        async with asyncio.TaskGroup() as tg:
+            previous = loop.get_task_factory()
+            loop.set_task_factory(factory)  # type: ignore[arg-type]
+            try:
+                tg.create_task(make())
+            finally:
+                loop.set_task_factory(previous)
+            tg.create_task(sibling())
+
+    outer = asyncio.ensure_future(group())
+    await asyncio.sleep(0)  # the group has made its tasks
+    return made[0], outer
 
 
 #: Called by every ``PausingDriver`` call with ``(op, key, "start")`` before it and
