@@ -62,7 +62,7 @@ from typing import Any
 
 import cancel_points
 import pytest
-from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step
+from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step, spread
 
 import apersist
 from apersist import CorruptDataError, FencedError, _stopping
@@ -531,26 +531,6 @@ async def run_trial(scenario: Scenario, mode: str, way: str, point: float | None
     trial.scratch_left = len(await scratch_keys(check_driver))
     trial.failures += await verify(scenario, check_driver, trial, "after the trial")
     return trial
-
-
-def spread(items: list[Any]) -> list[Any]:
-    if not items:
-        return []
-    order = [len(items) // 2, 0, len(items) - 1]
-    gaps = [(0, len(items) // 2), (len(items) // 2, len(items) - 1)]
-    while gaps:
-        lo, hi = gaps.pop(0)
-        if hi - lo > 1:
-            mid = (lo + hi) // 2
-            order.append(mid)
-            gaps += [(lo, mid), (mid, hi)]
-    seen: set[int] = set()
-    out = []
-    for i in order:
-        if i not in seen:
-            seen.add(i)
-            out.append(items[i])
-    return out
 
 
 def plan(steps: int, duration_s: float, storage_events: int, points: int,

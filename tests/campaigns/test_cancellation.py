@@ -52,7 +52,7 @@ from typing import Any
 import anyio
 import cancel_points
 import orjson
-from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step, pausing_run
+from cancel_points import PausingDriver, SiblingFailed, SteppingTask, at_step, pausing_run, spread
 
 import apersist
 from apersist import FencedError
@@ -624,23 +624,6 @@ CI_POINTS = {"memory": 0, "filesystem": 12, "s3": 1, "azure": 6}
 
 def budget(kind: str) -> int:
     return int(os.environ.get("APERSIST_CANCEL_POINTS", CI_POINTS.get(kind, 1)))
-
-
-def spread(items: list[Any]) -> list[Any]:
-    """``items`` reordered so that every prefix is spread over them: middle, ends, then
-    the middles of the gaps."""
-    if not items:
-        return []
-    order = [len(items) // 2, 0, len(items) - 1]
-    gaps = [(0, len(items) // 2), (len(items) // 2, len(items) - 1)]
-    while gaps:
-        lo, hi = gaps.pop(0)
-        if hi - lo > 1:
-            mid = (lo + hi) // 2
-            order.append(mid)
-            gaps += [(lo, mid), (mid, hi)]
-    seen: set[int] = set()
-    return [items[i] for i in order if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
 
 
 def plan(steps: int, duration_s: float, points: int,

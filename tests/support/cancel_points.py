@@ -118,6 +118,23 @@ class SteppingTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
             self.on_step(self)
 
 
+def spread(items: list[Any]) -> list[Any]:
+    """``items`` reordered so that every prefix is spread over them: middle, ends, then
+    the middles of the gaps."""
+    if not items:
+        return []
+    order = [len(items) // 2, 0, len(items) - 1]
+    gaps = [(0, len(items) // 2), (len(items) // 2, len(items) - 1)]
+    while gaps:
+        lo, hi = gaps.pop(0)
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps += [(lo, mid), (mid, hi)]
+    seen: set[int] = set()
+    return [items[i] for i in order if not (i in seen or seen.add(i))]  # type: ignore[func-returns-value]
+
+
 class SiblingFailed(Exception):
     """What the failing sibling of the ``taskgroup`` way raises."""
 
