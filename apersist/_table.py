@@ -302,17 +302,18 @@ class Table(MutableMapping[str, V]):
     def _refused(self, key: object, exc: TypeError) -> TypeError:
         """The error for a write whose record orjson refused: its key's, if that is not a
         str, else its value's."""
-        if not isinstance(key, str):
-            return TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
-        return unserializable(self._where, exc)
+        return self._key_error(key) if not isinstance(key, str) else unserializable(self._where, exc)
 
     def _check_record(self, key: object, value: Any, data: bytes) -> None:
         """A write's record that the hot path's one test did not pass: raise if its key is
         not a str, or if its text is not what the value says (NaN, infinity: an untyped
         value's, a type's dumps refused them) or too long."""
         if not isinstance(key, str):
-            raise TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
+            raise self._key_error(key)
         checked_json(data, None if self._codec else value, self._where)
+
+    def _key_error(self, key: object) -> TypeError:
+        return TypeError(f"{self._where} keys must be str: got={type(key).__name__}")
 
     def __delitem__(self, key: str) -> None:
         if key not in self._state:
