@@ -7,7 +7,7 @@ import functools
 import hashlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, TypeVar, overload
 
@@ -73,11 +73,8 @@ class UdfCache:
             refs = [s.ref for s in store.segments_at(fmt.KIND_CACHE, fmt.CACHE_LOG, upto_seq)]
             pacer = Pacer()
             async for view in store.read_segments(refs):
-                for index, (value, _off, _t) in enumerate(view.records()):
-                    entry = split_entry(value)
-                    if entry is None:
-                        raise view.damaged_record(index, CACHE_RECORD)
-                    entries[entry[0]] = entry[1]
+                for key, result, _record in cache_entries(view):
+                    entries[key] = result
                     if pacer.due():
                         await pacer.pause()
         return cls(entries, scheduler)
@@ -144,7 +141,7 @@ class UdfCache:
 
 
 #: What a cache record must decode as (in the error for one that does not).
-CACHE_RECORD = "cache record does not decode as [key, result]"
+_CACHE_RECORD = "cache record does not decode as [key, result]"
 
 
 def split_entry(record: bytes) -> tuple[str, bytes] | None:
@@ -168,6 +165,17 @@ def split_entry(record: bytes) -> tuple[str, bytes] | None:
     if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str:
         return None
     return entry[0], b"%b" % orjson.dumps(entry[1])
+
+
+def cache_entries(view: fmt.SegmentView) -> Iterator[tuple[str, bytes, bytes]]:
+    """(key, result JSON, record) of each entry of a cache segment, as ``split_entry``
+    splits it; a record of another shape is ``CorruptDataError`` at its position. What
+    opening, compaction and ``apersist verify`` read the cache with."""
+    for index, (record, _offset, _time_ms) in enumerate(view.records()):
+        entry = split_entry(record)
+        if entry is None:
+            raise view.damaged_record(index, _CACHE_RECORD)
+        yield entry[0], entry[1], record
 
 
 def _decoded(stored: bytes, where: str, entry: str) -> Any:

@@ -975,8 +975,8 @@ class SegmentView:
 
 
 def _decode_singles(values: list[bytes], offsets: list[bytes | None] | None,
-                    times: list[int], key: str = "", first_at: int = 0,
-                    overhead: int = 0) -> tuple[list[Any], list[Any] | None, list[int]]:
+                    times: list[int], key: str, first_at: int,
+                    overhead: int) -> tuple[list[Any], list[Any] | None, list[int]]:
     loads = orjson.loads
     try:
         decoded = None if offsets is None else [None if o is None else loads(o) for o in offsets]

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from . import _format as fmt
-from ._cache import CACHE_RECORD, split_entry
+from ._cache import cache_entries
 from ._concurrency import gather_bounded
 from ._drivers import Driver, ObjectNotFoundError
 from ._errors import CorruptDataError
@@ -172,21 +172,21 @@ def _checked_records(view: fmt.SegmentView, kind: str) -> Iterator[None]:
     """Walk the records of a table's or the cache's segment, raising ``CorruptDataError``
     for one that opening the store (``load_table_state``, ``UdfCache.from_store``) or a
     ``@cached`` call reading its result would refuse."""
-    for index, (value, _offset, _time_ms) in enumerate(view.records()):
-        if kind == fmt.KIND_CACHE:
-            entry = split_entry(value)
-            if entry is None:
-                raise view.damaged_record(index, CACHE_RECORD)
+    if kind == fmt.KIND_CACHE:
+        for index, (_key, result, _record) in enumerate(cache_entries(view)):
             try:
-                orjson.loads(entry[1])
+                orjson.loads(result)
             except orjson.JSONDecodeError:
                 raise view.damaged_record(index, "cache record's result does not decode") from None
-        else:
-            try:
-                item = orjson.loads(value)
-            except orjson.JSONDecodeError:
-                item = None
-            sizes = (1, 2) if kind == fmt.KIND_TABLE else (2,)  # a delta may delete: [key]
-            if type(item) is not list or len(item) not in sizes or type(item[0]) is not str:
-                raise view.damaged_record(index, TABLE_RECORD)
+            yield
+        return
+    sizes = (1, 2) if kind == fmt.KIND_TABLE else (2,)  # a delta may delete: [key]
+    for index, (value, _offset, _time_ms) in enumerate(view.records()):
+        try:
+            item = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            item = None
+        # load_table_state's test (inlined there, on the open's path of every record)
+        if type(item) is not list or len(item) not in sizes or type(item[0]) is not str:
+            raise view.damaged_record(index, TABLE_RECORD)
         yield

@@ -33,7 +33,7 @@ import anyio.lowlevel
 import orjson
 
 from . import _format as fmt
-from ._cache import CACHE_RECORD, UdfCache, split_entry
+from ._cache import UdfCache, cache_entries
 from ._config import Retention
 from ._errors import PersistenceError
 from ._pacing import Pacer
@@ -442,13 +442,9 @@ class Maintainer:
         stored = 0
         pacer = Pacer()
         async for view in self._store.read_segments(log):
-            for index, (value, _offset, _time_ms) in enumerate(view.records()):
+            for key, _result, value in cache_entries(view):
                 if pacer.due():
                     await pacer.pause()
-                entry = split_entry(value)
-                if entry is None:
-                    raise view.damaged_record(index, CACHE_RECORD)
-                key = entry[0]
                 function = _function_version(key)
                 if function is not None and function[0] not in in_use:
                     newest[function[0]] = max(newest.get(function[0], function[1]), function[1])
